@@ -1,0 +1,47 @@
+# twinfed: the two commands of the quick start.
+#   make demo   set up .venv if needed, then run the main job on the embedded default
+#   make test   set up .venv if needed, then run the whole test suite
+# The virtual environment is rebuilt only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.twinfed-installed
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= demo-output
+
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+.PHONY: demo test lint bench clean help
+
+help:
+	@echo "make demo   - generate a 3-hospital synthetic consortium and summarise it (creates .venv on first use)"
+	@echo "make test   - run the whole test suite (creates .venv on first use)"
+	@echo "make lint   - ruff"
+	@echo "make bench  - run the benchmarks and update docs/benchmarks.md"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "twinfed needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# torch first: the CPU build; the package's own torch>=2.6 is then already met.
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/twinfed synth --sites 3 --patients 2000 --seed 7 --out $(DEMO_DIR)/consortium --force
+	$(BIN)/twinfed inspect $(DEMO_DIR)/consortium
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(DEMO_DIR) benchmarks/output .pytest_cache .ruff_cache

@@ -1,0 +1,154 @@
+"""The ground-truth file of a synthetic site: what no real hospital could ever write down.
+
+It lists every injected defect (file, line, record id, rule), every patient's consent history, each
+stay's true outcome probabilities and realized outcomes, the realized missingness per measurement, and
+the Bayes-optimal AUROC of each outcome, so benchmarks can say how close a federated twin gets to the
+best any model could do on these data.
+
+Information sets: in-hospital death and length of stay > 7 days are predicted 24 hours after
+admission (stays that ended before then are excluded); 30-day readmission is predicted at discharge
+for patients discharged alive before the export date.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from omop_etl.synthetic.defects import DefectRecord
+
+
+def expected_auroc(probabilities: np.ndarray) -> float:
+    """The AUROC a perfect-knowledge model achieves in expectation when Y ~ Bernoulli(p).
+
+    E[AUC] = sum_{i != j} p_i (1 - p_j) [p_i > p_j] / sum_{i != j} p_i (1 - p_j), ties counted half.
+    Computed in O(n log n) by sorting.
+    """
+    p = np.asarray(probabilities, dtype=float)
+    p = p[np.isfinite(p)]
+    if p.size < 2:
+        return float("nan")
+    values, inverse = np.unique(p, return_inverse=True)
+    negative_mass = np.bincount(inverse, weights=1.0 - p, minlength=values.size)
+    below = np.concatenate(([0.0], np.cumsum(negative_mass)[:-1]))  # sum of (1-p_j) with p_j < value
+    same = negative_mass[inverse] - (1.0 - p)  # ties, excluding the element itself
+    numerator = float(np.sum(p * (below[inverse] + 0.5 * same)))
+    denominator = float(p.sum() * (1.0 - p).sum() - np.sum(p * (1.0 - p)))
+    return numerator / denominator if denominator > 0 else float("nan")
+
+
+def realized_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AUROC of scores against observed 0/1 labels (Mann-Whitney, ties counted half)."""
+    scores = np.asarray(scores, dtype=float)
+    labels = np.asarray(labels, dtype=bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(scores.size)
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(average, counts)
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+class OutcomeTruth(BaseModel):
+    """How often an outcome happened and how well it can be predicted at best."""
+
+    information_set: str
+    evaluable_stays: int
+    events: int
+    observed_rate: float
+    mean_true_probability: float
+    bayes_optimal_auroc: float = Field(description="expected AUROC of the true probabilities")
+    realized_auroc_of_true_probability: float = Field(description="AUROC of the true probabilities on these labels")
+
+    @classmethod
+    def from_arrays(cls, information_set: str, probability: np.ndarray, label: np.ndarray) -> OutcomeTruth:
+        return cls(
+            information_set=information_set,
+            evaluable_stays=int(probability.size),
+            events=int(np.sum(label)),
+            observed_rate=float(np.mean(label)) if label.size else float("nan"),
+            mean_true_probability=float(np.mean(probability)) if probability.size else float("nan"),
+            bayes_optimal_auroc=expected_auroc(probability),
+            realized_auroc_of_true_probability=realized_auroc(probability, label),
+        )
+
+
+class StayTruth(BaseModel):
+    encounter_id: str
+    patient_id: str
+    reason: str
+    admitted: str
+    is_readmission: bool
+    age: float
+    frailty: float
+    initial_severity: float
+    treatment_start_hours: float | None
+    censored: bool = Field(description="still in hospital at the export date: no outcome in the export")
+    alive_at_prediction_time: bool
+    p_in_hospital_death: float | None
+    p_los_over_7_days: float | None
+    p_readmission_30d: float | None
+    died_in_hospital: bool | None
+    length_of_stay_hours: int | None
+    readmitted_within_30d: bool | None
+
+
+class PatientTruth(BaseModel):
+    patient_id: str
+    birth_date: dt.date
+    female: bool
+    frailty: float
+    conditions: list[str]
+    deceased: bool
+    died_in_hospital: bool
+    consent: str = Field(description="none | permit | opt_out | withdrawn")
+    denies_research_from: str | None
+
+
+class MissingnessTruth(BaseModel):
+    scheduled: int
+    recorded: int
+    missing_rate: float
+
+
+class DefectSummary(BaseModel):
+    total: int
+    records_written: int
+    rate_per_record: float
+    by_kind: dict[str, int]
+    by_resource_type: dict[str, int]
+    records: list[DefectRecord]
+
+
+class ConsentSummary(BaseModel):
+    patients: int
+    denying_research: int
+    denying_rate: float
+    withdrawn_later: int
+    explicit_permit: int
+
+
+class SiteGroundTruth(BaseModel):
+    """The whole ground-truth file of one site."""
+
+    site_id: str
+    site_name: str
+    seed: int
+    export_date: dt.date
+    history_start: dt.date
+    prediction_hour: int
+    profile: dict
+    export_files: dict[str, int]
+    outcomes: dict[str, OutcomeTruth]
+    missingness: dict[str, MissingnessTruth]
+    consent: ConsentSummary
+    defects: DefectSummary
+    patients: list[PatientTruth]
+    stays: list[StayTruth]

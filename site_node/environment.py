@@ -1,0 +1,44 @@
+"""Site-node specific environment checks (training library and the OMOP database)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+from federation.diagnostics import Check
+from omop_etl.database import DatabaseUnavailable, check_database
+
+
+def torch_check() -> Check:
+    """PyTorch is present; report its version, build and thread count (training speed depends on them)."""
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return Check("torch", "fail", "PyTorch is not installed; install it first (see docs/hospital-it.md).")
+    import torch
+
+    return Check(
+        "torch",
+        "ok",
+        f"{version}, {torch.get_num_threads()} CPU threads"
+        + (", CUDA available" if torch.cuda.is_available() else ", CPU only"),
+    )
+
+
+def database_check(url: str) -> Check:
+    try:
+        result = check_database(url)
+    except DatabaseUnavailable as exc:
+        return Check("database", "fail", str(exc))
+    if not result.can_create_tables:
+        return Check(
+            "database",
+            "fail",
+            f"{result.url}: connected ({result.dialect} {result.server_version}) but this "
+            "user may not create tables; grant CREATE on the target schema.",
+        )
+    return Check(
+        "database",
+        "ok",
+        f"{result.url}: {result.dialect} {result.server_version}, can create tables, "
+        f"{result.round_trip_ms:.0f} ms to connect",
+    )

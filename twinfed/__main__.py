@@ -1,0 +1,3 @@
+from twinfed.cli import main
+
+main()

@@ -1,0 +1,54 @@
+"""The `twinfed` command: one place that gathers each package's command group.
+
+* data (omop_etl): `twinfed synth`, `twinfed inspect`
+* site node (site_node): `twinfed site ...`
+* coordinator (federation): `twinfed coordinator ...`
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from federation.cli import coordinator_app
+from omop_etl.cli import register as register_data_commands
+from site_node.cli import site_app
+
+# Third-party telemetry is off unless the operator explicitly turns it on (DESIGN: nothing phones home).
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+app = typer.Typer(
+    name="twinfed",
+    help="Federated learning for multi-hospital digital twins: FHIR -> OMOP at each hospital, "
+    "local differentially private training, Flower aggregation. Patient-level data never leave a site.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+register_data_commands(app)
+app.add_typer(site_app, name="site", rich_help_panel="Hospital site node")
+app.add_typer(coordinator_app, name="coordinator", rich_help_panel="Consortium coordinator")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from twinfed import __version__
+
+        typer.echo(f"twinfed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """twinfed command line."""
+
+
+def main() -> None:
+    app()

@@ -83,6 +83,7 @@ def check_database(url: str) -> DatabaseCheck:
             else:
                 version = str(engine.dialect.server_version_info or "unknown")
             round_trip = (time.perf_counter() - began) * 1000
+            connection.rollback()  # end the implicit transaction of the version query
             scratch = Table(f"twinfed_check_{uuid.uuid4().hex[:8]}", MetaData(), Column("x", Integer))
             transaction = connection.begin()
             try:

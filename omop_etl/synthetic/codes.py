@@ -95,6 +95,7 @@ MEASUREMENTS: dict[str, MeasurementCode] = {
         MeasurementCode("hemoglobin", 3000963, "g/dL", "laboratory", 1),
         MeasurementCode("platelets", 3024929, "10*3/uL", "laboratory", 0),
         MeasurementCode("crp", 3020460, "mg/L", "laboratory", 0),
+        MeasurementCode("albumin", 3024561, "g/dL", "laboratory", 1),
         MeasurementCode("lactate", 3047181, "mmol/L", "laboratory", 1),
         MeasurementCode("troponin", 36306105, "ng/L", "laboratory", 0),
         MeasurementCode("hba1c", 3004410, "%", "laboratory", 1),
@@ -103,7 +104,18 @@ MEASUREMENTS: dict[str, MeasurementCode] = {
 BP_PANEL_CONCEPT_ID = 36203185  # LOINC 85354-9, the vital-signs profile's blood-pressure panel
 
 VITAL_KEYS = ("heart_rate", "sbp", "dbp", "resp_rate", "temperature", "spo2")
-DAILY_LAB_KEYS = ("glucose", "creatinine", "bun", "sodium", "potassium", "wbc", "hemoglobin", "platelets", "crp")
+DAILY_LAB_KEYS = (
+    "glucose",
+    "creatinine",
+    "bun",
+    "sodium",
+    "potassium",
+    "wbc",
+    "hemoglobin",
+    "platelets",
+    "crp",
+    "albumin",
+)
 
 # Conversions from the canonical unit to the unit a site reports in: value_site = a * value + b.
 SITE_UNIT_CONVERSIONS: dict[tuple[str, str], tuple[float, float]] = {

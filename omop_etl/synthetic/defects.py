@@ -115,6 +115,7 @@ PLAUSIBLE_LIMITS: dict[str, tuple[float, float]] = {
     "hemoglobin": (2.0, 25.0),
     "platelets": (1, 2000),
     "crp": (0.0, 1000),
+    "albumin": (0.5, 8.0),
     "lactate": (0.1, 30.0),
     "troponin": (0, 100000),
     "weight": (0.5, 400.0),

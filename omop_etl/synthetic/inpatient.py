@@ -56,6 +56,7 @@ ITEMS = (
     "hemoglobin",
     "platelets",
     "crp",
+    "albumin",
     "lactate",
     "troponin",
     "glucose_poc",
@@ -66,7 +67,18 @@ ITEMS = (
 )
 ITEM_INDEX = {name: i for i, name in enumerate(ITEMS)}
 VITAL_ITEMS = ("heart_rate", "bp", "resp_rate", "temperature", "spo2")
-PANEL_ITEMS = ("glucose", "creatinine", "bun", "sodium", "potassium", "wbc", "hemoglobin", "platelets", "crp")
+PANEL_ITEMS = (
+    "glucose",
+    "creatinine",
+    "bun",
+    "sodium",
+    "potassium",
+    "wbc",
+    "hemoglobin",
+    "platelets",
+    "crp",
+    "albumin",
+)
 
 DRUG_EVENTS = (
     "insulin_lispro",
@@ -118,6 +130,7 @@ CLEAN_RANGES = {
     "hemoglobin": (4.0, 20.0),
     "platelets": (10, 900),
     "crp": (0.3, 450),
+    "albumin": (1.0, 5.5),
     "lactate": (0.3, 18.0),
     "troponin": (1, 50000),
     "weight": (8.0, 250.0),
@@ -358,6 +371,7 @@ def simulate_stays(
             "hemoglobin": base["hemoglobin"] - 0.12 * day - 0.3 * s + hb_offset,
             "platelets": base["platelets"] * (1 - 0.22 * np.minimum(s, 3) * infl),
             "crp": 3 + 70 * s * infl,
+            "albumin": base["albumin"] - 0.25 * s - 0.04 * day,
             "lactate": 0.9 + 1.1 * np.maximum(s - 0.7, 0) * (0.3 + card + 0.5 * infl),
             "troponin": np.where(
                 reason == "acute_mi", 2500 * np.exp(-(((hour - 14) / 12.0) ** 2)) + 40, 6 + 12 * s * card
@@ -610,6 +624,7 @@ _NOISE = {
     "hemoglobin": ("abs", 0.35),
     "platelets": ("rel", 0.1),
     "crp": ("rel", 0.25),
+    "albumin": ("abs", 0.2),
     "lactate": ("rel", 0.15),
     "troponin": ("rel", 0.2),
     "weight": ("abs", 0.4),

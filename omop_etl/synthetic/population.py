@@ -146,6 +146,8 @@ def generate_population(profile: SiteProfile, n: int, history_start: dt.date, rn
         "hemoglobin": np.where(female, 13.0, 14.6) - 1.8 * c["anemia"] - 0.9 * c["ckd"] + rng.normal(0, 0.6, n),
         "platelets": 250 * np.exp(rng.normal(0, 0.18, n)),
         "wbc": 7.0 * np.exp(rng.normal(0, 0.15, n)),
+        # Serum albumin falls with frailty and chronic illness: the frailty a clinician can measure.
+        "albumin": 4.2 - 0.3 * frailty - 0.25 * c["ckd"] - 0.2 * c["heart_failure"] + rng.normal(0, 0.2, n),
         "sodium": 139.5 + rng.normal(0, 1.5, n),
         "potassium": 4.1 + 0.3 * c["ckd"] + rng.normal(0, 0.2, n),
         "height": np.where(

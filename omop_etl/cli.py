@@ -109,31 +109,25 @@ def synth(
             raise typer.Exit(2) from None
 
     table = Table(title=f"Synthetic consortium, generated in {result.seconds:.1f} s")
-    for column in ("site", "patients", "stays", "deaths", "resources", "defects", "opt-outs", "missing"):
-        table.add_column(column, justify="left" if column == "site" else "right")
-    ceiling = Table(title="Best achievable AUROC (ground truth; no model can do better)")
-    for column in ("site", "in-hospital death", "stay > 7 days", "readmission 30 d"):
-        ceiling.add_column(column, justify="left" if column == "site" else "right")
-    for s in result.sites:
-        table.add_row(
-            s.site_id,
-            f"{s.patients:,}",
-            f"{s.stays:,}",
-            f"{s.in_hospital_deaths:,}",
-            f"{sum(s.lines_by_type.values()):,}",
-            f"{s.defects:,}",
-            f"{s.denying_consent:,}",
-            f"{s.missing_rate:.0%}",
-        )
-        auroc = s.outcome_auroc
-        ceiling.add_row(
-            s.site_id,
-            f"{auroc['in_hospital_death']:.3f}",
-            f"{auroc['los_over_7_days']:.3f}",
-            f"{auroc['readmission_30d']:.3f}",
-        )
+    table.add_column("")
+    for site in result.sites:
+        table.add_column(site.site_id, justify="right")
+    rows = [
+        ("patients", lambda r: f"{r.patients:,}"),
+        ("inpatient stays", lambda r: f"{r.stays:,}"),
+        ("in-hospital deaths", lambda r: f"{r.in_hospital_deaths:,}"),
+        ("FHIR resources", lambda r: f"{sum(r.lines_by_type.values()):,}"),
+        ("injected defects", lambda r: f"{r.defects:,}"),
+        ("research opt-outs", lambda r: f"{r.denying_consent:,}"),
+        ("measurements missing", lambda r: f"{r.missing_rate:.0%}"),
+        ("best AUROC: death", lambda r: f"{r.outcome_auroc['in_hospital_death']:.3f}"),
+        ("best AUROC: stay > 7 d", lambda r: f"{r.outcome_auroc['los_over_7_days']:.3f}"),
+        ("best AUROC: readmission", lambda r: f"{r.outcome_auroc['readmission_30d']:.3f}"),
+    ]
+    for label, cell in rows:
+        table.add_row(label, *(cell(r) for r in result.sites))
     console.print(table)
-    console.print(ceiling)
+    console.print("[dim]best AUROC = what a model knowing the latent patient state would reach (ground truth)[/dim]")
     console.print(f"Index: {result.index_file}")
     console.print(f"Ground truth (never part of an export): {out / 'ground-truth'}")
     if report:
@@ -149,10 +143,11 @@ def inspect(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the summary as JSON to this file.")
     ] = None,
-    codes: Annotated[int, typer.Option("--codes", min=0, help="How many Observation codes to list per site.")] = 8,
+    codes: Annotated[int, typer.Option("--codes", min=0, help="Observation codes to compare across exports.")] = 10,
 ) -> None:
     """Summarise FHIR NDJSON exports without loading them: counts, patients, units, consent, broken lines."""
     import orjson
+    from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from omop_etl.export_inspect import NoExportFound, export_size, find_exports, inspect_export
@@ -176,49 +171,54 @@ def inspect(
             summaries.append(inspect_export(label, directory, lambda size, t=task: progress.advance(t, size)))
 
     overview = Table(title=f"FHIR exports in {path}")
-    for column in (
-        "export",
-        "patients",
-        "encounters (class)",
-        "observations",
-        "conditions",
-        "medication admin.",
-        "consents",
-        "malformed lines",
-        "duplicate ids",
-    ):
-        overview.add_column(column, justify="left" if column == "export" else "right")
+    overview.add_column("")
     for s in summaries:
-        r = s.resources_by_type
-        classes = ", ".join(f"{k} {v:,}" for k, v in s.encounters_by_class.items())
-        overview.add_row(
-            s.label,
-            f"{s.patients:,}",
-            classes or "0",
-            f"{r.get('Observation', 0):,}",
-            f"{r.get('Condition', 0):,}",
-            f"{r.get('MedicationAdministration', 0):,}",
-            f"{r.get('Consent', 0):,}",
-            f"[red]{s.malformed_lines:,}[/red]" if s.malformed_lines else "0",
-            f"[yellow]{s.duplicate_ids:,}[/yellow]" if s.duplicate_ids else "0",
-        )
+        overview.add_column(s.label, justify="right")
+    classes = sorted({c for s in summaries for c in s.encounters_by_class})
+
+    def count(s, resource_type: str) -> str:
+        return f"{s.resources_by_type.get(resource_type, 0):,}"
+
+    overview.add_row("patients", *(f"{s.patients:,}" for s in summaries))
+    for cls in classes:
+        overview.add_row(f"encounters {cls}", *(f"{s.encounters_by_class.get(cls, 0):,}" for s in summaries))
+    for resource_type in (
+        "Observation",
+        "Condition",
+        "MedicationRequest",
+        "MedicationAdministration",
+        "Procedure",
+        "Consent",
+    ):
+        overview.add_row(resource_type, *(count(s, resource_type) for s in summaries))
+    overview.add_row("first encounter", *((s.first_encounter or "-")[:10] for s in summaries))
+    overview.add_row("last encounter", *((s.last_encounter or "-")[:10] for s in summaries))
+    overview.add_row(
+        "lines that are not JSON",
+        *((f"[red]{s.malformed_lines:,}[/red]" if s.malformed_lines else "0") for s in summaries),
+    )
+    overview.add_row(
+        "duplicate ids", *((f"[yellow]{s.duplicate_ids:,}[/yellow]" if s.duplicate_ids else "0") for s in summaries)
+    )
     console.print(overview)
     if codes:
-        units = Table(title="Most frequent Observation codes and the units they arrive in")
-        units.add_column("export")
-        units.add_column("code")
-        units.add_column("display")
-        units.add_column("count", justify="right")
-        units.add_column("units")
+        totals: dict[tuple[str, str], int] = {}
+        names: dict[tuple[str, str], str] = {}
         for s in summaries:
-            for c in s.observation_codes[:codes]:
-                units.add_row(
-                    s.label,
-                    c.code,
-                    c.display[:40],
-                    f"{c.count:,}",
-                    ", ".join(f"{u} ({n:,})" for u, n in sorted(c.units.items(), key=lambda x: -x[1])),
-                )
+            for c in s.observation_codes:
+                totals[(c.system, c.code)] = totals.get((c.system, c.code), 0) + c.count
+                names[(c.system, c.code)] = c.display
+        top = sorted(totals, key=lambda key: -totals[key])[:codes]
+        units = Table(title="Units each Observation code arrives in (most frequent codes)")
+        units.add_column("code")
+        for s in summaries:
+            units.add_column(s.label)
+        for key in top:
+            cells = []
+            for s in summaries:
+                found = next((c for c in s.observation_codes if (c.system, c.code) == key), None)
+                cells.append(escape(", ".join(sorted(found.units))) if found else "-")
+            units.add_row(f"{key[1]} {escape(names[key][:22])}", *cells)
         console.print(units)
     for s in summaries:
         if s.consent_provisions:

@@ -7,18 +7,9 @@ from pathlib import Path
 
 import orjson
 
-TYPES = (
-    "Organization",
-    "Location",
-    "Patient",
-    "Consent",
-    "Encounter",
-    "Condition",
-    "Observation",
-    "MedicationRequest",
-    "MedicationAdministration",
-    "Procedure",
-)
+from omop_etl.synthetic.writer import EXPORT_TYPES
+
+TYPES = EXPORT_TYPES  # the ten resource types of a Bulk Data export, as the writer names them
 
 
 def index(out: Path) -> dict:

@@ -103,20 +103,6 @@ MEASUREMENTS: dict[str, MeasurementCode] = {
 }
 BP_PANEL_CONCEPT_ID = 36203185  # LOINC 85354-9, the vital-signs profile's blood-pressure panel
 
-VITAL_KEYS = ("heart_rate", "sbp", "dbp", "resp_rate", "temperature", "spo2")
-DAILY_LAB_KEYS = (
-    "glucose",
-    "creatinine",
-    "bun",
-    "sodium",
-    "potassium",
-    "wbc",
-    "hemoglobin",
-    "platelets",
-    "crp",
-    "albumin",
-)
-
 # Conversions from the canonical unit to the unit a site reports in: value_site = a * value + b.
 SITE_UNIT_CONVERSIONS: dict[tuple[str, str], tuple[float, float]] = {
     ("glucose", "mmol/L"): (1 / 18.016, 0.0),

@@ -41,33 +41,8 @@ from omop_etl.synthetic.physiology import (
 from omop_etl.synthetic.population import Population
 
 # Measurement items the ward records. "bp" is one item (a panel) carrying systolic and diastolic.
-ITEMS = (
-    "heart_rate",
-    "bp",
-    "resp_rate",
-    "temperature",
-    "spo2",
-    "glucose",
-    "creatinine",
-    "bun",
-    "sodium",
-    "potassium",
-    "wbc",
-    "hemoglobin",
-    "platelets",
-    "crp",
-    "albumin",
-    "lactate",
-    "troponin",
-    "glucose_poc",
-    "weight",
-    "height",
-    "bmi",
-    "hba1c",
-)
-ITEM_INDEX = {name: i for i, name in enumerate(ITEMS)}
 VITAL_ITEMS = ("heart_rate", "bp", "resp_rate", "temperature", "spo2")
-PANEL_ITEMS = (
+PANEL_ITEMS = (  # the routine lab panel
     "glucose",
     "creatinine",
     "bun",
@@ -79,6 +54,8 @@ PANEL_ITEMS = (
     "crp",
     "albumin",
 )
+ITEMS = (*VITAL_ITEMS, *PANEL_ITEMS, "lactate", "troponin", "glucose_poc", "weight", "height", "bmi", "hba1c")
+ITEM_INDEX = {name: i for i, name in enumerate(ITEMS)}
 
 DRUG_EVENTS = (
     "insulin_lispro",

@@ -28,28 +28,28 @@ def _load(out_dir: Path) -> tuple[dict, list[dict]]:
     return index, truths
 
 
-def _drug_response(export_dir: Path, drug_code: str, measure: str, window_hours: float = 8.0) -> pd.DataFrame:
-    """Measurements of `measure` ('glucose' or 'sbp') around each administration of `drug_code`.
+RESPONSES = {"insulin": ("865098", "glucose"), "furosemide": ("4603", "sbp")}  # drug RxNorm code, measure
 
-    Returns one row per (dose, measurement) with hours relative to the dose and the value in canonical
-    units (glucose mg/dL, pressure mmHg). Parsed straight from the NDJSON export; broken lines are skipped.
+
+def _drug_responses(export_dir: Path, window_hours: float = 8.0) -> dict[str, pd.DataFrame]:
+    """Glucose around insulin lispro doses and systolic pressure around IV furosemide, from the export.
+
+    One pass over each file. Each frame has one row per (dose, measurement) with the hours relative to
+    the dose and the value in canonical units (glucose mg/dL, pressure mmHg); broken lines are skipped.
     """
-    doses: list[tuple[str, float]] = []
+    drug_of = {code: name for name, (code, _) in RESPONSES.items()}
+    doses: dict[str, list[tuple[str, float]]] = {name: [] for name in RESPONSES}
     for line in (export_dir / "MedicationAdministration.ndjson").open("rb"):
         try:
             r = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue
-        codings = (r.get("medicationCodeableConcept") or {}).get("coding") or [{}]
-        if codings[0].get("code") == drug_code and "effectiveDateTime" in r and "subject" in r:
-            doses.append((r["subject"]["reference"], _hours(r["effectiveDateTime"])))
-    if not doses:
-        return pd.DataFrame(columns=["patient", "hours", "value"])
-    values: list[tuple[str, float, float]] = []
+        code = ((r.get("medicationCodeableConcept") or {}).get("coding") or [{}])[0].get("code")
+        if code in drug_of and "effectiveDateTime" in r and "subject" in r:
+            doses[drug_of[code]].append((r["subject"]["reference"], _hours(r["effectiveDateTime"])))
+    values: dict[str, list[tuple[str, float, float]]] = {"glucose": [], "sbp": []}
     for line in (export_dir / "Observation.ndjson").open("rb"):
-        if (measure == "glucose" and b"2345-7" not in line and b"2339-0" not in line) or (
-            measure == "sbp" and SBP_CODE.encode() not in line
-        ):
+        if b"2345-7" not in line and b"2339-0" not in line and SBP_CODE.encode() not in line:
             continue
         try:
             r = orjson.loads(line)
@@ -58,21 +58,24 @@ def _drug_response(export_dir: Path, drug_code: str, measure: str, window_hours:
         if "subject" not in r or "effectiveDateTime" not in r:
             continue
         code = ((r.get("code") or {}).get("coding") or [{}])[0].get("code")
-        if measure == "glucose" and code in GLUCOSE_CODES and "valueQuantity" in r:
+        if code in GLUCOSE_CODES and "valueQuantity" in r:
             q = r["valueQuantity"]
-            value = q["value"] / MMOL_PER_MG_GLUCOSE if q.get("code") == "mmol/L" else q["value"]
-        elif measure == "sbp" and "component" in r:
-            value = r["component"][0]["valueQuantity"]["value"]
+            measure, value = "glucose", q["value"] / MMOL_PER_MG_GLUCOSE if q.get("code") == "mmol/L" else q["value"]
+        elif "component" in r:
+            measure, value = "sbp", r["component"][0]["valueQuantity"]["value"]
         else:
             continue
-        values.append((r["subject"]["reference"], _hours(r["effectiveDateTime"]), float(value)))
-    dose_frame = pd.DataFrame(doses, columns=["patient", "dose_time"])
-    value_frame = pd.DataFrame(values, columns=["patient", "time", "value"])
-    joined = dose_frame.merge(value_frame, on="patient")
-    joined["hours"] = joined["time"] - joined["dose_time"]
-    joined = joined[(joined["hours"] >= -2) & (joined["hours"] <= window_hours)]
-    plausible = (joined["value"] > 20) & (joined["value"] < 1000)
-    return joined.loc[plausible, ["patient", "hours", "value"]]
+        values[measure].append((r["subject"]["reference"], _hours(r["effectiveDateTime"]), float(value)))
+    frames = {}
+    for name, (_, measure) in RESPONSES.items():
+        dose_frame = pd.DataFrame(doses[name], columns=["patient", "dose_time"])
+        value_frame = pd.DataFrame(values[measure], columns=["patient", "time", "value"])
+        joined = dose_frame.merge(value_frame, on="patient")
+        joined["hours"] = joined["time"] - joined["dose_time"]
+        keep = (joined["hours"] >= -2) & (joined["hours"] < window_hours)
+        keep &= (joined["value"] > 20) & (joined["value"] < 1000)
+        frames[name] = joined.loc[keep, ["patient", "hours", "value"]]
+    return frames
 
 
 def _hours(stamp: str) -> float:
@@ -170,9 +173,9 @@ def write_report(out_dir: Path) -> Path:
     # 4. Drug responses measured from the exports.
     fig, (ax_ins, ax_furo) = plt.subplots(1, 2, figsize=(12, 4))
     for color, site in zip(colors, index["sites"], strict=True):
-        export_dir = out_dir / site["fhir_export"]
-        for ax, code, measure in ((ax_ins, "865098", "glucose"), (ax_furo, "4603", "sbp")):
-            frame = _drug_response(export_dir, code, measure)
+        responses = _drug_responses(out_dir / site["fhir_export"])
+        for ax, name in ((ax_ins, "insulin"), (ax_furo, "furosemide")):
+            frame = responses[name]
             if frame.empty:
                 continue
             frame["bin"] = np.floor(frame["hours"]).astype(int)

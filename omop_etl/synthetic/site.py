@@ -213,11 +213,7 @@ class SiteExporter:
             return
         unit = site_unit(self.p, key)
         scale, shift = SITE_UNIT_CONVERSIONS.get((key, unit), (1.0, 0.0))
-        decimals = (
-            SITE_UNIT_DECIMALS.get(unit, MEASUREMENTS[key].decimals)
-            if unit != MEASUREMENTS[key].unit
-            else MEASUREMENTS[key].decimals
-        )
+        decimals = MEASUREMENTS[key].decimals if unit == MEASUREMENTS[key].unit else SITE_UNIT_DECIMALS[unit]
         resource = self.f.observation(
             self._id("Observation"),
             self.patient_ids[patient],

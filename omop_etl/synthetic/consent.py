@@ -25,9 +25,6 @@ class ConsentPlan:
     recorded: np.ndarray  # when the first Consent was recorded (seconds)
     withdrawn_at: np.ndarray  # seconds; NaN unless withdrawn
 
-    def denies_research(self, patient: int) -> bool:
-        return self.status[patient] in ("opt_out", "withdrawn")
-
 
 def plan_consents(
     settings: ConsentSettings,

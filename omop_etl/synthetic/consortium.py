@@ -8,7 +8,7 @@ import queue as queue_module
 import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -134,11 +134,3 @@ def _drain(queue, on_progress: ProgressSink | None) -> None:
         except queue_module.Empty:
             return
         on_progress(site_id, stage, fraction)
-
-
-def site_result_dict(result: SiteResult) -> dict:
-    """A JSON-friendly view of a site result."""
-    data = asdict(result)
-    data["export_dir"] = str(result.export_dir)
-    data["ground_truth_file"] = str(result.ground_truth_file)
-    return data

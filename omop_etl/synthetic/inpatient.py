@@ -545,9 +545,7 @@ def simulate_stays(
     p_death[at_pred] = probs.death
     p_los[at_pred] = probs.los_over_7_days
 
-    burden = np.sum(
-        [cond[c] for c in ("type2_diabetes", "heart_failure", "copd", "ckd", "coronary_disease", "dementia")], axis=0
-    )
+    burden = population.chronic_burden()[pid]
     p_readmit = readmission_probability(
         s, frailty, age, burden, cond["heart_failure"], cond["copd"], end_hour, profile.readmission_offset
     )

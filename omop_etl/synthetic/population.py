@@ -87,12 +87,6 @@ class Population:
         """Number of major chronic conditions per patient."""
         return np.sum([self.conditions[c] for c in MAJOR_CONDITIONS], axis=0)
 
-    def age_on(self, when: dt.date, index: np.ndarray | int) -> np.ndarray | float:
-        """Age in years on a date."""
-        idx = np.atleast_1d(index)
-        ages = np.array([(when - self.birth_date[i]).days / 365.25 for i in idx])
-        return ages if np.ndim(index) else float(ages[0])
-
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))

@@ -45,7 +45,7 @@ from omop_etl.synthetic.inpatient import (
 )
 from omop_etl.synthetic.physiology import PREDICTION_HOUR
 from omop_etl.synthetic.population import Population, generate_population
-from omop_etl.synthetic.timeline import DAY, READMISSION_WINDOW, StayRef, Timeline, build_timeline, to_seconds
+from omop_etl.synthetic.timeline import READMISSION_WINDOW, StayRef, Timeline, Visit, build_timeline, to_seconds
 from omop_etl.synthetic.writer import BulkExportWriter
 
 MONTE_CARLO_REPLICATES = 64
@@ -274,7 +274,7 @@ class SiteExporter:
 
     # --- visits ---------------------------------------------------------------------------------------------
 
-    def _visit(self, patient: int, visit) -> None:
+    def _visit(self, patient: int, visit: Visit) -> None:
         encounter_id = self._id("Encounter")
         where = "clinic" if visit.kind == "AMB" else "emergency"
         self.w.write(
@@ -417,7 +417,16 @@ class SiteExporter:
 
         self._record_stay_truth(patient, ref, encounter_id, batch)
 
-    def _drugs(self, patient, ref, encounter_id, batch, groups, stay_end, censored) -> None:
+    def _drugs(
+        self,
+        patient: int,
+        ref: StayRef,
+        encounter_id: str,
+        batch: StayOutcomes,
+        groups: dict[str, tuple[np.ndarray, np.ndarray]],
+        stay_end: float,
+        censored: bool,
+    ) -> None:
         pid = self.patient_ids[patient]
         ctx = self._context(patient)
         row, start = ref.row, ref.start
@@ -691,4 +700,4 @@ def generate_site(
     )
 
 
-__all__ = ["DAY", "SiteResult", "generate_site"]
+__all__ = ["ProgressSink", "SiteResult", "generate_site"]

@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, text
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
@@ -37,8 +37,12 @@ def redact(url: str) -> str:
         return "<unparseable database URL>"
 
 
-def open_engine(url: str, *, connect_timeout: int = 5) -> Engine:
-    """An engine for `url`, with a short connect timeout on PostgreSQL so a wrong host fails fast."""
+def open_engine(url: str, *, connect_timeout: int = 5, bulk_load: bool = False) -> Engine:
+    """An engine for `url`, with a short connect timeout on PostgreSQL so a wrong host fails fast.
+
+    `bulk_load` puts SQLite in write-ahead-log mode with normal synchronisation: committed batches stay
+    durable across a crash of the process, and loading is several times faster than the defaults.
+    """
     try:
         parsed = make_url(normalise_url(url))
     except ArgumentError:
@@ -49,9 +53,21 @@ def open_engine(url: str, *, connect_timeout: int = 5) -> Engine:
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": connect_timeout}
     try:
-        return create_engine(parsed, **kwargs)
+        engine = create_engine(parsed, **kwargs)
     except (ArgumentError, ImportError) as exc:
         raise DatabaseUnavailable(f"Cannot use {redact(url)}: {exc}") from None
+    if bulk_load and parsed.get_backend_name() == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA cache_size=-65536")
+            cursor.execute("PRAGMA temp_store=MEMORY")
+            cursor.close()
+
+    return engine
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 
 from omop_etl.synthetic.codes import MEASUREMENTS, SITE_UNIT_CONVERSIONS
 from omop_etl.synthetic.config import DefectRates
+from omop_etl.units import plausible_range
 from omop_etl.vocabulary.check_digits import loinc_check_digit
 
 
@@ -96,39 +97,17 @@ DATE_FIELD = {
 }
 SUBJECT_FIELD = {"Consent": "patient"}
 
-# Physiological limits in canonical units (beyond these a value is impossible, not just abnormal).
-# Clean generated values stay well inside; implausible_value defects land far outside.
-PLAUSIBLE_LIMITS: dict[str, tuple[float, float]] = {
-    "heart_rate": (10, 300),
-    "sbp": (20, 300),
-    "dbp": (10, 200),
-    "resp_rate": (2, 80),
-    "temperature": (25.0, 45.0),
-    "spo2": (30, 100),
-    "glucose": (10, 1500),
-    "glucose_poc": (10, 1500),
-    "creatinine": (0.1, 25.0),
-    "bun": (1, 300),
-    "sodium": (90, 200),
-    "potassium": (1.0, 10.0),
-    "wbc": (0.1, 200.0),
-    "hemoglobin": (2.0, 25.0),
-    "platelets": (1, 2000),
-    "crp": (0.0, 1000),
-    "albumin": (0.5, 8.0),
-    "lactate": (0.1, 30.0),
-    "troponin": (0, 100000),
-    "weight": (0.5, 400.0),
-    "height": (40, 250),
-    "bmi": (8, 90),
-    "hba1c": (2.0, 20.0),
-}
 MEASUREMENT_KEY_BY_LOINC = {m.concept.concept_code: key for key, m in MEASUREMENTS.items()}
 
 
 def plausible_limits(key: str, unit_code: str) -> tuple[float, float]:
-    """The plausible range of a measurement in the unit the value is reported in."""
-    low, high = PLAUSIBLE_LIMITS[key]
+    """The plausible range of a measurement in the unit the value is reported in.
+
+    The limits are the ETL's own (omop_etl.units), so what the generator breaks is what the ETL catches.
+    """
+    limits = plausible_range(MEASUREMENTS[key].concept_id)
+    assert limits is not None, f"no plausible range defined for {key}"
+    low, high = limits
     scale, shift = SITE_UNIT_CONVERSIONS.get((key, unit_code), (1.0, 0.0))
     return low * scale + shift, high * scale + shift
 

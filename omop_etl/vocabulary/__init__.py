@@ -30,7 +30,16 @@ FHIR_SYSTEM_BY_VOCABULARY: dict[str, str] = {
     "RxNorm": "http://www.nlm.nih.gov/research/umls/rxnorm",
     "UCUM": "http://unitsofmeasure.org",
 }
-VOCABULARY_BY_FHIR_SYSTEM: dict[str, str] = {uri: vocab for vocab, uri in FHIR_SYSTEM_BY_VOCABULARY.items()}
+VOCABULARY_BY_FHIR_SYSTEM: dict[str, str] = {
+    **{uri: vocab for vocab, uri in FHIR_SYSTEM_BY_VOCABULARY.items()},
+    # Code systems hospitals send that the bundled subset does not hold but a full Athena load does.
+    "http://hl7.org/fhir/sid/icd-10-cm": "ICD10CM",
+    "http://hl7.org/fhir/sid/icd-10": "ICD10",
+    "http://hl7.org/fhir/sid/icd-9-cm": "ICD9CM",
+    "http://hl7.org/fhir/sid/cvx": "CVX",
+    "http://hl7.org/fhir/sid/ndc": "NDC",
+    "http://www.ama-assn.org/go/cpt": "CPT4",
+}
 
 _BUNDLED_FILES = ("core_concepts.csv", "supplementary_concepts.csv")
 

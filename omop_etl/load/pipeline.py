@@ -1,0 +1,405 @@
+"""The nightly load: FHIR inputs -> OMOP CDM v5.4, transactional per batch, incremental, nothing lost.
+
+    inputs --(worker processes: validate + extract)--> drafts --(main: resolve)--> rows --(one transaction)--> DB
+
+Per batch, one transaction writes the OMOP rows, the id map, the quarantine, the consent registry and
+the batch's ledger row. A crash or kill leaves whole batches only; the next run skips committed batches
+and unchanged files (recognised by content hash) and finishes the rest. Every input record is counted
+as loaded, quarantined, skipped or excluded, and the totals reconcile.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from omop_etl.bulk import insert_rows
+from omop_etl.database import open_engine, redact
+from omop_etl.fhir.extract import Batch, Extracted, extract_batch
+from omop_etl.identity import SecretError, SiteKeys, load_or_create_secret, secret_path
+from omop_etl.load import derived
+from omop_etl.load.report import CodeCount, EtlReport, FileOutcome, Tally, UnitCount
+from omop_etl.load.resolve import BatchResolver, BatchWrite, Options, RunContext
+from omop_etl.load.rows import ID_COLUMN
+from omop_etl.load.sources import InputFile, batches, consent_denials, discover, export_date, fingerprint
+from omop_etl.load.state import etl_metadata, table
+from omop_etl.schema import create_cdm
+
+ProgressCallback = Callable[[int, int, str], None]  # (bytes done, bytes total, what)
+STATUSES = ("loaded", "quarantined", "skipped", "excluded")
+
+
+@dataclass
+class EtlSettings:
+    db_url: str
+    schema: str | None = None
+    secret_file: Path | None = None
+    exclude_opted_out: bool = False
+    workers: int | None = None
+    batch_size: int = 5000
+
+
+class EtlError(RuntimeError):
+    """The load cannot start or continue; the message says what to do."""
+
+
+def _prepare(engine: Engine, schema: str | None) -> tuple:
+    cdm = create_cdm(engine, schema)
+    etl = etl_metadata(schema)
+    with engine.begin() as connection:
+        etl.create_all(connection, checkfirst=True)
+        from omop_etl.vocabulary.bundled import load_bundled_vocabulary
+
+        load_bundled_vocabulary(connection, cdm)
+    return cdm, etl
+
+
+def _check_secret(connection: Connection, etl, keys: SiteKeys) -> None:
+    site = table(etl, "twinfed_site")
+    stored = connection.execute(select(site.c.value).where(site.c.key == "secret_fingerprint")).scalar_one_or_none()
+    if stored is None:
+        connection.execute(insert(site).values(key="secret_fingerprint", value=keys.fingerprint))
+    elif stored != keys.fingerprint:
+        raise SecretError(
+            "This database was loaded with a different site secret. Use the secret file of the earlier loads "
+            "(--secret-file); with another secret every record would look new and be loaded twice."
+        )
+
+
+def _sequences(connection: Connection, cdm, etl) -> dict[str, int]:
+    stored = dict(
+        connection.execute(
+            select(table(etl, "twinfed_sequence").c.omop_table, table(etl, "twinfed_sequence").c.next_id)
+        ).all()
+    )
+    sequences = {}
+    for name, column in ID_COLUMN.items():
+        current = connection.execute(select(func.max(table(cdm, name).c[column]))).scalar() or 0
+        sequences[name] = max(stored.get(name, 1), current + 1)
+    return sequences
+
+
+def _save_sequences(connection: Connection, etl, sequences: dict[str, int]) -> None:
+    seq = table(etl, "twinfed_sequence")
+    connection.execute(delete(seq))
+    connection.execute(insert(seq), [{"omop_table": k, "next_id": v} for k, v in sequences.items()])
+
+
+class _Ledger:
+    """Which input files and batches are loaded."""
+
+    def __init__(self, engine: Engine, etl, run_id: int) -> None:
+        self.engine, self.run_id = engine, run_id
+        self.files = table(etl, "twinfed_input_file")
+        self.batches = table(etl, "twinfed_batch")
+
+    def classify(self, source: InputFile) -> tuple[str, int, set[int]]:
+        """('unchanged' | 'resumed' | 'new', file_id, committed batch numbers)."""
+        files = self.files
+        with self.engine.begin() as c:
+            quick = c.execute(
+                select(files.c.file_id, files.c.fingerprint).where(
+                    files.c.path == str(source.path),
+                    files.c.size == source.size,
+                    files.c.mtime_ns == str(source.mtime_ns),
+                    files.c.status == "complete",
+                )
+            ).first()
+            if quick is not None:
+                source.fingerprint = quick.fingerprint
+                return "unchanged", quick.file_id, set()
+            source.fingerprint = fingerprint(source.path)
+            row = c.execute(select(files).where(files.c.fingerprint == source.fingerprint)).first()
+            if row is not None:
+                c.execute(
+                    update(files)
+                    .where(files.c.file_id == row.file_id)
+                    .values(path=str(source.path), size=source.size, mtime_ns=str(source.mtime_ns))
+                )
+                if row.status == "complete":
+                    return "unchanged", row.file_id, set()
+                done = set(
+                    c.execute(select(self.batches.c.batch_no).where(self.batches.c.file_id == row.file_id)).scalars()
+                )
+                return "resumed", row.file_id, done
+            file_id = (c.execute(select(func.max(files.c.file_id))).scalar() or 0) + 1
+            c.execute(
+                insert(files).values(
+                    file_id=file_id,
+                    fingerprint=source.fingerprint,
+                    path=str(source.path),
+                    size=source.size,
+                    mtime_ns=str(source.mtime_ns),
+                    kind=source.kind,
+                    status="in_progress",
+                    records=0,
+                    run_id=self.run_id,
+                )
+            )
+            return "new", file_id, set()
+
+    def complete(self, file_id: int) -> int:
+        with self.engine.begin() as c:
+            records = c.execute(
+                select(func.coalesce(func.sum(self.batches.c.records), 0)).where(self.batches.c.file_id == file_id)
+            ).scalar()
+            c.execute(
+                update(self.files)
+                .where(self.files.c.file_id == file_id)
+                .values(status="complete", records=records, completed_at=dt.datetime.now())
+            )
+            return int(records)
+
+
+def _raw(batch: Batch, extracted: Extracted, index: int) -> str | None:
+    raw = extracted.raw.get(index)
+    if raw is None and batch.kind == "ndjson":
+        offset = extracted.positions[index] - batch.first_position
+        if 0 <= offset < len(batch.lines):
+            raw = batch.lines[offset]
+    return raw.decode("utf-8", errors="replace").rstrip("\n")[:200_000] if raw else None
+
+
+def _write(connection: Connection, cdm, etl, write: BatchWrite, batch: Batch, ex: Extracted, ctx: RunContext) -> None:
+    for name, ids in write.deletes.items():
+        if not ids:
+            continue
+        target = table(cdm, name)
+        column = target.c["person_id"] if name == "death" else target.c[ID_COLUMN[name]]
+        for start in range(0, len(ids), 2000):
+            connection.execute(delete(target).where(column.in_(ids[start : start + 2000])))
+    for name, rows in write.rows.items():
+        if rows:
+            insert_rows(connection, table(cdm, name), [tuple(r.values()) for r in rows], list(rows[0]), plain=True)
+    id_map = table(etl, "twinfed_id_map")
+    keys = write.replaced_keys
+    for start in range(0, len(keys), 2000):
+        connection.execute(delete(id_map).where(id_map.c.source_key.in_(keys[start : start + 2000])))
+    if write.id_map:
+        insert_rows(connection, id_map, [tuple(m.values()) for m in write.id_map], list(write.id_map[0]), plain=True)
+    if write.consents:
+        consent = table(etl, "twinfed_consent")
+        ids = [c["consent_key"] for c in write.consents]
+        connection.execute(delete(consent).where(consent.c.consent_key.in_(ids)))
+        insert_rows(connection, consent, [tuple(c.values()) for c in write.consents], list(write.consents[0]))
+    if write.quarantined:
+        quarantine = table(etl, "twinfed_quarantine")
+        first = (connection.execute(select(func.max(quarantine.c.quarantine_id))).scalar() or 0) + 1
+        rows = []
+        for offset, index in enumerate(write.quarantined):
+            resource_id = ex.ids[index]
+            patient = ex.patients[index]
+            rows.append(
+                (
+                    first + offset,
+                    ctx.run_id,
+                    ex.file_id,
+                    ex.file_name,
+                    ex.position_kind,
+                    ex.positions[index],
+                    ex.types[index][:64],
+                    ctx.keys.key(f"{ex.types[index]}/{resource_id}") if resource_id else None,
+                    ctx.patient_key(patient) if patient else None,
+                    write.rule[index] or "unknown",
+                    write.detail[index] or "",
+                    _raw(batch, ex, index),
+                )
+            )
+        insert_rows(connection, quarantine, rows)
+    counts = {status: dict(by_type) for status, by_type in write.counts.items()}
+    connection.execute(
+        insert(table(etl, "twinfed_batch")).values(
+            file_id=ex.file_id,
+            batch_no=ex.batch_no,
+            run_id=ctx.run_id,
+            first_position=ex.positions[0] if ex.positions else batch.first_position,
+            last_position=ex.positions[-1] if ex.positions else batch.first_position,
+            records=len(ex),
+            counts=orjson.dumps(counts).decode(),
+            committed_at=dt.datetime.now(),
+        )
+    )
+    _save_sequences(connection, etl, ctx.sequences)
+
+
+class _Extractor:
+    """Runs extraction in worker processes with a bounded number of batches in flight (flat memory)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(self, stream):
+        if self.pool is None:
+            for batch in stream:
+                yield batch, extract_batch(batch)
+            return
+        pending: deque[tuple[Batch, Future]] = deque()
+        for batch in stream:
+            pending.append((batch, self.pool.submit(extract_batch, batch)))
+            if len(pending) >= 2 * self.workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def run_etl(inputs: list[Path], settings: EtlSettings, on_progress: ProgressCallback | None = None) -> EtlReport:
+    """Load FHIR inputs into the OMOP database at settings.db_url. See the module docstring."""
+    began = time.perf_counter()
+    sources = discover(inputs)
+    engine = open_engine(settings.db_url, bulk_load=True)
+    try:
+        cdm, etl = _prepare(engine, settings.schema)
+        secret, _ = load_or_create_secret(secret_path(settings.secret_file))
+        keys = SiteKeys(secret)
+        run_table = table(etl, "twinfed_run")
+        with engine.begin() as c:
+            _check_secret(c, etl, keys)
+            run_id = (c.execute(select(func.max(run_table.c.run_id))).scalar() or 0) + 1
+            c.execute(insert(run_table).values(run_id=run_id, started_at=dt.datetime.now(), status="running"))
+            sequences = _sequences(c, cdm, etl)
+            erased = {
+                bytes(k): "erased on request (right to erasure)"
+                for k in c.execute(select(table(etl, "twinfed_erasure").c.patient_key)).scalars()
+            }
+        ledger = _Ledger(engine, etl, run_id)
+        plan = [(source, *ledger.classify(source)) for source in sources]
+        excluded = dict(erased)
+        if settings.exclude_opted_out:
+            for patient in consent_denials([s for s, status, _, _ in plan if status != "unchanged"]):
+                excluded.setdefault(keys.key(f"Patient/{patient}"), "patient denies research use (--exclude-opted-out)")
+        options = Options(exclude_opted_out=settings.exclude_opted_out, max_date=export_date(inputs))
+        ctx = RunContext(cdm, etl, keys, options, run_id, {file_id for _, _, file_id, _ in plan}, sequences, excluded)
+        totals: dict[str, Counter] = {status: Counter() for status in STATUSES}
+        rows_by_table: Counter = Counter()
+        reasons = {"quarantine": Counter(), "skipped": Counter(), "excluded": Counter()}
+        unconverted: Counter = Counter()
+        unlinked = 0
+        outcomes: list[FileOutcome] = []
+        total_bytes = sum(s.size for s, status, _, _ in plan if status != "unchanged") or 1
+        done_bytes = 0
+        workers = settings.workers or max(1, min(os.cpu_count() or 1, 4))
+        extractor = _Extractor(workers if total_bytes > 20_000_000 else 1)
+        try:
+            for source, status, file_id, committed in plan:
+                if status == "unchanged":
+                    outcomes.append(
+                        FileOutcome(
+                            path=str(source.path),
+                            kind=source.kind,
+                            status="unchanged",
+                            records=0,
+                            fingerprint=source.fingerprint,
+                        )
+                    )
+                    continue
+                file_records = 0
+                stream = batches(source, file_id, settings.batch_size, committed)
+                for batch, extracted in extractor.run(stream):
+                    with engine.begin() as connection:
+                        write = BatchResolver(ctx, connection, extracted).resolve()
+                        _write(connection, cdm, etl, write, batch, extracted, ctx)
+                    file_records += len(extracted)
+                    for status_name, by_type in write.counts.items():
+                        totals[status_name].update(by_type)
+                    for name, table_rows in write.rows.items():
+                        rows_by_table[name] += len(table_rows)
+                    for index in write.quarantined:
+                        reasons["quarantine"][write.rule[index]] += 1
+                    reasons["skipped"].update(write.skipped_reasons)
+                    reasons["excluded"].update(write.excluded_reasons)
+                    unconverted.update(write.unconverted_units)
+                    unlinked += write.unlinked_visits
+                    if on_progress:
+                        size = (
+                            sum(len(line) for line in batch.lines)
+                            if batch.kind == "ndjson"
+                            else len(batch.bundle or b"")
+                        )
+                        done_bytes += size
+                        on_progress(done_bytes, total_bytes, source.path.name)
+                ledger.complete(file_id)
+                outcomes.append(
+                    FileOutcome(
+                        path=str(source.path),
+                        kind=source.kind,
+                        status="resumed" if status == "resumed" else "loaded",
+                        records=file_records,
+                        fingerprint=source.fingerprint,
+                    )
+                )
+        finally:
+            extractor.close()
+        changed = any(o.status != "unchanged" for o in outcomes)
+        with engine.begin() as connection:
+            if changed or derived.missing(connection, cdm):
+                rows_by_table["observation_period"] += derived.observation_periods(connection, cdm)
+                derived.cdm_source(connection, cdm, options.max_date)
+        seconds = time.perf_counter() - began
+        report = _report(
+            run_id, settings, options, totals, reasons, rows_by_table, ctx, unconverted, unlinked, outcomes, seconds
+        )
+        with engine.begin() as c:
+            c.execute(
+                update(run_table)
+                .where(run_table.c.run_id == run_id)
+                .values(finished_at=dt.datetime.now(), status="complete", report=report.model_dump_json())
+            )
+        return report
+    finally:
+        engine.dispose()
+
+
+def _report(run_id, settings, options, totals, reasons, rows_by_table, ctx, unconverted, unlinked, outcomes, seconds):
+    all_records: Counter = Counter()
+    for by_type in totals.values():
+        all_records.update(by_type)
+    tallies = {status: Tally.of(totals[status]) for status in STATUSES}
+    reconciles = all(all_records[t] == sum(totals[s][t] for s in STATUSES) for t in all_records) and sum(
+        all_records.values()
+    ) == sum(t.total for t in tallies.values())
+    top = ctx.codes.unmapped.most_common(25)
+    return EtlReport(
+        run_id=run_id,
+        database=redact(settings.db_url) + (f" (schema {settings.schema})" if settings.schema else ""),
+        export_date_limit=options.max_date,
+        input=Tally.of(all_records),
+        loaded=tallies["loaded"],
+        quarantined=tallies["quarantined"],
+        skipped=tallies["skipped"],
+        excluded=tallies["excluded"],
+        reconciles=reconciles,
+        quarantine_by_rule=dict(reasons["quarantine"].most_common()),
+        skipped_by_reason=dict(reasons["skipped"].most_common()),
+        excluded_by_reason=dict(reasons["excluded"].most_common()),
+        rows_by_table=dict(sorted(rows_by_table.items())),
+        unmapped_codes=[CodeCount(system=s, code=c, count=n) for (s, c), n in top],
+        unconverted_units=[UnitCount(code=c, unit=u, count=n) for (c, u), n in unconverted.most_common(25)],
+        unlinked_visit_references=unlinked,
+        files=outcomes,
+        seconds=round(seconds, 3),
+        records_per_second=round(sum(all_records.values()) / seconds, 1) if seconds > 0 else 0.0,
+    )
+
+
+__all__ = ["EtlError", "EtlSettings", "run_etl"]

@@ -273,6 +273,7 @@ def etl(
 
     from omop_etl.database import DatabaseUnavailable
     from omop_etl.identity import SecretError
+    from omop_etl.load.csv_extract import MappingError
     from omop_etl.load.pipeline import EtlSettings, run_etl
     from omop_etl.load.sources import InputError
 
@@ -300,8 +301,8 @@ def etl(
                 progress.update(task, completed=done, total=total, description=what[:28])
 
             result = run_etl(input, settings, on_progress)
-    except (InputError, DatabaseUnavailable, SecretError) as exc:
-        console.print(f"[red]Cannot load:[/red] {exc}")
+    except (InputError, MappingError, DatabaseUnavailable, SecretError) as exc:
+        console.print(f"[red]Cannot load:[/red] {escape_markup(str(exc))}")
         raise typer.Exit(2) from None
     if report:
         report.write_text(result.model_dump_json(indent=2), encoding="utf-8")

@@ -26,11 +26,14 @@ class Batch:
     file_id: int
     file_name: str
     batch_no: int
-    kind: str  # "ndjson" | "bundle"
+    kind: str  # "ndjson" | "bundle" | "csv"
     first_position: int
     lines: list[bytes] = field(default_factory=list)
     bundle: bytes | None = None
     type_hint: str | None = None
+    header: list[str] | None = None  # CSV extracts: the header row ...
+    rows: list[list[str]] = field(default_factory=list)  # ... and the data rows of this batch
+    mapping: Any = None  # ... and their column mapping (omop_etl.load.csv_extract.CsvMapping)
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Extracted:
     file_id: int
     file_name: str
     batch_no: int
-    position_kind: str  # "line" | "entry"
+    position_kind: str  # "line" | "entry" | "row"
     positions: list[int] = field(default_factory=list)
     types: list[str] = field(default_factory=list)
     ids: list[str | None] = field(default_factory=list)
@@ -243,4 +246,8 @@ def extract_bundle(batch: Batch) -> Extracted:
 
 def extract_batch(batch: Batch) -> Extracted:
     """Worker entry point."""
+    if batch.kind == "csv":
+        from omop_etl.load.csv_extract import extract_csv
+
+        return extract_csv(batch, batch.mapping)
     return extract_bundle(batch) if batch.kind == "bundle" else extract_ndjson(batch)

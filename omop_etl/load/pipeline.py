@@ -118,7 +118,7 @@ class _Ledger:
             if quick is not None:
                 source.fingerprint = quick.fingerprint
                 return "unchanged", quick.file_id, set()
-            source.fingerprint = fingerprint(source.path)
+            source.fingerprint = fingerprint(source)
             row = c.execute(select(files).where(files.c.fingerprint == source.fingerprint)).first()
             if row is not None:
                 c.execute(
@@ -161,8 +161,19 @@ class _Ledger:
             return int(records)
 
 
+def _batch_bytes(batch: Batch, source: InputFile) -> int:
+    if batch.kind == "ndjson":
+        return sum(len(line) for line in batch.lines)
+    if batch.kind == "csv":
+        return sum(len(",".join(row)) + 1 for row in batch.rows)
+    return len(batch.bundle or b"")
+
+
 def _raw(batch: Batch, extracted: Extracted, index: int) -> str | None:
     raw = extracted.raw.get(index)
+    if raw is None and batch.kind == "csv":
+        offset = extracted.positions[index] - batch.first_position
+        raw = ",".join(batch.rows[offset]).encode() if 0 <= offset < len(batch.rows) else None
     if raw is None and batch.kind == "ndjson":
         offset = extracted.positions[index] - batch.first_position
         if 0 <= offset < len(batch.lines):

@@ -176,6 +176,11 @@ class RunContext:
                 self.references[by_key[bytes(key)]] = omop_id
 
 
+def ctx_fetch(resolver: BatchResolver) -> list[tuple]:
+    """Id-map rows that already exist for a resolver's MRN aliases."""
+    return resolver.ctx.fetch_id_map(resolver.connection, [key for _, key, _ in resolver.aliases])
+
+
 def _draft_keys(draft: Any) -> list[str]:
     """The source keys a draft writes under (one per OMOP row it makes)."""
     if isinstance(draft, EventDraft):
@@ -206,6 +211,7 @@ class BatchResolver:
         self.existing: dict[bytes, tuple[str, int, int, int]] = {}
         self._keys: dict[str, bytes] = {}
         self.planned: list[tuple[int, str, dict, bytes]] = []  # (record, table, row, key)
+        self.aliases: list[tuple[int, bytes, int]] = []  # (record, key, person_id): MRN -> person for CSV extracts
         self.consents: list[tuple[int, dict]] = []
         self.out = BatchWrite()
 
@@ -373,6 +379,8 @@ class BatchResolver:
                 self.reference("Organization", d.organization_ref),
             )
             person_id = self.plan(d.record, "person", row, self.key(f"Patient/{d.patient_id}"))
+            if d.mrn:
+                self.aliases.append((d.record, self.key(f"Patient/MRN:{d.mrn}"), person_id))
             self.out.deletes["death"].append(person_id)  # death is keyed by person: replace on every load
             death = R.death_row(d)
             if death is not None:
@@ -516,6 +524,21 @@ class BatchResolver:
                     "position": ex.positions[record],
                 }
             )
+        if self.aliases:
+            taken = {bytes(row[0]) for row in ctx_fetch(self)}  # an MRN already mapped keeps its first person
+            for record, key, person_id in self.aliases:
+                if self.alive(record) and key not in taken:
+                    taken.add(key)
+                    out.id_map.append(
+                        {
+                            "source_key": key,
+                            "omop_table": "person",
+                            "omop_id": person_id,
+                            "person_id": person_id,
+                            "file_id": ex.file_id,
+                            "position": ex.positions[record],
+                        }
+                    )
         for record, consent in self.consents:
             if self.alive(record):
                 out.consents.append({**consent, "file_id": ex.file_id, "position": ex.positions[record]})

@@ -8,6 +8,7 @@ content, so a renamed or re-copied file is still recognised as already loaded.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import gzip
 import hashlib
@@ -19,6 +20,7 @@ from pathlib import Path
 import orjson
 
 from omop_etl.fhir.extract import Batch
+from omop_etl.load.csv_extract import is_mapping_file, load_mapping
 
 TYPE_ORDER = (
     "Organization",
@@ -45,14 +47,17 @@ class InputError(ValueError):
 @dataclass
 class InputFile:
     path: Path
-    kind: str  # "ndjson" | "bundle"
+    kind: str  # "ndjson" | "bundle" | "csv" (path is then the YAML mapping)
     type_hint: str | None
     size: int
     mtime_ns: int
     fingerprint: str = ""
+    data_path: Path | None = None  # the CSV a mapping describes
 
     @property
     def order(self) -> tuple[int, int, str]:
+        if self.kind == "csv":
+            return (2, 0, str(self.path))
         if self.kind == "bundle":
             return (1, 0, str(self.path))
         rank = TYPE_ORDER.index(self.type_hint) if self.type_hint in TYPE_ORDER else len(TYPE_ORDER)
@@ -79,14 +84,28 @@ def discover(paths: list[Path]) -> list[InputFile]:
                 kind = "ndjson"
             elif name.endswith((".json", ".json.gz")) and name != "manifest.json":
                 kind = "bundle"
+            elif name.endswith((".yaml", ".yml")) and is_mapping_file(path):
+                _, csv_path = load_mapping(path)
+                stat, data = path.stat(), csv_path.stat()
+                files.append(
+                    InputFile(
+                        path,
+                        "csv",
+                        None,
+                        stat.st_size + data.st_size,
+                        max(stat.st_mtime_ns, data.st_mtime_ns),
+                        data_path=csv_path,
+                    )
+                )
+                continue
             else:
                 continue
             stat = path.stat()
             files.append(InputFile(path, kind, _type_hint(path.name), stat.st_size, stat.st_mtime_ns))
     if not files:
         raise InputError(
-            f"No FHIR input found in {', '.join(str(p) for p in paths)}: expected Bulk Data NDJSON files "
-            "(*.ndjson, *.ndjson.gz) or FHIR Bundles (*.json, *.json.gz)."
+            f"No input found in {', '.join(str(p) for p in paths)}: expected Bulk Data NDJSON files "
+            "(*.ndjson, *.ndjson.gz), FHIR Bundles (*.json, *.json.gz) or CSV mappings (*.yaml, see docs/etl.md)."
         )
     return sorted(files, key=lambda f: f.order)
 
@@ -109,12 +128,15 @@ def export_date(paths: list[Path]) -> str:
     return max(dates) if dates else dt.date.today().isoformat()
 
 
-def fingerprint(path: Path) -> str:
-    """SHA-256 of the file's bytes."""
+def fingerprint(source: InputFile) -> str:
+    """SHA-256 of the input's bytes (a CSV mapping: of the YAML and the CSV together)."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
+    for path in (source.path, source.data_path):
+        if path is None:
+            continue
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -124,6 +146,9 @@ def _open(path: Path):
 
 def batches(source: InputFile, file_id: int, batch_size: int, committed: set[int]) -> Iterator[Batch]:
     """Batches of a file; those already committed in an interrupted run are read past, not re-sent."""
+    if source.kind == "csv":
+        yield from _csv_batches(source, file_id, batch_size, committed)
+        return
     if source.kind == "bundle":
         if 0 not in committed:
             with _open(source.path) as handle:
@@ -141,6 +166,26 @@ def batches(source: InputFile, file_id: int, batch_size: int, committed: set[int
                 batch_no, first, lines = batch_no + 1, first + len(lines), []
         if lines and batch_no not in committed:
             yield Batch(file_id, str(source.path), batch_no, "ndjson", first, lines=lines, type_hint=source.type_hint)
+
+
+def _csv_batches(source: InputFile, file_id: int, batch_size: int, committed: set[int]) -> Iterator[Batch]:
+    mapping, csv_path = load_mapping(source.path)
+    with csv_path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter=mapping.delimiter)
+        header = next(reader, [])
+        batch_no, first, rows = 0, 1, []
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            rows.append(row)
+            if len(rows) >= batch_size:
+                if batch_no not in committed:
+                    yield Batch(
+                        file_id, str(csv_path), batch_no, "csv", first, header=header, rows=rows, mapping=mapping
+                    )
+                batch_no, first, rows = batch_no + 1, first + len(rows), []
+        if rows and batch_no not in committed:
+            yield Batch(file_id, str(csv_path), batch_no, "csv", first, header=header, rows=rows, mapping=mapping)
 
 
 def consent_denials(files: list[InputFile]) -> set[str]:
@@ -163,7 +208,7 @@ def consent_denials(files: list[InputFile]) -> set[str]:
             )
 
     for source in files:
-        if source.kind == "ndjson" and source.type_hint not in (None, "Consent"):
+        if source.kind == "csv" or (source.kind == "ndjson" and source.type_hint not in (None, "Consent")):
             continue
         with _open(source.path) as handle:
             if source.kind == "bundle":

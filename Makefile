@@ -16,7 +16,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 .PHONY: demo test lint bench clean help
 
 help:
-	@echo "make demo   - generate a 3-hospital synthetic consortium and summarise it (creates .venv on first use)"
+	@echo "make demo   - generate a 3-hospital consortium, load each hospital into OMOP, check data quality"
 	@echo "make test   - run the whole test suite (creates .venv on first use)"
 	@echo "make lint   - ruff"
 	@echo "make bench  - run the benchmarks and update docs/benchmarks.md"
@@ -33,6 +33,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/twinfed synth --sites 3 --patients 2000 --seed 7 --out $(DEMO_DIR)/consortium --force
 	$(BIN)/twinfed inspect $(DEMO_DIR)/consortium
+	@mkdir -p $(DEMO_DIR)/omop
+	@# Each hospital loads its own export into its own OMOP database (SQLite, the embedded default),
+	@# then checks its data quality. dq exits 1 when a check fails: that is a finding, not an error.
+	@for site in $$(ls $(DEMO_DIR)/consortium | grep -v -e ground-truth -e report -e consortium.json); do \
+		echo "== $$site: FHIR -> OMOP =="; \
+		$(BIN)/twinfed etl --input $(DEMO_DIR)/consortium/$$site/fhir --db sqlite:///$(DEMO_DIR)/omop/$$site.sqlite \
+			--secret-file $(DEMO_DIR)/omop/$$site.secret --report $(DEMO_DIR)/omop/$$site-etl.json || exit $$?; \
+		echo "== $$site: data quality =="; \
+		$(BIN)/twinfed dq --db sqlite:///$(DEMO_DIR)/omop/$$site.sqlite --report $(DEMO_DIR)/omop/$$site-dq.json \
+			--html $(DEMO_DIR)/omop/$$site-dq.html; status=$$?; [ $$status -le 1 ] || exit $$status; \
+	done
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

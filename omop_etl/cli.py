@@ -13,6 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from omop_etl.dq_cli import dq
+from omop_etl.vocab_cli import vocab_app
+
 console = Console()
 
 
@@ -23,6 +26,8 @@ def register(app: typer.Typer) -> None:
     app.command("etl", rich_help_panel="Data")(etl)
     app.command("erase", rich_help_panel="Data")(erase)
     app.command("quarantine", rich_help_panel="Data")(quarantine)
+    app.command("dq", rich_help_panel="Data")(dq)
+    app.add_typer(vocab_app, name="vocab", rich_help_panel="Data")
 
 
 def synth(

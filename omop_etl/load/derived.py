@@ -66,8 +66,12 @@ def observation_periods(connection: Connection, cdm: MetaData) -> int:
 
 def cdm_source(connection: Connection, cdm: MetaData, source_release: str, name: str | None = None) -> None:
     """Write the single cdm_source row describing this database."""
-    from twinfed import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        etl_version = version("twinfed")
+    except PackageNotFoundError:
+        etl_version = "source tree"
     source = _table(cdm, "cdm_source")
     vocabulary = _table(cdm, "vocabulary")
     version = connection.execute(
@@ -88,7 +92,7 @@ def cdm_source(connection: Connection, cdm: MetaData, source_release: str, name:
             cdm_holder=(site_name or "twinfed site")[:255],
             source_description="EHR data mapped from FHIR R4 by twinfed at the hospital site node",
             source_documentation_reference=None,
-            cdm_etl_reference=f"twinfed {__version__}",
+            cdm_etl_reference=f"twinfed {etl_version}",
             source_release_date=dt.date.fromisoformat(source_release),
             cdm_release_date=dt.date.today(),
             cdm_version=CDM_VERSION,

@@ -214,10 +214,11 @@ def condition_row(d: EventDraft, c: Resolved, person_id: int, visit_id: int | No
         "condition_end_date": d.end,
         "condition_end_datetime": d.end_datetime,
         "condition_type_concept_id": TYPE_PROBLEM_LIST if d.type_hint == "problem-list" else TYPE_ENCOUNTER,
-        "condition_status_concept_id": 0,
+        "condition_status_concept_id": None,  # status concepts are not in the bundled vocabulary
         "stop_reason": None,
         "provider_id": provider_id,
-        "visit_occurrence_id": visit_id,
+        # a problem-list entry is history recorded at a visit, not something that happened during it
+        "visit_occurrence_id": None if d.type_hint == "problem-list" else visit_id,
         "visit_detail_id": None,
         "condition_source_value": cut(d.code[1], 50),
         "condition_source_concept_id": c.source_concept_id,

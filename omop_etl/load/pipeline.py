@@ -28,6 +28,7 @@ from omop_etl.database import open_engine, redact
 from omop_etl.fhir.extract import Batch, Extracted, extract_batch
 from omop_etl.identity import SecretError, SiteKeys, load_or_create_secret, secret_path
 from omop_etl.load import derived
+from omop_etl.load.indexes import defer_indexes, ensure_indexes, restore_indexes
 from omop_etl.load.report import CodeCount, EtlReport, FileOutcome, Tally, UnitCount
 from omop_etl.load.resolve import BatchResolver, BatchWrite, Options, RunContext
 from omop_etl.load.rows import ID_COLUMN
@@ -61,6 +62,7 @@ def _prepare(engine: Engine, schema: str | None) -> tuple:
         from omop_etl.vocabulary.bundled import load_bundled_vocabulary
 
         load_bundled_vocabulary(connection, cdm)
+    ensure_indexes(engine, cdm)  # an interrupted earlier load may have left deferred indexes unbuilt
     return cdm, etl
 
 
@@ -311,6 +313,7 @@ def run_etl(inputs: list[Path], settings: EtlSettings, on_progress: ProgressCall
         done_bytes = 0
         workers = settings.workers or max(1, min(os.cpu_count() or 1, 4))
         extractor = _Extractor(workers if total_bytes > 20_000_000 else 1)
+        deferred = defer_indexes(engine, cdm) if total_bytes > 20_000_000 else []
         try:
             for source, status, file_id, committed in plan:
                 if status == "unchanged":
@@ -361,6 +364,7 @@ def run_etl(inputs: list[Path], settings: EtlSettings, on_progress: ProgressCall
                 )
         finally:
             extractor.close()
+        restore_indexes(engine, cdm, deferred)
         changed = any(o.status != "unchanged" for o in outcomes)
         with engine.begin() as connection:
             if changed or derived.missing(connection, cdm):

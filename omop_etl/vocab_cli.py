@@ -5,7 +5,6 @@ Heavy imports happen inside the commands, so `twinfed --help` stays instant.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Annotated
 
@@ -41,12 +40,6 @@ SchemaOption = Annotated[
     str | None,
     typer.Option("--schema", help="PostgreSQL schema that holds the CDM tables, e.g. cdm (default: the search path)."),
 ]
-
-
-def _help(doc: str | None) -> str:
-    """A docstring as --help text: paragraphs re-flowed to the terminal width instead of keeping the source's
-    line breaks (typer's rich mode keeps single newlines, which breaks lines mid-sentence at 80 columns)."""
-    return "\n\n".join(" ".join(p.split("\n")) for p in inspect.cleandoc(doc or "").split("\n\n"))
 
 
 def _fail(message: str) -> typer.Exit:
@@ -233,5 +226,5 @@ def status(db: DbOption, schema: SchemaOption = None) -> None:
         console.print("[yellow]The concept table is empty; load a vocabulary with `twinfed vocab load`.[/yellow]")
 
 
-vocab_app.command("load", help=_help(load.__doc__))(load)
-vocab_app.command("status", help=_help(status.__doc__))(status)
+vocab_app.command("load")(load)
+vocab_app.command("status")(status)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Annotated
 
@@ -31,6 +32,25 @@ app = typer.Typer(
 register_data_commands(app)
 app.add_typer(site_app, name="site", rich_help_panel="Hospital site node")
 app.add_typer(coordinator_app, name="coordinator", rich_help_panel="Consortium coordinator")
+
+
+def _reflow(text: str) -> str:
+    """Join the lines of each paragraph: typer's rich mode keeps a docstring's line breaks, which would
+    break sentences in the middle at 80 columns."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """Give every command of the tree help text that re-flows to the terminal width."""
+    for command in typer_app.registered_commands:
+        if command.help is None and command.callback is not None and command.callback.__doc__:
+            command.help = _reflow(command.callback.__doc__)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
 
 
 def _version(value: bool) -> None:

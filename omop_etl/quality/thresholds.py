@@ -21,21 +21,13 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from omop_etl.schema import TWIN_TABLES
+
 # The CDM tables twinfed writes and checks (the vocabulary and metadata tables are not checked).
-CHECKED_TABLES = (
-    "person",
-    "observation_period",
-    "visit_occurrence",
-    "visit_detail",
-    "condition_occurrence",
-    "drug_exposure",
-    "procedure_occurrence",
-    "measurement",
-    "observation",
-    "death",
-    "location",
-    "care_site",
-    "provider",
+CHECKED_TABLES = tuple(
+    t
+    for t in TWIN_TABLES
+    if t not in ("cdm_source", "concept", "concept_relationship", "vocabulary", "source_to_concept_map")
 )
 
 # Tables the CDM requires to hold data (DQD table-level isRequired): an empty one is a failure, not "n/a".

@@ -123,3 +123,20 @@ def test_a_different_secret_is_refused(tmp_path):
 
     with pytest.raises(SecretError, match="different site secret"):
         load([export], url, tmp_path / "other-secret")
+
+
+def test_worker_processes_give_exactly_the_single_process_result(small_consortium, tmp_path):
+    """Clinical facts are resolved in worker processes in production; the result must not depend on it."""
+    _, export_dir, _ = sites(small_consortium)[2]
+    secret = tmp_path / "secret"
+    single, parallel = f"sqlite:///{tmp_path / 'single.sqlite'}", f"sqlite:///{tmp_path / 'parallel.sqlite'}"
+    one = load([export_dir], single, secret, batch_size=700)
+    settings_two = {"batch_size": 700}
+    from omop_etl.load.pipeline import EtlSettings, run_etl
+
+    two = run_etl([export_dir], EtlSettings(db_url=parallel, secret_file=secret, workers=2, **settings_two))
+    assert one.model_dump(include={"loaded", "quarantined", "quarantine_by_rule", "rows_by_table"}) == two.model_dump(
+        include={"loaded", "quarantined", "quarantine_by_rule", "rows_by_table"}
+    )
+    for table in CLINICAL_TABLES:
+        assert checksum(frame(parallel, table)) == checksum(frame(single, table)), table

@@ -30,7 +30,15 @@ from omop_etl.identity import SecretError, SiteKeys, load_or_create_secret, secr
 from omop_etl.load import derived
 from omop_etl.load.indexes import defer_indexes, ensure_indexes, restore_indexes
 from omop_etl.load.report import CodeCount, EtlReport, FileOutcome, Tally, UnitCount
-from omop_etl.load.resolve import BatchResolver, BatchWrite, Options, RunContext
+from omop_etl.load.resolve import (
+    BatchResolver,
+    BatchWrite,
+    Options,
+    ResolvedEvents,
+    RunContext,
+    finalize_events,
+    resolve_events,
+)
 from omop_etl.load.rows import ID_COLUMN
 from omop_etl.load.sources import InputFile, batches, consent_denials, discover, export_date, fingerprint
 from omop_etl.load.state import etl_metadata, table
@@ -193,13 +201,14 @@ def _write(connection: Connection, cdm, etl, write: BatchWrite, batch: Batch, ex
             connection.execute(delete(target).where(column.in_(ids[start : start + 2000])))
     for name, rows in write.rows.items():
         if rows:
-            insert_rows(connection, table(cdm, name), [tuple(r.values()) for r in rows], list(rows[0]), plain=True)
+            insert_rows(connection, table(cdm, name), rows, write.columns[name], plain=True)
     id_map = table(etl, "twinfed_id_map")
     keys = write.replaced_keys
     for start in range(0, len(keys), 2000):
         connection.execute(delete(id_map).where(id_map.c.source_key.in_(keys[start : start + 2000])))
     if write.id_map:
-        insert_rows(connection, id_map, [tuple(m.values()) for m in write.id_map], list(write.id_map[0]), plain=True)
+        columns = ["source_key", "omop_table", "omop_id", "person_id", "file_id", "position"]
+        insert_rows(connection, id_map, write.id_map, columns, plain=True)
     if write.consents:
         consent = table(etl, "twinfed_consent")
         ids = [c["consent_key"] for c in write.consents]
@@ -245,25 +254,55 @@ def _write(connection: Connection, cdm, etl, write: BatchWrite, batch: Batch, ex
     _save_sequences(connection, etl, ctx.sequences)
 
 
+_WORKER: dict = {}
+
+
+def _init_worker(db_url: str, schema: str | None, secret: bytes, options: Options, excluded: dict[bytes, str],
+                 current_file_ids: set[int]) -> None:  # fmt: skip
+    """Worker start-up: a read-only view of the database, to resolve clinical facts next to their validation."""
+    from omop_etl.schema import cdm_metadata
+
+    engine = open_engine(db_url)
+    cdm, etl = cdm_metadata(schema), etl_metadata(schema)
+    ctx = RunContext(cdm, etl, SiteKeys(secret), options, 0, current_file_ids, {}, excluded)
+    _WORKER.update(engine=engine, ctx=ctx)
+
+
+def _process(batch: Batch) -> Extracted | ResolvedEvents:
+    """Worker entry: validate and extract; resolve the batch too when it holds clinical facts only.
+
+    Patients, encounters and sites of earlier files are committed before a file's first batch is handed
+    out, so a worker reading the database sees everything the facts refer to.
+    """
+    extracted = extract_batch(batch)
+    if batch.kind == "bundle" or not _WORKER:
+        return extracted
+    with _WORKER["engine"].connect() as connection:
+        resolved = resolve_events(_WORKER["ctx"], connection, extracted)
+    return resolved if resolved is not None else extracted
+
+
 class _Extractor:
     """Runs extraction in worker processes with a bounded number of batches in flight (flat memory)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, initargs: tuple | None = None) -> None:
         self.workers = workers
         self.pool = None
         if workers > 1:
             import multiprocessing
 
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=initargs or ())  # fmt: skip
 
     def run(self, stream):
+        """(batch, result) in input order; the stream is drained completely before the next file starts."""
         if self.pool is None:
             for batch in stream:
                 yield batch, extract_batch(batch)
             return
         pending: deque[tuple[Batch, Future]] = deque()
         for batch in stream:
-            pending.append((batch, self.pool.submit(extract_batch, batch)))
+            pending.append((batch, self.pool.submit(_process, batch)))
             if len(pending) >= 2 * self.workers:
                 done, future = pending.popleft()
                 yield done, future.result()
@@ -311,9 +350,12 @@ def run_etl(inputs: list[Path], settings: EtlSettings, on_progress: ProgressCall
         outcomes: list[FileOutcome] = []
         total_bytes = sum(s.size for s, status, _, _ in plan if status != "unchanged") or 1
         done_bytes = 0
-        workers = settings.workers or max(1, min(os.cpu_count() or 1, 4))
-        extractor = _Extractor(workers if total_bytes > 20_000_000 else 1)
-        deferred = defer_indexes(engine, cdm) if total_bytes > 20_000_000 else []
+        large = total_bytes > 20_000_000
+        workers = settings.workers or (max(1, min(os.cpu_count() or 1, 4)) if large else 1)
+        extractor = _Extractor(
+            workers, (settings.db_url, settings.schema, secret, options, excluded, ctx.current_file_ids)
+        )
+        deferred = defer_indexes(engine, cdm) if large else []
         try:
             for source, status, file_id, committed in plan:
                 if status == "unchanged":
@@ -329,9 +371,14 @@ def run_etl(inputs: list[Path], settings: EtlSettings, on_progress: ProgressCall
                     continue
                 file_records = 0
                 stream = batches(source, file_id, settings.batch_size, committed)
-                for batch, extracted in extractor.run(stream):
+                for batch, result in extractor.run(stream):
                     with engine.begin() as connection:
-                        write = BatchResolver(ctx, connection, extracted).resolve()
+                        if isinstance(result, ResolvedEvents):
+                            extracted = result.extracted
+                            write = finalize_events(ctx, connection, result)
+                        else:
+                            extracted = result
+                            write = BatchResolver(ctx, connection, extracted).resolve()
                         _write(connection, cdm, etl, write, batch, extracted, ctx)
                     file_records += len(extracted)
                     for status_name, by_type in write.counts.items():

@@ -57,9 +57,10 @@ class VisitInfo:
 class BatchWrite:
     """Everything one batch writes, in one transaction."""
 
-    rows: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    rows: dict[str, list[tuple]] = field(default_factory=lambda: defaultdict(list))  # table -> value tuples
+    columns: dict[str, list[str]] = field(default_factory=dict)  # table -> column names of those tuples
     deletes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
-    id_map: list[dict[str, Any]] = field(default_factory=list)
+    id_map: list[tuple] = field(default_factory=list)  # (source_key, omop_table, omop_id, person_id, file_id, position)
     replaced_keys: list[bytes] = field(default_factory=list)  # id-map keys loaded before (updates)
     consents: list[dict[str, Any]] = field(default_factory=list)
     quarantined: list[int] = field(default_factory=list)  # record indexes
@@ -203,8 +204,11 @@ def _draft_keys(draft: Any) -> list[str]:
 class BatchResolver:
     """Resolves one extracted batch into a BatchWrite."""
 
-    def __init__(self, ctx: RunContext, connection: Connection, extracted: Extracted) -> None:
+    def __init__(
+        self, ctx: RunContext, connection: Connection, extracted: Extracted, *, defer_event_ids: bool = False
+    ) -> None:
         self.ctx, self.connection, self.ex = ctx, connection, extracted
+        self.defer_event_ids = defer_event_ids  # worker side: ids are assigned by the main process
         self.status = list(extracted.status)
         self.rule = list(extracted.rule)
         self.detail = list(extracted.detail)
@@ -242,7 +246,10 @@ class BatchResolver:
             return previous[1]
         return self.ctx.next_id(table)
 
-    def plan(self, record: int, table: str, row: dict, key: bytes) -> int:
+    def plan(self, record: int, table: str, row: dict, key: bytes) -> int | None:
+        if self.defer_event_ids:
+            self.planned.append((record, table, row, key))
+            return None
         row[R.ID_COLUMN[table]] = self.omop_id(table, key)
         self.planned.append((record, table, row, key))
         return row[R.ID_COLUMN[table]]
@@ -507,7 +514,9 @@ class BatchResolver:
         for record, table, row, key in self.planned:
             if not self.alive(record):
                 continue
-            out.rows[table].append(row)
+            if table not in out.columns:
+                out.columns[table] = list(row)
+            out.rows[table].append(tuple(row.values()))
             if table == "death":
                 continue
             previous = self.existing.get(key)
@@ -515,30 +524,14 @@ class BatchResolver:
                 out.deletes[previous[0]].append(previous[1])
                 out.replaced_keys.append(key)
             out.id_map.append(
-                {
-                    "source_key": key,
-                    "omop_table": table,
-                    "omop_id": row[R.ID_COLUMN[table]],
-                    "person_id": row.get("person_id"),
-                    "file_id": ex.file_id,
-                    "position": ex.positions[record],
-                }
+                (key, table, row[R.ID_COLUMN[table]], row.get("person_id"), ex.file_id, ex.positions[record])
             )
         if self.aliases:
             taken = {bytes(row[0]) for row in ctx_fetch(self)}  # an MRN already mapped keeps its first person
             for record, key, person_id in self.aliases:
                 if self.alive(record) and key not in taken:
                     taken.add(key)
-                    out.id_map.append(
-                        {
-                            "source_key": key,
-                            "omop_table": "person",
-                            "omop_id": person_id,
-                            "person_id": person_id,
-                            "file_id": ex.file_id,
-                            "position": ex.positions[record],
-                        }
-                    )
+                    out.id_map.append((key, "person", person_id, person_id, ex.file_id, ex.positions[record]))
         for record, consent in self.consents:
             if self.alive(record):
                 out.consents.append({**consent, "file_id": ex.file_id, "position": ex.positions[record]})
@@ -565,3 +558,104 @@ class BatchResolver:
             elif status == SKIPPED:
                 out.skipped_reasons[self.detail[index] or "not mapped"] += 1
         out.status, out.rule, out.detail = self.status, self.rule, self.detail
+
+
+# --- resolution of event batches in worker processes ---------------------------------------------------------
+
+
+@dataclass
+class ResolvedEvents:
+    """An event batch resolved in a worker: rows without OMOP ids; the main process assigns ids and writes."""
+
+    extracted: Extracted  # outcomes and positions (drafts dropped)
+    status: list[str]
+    rule: list[str | None]
+    detail: list[str | None]
+    planned: list[tuple[int, str, bytes, tuple]]  # (record, table, key, values without the id column)
+    columns: dict[str, list[str]]  # table -> column names of the values (id column excluded)
+    unlinked_visits: int
+    unconverted_units: Counter
+    unmapped: Counter
+
+
+EVENT_DRAFTS = (EventDraft,)
+
+
+def resolve_events(ctx: RunContext, connection: Connection, extracted: Extracted) -> ResolvedEvents | None:
+    """Resolve a batch whose drafts are all events (NDJSON/CSV files of clinical facts) in a worker.
+
+    Returns None when the batch also holds patients, encounters or other reference data (a mixed file):
+    those are resolved in the main process, which knows what the batches before it wrote.
+    """
+    if any(not isinstance(d, EVENT_DRAFTS) for d in extracted.drafts):
+        return None
+    before = Counter(ctx.codes.unmapped)
+    resolver = BatchResolver(ctx, connection, extracted, defer_event_ids=True)
+    for index, patient in enumerate(extracted.patients):
+        if patient and resolver.status[index] == PENDING:
+            reason = ctx.excluded.get(ctx.patient_key(patient))
+            if reason is not None:
+                resolver.exclude(index, reason)
+    drafts = [d for d in extracted.drafts if resolver.alive(d.record)]
+    practitioners = {f"Practitioner/{d.practitioner_ref}" for d in drafts if d.practitioner_ref}
+    ctx.lookup_references(connection, practitioners)
+    ctx.lookup_persons(connection, {d.patient_ref for d in drafts})
+    ctx.lookup_visits(connection, {d.encounter_ref for d in drafts if d.encounter_ref})
+    resolver._events(drafts)
+    columns: dict[str, list[str]] = {}
+    planned = []
+    for record, table, row, key in resolver.planned:
+        if not resolver.alive(record):
+            continue
+        if table not in columns:
+            columns[table] = list(row)
+        planned.append((record, table, key, tuple(row.values())))
+    extracted.drafts = []
+    return ResolvedEvents(
+        extracted=extracted, status=resolver.status, rule=resolver.rule, detail=resolver.detail, planned=planned,
+        columns=columns, unlinked_visits=resolver.out.unlinked_visits,
+        unconverted_units=resolver.out.unconverted_units, unmapped=ctx.codes.unmapped - before,
+    )  # fmt: skip
+
+
+def finalize_events(ctx: RunContext, connection: Connection, resolved: ResolvedEvents) -> BatchWrite:
+    """Main-process half of a worker-resolved batch: duplicates, OMOP ids (new or reused), rows to write."""
+    ex = resolved.extracted
+    resolver = BatchResolver(ctx, connection, ex)
+    resolver.status, resolver.rule, resolver.detail = resolved.status, resolved.rule, resolved.detail
+    keys = [key for _, _, key, _ in resolved.planned]
+    for key, table, omop_id, file_id, position in ctx.fetch_id_map(connection, keys):
+        resolver.existing[bytes(key)] = (table, omop_id, file_id, position)
+    seen: dict[bytes, int] = {}
+    for record, _, key, _ in resolved.planned:
+        previous = resolver.existing.get(key)
+        if seen.get(key, record) != record:
+            resolver.reject(record, "duplicate", f"the same {ex.types[record]} id appears earlier in this input")
+        elif (
+            previous is not None
+            and previous[2] in ctx.current_file_ids
+            and (previous[2], previous[3]) != (ex.file_id, ex.positions[record])
+        ):
+            resolver.reject(record, "duplicate", f"the same {ex.types[record]} id was already loaded from this "
+                            f"input (file {previous[2]}, position {previous[3]})")  # fmt: skip
+        seen[key] = record
+    out = resolver.out
+    person_at = {}
+    for table, names in resolved.columns.items():
+        out.columns[table] = [R.ID_COLUMN[table], *names]
+        person_at[table] = names.index("person_id")
+    for record, table, key, values in resolved.planned:
+        if not resolver.alive(record):
+            continue
+        omop_id = resolver.omop_id(table, key)
+        previous = resolver.existing.get(key)
+        if previous is not None:
+            out.deletes[previous[0]].append(previous[1])
+            out.replaced_keys.append(key)
+        out.rows[table].append((omop_id, *values))
+        out.id_map.append((key, table, omop_id, values[person_at[table]], ex.file_id, ex.positions[record]))
+    out.unlinked_visits = resolved.unlinked_visits
+    out.unconverted_units = resolved.unconverted_units
+    ctx.codes.unmapped.update(resolved.unmapped)
+    resolver._count()
+    return out

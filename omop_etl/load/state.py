@@ -66,7 +66,9 @@ def etl_metadata(schema: str | None = None) -> MetaData:
         Column("counts", Text, nullable=False),  # JSON: status -> resource type -> count
         Column("committed_at", DateTime, nullable=False),
     )
-    id_map = Table(
+    # One row per loaded source record, so it is kept lean: on SQLite the key is the table's own B-tree
+    # (WITHOUT ROWID) and there is no index on person_id (erasure, which is rare, scans the table).
+    Table(
         "twinfed_id_map",
         metadata,
         Column("source_key", LargeBinary(16), primary_key=True),
@@ -75,8 +77,8 @@ def etl_metadata(schema: str | None = None) -> MetaData:
         Column("person_id", Integer),
         Column("file_id", Integer, nullable=False),
         Column("position", Integer, nullable=False),
+        sqlite_with_rowid=False,
     )
-    Index("idx_twinfed_id_map_person", id_map.c.person_id)
     Table(
         "twinfed_sequence",
         metadata,

@@ -264,7 +264,7 @@ def etl(
         ),
     ] = False,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Worker processes for validation.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=100, help="Records per transaction.")] = 5000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=100, help="Records per transaction.")] = 10000,
 ) -> None:
     """Load FHIR R4 exports into an OMOP CDM v5.4 database; every record is accounted for.
 

@@ -55,7 +55,7 @@ class EtlSettings:
     secret_file: Path | None = None
     exclude_opted_out: bool = False
     workers: int | None = None
-    batch_size: int = 5000
+    batch_size: int = 10000
 
 
 class EtlError(RuntimeError):

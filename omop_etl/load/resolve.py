@@ -177,11 +177,6 @@ class RunContext:
                 self.references[by_key[bytes(key)]] = omop_id
 
 
-def ctx_fetch(resolver: BatchResolver) -> list[tuple]:
-    """Id-map rows that already exist for a resolver's MRN aliases."""
-    return resolver.ctx.fetch_id_map(resolver.connection, [key for _, key, _ in resolver.aliases])
-
-
 def _draft_keys(draft: Any) -> list[str]:
     """The source keys a draft writes under (one per OMOP row it makes)."""
     if isinstance(draft, EventDraft):
@@ -527,7 +522,9 @@ class BatchResolver:
                 (key, table, row[R.ID_COLUMN[table]], row.get("person_id"), ex.file_id, ex.positions[record])
             )
         if self.aliases:
-            taken = {bytes(row[0]) for row in ctx_fetch(self)}  # an MRN already mapped keeps its first person
+            alias_keys = [key for _, key, _ in self.aliases]
+            # an MRN already mapped keeps its first person
+            taken = {bytes(row[0]) for row in self.ctx.fetch_id_map(self.connection, alias_keys)}
             for record, key, person_id in self.aliases:
                 if self.alive(record) and key not in taken:
                     taken.add(key)

@@ -343,6 +343,10 @@ def print_etl_report(result) -> None:
     console.print(f"input = loaded + quarantined + skipped + excluded: {verdict}")
     if unchanged:
         console.print(f"{unchanged} input file(s) unchanged since an earlier load: not read again.")
+    duplicates = [f.path for f in result.files if f.status == "duplicate"]
+    if duplicates:
+        console.print(f"{len(duplicates)} input file(s) have the same content as another input file and were loaded "
+                      f"once: {', '.join(Path(p).name for p in duplicates[:5])}")  # fmt: skip
     if result.quarantine_by_rule:
         rules = ", ".join(f"{rule} {n:,}" for rule, n in result.quarantine_by_rule.items())
         console.print(f"Quarantined by rule: {rules}  (see: twinfed quarantine --db ...)")

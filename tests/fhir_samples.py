@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import orjson
@@ -241,7 +242,8 @@ def write_ndjson(folder: Path, resources: list[dict], manifest_date: str = "2025
 def write_bundle(path: Path, resources: list[dict], bundle_type: str = "transaction") -> Path:
     """Write resources as one Bundle with urn:uuid references, the way Synthea does."""
     ids = {
-        f"{r['resourceType']}/{r['id']}": f"urn:uuid:00000000-0000-4000-8000-{i:012d}" for i, r in enumerate(resources)
+        f"{r['resourceType']}/{r['id']}": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, r['resourceType'] + r['id'])}"
+        for r in resources
     }
 
     def rewrite(node):

@@ -140,3 +140,37 @@ def test_worker_processes_give_exactly_the_single_process_result(small_consortiu
     )
     for table in CLINICAL_TABLES:
         assert checksum(frame(parallel, table)) == checksum(frame(single, table)), table
+
+
+def test_many_bundles_load_the_same_with_worker_processes(tmp_path):
+    folder = tmp_path / "bundles"
+    folder.mkdir()
+    for number in range(6):
+        suffix = f"-{number}"
+        resources = [
+            {**r, "id": r["id"] + suffix}
+            for r in S.ALL
+            if r["resourceType"] not in ("Organization", "Location", "Practitioner")
+        ]
+        S.write_bundle(folder / f"patient{suffix}.json", resources)
+    secret = tmp_path / "secret"
+    single, parallel = f"sqlite:///{tmp_path / 'single.sqlite'}", f"sqlite:///{tmp_path / 'parallel.sqlite'}"
+    one = load([folder], single, secret)
+    from omop_etl.load.pipeline import EtlSettings, run_etl
+
+    two = run_etl([folder], EtlSettings(db_url=parallel, secret_file=secret, workers=2))
+    assert one.loaded == two.loaded and one.reconciles and two.reconciles
+    assert count(parallel, "person") == 6
+    for table in CLINICAL_TABLES:
+        assert checksum(frame(parallel, table)) == checksum(frame(single, table)), table
+
+
+def test_two_identical_input_files_are_loaded_once(tmp_path):
+    export = S.write_ndjson(tmp_path / "export", S.ALL)
+    copy = tmp_path / "copy"
+    shutil.copytree(export, copy)
+    url = f"sqlite:///{tmp_path / 'omop.sqlite'}"
+    report = load([export, copy], url, tmp_path / "secret")
+    assert report.reconciles and report.quarantined.total == 0
+    assert sum(1 for f in report.files if f.status == "duplicate") == len(list(copy.glob("*.ndjson")))
+    assert count(url, "person") == 1

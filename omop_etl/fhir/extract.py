@@ -8,6 +8,7 @@ kept: pending (it produced drafts; the main process decides loaded/quarantined/e
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ class Batch:
     header: list[str] | None = None  # CSV extracts: the header row ...
     rows: list[list[str]] = field(default_factory=list)  # ... and the data rows of this batch
     mapping: Any = None  # ... and their column mapping (omop_etl.load.csv_extract.CsvMapping)
+    first_of_file: bool = False  # the first batch of its file still to load in this run
 
 
 @dataclass
@@ -177,20 +179,18 @@ def extract_ndjson(batch: Batch) -> Extracted:
     return out
 
 
-def _rewrite_references(node: Any, targets: dict[str, str]) -> Any:
-    """Replace `urn:uuid:` references of a Bundle by `Type/id`, recursively and in place."""
-    if isinstance(node, dict):
-        reference = node.get("reference")
-        if isinstance(reference, str) and reference in targets:
-            node["reference"] = targets[reference]
-        for value in node.values():
-            if isinstance(value, dict | list):
-                _rewrite_references(value, targets)
-    elif isinstance(node, list):
-        for item in node:
-            if isinstance(item, dict | list):
-                _rewrite_references(item, targets)
-    return node
+_URN_REFERENCE = re.compile(rb'"reference":"(urn:uuid:[^"]+)"')
+
+
+def _rewrite_references(raw: bytes, targets: dict[bytes, bytes]) -> bytes:
+    """Replace `urn:uuid:` references of a Bundle entry by `Type/id`, in the entry's compact JSON bytes.
+
+    orjson writes `"reference":"..."` without spaces, so one regular expression over the serialised entry
+    does what walking the parsed tree would, several times faster.
+    """
+    if b"urn:uuid:" not in raw:
+        return raw
+    return _URN_REFERENCE.sub(lambda m: b'"reference":"' + targets.get(m.group(1), m.group(1)) + b'"', raw)
 
 
 def extract_bundle(batch: Batch) -> Extracted:
@@ -208,14 +208,14 @@ def extract_bundle(batch: Batch) -> Extracted:
         return out
     # A .json file may also hold a single resource rather than a Bundle.
     entries = bundle.get("entry") or [] if bundle.get("resourceType") == "Bundle" else [{"resource": bundle}]
-    targets: dict[str, str] = {}
+    targets: dict[bytes, bytes] = {}
     for entry in entries:
         resource = entry.get("resource") if isinstance(entry, dict) else None
         full_url = entry.get("fullUrl") if isinstance(entry, dict) else None
         if isinstance(resource, dict) and full_url and resource.get("resourceType"):
             if not resource.get("id") and full_url.startswith("urn:uuid:"):
                 resource["id"] = full_url[len("urn:uuid:") :]
-            targets[full_url] = f"{resource['resourceType']}/{resource.get('id')}"
+            targets[full_url.encode()] = f"{resource['resourceType']}/{resource.get('id')}".encode()
     for number, entry in enumerate(entries, start=1):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict):
@@ -228,8 +228,7 @@ def extract_bundle(batch: Batch) -> Extracted:
             index = out.add(number, resource_type, resource_id, b"")
             out.skip(index, f"resource type {resource_type} is not mapped to OMOP")
             continue
-        _rewrite_references(resource, targets)
-        raw = orjson.dumps(resource)
+        raw = _rewrite_references(orjson.dumps(resource), targets)
         try:
             validated = MAPPERS[resource_type].validator.validate_json(raw)
         except ValidationError as error:

@@ -15,7 +15,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,7 +171,7 @@ class _Ledger:
             return int(records)
 
 
-def _batch_bytes(batch: Batch, source: InputFile) -> int:
+def _batch_bytes(batch: Batch) -> int:
     if batch.kind == "ndjson":
         return sum(len(line) for line in batch.lines)
     if batch.kind == "csv":
@@ -282,6 +282,18 @@ def _process(batch: Batch) -> Extracted | ResolvedEvents:
     return resolved if resolved is not None else extracted
 
 
+def _work(plan: list, batch_size: int):
+    """(source, batch) for every batch still to load, and (source, None) after each file's last batch."""
+    for source, status, file_id, committed in plan:
+        if status in ("unchanged", "duplicate"):
+            continue
+        source.file_id, source.resumed = file_id, status == "resumed"
+        for number, batch in enumerate(batches(source, file_id, batch_size, committed)):
+            batch.first_of_file = number == 0
+            yield source, batch
+        yield source, None
+
+
 class _Extractor:
     """Runs extraction in worker processes with a bounded number of batches in flight (flat memory)."""
 
@@ -294,21 +306,34 @@ class _Extractor:
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_init_worker, initargs=initargs or ())  # fmt: skip
 
-    def run(self, stream):
-        """(batch, result) in input order; the stream is drained completely before the next file starts."""
+    def run(self, items):
+        """(source, batch, result) in input order, and (source, None, None) at the end of each file.
+
+        Batches of a file whose facts are resolved in the workers are only handed out once everything
+        before them is committed: the workers read patients and visits from the database.
+        """
         if self.pool is None:
-            for batch in stream:
-                yield batch, extract_batch(batch)
+            for source, batch in items:
+                yield source, batch, (extract_batch(batch) if batch is not None else None)
             return
-        pending: deque[tuple[Batch, Future]] = deque()
-        for batch in stream:
-            pending.append((batch, self.pool.submit(_process, batch)))
-            if len(pending) >= 2 * self.workers:
-                done, future = pending.popleft()
-                yield done, future.result()
+        pending: deque = deque()
+        for source, batch in items:
+            if batch is None:
+                pending.append((source, None, None))
+                continue
+            if batch.first_of_file and batch.kind != "bundle":
+                while pending:
+                    yield self._result(pending.popleft())
+            pending.append((source, batch, self.pool.submit(_process, batch)))
+            while sum(1 for _, b, _ in pending if b is not None) >= 2 * self.workers:
+                yield self._result(pending.popleft())
         while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
+            yield self._result(pending.popleft())
+
+    @staticmethod
+    def _result(item):
+        source, batch, future = item
+        return source, batch, (future.result() if future is not None else None)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -335,10 +360,17 @@ def run_etl(inputs: list[Path], settings: EtlSettings, on_progress: ProgressCall
                 for k in c.execute(select(table(etl, "twinfed_erasure").c.patient_key)).scalars()
             }
         ledger = _Ledger(engine, etl, run_id)
-        plan = [(source, *ledger.classify(source)) for source in sources]
+        plan = []
+        first_copy: dict[str, Path] = {}
+        for source in sources:
+            status, file_id, committed = ledger.classify(source)
+            if source.fingerprint in first_copy:  # the same content twice in one input: load it once
+                status = "duplicate"
+            first_copy.setdefault(source.fingerprint, source.path)
+            plan.append((source, status, file_id, committed))
         excluded = dict(erased)
         if settings.exclude_opted_out:
-            for patient in consent_denials([s for s, status, _, _ in plan if status != "unchanged"]):
+            for patient in consent_denials([s for s, status, _, _ in plan if status in ("new", "resumed")]):
                 excluded.setdefault(keys.key(f"Patient/{patient}"), "patient denies research use (--exclude-opted-out)")
         options = Options(exclude_opted_out=settings.exclude_opted_out, max_date=export_date(inputs))
         ctx = RunContext(cdm, etl, keys, options, run_id, {file_id for _, _, file_id, _ in plan}, sequences, excluded)
@@ -348,7 +380,7 @@ def run_etl(inputs: list[Path], settings: EtlSettings, on_progress: ProgressCall
         unconverted: Counter = Counter()
         unlinked = 0
         outcomes: list[FileOutcome] = []
-        total_bytes = sum(s.size for s, status, _, _ in plan if status != "unchanged") or 1
+        total_bytes = sum(s.size for s, status, _, _ in plan if status not in ("unchanged", "duplicate")) or 1
         done_bytes = 0
         large = total_bytes > 20_000_000
         workers = settings.workers or (max(1, min(os.cpu_count() or 1, 4)) if large else 1)
@@ -357,62 +389,45 @@ def run_etl(inputs: list[Path], settings: EtlSettings, on_progress: ProgressCall
         )
         deferred = defer_indexes(engine, cdm) if large else []
         try:
-            for source, status, file_id, committed in plan:
-                if status == "unchanged":
-                    outcomes.append(
-                        FileOutcome(
-                            path=str(source.path),
-                            kind=source.kind,
-                            status="unchanged",
-                            records=0,
-                            fingerprint=source.fingerprint,
-                        )
-                    )
+            for source, status, _, _ in plan:
+                if status in ("unchanged", "duplicate"):
+                    outcomes.append(FileOutcome(path=str(source.path), kind=source.kind, status=status,
+                                                records=0, fingerprint=source.fingerprint))  # fmt: skip
+            file_records: Counter = Counter()
+            for source, batch, result in extractor.run(_work(plan, settings.batch_size)):
+                if batch is None:  # the file's last batch is committed
+                    ledger.complete(source.file_id)
+                    outcomes.append(FileOutcome(path=str(source.path), kind=source.kind,
+                                                status="resumed" if source.resumed else "loaded",
+                                                records=file_records[source.file_id],
+                                                fingerprint=source.fingerprint))  # fmt: skip
                     continue
-                file_records = 0
-                stream = batches(source, file_id, settings.batch_size, committed)
-                for batch, result in extractor.run(stream):
-                    with engine.begin() as connection:
-                        if isinstance(result, ResolvedEvents):
-                            extracted = result.extracted
-                            write = finalize_events(ctx, connection, result)
-                        else:
-                            extracted = result
-                            write = BatchResolver(ctx, connection, extracted).resolve()
-                        _write(connection, cdm, etl, write, batch, extracted, ctx)
-                    file_records += len(extracted)
-                    for status_name, by_type in write.counts.items():
-                        totals[status_name].update(by_type)
-                    for name, table_rows in write.rows.items():
-                        rows_by_table[name] += len(table_rows)
-                    for index in write.quarantined:
-                        reasons["quarantine"][write.rule[index]] += 1
-                    reasons["skipped"].update(write.skipped_reasons)
-                    reasons["excluded"].update(write.excluded_reasons)
-                    unconverted.update(write.unconverted_units)
-                    unlinked += write.unlinked_visits
-                    if on_progress:
-                        size = (
-                            sum(len(line) for line in batch.lines)
-                            if batch.kind == "ndjson"
-                            else len(batch.bundle or b"")
-                        )
-                        done_bytes += size
-                        on_progress(done_bytes, total_bytes, source.path.name)
-                ledger.complete(file_id)
-                outcomes.append(
-                    FileOutcome(
-                        path=str(source.path),
-                        kind=source.kind,
-                        status="resumed" if status == "resumed" else "loaded",
-                        records=file_records,
-                        fingerprint=source.fingerprint,
-                    )
-                )
+                with engine.begin() as connection:
+                    if isinstance(result, ResolvedEvents):
+                        extracted = result.extracted
+                        write = finalize_events(ctx, connection, result)
+                    else:
+                        extracted = result
+                        write = BatchResolver(ctx, connection, extracted).resolve()
+                    _write(connection, cdm, etl, write, batch, extracted, ctx)
+                file_records[source.file_id] += len(extracted)
+                for status_name, by_type in write.counts.items():
+                    totals[status_name].update(by_type)
+                for name, table_rows in write.rows.items():
+                    rows_by_table[name] += len(table_rows)
+                for index in write.quarantined:
+                    reasons["quarantine"][write.rule[index]] += 1
+                reasons["skipped"].update(write.skipped_reasons)
+                reasons["excluded"].update(write.excluded_reasons)
+                unconverted.update(write.unconverted_units)
+                unlinked += write.unlinked_visits
+                if on_progress:
+                    done_bytes += _batch_bytes(batch)
+                    on_progress(done_bytes, total_bytes, source.path.name)
         finally:
             extractor.close()
         restore_indexes(engine, cdm, deferred)
-        changed = any(o.status != "unchanged" for o in outcomes)
+        changed = any(o.status in ("loaded", "resumed") for o in outcomes)
         with engine.begin() as connection:
             if changed or derived.missing(connection, cdm):
                 rows_by_table["observation_period"] += derived.observation_periods(connection, cdm)

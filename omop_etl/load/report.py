@@ -23,7 +23,10 @@ class Tally(BaseModel):
 class FileOutcome(BaseModel):
     path: str
     kind: str
-    status: str = Field(description="loaded | unchanged | resumed")
+    status: str = Field(
+        description="loaded | resumed | unchanged (loaded by an earlier run) | duplicate (same content "
+        "as another input file of this run, loaded once)"
+    )
     records: int
     fingerprint: str
 

@@ -53,6 +53,8 @@ class InputFile:
     mtime_ns: int
     fingerprint: str = ""
     data_path: Path | None = None  # the CSV a mapping describes
+    file_id: int = 0  # set when the load plan is made
+    resumed: bool = False
 
     @property
     def order(self) -> tuple[int, int, str]:

@@ -1,0 +1,282 @@
+"""The study contract: what a consortium asks every site to compute, as one validated document.
+
+A study names its cohort, covariates, outcome, twin sub-model, training schedule and privacy target in
+OMOP terms (concept ids and time windows, the way OHDSI FeatureExtraction declares covariates), so the
+same file means the same thing at every hospital. Sites approve a study by its hash (see `hashing`), so
+every field here is part of what a data steward signs off; unknown fields are refused rather than
+ignored, because a misspelt privacy setting must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# OMOP standard visit concepts (Visit domain) a cohort may start from.
+VISIT_CONCEPTS = {"inpatient": 9201, "outpatient": 9202, "emergency": 9203, "emergency_inpatient": 262}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IndexEvent(StrEnum):
+    """Where time zero of each example lies."""
+
+    VISIT_START = "visit_start"
+    VISIT_END = "visit_end"
+
+
+class OnePerPerson(StrEnum):
+    """Which qualifying visit represents a patient: the privacy unit is the patient, so one example each."""
+
+    FIRST = "first"
+    LAST = "last"
+    RANDOM = "random"  # a keyed hash of the person picks one visit, stable across rounds
+
+
+class CohortSpec(_Strict):
+    """The target cohort: visits of a kind, of patients in an age band, optionally with a condition.
+
+    A visit that ends, or whose patient dies, before the prediction time is not in the cohort: its outcome
+    would already be known when the model is asked.
+    """
+
+    visit_concept_ids: list[int] = Field(default=[VISIT_CONCEPTS["inpatient"]], min_length=1)
+    min_age: int = Field(18, ge=0, le=120)
+    max_age: int | None = Field(None, ge=0, le=120)
+    condition_concept_ids: list[int] = Field(
+        default=[], description="If given, the patient must have one of these conditions on or before the index."
+    )
+    min_visit_hours: float = Field(
+        0.0, ge=0, description="Only visits lasting at least this long (e.g. the prediction time) qualify."
+    )
+    index: IndexEvent = IndexEvent.VISIT_START
+    one_per_person: OnePerPerson = OnePerPerson.FIRST
+
+    @model_validator(mode="after")
+    def _age_band(self) -> CohortSpec:
+        if self.max_age is not None and self.max_age < self.min_age:
+            raise ValueError(f"max_age {self.max_age} is below min_age {self.min_age}")
+        return self
+
+
+class Window(_Strict):
+    """A time window relative to the index, in hours; start <= end. Negative hours lie before the index."""
+
+    start_hours: float
+    end_hours: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if self.end_hours < self.start_hours:
+            raise ValueError(f"window ends ({self.end_hours} h) before it starts ({self.start_hours} h)")
+        return self
+
+
+Statistic = Literal["latest", "mean", "min", "max", "count"]
+Demographic = Literal["age", "gender"]
+OccurrenceDomain = Literal["condition", "drug", "procedure"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"'{value}' is not a feature name: use lower case letters, digits and '_'")
+    return value
+
+
+class OccurrenceCovariate(_Strict):
+    """1 if the patient has any of the concepts (or their descendants, when the vocabulary has them)
+    in the window, else 0. One feature per covariate, e.g. 'prior heart failure'."""
+
+    name: str
+    domain: OccurrenceDomain
+    concept_ids: list[int] = Field(min_length=1)
+    window: Window = Window(start_hours=-365 * 24, end_hours=0)
+
+    _name = field_validator("name")(_check_name)
+
+
+class ValueCovariate(_Strict):
+    """Summary statistics of a measurement (or numeric observation) in a window: one feature per statistic,
+    each with a missing-value indicator."""
+
+    name: str
+    concept_ids: list[int] = Field(min_length=1)
+    domain: Literal["measurement", "observation"] = "measurement"
+    window: Window = Window(start_hours=0, end_hours=24)
+    statistics: list[Statistic] = Field(default=["latest"], min_length=1)
+
+    _name = field_validator("name")(_check_name)
+
+
+class CategoricalCovariate(_Strict):
+    """The latest coded value of an observation in the window, one-hot over the listed value concepts
+    (anything else and 'not recorded' get their own columns)."""
+
+    name: str
+    concept_ids: list[int] = Field(min_length=1)
+    value_concept_ids: list[int] = Field(min_length=1)
+    window: Window = Window(start_hours=-365 * 24, end_hours=24)
+
+    _name = field_validator("name")(_check_name)
+
+
+class TimeSeriesCovariate(_Strict):
+    """Measurements binned on the study's grid over the window (for sequence models): per bin the mean,
+    a mask (observed in this bin) and the hours since the last observation."""
+
+    name: str
+    concept_ids: list[int] = Field(min_length=1)
+    window: Window = Window(start_hours=0, end_hours=24)
+    bin_hours: float = Field(4.0, gt=0)
+
+    _name = field_validator("name")(_check_name)
+
+    @model_validator(mode="after")
+    def _bins(self) -> TimeSeriesCovariate:
+        span = self.window.end_hours - self.window.start_hours
+        if span <= 0 or abs(span / self.bin_hours - round(span / self.bin_hours)) > 1e-9:
+            raise ValueError(f"the window ({span} h) must be a whole, positive number of {self.bin_hours} h bins")
+        return self
+
+
+class CovariateSpec(_Strict):
+    demographics: list[Demographic] = ["age", "gender"]
+    occurrences: list[OccurrenceCovariate] = []
+    values: list[ValueCovariate] = []
+    categorical: list[CategoricalCovariate] = []
+    time_series: list[TimeSeriesCovariate] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CovariateSpec:
+        names = [c.name for group in (self.occurrences, self.values, self.categorical, self.time_series) for c in group]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"covariate names must be unique; repeated: {', '.join(duplicates)}")
+        if not names and not self.demographics:
+            raise ValueError("a study needs at least one covariate")
+        return self
+
+
+class OutcomeKind(StrEnum):
+    DEATH = "death"
+    CONDITION = "condition"
+    LONG_STAY = "long_stay"
+    READMISSION = "readmission"
+    TIME_TO_EVENT = "time_to_event"
+
+
+class OutcomeSpec(_Strict):
+    """What is predicted, measured from the prediction time (index + `prediction_hours`).
+
+    * death: death within `window_days` after the prediction time (or during the visit if window_days is None);
+    * condition: one of `concept_ids` recorded within `window_days` after the prediction time;
+    * long_stay: the visit lasts longer than `threshold_days`;
+    * readmission: a new visit of the cohort's kind starts within `window_days` after discharge;
+    * time_to_event: days from the prediction time to death (censored at the end of observation or `window_days`).
+    """
+
+    kind: OutcomeKind
+    prediction_hours: float = Field(24.0, ge=0, description="Features stop here; the outcome is counted after it.")
+    window_days: float | None = Field(None, gt=0)
+    threshold_days: float | None = Field(None, gt=0)
+    concept_ids: list[int] = []
+
+    @model_validator(mode="after")
+    def _complete(self) -> OutcomeSpec:
+        if self.kind == OutcomeKind.CONDITION and not self.concept_ids:
+            raise ValueError("a 'condition' outcome needs concept_ids")
+        if self.kind == OutcomeKind.LONG_STAY and self.threshold_days is None:
+            raise ValueError("a 'long_stay' outcome needs threshold_days")
+        if self.kind in (OutcomeKind.READMISSION, OutcomeKind.CONDITION) and self.window_days is None:
+            raise ValueError(f"a '{self.kind}' outcome needs window_days")
+        if self.kind != OutcomeKind.CONDITION and self.concept_ids:
+            raise ValueError(f"concept_ids only apply to a 'condition' outcome, not '{self.kind}'")
+        return self
+
+
+class LogisticRegressionSpec(_Strict):
+    kind: Literal["logistic_regression"] = "logistic_regression"
+
+
+class MlpSpec(_Strict):
+    kind: Literal["mlp"] = "mlp"
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[64, 32], min_length=1, max_length=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+ModelSpec = Annotated[LogisticRegressionSpec | MlpSpec, Field(discriminator="kind")]
+
+
+class TrainingSpec(_Strict):
+    rounds: int = Field(5, ge=1, le=1000)
+    local_epochs: int = Field(1, ge=1, le=100)
+    batch_size: int = Field(64, ge=1, description="Expected batch size; with Poisson sampling batches vary around it.")
+    learning_rate: float = Field(0.05, gt=0, le=10)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx proximal term; 0 is plain local training.")
+    seed: int = 0
+
+
+class PrivacySpec(_Strict):
+    """Record-level DP-SGD at each site, where the record is the patient (one example per patient).
+
+    `target_epsilon` is the study's total at one site over every round; the noise is calibrated once for
+    the whole schedule. `target_delta` defaults to 1/(10 n) of each site's cohort size n.
+    """
+
+    target_epsilon: float = Field(gt=0, le=100)
+    target_delta: float | None = Field(None, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class FederationSpec(_Strict):
+    """How the coordinator runs the rounds (used by the coordinator; sites see and approve it too)."""
+
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "trimmed_mean", "median"] = "fedavg"
+    min_sites: int = Field(2, ge=1)
+    secure_aggregation: bool = False
+    round_timeout_seconds: float = Field(600.0, gt=0)
+
+
+class StudyInfo(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{1,63}$")
+    title: str = Field(min_length=1)
+    description: str = ""
+    sponsor: str = ""
+
+
+class StudySpec(_Strict):
+    """A whole study file."""
+
+    study: StudyInfo
+    cohort: CohortSpec = CohortSpec()
+    covariates: CovariateSpec
+    outcome: OutcomeSpec
+    model: ModelSpec = LogisticRegressionSpec()
+    training: TrainingSpec = TrainingSpec()
+    privacy: PrivacySpec
+    federation: FederationSpec = FederationSpec()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> StudySpec:
+        features_end = max(
+            [c.window.end_hours for c in self.covariates.values]
+            + [c.window.end_hours for c in self.covariates.occurrences]
+            + [c.window.end_hours for c in self.covariates.categorical]
+            + [c.window.end_hours for c in self.covariates.time_series]
+            + [0.0]
+        )
+        if features_end > self.outcome.prediction_hours:
+            raise ValueError(
+                f"a covariate window ends {features_end} h after the index, after the prediction time "
+                f"({self.outcome.prediction_hours} h): the model would see data from after the moment it predicts"
+            )
+        return self

@@ -1,0 +1,101 @@
+"""The site configuration hospital IT writes once: which OMOP database, where governance lives, which policy.
+
+The SuperNode is started with `--node-config site-config=/path/site.yaml`, so this file is the one place
+that ties a Flower node to a hospital's data and rules. Relative paths (and relative SQLite paths) are
+resolved against the file's own folder, so a site folder can be moved or mounted anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from omop_etl.database import normalise_url
+from omop_etl.identity import load_or_create_secret
+
+
+class SiteConfigError(ValueError):
+    """The site configuration cannot be read or is invalid; the message names the file and field."""
+
+
+class OmopSource(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(description="SQLAlchemy URL of the site's OMOP CDM v5.4 database.")
+    schema_name: str | None = Field(None, alias="schema", description="PostgreSQL schema holding the CDM tables.")
+
+
+class SiteConfig(BaseModel):
+    """One hospital's site node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    site_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{1,63}$")
+    name: str = ""
+    omop: OmopSource
+    governance_db: str = Field(description="SQLAlchemy URL of the site's governance database (ledger, audit).")
+    policy: Path = Field(description="The data steward's policy file.")
+    secret_file: Path = Field(description="The site secret (the one the ETL uses); keys the train/test split.")
+    audit_head_file: Path | None = Field(
+        None, description="Where the audit log's head is mirrored, outside the database (detects truncation)."
+    )
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    def split_key(self) -> bytes:
+        """A key derived from the site secret: the split is stable per patient and unknowable elsewhere."""
+        secret, _ = load_or_create_secret(self.secret_file, create=False)
+        return hmac.new(secret, b"twinfed train/validation/test split v1", hashlib.sha256).digest()
+
+    @property
+    def audit_head(self) -> Path:
+        return self.audit_head_file or self.policy.parent / f"{self.site_id}-audit.head"
+
+
+def _resolve_url(url: str, base: Path) -> str:
+    """Make a relative SQLite path absolute against the config folder; other URLs pass through."""
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).is_absolute():
+        return f"sqlite:///{(base / parsed.database).resolve()}"
+    return url
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    """Read and validate a site file; relative paths are taken from the file's folder."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SiteConfigError(f"{path}: no such site configuration file") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise SiteConfigError(f"{path}: cannot read the site configuration: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SiteConfigError(f"{path}: a site configuration is a mapping (site_id, omop, governance_db, policy, ...)")
+    try:
+        config = SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise SiteConfigError(f"{path}: the site configuration is not valid: {problems}") from None
+    base = path.resolve().parent
+
+    def local(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+
+    try:
+        return config.model_copy(
+            update={
+                "omop": config.omop.model_copy(update={"url": _resolve_url(config.omop.url, base)}),
+                "governance_db": _resolve_url(config.governance_db, base),
+                "policy": local(config.policy),
+                "secret_file": local(config.secret_file),
+                "audit_head_file": local(config.audit_head_file),
+                "base_dir": base,
+            }
+        )
+    except ArgumentError as exc:  # an unparseable URL
+        raise SiteConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,290 @@
+"""One federated round at a hospital, from the coordinator's instruction to what leaves the site.
+
+The order of the checks is the point of this module. Nothing touches patient data before the study
+is recognised (its hash recomputed here, not trusted) and approved by this site's data steward, and
+before the site's policy accepts it. The privacy budget is reserved (durably) before training and
+committed after, so a crash never under-counts and a retry never double-spends. Every decision,
+refusals included, goes into the hash-chained audit log with exactly what left the site. The answer
+always says what happened: a refusal carries a code and a sentence, never silence.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from federation.models import build_model
+from federation.protocol import ProtocolError, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
+from federation.study import StudyError, StudySpec, study_hash
+from site_node.cohort import CohortError, StudyDataset, build_dataset
+from site_node.config import SiteConfig
+from site_node.governance import BudgetRefused, Governance, PrivacyEvent, load_policy, suppress_small_counts
+from site_node.governance.ledger import RoundAlreadyTrained
+from site_node.training import NotPrivateError, calibrate_noise, check_privacy_honest, evaluate, schedule, train_dp
+
+COUNT_METRICS = ("num-examples", "num-positive")
+
+
+class Refusal(Exception):
+    """A round this site will not run, with the code the coordinator counts and a sentence it shows."""
+
+    def __init__(self, code: RefusalCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class RoundOutcome:
+    """What goes back to the coordinator: the answer, the weights (only after training) and metrics."""
+
+    answer: SiteAnswer
+    state_dict: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, float | int] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    spec: StudySpec
+    study_hash: str
+    dataset: StudyDataset
+
+
+class SiteNode:
+    """A hospital's side of a study: governance first, then data, then training or evaluation."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+        self.policy = load_policy(config.policy)
+        self.governance = Governance(config.governance_db, self.policy, audit_head_file=config.audit_head)
+
+    # --- the two things a coordinator may ask -------------------------------------------------------
+
+    def train(self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor]) -> RoundOutcome:
+        """Train one round with DP-SGD on this site's training split, if every rule allows it."""
+        try:
+            return self._train(instruction, global_state)
+        except Refusal as refusal:
+            return self._refused("train", instruction, refusal)
+        except Exception as exc:  # a site fault (database down, bad weights): the coordinator must hear why
+            return self._refused("train", instruction, self._site_error(exc))
+
+    def evaluate(self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor]) -> RoundOutcome:
+        """Evaluate the global model on this site's held-out test split; spends no privacy budget."""
+        try:
+            return self._evaluate(instruction, global_state)
+        except Refusal as refusal:
+            return self._refused("evaluate", instruction, refusal)
+        except Exception as exc:
+            return self._refused("evaluate", instruction, self._site_error(exc))
+
+    # --- steps --------------------------------------------------------------------------------------
+
+    def _recognise(self, instruction: RoundInstruction) -> tuple[StudySpec, str]:
+        """The study as sent, its hash as computed here, and this site's approval of exactly that hash."""
+        try:
+            spec = instruction.study()
+        except (ProtocolError, StudyError) as exc:
+            raise Refusal(RefusalCode.POLICY, f"the study sent by the coordinator is not valid here: {exc}") from None
+        computed = study_hash(spec)
+        if computed != instruction.study_hash:
+            raise Refusal(
+                RefusalCode.STUDY_HASH_MISMATCH,
+                f"the coordinator labelled the study {instruction.study_hash[:12]}, but its content hashes to "
+                f"{computed[:12]} here (altered study, or a different twinfed version): not run.",
+            )
+        if not self.governance.approvals.is_approved(computed):
+            raise Refusal(
+                RefusalCode.UNAPPROVED_STUDY,
+                f"study '{spec.study.id}' (hash {computed[:12]}) is not approved at site {self.config.site_id}; "
+                "the site's data steward approves it with `twinfed site approve`.",
+            )
+        if self.policy.require_secure_aggregation and not instruction.secure_aggregation:
+            raise Refusal(
+                RefusalCode.POLICY,
+                f"site {self.config.site_id} requires secure aggregation and this round does not use it.",
+            )
+        return spec, computed
+
+    def _data(self, spec: StudySpec, digest: str) -> _Plan:
+        try:
+            dataset = build_dataset(
+                self.config.omop.url,
+                spec,
+                split_key=self.config.split_key(),
+                schema=self.config.omop.schema_name,
+                extra_excluded_person_ids=self.governance.withdrawals.person_ids(),
+            )
+        except CohortError as exc:
+            raise Refusal(
+                RefusalCode.SITE_ERROR, f"the cohort cannot be built at {self.config.site_id}: {exc}"
+            ) from None
+        if len(dataset.person_ids) < self.policy.min_cohort_size:
+            # The size itself is not sent: a small count is exactly what the cell-count floor protects.
+            raise Refusal(
+                RefusalCode.COHORT_TOO_SMALL,
+                f"the cohort at {self.config.site_id} is smaller than the site's minimum of "
+                f"{self.policy.min_cohort_size} patients.",
+            )
+        return _Plan(spec, digest, dataset)
+
+    def _model(self, spec: StudySpec, dataset: StudyDataset, global_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        model = build_model(spec.model, dataset.features.shape[1], seed=spec.training.seed)
+        try:
+            model.load_state_dict(global_state)
+        except RuntimeError as exc:
+            raise Refusal(
+                RefusalCode.SITE_ERROR,
+                f"the global model does not fit this site's {dataset.features.shape[1]} features: {exc}",
+            ) from None
+        return model
+
+    def _delta(self, spec: StudySpec, n_train: int) -> float:
+        delta = spec.privacy.target_delta if spec.privacy.target_delta is not None else 1 / (10 * n_train)
+        if delta > self.policy.max_delta:
+            if spec.privacy.target_delta is not None:
+                raise Refusal(
+                    RefusalCode.POLICY,
+                    f"the study's delta {delta:g} is above this site's maximum of {self.policy.max_delta:g}.",
+                )
+            delta = self.policy.max_delta
+        return delta
+
+    def _train(self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor]) -> RoundOutcome:
+        spec, digest = self._recognise(instruction)
+        plan = self._data(spec, digest)
+        train = plan.dataset.subset("train")
+        n_train = len(train.person_ids)
+        model = self._model(spec, train, global_state)
+        delta = self._delta(spec, n_train)
+        sample_rate, steps_per_round, total_steps = schedule(n_train, spec.training)
+        try:
+            sigma = calibrate_noise(
+                spec.privacy.target_epsilon, delta, sample_rate, total_steps, spec.privacy.accountant
+            )
+            check_privacy_honest(sigma, spec.privacy.max_grad_norm, delta, n_train, self.policy.min_noise_multiplier)
+        except NotPrivateError as exc:
+            raise Refusal(RefusalCode.NOT_PRIVATE, str(exc)) from None
+        event = PrivacyEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps_per_round)
+        prior_history = self.governance.ledger.history(digest)
+        try:
+            reservation = self.governance.ledger.reserve(
+                digest, instruction.round_key, event, delta, spec.privacy.accountant, spec.privacy.target_epsilon
+            )
+        except RoundAlreadyTrained as exc:
+            raise Refusal(RefusalCode.ALREADY_TRAINED, str(exc)) from None
+        except BudgetRefused as exc:
+            raise Refusal(RefusalCode.BUDGET, exc.reason) from None
+        self.governance.membership.record(digest, instruction.round_key, (int(p) for p in train.person_ids))
+        self.governance.audit.append(
+            "round-started",
+            {
+                "study_hash": digest,
+                "study_id": spec.study.id,
+                "round": instruction.round_key,
+                "cohort_snapshot": plan.dataset.snapshot_hash,
+                "cohort_size": plan.dataset.cohort_size,
+                "excluded_by_consent": plan.dataset.excluded_by_consent,
+                "withdrawals_on_record": len(self.governance.withdrawals.person_ids()),
+                "train_examples": n_train,
+                "noise_multiplier": sigma,
+                "sample_rate": sample_rate,
+                "steps": steps_per_round,
+                "delta": delta,
+            },
+        )
+        result = train_dp(
+            model,
+            train.features,
+            train.labels,
+            training=spec.training,
+            privacy=spec.privacy,
+            noise_multiplier=sigma,
+            delta=delta,
+            accountant_history=[(e.noise_multiplier, e.sample_rate, e.steps) for e in prior_history],
+            global_state=global_state,
+            seed=spec.training.seed + instruction.server_round,
+        )
+        epsilon = self.governance.ledger.commit(
+            reservation, PrivacyEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=result.steps)
+        )
+        metrics, suppressed = suppress_small_counts(
+            {"num-examples": result.num_examples, "train-loss": result.train_loss, "epsilon": epsilon},
+            COUNT_METRICS,
+            self.policy.min_cell_count,
+        )
+        ceiling = min(spec.privacy.target_epsilon, self.policy.study_epsilon_ceiling)
+        self.governance.audit.append(
+            "round-trained",
+            {
+                "study_hash": digest,
+                "round": instruction.round_key,
+                "epsilon_after": epsilon,
+                "epsilon_ceiling": ceiling,
+                "left_the_site": {
+                    "tensors": {name: list(t.shape) for name, t in result.state_dict.items()},
+                    "update_norm": result.update_norm,
+                    "metrics": metrics,
+                    "suppressed": suppressed,
+                },
+            },
+        )
+        answer = SiteAnswer(
+            site_id=self.config.site_id,
+            status=SiteStatus.TRAINED,
+            epsilon_spent=epsilon,
+            epsilon_ceiling=ceiling,
+            suppressed=",".join(suppressed) or None,
+        )
+        return RoundOutcome(answer, result.state_dict, metrics)
+
+    def _evaluate(self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor]) -> RoundOutcome:
+        spec, digest = self._recognise(instruction)
+        plan = self._data(spec, digest)
+        test = plan.dataset.subset("test")
+        model = self._model(spec, test, global_state)
+        raw = evaluate(model, test.features, test.labels)
+        values = {k.replace("_", "-"): v for k, v in raw.items() if isinstance(v, int | float) and math.isfinite(v)}
+        metrics, suppressed = suppress_small_counts(values, COUNT_METRICS, self.policy.min_cell_count)
+        self.governance.audit.append(
+            "evaluated",
+            {
+                "study_hash": digest,
+                "round": instruction.round_key,
+                "cohort_snapshot": plan.dataset.snapshot_hash,
+                "left_the_site": {"metrics": metrics, "suppressed": suppressed},
+            },
+        )
+        answer = SiteAnswer(
+            site_id=self.config.site_id,
+            status=SiteStatus.EVALUATED,
+            epsilon_spent=self.governance.ledger.spent(digest),
+            suppressed=",".join(suppressed) or None,
+        )
+        return RoundOutcome(answer, None, metrics)
+
+    # --- refusals -----------------------------------------------------------------------------------
+
+    def _site_error(self, exc: Exception) -> Refusal:
+        last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        where = f" (in {last.name})" if last else ""
+        return Refusal(RefusalCode.SITE_ERROR, f"site {self.config.site_id} failed{where}: {exc}")
+
+    def _refused(self, action: str, instruction: RoundInstruction, refusal: Refusal) -> RoundOutcome:
+        self.governance.audit.append(
+            "refused",
+            {
+                "action": action,
+                "claimed_study_hash": instruction.study_hash,
+                "round": instruction.round_key,
+                "code": refusal.code.value,
+                "reason": refusal.reason,
+            },
+        )
+        answer = SiteAnswer(
+            site_id=self.config.site_id, status=SiteStatus.REFUSED, code=refusal.code, reason=refusal.reason
+        )
+        return RoundOutcome(answer)

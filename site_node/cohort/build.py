@@ -1,0 +1,86 @@
+"""Build a study's dataset from a site's OMOP database: cohort, consent, features, labels, split."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+import numpy as np
+
+from federation.study.spec import OutcomeKind, StudySpec
+from site_node.cohort.consent import denying_person_ids
+from site_node.cohort.dataset import StudyDataset, snapshot_hash
+from site_node.cohort.errors import CohortError
+from site_node.cohort.features import feature_names, series_features, series_names, static_features
+from site_node.cohort.keyed_hash import assign_split, check_key
+from site_node.cohort.omop_source import OmopSource
+from site_node.cohort.outcomes import labels as outcome_labels
+from site_node.cohort.selection import select_cohort
+from site_node.cohort.windows import EVENT_TABLES
+
+
+def tables_read(spec: StudySpec) -> set[str]:
+    """The OMOP tables a study reads (concept_ancestor and observation_period are used when present)."""
+    covariates = spec.covariates
+    needed = {"person", "visit_occurrence", "death"}
+    needed |= {EVENT_TABLES[c.domain].table for c in covariates.occurrences}
+    needed |= {EVENT_TABLES[c.domain].table for c in covariates.values}
+    if covariates.categorical:
+        needed.add(EVENT_TABLES["observation"].table)
+    if covariates.time_series:
+        needed.add(EVENT_TABLES["measurement"].table)
+    if spec.cohort.condition_concept_ids or spec.outcome.kind == OutcomeKind.CONDITION:
+        needed.add(EVENT_TABLES["condition"].table)
+    return needed
+
+
+def build_dataset(
+    db_url: str,
+    spec: StudySpec,
+    *,
+    split_key: bytes,
+    schema: str | None = None,
+    extra_excluded_person_ids: Iterable[int] = (),
+    as_of: datetime | None = None,
+) -> StudyDataset:
+    """The study's examples at this site: one per qualifying patient who has not denied research use.
+
+    `split_key` is the site's secret for the stable train/validation/test split and the random visit choice.
+    `extra_excluded_person_ids` are withdrawals the site recorded outside the OMOP database; they are counted
+    in `excluded_by_consent` together with the active denials in the consent registry at `as_of` (default:
+    now). A database without the registry table (an OMOP database twinfed did not load) has no denials.
+
+    Raises CohortError when the database is not an OMOP database (no CDM tables, no person table, a table
+    the study reads is missing) and DatabaseUnavailable when it cannot be reached.
+    """
+    check_key(split_key)
+    moment = as_of if as_of is not None else datetime.now()
+    extra = {int(p) for p in extra_excluded_person_ids}
+    with OmopSource.open(db_url, schema) as source:
+        source.require(tables_read(spec))
+        cohort = select_cohort(source, spec.cohort, spec.outcome, split_key)
+        examples = cohort.examples
+        withheld = denying_person_ids(source, moment) | extra
+        consented = ~examples["person_id"].isin(withheld).to_numpy()
+        cohort_size = len(examples)
+        examples = examples[consented].reset_index(drop=True)
+        source.write_index(examples)
+        features = static_features(source, examples, spec.covariates)
+        series = series_features(source, examples, spec.covariates)
+        labels, event_days = outcome_labels(source, examples, cohort.visits, spec.outcome)
+    person_ids = examples["person_id"].to_numpy(dtype=np.int64)
+    if not np.isfinite(features).all():
+        raise CohortError("a feature came out as NaN or infinite; the database holds a value the scaling cannot take")
+    return StudyDataset(
+        person_ids=person_ids,
+        features=features,
+        feature_names=feature_names(spec),
+        labels=labels,
+        event_days=event_days,
+        series=series,
+        series_names=series_names(spec),
+        split=assign_split(person_ids, split_key),
+        cohort_size=cohort_size,
+        excluded_by_consent=cohort_size - len(examples),
+        snapshot_hash=snapshot_hash(person_ids, features, labels, event_days, series),
+    )

@@ -1,15 +1,79 @@
-"""`twinfed site ...`: commands a hospital's IT team runs on the site node."""
+"""`twinfed site ...`: commands a hospital's IT team and data steward run on the site node.
+
+Every command but `doctor` and `init` takes the site file (`--site-config`, or $TWINFED_SITE_CONFIG):
+it names the OMOP database, the governance database and the policy, so each command acts on exactly
+one hospital.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 site_app = typer.Typer(
-    help="Run and check a hospital's site node (data stays here; only model updates leave).",
+    help="Run and govern a hospital's site node (data stays here; only model updates leave).",
     no_args_is_help=True,
 )
+audit_app = typer.Typer(help="Read and verify the site's hash-chained audit log.", no_args_is_help=True)
+consent_app = typer.Typer(help="Research consent: who is excluded, and recording withdrawals.", no_args_is_help=True)
+site_app.add_typer(audit_app, name="audit")
+site_app.add_typer(consent_app, name="consent")
+
+console = Console()
+SiteFile = Annotated[
+    Path,
+    typer.Option(
+        "--site-config",
+        "-s",
+        envvar="TWINFED_SITE_CONFIG",
+        dir_okay=False,
+        help="The site file (site id, OMOP database, governance database, policy). Env: TWINFED_SITE_CONFIG.",
+    ),
+]
+Who = Annotated[
+    str, typer.Option("--by", help="Who does this (name or role); recorded in the audit log. Default: the OS user.")
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    Console(stderr=True).print(message, markup=False, highlight=False)
+    return typer.Exit(code)
+
+
+def _node(site_config: Path):
+    """The site node for a site file, with configuration errors turned into one readable sentence."""
+    from site_node.config import SiteConfigError, load_site_config
+    from site_node.governance import PolicyError
+    from site_node.participation import SiteNode
+
+    try:
+        return SiteNode(load_site_config(site_config))
+    except (SiteConfigError, PolicyError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def _study(path: Path):
+    from federation.study import StudyError, load_study, study_hash
+
+    try:
+        spec = load_study(path)
+    except StudyError as exc:
+        raise _fail(str(exc)) from None
+    return spec, study_hash(spec)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 @site_app.command("doctor")
@@ -44,3 +108,267 @@ def doctor(
         checks.append(database_check(db))
     if not d.render(checks, "Site node check"):
         raise typer.Exit(1)
+
+
+@site_app.command("init")
+def init(
+    folder: Annotated[Path, typer.Argument(help="Folder for the site file, policy and governance database.")],
+    site_id: Annotated[str, typer.Option("--site-id", help="Short id of this hospital, e.g. aster-university.")],
+    omop_url: Annotated[str, typer.Option("--omop-url", help="URL of the site's OMOP CDM v5.4 database.")],
+    secret_file: Annotated[
+        Path, typer.Option("--secret-file", help="The site secret the ETL uses (twinfed etl --secret-file).")
+    ],
+    omop_schema: Annotated[str | None, typer.Option("--omop-schema", help="PostgreSQL schema of the CDM.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing site file and policy.")] = False,
+) -> None:
+    """Write a site file and a default policy for a new site node (the data steward then edits the policy).
+
+    Creates FOLDER/site.yaml and FOLDER/policy.yaml; the governance database (approvals, privacy ledger,
+    audit log) is FOLDER/governance.sqlite and is created on first use.
+    """
+    import yaml
+
+    from site_node.governance import SitePolicy
+
+    folder.mkdir(parents=True, exist_ok=True)
+    site_file, policy_file = folder / "site.yaml", folder / "policy.yaml"
+    for path in (site_file, policy_file):
+        if path.exists() and not force:
+            raise _fail(f"{path} exists; pass --force to overwrite it.")
+    site = {
+        "site_id": site_id,
+        "omop": {"url": omop_url, "schema": omop_schema},
+        "governance_db": "sqlite:///governance.sqlite",
+        "policy": "policy.yaml",
+        "secret_file": str(secret_file.resolve()),
+        "audit_head_file": "audit.head",
+    }
+    site_file.write_text(
+        "# twinfed site node (see docs/hospital-it.md). Relative paths are taken from this folder.\n"
+        + yaml.safe_dump(site, sort_keys=False),
+        encoding="utf-8",
+    )
+    policy_file.write_text(
+        "# The data steward's policy (see docs/data-steward.md); binding on every study at this site.\n"
+        + yaml.safe_dump(SitePolicy().model_dump(mode="json"), sort_keys=False),
+        encoding="utf-8",
+    )
+    console.print(f"Wrote {site_file} and {policy_file}. Next: the data steward reviews the policy.")
+
+
+@site_app.command("approve")
+def approve(
+    study: Annotated[Path, typer.Argument(help="The study YAML file to approve.")],
+    site_config: SiteFile,
+    by: Who = "",
+    note: Annotated[str, typer.Option("--note", help="Why, or under which agreement (kept in the audit).")] = "",
+) -> None:
+    """Approve a study at this site, by its hash: exactly this study, run by this twinfed version.
+
+    The study is checked against the site policy first (epsilon ceiling, delta, secure aggregation);
+    a study the policy would refuse anyway is not approved. Changing any setting of the study later
+    changes its hash, and the changed study needs a new approval.
+    """
+    node = _node(site_config)
+    spec, digest = _study(study)
+    problems = node.policy_conflicts(spec)
+    if problems:
+        raise _fail(f"Not approved: {spec.study.id} conflicts with this site's policy: " + "; ".join(problems), 1)
+    approval = node.governance.approvals.approve(digest, spec.study.id, by or _user(), note)
+    node.governance.audit.append(
+        "approved", {"study_hash": digest, "study_id": spec.study.id, "by": approval.approved_by, "note": note}
+    )
+    console.print(f"Approved {spec.study.id} at {node.config.site_id}: hash {digest}")
+
+
+@site_app.command("revoke")
+def revoke(
+    study: Annotated[Path, typer.Argument(help="The study YAML file whose approval is withdrawn.")],
+    site_config: SiteFile,
+    by: Who = "",
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit).")] = "",
+) -> None:
+    """Withdraw this site's approval of a study: the next round of it is refused."""
+    node = _node(site_config)
+    spec, digest = _study(study)
+    if not node.governance.approvals.is_approved(digest):
+        raise _fail(f"{spec.study.id} (hash {digest[:12]}) is not approved at this site; nothing to revoke.", 1)
+    node.governance.approvals.revoke(digest, by or _user(), reason)
+    node.governance.audit.append("revoked", {"study_hash": digest, "by": by or _user(), "reason": reason})
+    console.print(f"Revoked the approval of {spec.study.id} at {node.config.site_id}.")
+
+
+@site_app.command("status")
+def status(site_config: SiteFile) -> None:
+    """Show privacy budgets per study and for the site, approvals, and the latest rounds."""
+    node = _node(site_config)
+    ledger, policy = node.governance.ledger, node.policy
+    budgets = Table(title=f"Privacy budget at {node.config.site_id}")
+    for column in ("study", "rounds", "epsilon spent", "reserved (unfinished)", "ceiling"):
+        budgets.add_column(column)
+    for budget in ledger.summary():
+        budgets.add_row(
+            budget.study_hash[:12],
+            str(budget.rounds),
+            f"{budget.committed_epsilon:.3f}",
+            f"{budget.reserved_epsilon:.3f}",
+            f"{budget.ceiling:.3g}",
+        )
+    budgets.caption = f"Site total {ledger.site_spent():.3f} of {policy.site_epsilon_ceiling:g} (all studies)"
+    console.print(budgets)
+    approvals = Table(title="Approved studies")
+    for column in ("study", "hash", "approved by", "at", "state"):
+        approvals.add_column(column)
+    for approval in node.governance.approvals.list():
+        approvals.add_row(
+            approval.study_id,
+            approval.study_hash[:12],
+            approval.approved_by,
+            approval.approved_at.isoformat(timespec="seconds"),
+            "revoked" if approval.revoked_at else "active",
+        )
+    console.print(approvals)
+    rounds = Table(title="Latest rounds")
+    for column in ("at", "event", "round", "detail"):
+        rounds.add_column(column)
+    events = [e for e in node.governance.audit.entries() if e.kind in ("round-trained", "refused", "evaluated")]
+    for entry in events[-10:]:
+        detail = (
+            f"epsilon {entry.payload.get('epsilon_after', 0):.3f}"
+            if entry.kind == "round-trained"
+            else entry.payload.get("reason", "")
+        )
+        rounds.add_row(entry.at.isoformat(timespec="seconds"), entry.kind, entry.payload.get("round", ""), detail)
+    console.print(rounds)
+
+
+@audit_app.command("verify")
+def audit_verify(site_config: SiteFile) -> None:
+    """Check the audit log's hash chain: any edited, deleted, reordered or cut-off entry is named.
+
+    Exits with status 1 when the log has been tampered with.
+    """
+    node = _node(site_config)
+    result = node.governance.audit.verify()
+    if result.ok:
+        console.print(f"Audit log of {node.config.site_id} verified: {result.entries} entries, chain intact.")
+        return
+    for problem in result.problems:
+        Console(stderr=True).print(f"- {problem}", markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
+@audit_app.command("show")
+def audit_show(
+    site_config: SiteFile,
+    last: Annotated[int, typer.Option("--last", min=1, help="How many of the latest entries to show.")] = 20,
+) -> None:
+    """Print the latest audit entries (what was approved, refused, trained and what left the site)."""
+    import json
+
+    node = _node(site_config)
+    table = Table(title=f"Audit log of {node.config.site_id}")
+    for column in ("seq", "at", "event", "details"):
+        table.add_column(column, overflow="fold")
+    for entry in node.governance.audit.entries()[-last:]:
+        table.add_row(str(entry.seq), entry.at.isoformat(timespec="seconds"), entry.kind,
+                      json.dumps(entry.payload, sort_keys=True))  # fmt: skip
+    console.print(table)
+
+
+@consent_app.command("list")
+def consent_list(site_config: SiteFile) -> None:
+    """List the patients kept out of training: denying research consents in OMOP and recorded withdrawals."""
+    from site_node.consent import denying_consents
+
+    node = _node(site_config)
+    denied = denying_consents(node.config.omop.url, node.config.omop.schema_name)
+    table = Table(title=f"Patients excluded from studies at {node.config.site_id}")
+    for column in ("person_id", "source", "since", "recorded by / policy"):
+        table.add_column(column)
+    for row in denied:
+        table.add_row(str(row.person_id), "consent record (FHIR)", row.since or "", row.policy or "")
+    for withdrawal in node.governance.withdrawals.list():
+        table.add_row(
+            str(withdrawal.person_id),
+            "withdrawal recorded here",
+            withdrawal.recorded_at.isoformat(timespec="seconds"),
+            withdrawal.recorded_by,
+        )
+    console.print(table)
+
+
+@consent_app.command("withdraw")
+def consent_withdraw(
+    person_id: Annotated[int, typer.Argument(help="The OMOP person_id of the patient who withdrew.")],
+    site_config: SiteFile,
+    by: Who = "",
+    reason: Annotated[str, typer.Option("--reason", help="Free text kept with the withdrawal.")] = "",
+) -> None:
+    """Record a patient's withdrawal of research consent: they are out of the next round of every study.
+
+    Also lists the earlier rounds that included the patient (their contribution to models already
+    trained cannot be taken back, but it is on record).
+    """
+    node = _node(site_config)
+    node.governance.withdrawals.withdraw(person_id, by or _user(), reason)
+    earlier = node.governance.membership.rounds_including(person_id)
+    node.governance.audit.append(
+        "consent-withdrawn",
+        {"person_id": person_id, "by": by or _user(), "earlier_rounds": [r[1] for r in earlier]},
+    )
+    console.print(f"Recorded: person {person_id} is excluded from the next round of every study.")
+    if earlier:
+        table = Table(title="Earlier rounds that included this patient")
+        for column in ("study", "round", "at"):
+            table.add_column(column)
+        for study_hash, round_key, at in earlier:
+            table.add_row(study_hash[:12], round_key, at.isoformat(timespec="seconds"))
+        console.print(table)
+    else:
+        console.print("No earlier round included this patient.")
+
+
+@site_app.command("train-local")
+def train_local(
+    study: Annotated[Path, typer.Argument(help="An approved study YAML file.")],
+    site_config: SiteFile,
+) -> None:
+    """Run a study at this site alone, every round, with the same DP training, ledger and audit.
+
+    The reference a site compares federated results with. It spends this site's privacy budget for the
+    study like federated rounds do, so it needs the same approval.
+    """
+    from federation.models import build_model
+    from federation.protocol import RoundInstruction, SiteStatus
+
+    node = _node(site_config)
+    spec, _ = _study(study)
+    run_id = f"local-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    state = None
+    table = Table(title=f"{spec.study.id} at {node.config.site_id} alone (run {run_id})")
+    for column in ("round", "train loss", "epsilon", "test AUROC", "test loss"):
+        table.add_column(column)
+    for server_round in range(1, spec.training.rounds + 1):
+        instruction = RoundInstruction.for_study(spec, run_id, server_round)
+        if state is None:
+            dataset_width = node.feature_count(spec)
+            state = build_model(spec.model, dataset_width, seed=spec.training.seed).state_dict()
+        trained = node.train(instruction, state)
+        if trained.answer.status != SiteStatus.TRAINED:
+            raise _fail(f"Round {server_round} refused: {trained.answer.reason}", 1)
+        state = trained.state_dict
+        evaluated = node.evaluate(instruction, state)
+        metrics = evaluated.metrics
+        table.add_row(
+            str(server_round),
+            f"{trained.metrics.get('train-loss', float('nan')):.4f}",
+            f"{trained.answer.epsilon_spent:.3f}",
+            f"{metrics.get('auroc', float('nan')):.3f}",
+            f"{metrics.get('loss', float('nan')):.4f}",
+        )
+        console.print(
+            f"round {server_round}/{spec.training.rounds}: epsilon {trained.answer.epsilon_spent:.3f}, "
+            f"test AUROC {metrics.get('auroc', float('nan')):.3f}"
+        )
+    console.print(table)

@@ -48,13 +48,17 @@ class SiteConfig(BaseModel):
     base_dir: Path = Field(Path("."), exclude=True)
 
     def split_key(self) -> bytes:
-        """A key derived from the site secret: the split is stable per patient and unknowable elsewhere."""
-        secret, _ = load_or_create_secret(self.secret_file, create=False)
-        return hmac.new(secret, b"twinfed train/validation/test split v1", hashlib.sha256).digest()
+        return derive_split_key(self.secret_file)
 
     @property
     def audit_head(self) -> Path:
         return self.audit_head_file or self.policy.parent / f"{self.site_id}-audit.head"
+
+
+def derive_split_key(secret_file: Path) -> bytes:
+    """A key derived from the site secret: the split is stable per patient and unknowable elsewhere."""
+    secret, _ = load_or_create_secret(secret_file, create=False)
+    return hmac.new(secret, b"twinfed train/validation/test split v1", hashlib.sha256).digest()
 
 
 def _resolve_url(url: str, base: Path) -> str:

@@ -19,7 +19,7 @@ import torch
 from federation.models import build_model
 from federation.protocol import ProtocolError, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
 from federation.study import StudyError, StudySpec, study_hash
-from site_node.cohort import CohortError, StudyDataset, build_dataset
+from site_node.cohort import CohortError, StudyDataset, build_dataset, feature_names
 from site_node.config import SiteConfig
 from site_node.governance import BudgetRefused, Governance, PrivacyEvent, load_policy, suppress_small_counts
 from site_node.governance.ledger import RoundAlreadyTrained
@@ -80,6 +80,26 @@ class SiteNode:
             return self._refused("evaluate", instruction, refusal)
         except Exception as exc:
             return self._refused("evaluate", instruction, self._site_error(exc))
+
+    def policy_conflicts(self, spec: StudySpec) -> list[str]:
+        """What in a study this site's policy would refuse whatever the data (checked when approving)."""
+        problems = []
+        if spec.privacy.target_epsilon > self.policy.study_epsilon_ceiling:
+            problems.append(
+                f"the study's epsilon {spec.privacy.target_epsilon:g} is above the site's per-study ceiling "
+                f"{self.policy.study_epsilon_ceiling:g}"
+            )
+        if spec.privacy.target_delta is not None and spec.privacy.target_delta > self.policy.max_delta:
+            problems.append(
+                f"the study's delta {spec.privacy.target_delta:g} is above the site's maximum {self.policy.max_delta:g}"
+            )
+        if self.policy.require_secure_aggregation and not spec.federation.secure_aggregation:
+            problems.append("the site requires secure aggregation and the study does not use it")
+        return problems
+
+    def feature_count(self, spec: StudySpec) -> int:
+        """How many inputs the study's model has (the same at every site)."""
+        return len(feature_names(spec))
 
     # --- steps --------------------------------------------------------------------------------------
 

@@ -1,0 +1,79 @@
+"""A real site for tests: one synthetic hospital loaded into SQLite by the ETL, with a site file and policy."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from federation.models import build_model
+from federation.protocol import RoundInstruction
+from federation.study import StudySpec, load_study
+from tests.etl_helpers import load
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_STUDY = ROOT / "configs" / "study-inpatient-mortality.yaml"
+
+TEST_POLICY = {
+    "require_dp": True,
+    "min_noise_multiplier": 0.3,
+    "max_delta": 1e-4,
+    "study_epsilon_ceiling": 10.0,
+    "site_epsilon_ceiling": 30.0,
+    "min_cohort_size": 50,
+    "min_cell_count": 5,
+    "require_secure_aggregation": False,
+}
+
+
+def load_site_omop(consortium: Path, site_id: str, folder: Path) -> tuple[str, Path]:
+    """ETL one synthetic hospital into folder/omop.sqlite; returns (url, secret file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    secret = folder / "site.secret"
+    url = f"sqlite:///{folder / 'omop.sqlite'}"
+    load([consortium / site_id / "fhir"], url, secret)
+    return url, secret
+
+
+def write_site(folder: Path, site_id: str, omop_url: str, secret: Path, **policy) -> Path:
+    """A site folder (site.yaml, policy.yaml) pointing at an OMOP database; returns the site file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "policy.yaml").write_text(yaml.safe_dump({**TEST_POLICY, **policy}), encoding="utf-8")
+    site = {
+        "site_id": site_id,
+        "omop": {"url": omop_url},
+        "governance_db": "sqlite:///governance.sqlite",
+        "policy": "policy.yaml",
+        "secret_file": str(secret),
+        "audit_head_file": "audit.head",
+    }
+    path = folder / "site.yaml"
+    path.write_text(yaml.safe_dump(site), encoding="utf-8")
+    return path
+
+
+def fresh_site(template: Path, folder: Path, **policy) -> Path:
+    """A copy of a prepared site with its own governance state (and optionally another policy)."""
+    shutil.copytree(template, folder)
+    for stale in ("governance.sqlite", "audit.head"):
+        (folder / stale).unlink(missing_ok=True)
+    if policy:
+        current = yaml.safe_load((folder / "policy.yaml").read_text())
+        (folder / "policy.yaml").write_text(yaml.safe_dump({**current, **policy}), encoding="utf-8")
+    return folder / "site.yaml"
+
+
+def study(**changes) -> StudySpec:
+    """The example mortality study, with sections replaced (e.g. training={'rounds': 2})."""
+    spec = load_study(EXAMPLE_STUDY)
+    updates = {section: getattr(spec, section).model_copy(update=values) for section, values in changes.items()}
+    return spec.model_copy(update=updates)
+
+
+def initial_state(spec: StudySpec, n_features: int) -> dict:
+    return build_model(spec.model, n_features, seed=spec.training.seed).state_dict()
+
+
+def instruction(spec: StudySpec, run_id: str = "run-1", server_round: int = 1) -> RoundInstruction:
+    return RoundInstruction.for_study(spec, run_id, server_round)

@@ -1,0 +1,260 @@
+"""A hospital's side of a federated round, on a real synthetic hospital loaded by the ETL into SQLite:
+approvals by hash, policy, privacy ledger, consent, cell-count floor, audit, and the Flower ClientApp."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
+
+from federation.protocol import RefusalCode, SiteAnswer, SiteStatus
+from federation.study import study_hash
+from site_node.clientapp import ANSWER_KEY, INSTRUCTION_KEY
+from site_node.clientapp import app as client_app
+from site_node.cohort import build_dataset
+from site_node.config import load_site_config
+from site_node.participation import SiteNode
+from tests.site_helpers import fresh_site, initial_state, instruction, load_site_omop, study, write_site
+
+SITE = "aster-university"
+
+
+@pytest.fixture(scope="module")
+def prepared_site(medium_consortium: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic hospital (700 patients) in OMOP, with a site file; copied fresh for each test."""
+    folder = tmp_path_factory.mktemp("site")
+    url, secret = load_site_omop(medium_consortium, SITE, folder / "data")
+    write_site(folder / "site", SITE, url, secret)
+    return folder / "site"
+
+
+def _node(prepared_site: Path, tmp_path: Path, **policy) -> SiteNode:
+    return SiteNode(load_site_config(fresh_site(prepared_site, tmp_path / "site", **policy)))
+
+
+def _approve(node: SiteNode, spec) -> str:
+    digest = study_hash(spec)
+    node.governance.approvals.approve(digest, spec.study.id, "test steward")
+    return digest
+
+
+def _start(node: SiteNode, spec) -> dict:
+    return initial_state(spec, node.feature_count(spec))
+
+
+def test_unapproved_study_is_refused_before_any_data_and_audited(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path)
+    spec = study(training={"rounds": 2})
+    outcome = node.train(instruction(spec), _start(node, spec))
+    assert outcome.answer.status == SiteStatus.REFUSED and outcome.answer.code == RefusalCode.UNAPPROVED_STUDY
+    assert outcome.state_dict is None and outcome.metrics == {}
+    kinds = [entry.kind for entry in node.governance.audit.entries()]
+    assert kinds == ["refused"], "nothing but the refusal may happen for an unapproved study"
+
+
+def test_altered_study_is_refused(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path)
+    spec = study(training={"rounds": 2})
+    _approve(node, spec)
+    altered = study(training={"rounds": 2}, privacy={"target_epsilon": 50.0})
+    forged = instruction(altered).model_copy(update={"study_hash": study_hash(spec)})  # claims the approved hash
+    outcome = node.train(forged, _start(node, spec))
+    assert outcome.answer.code == RefusalCode.STUDY_HASH_MISMATCH
+    unapproved = node.train(instruction(altered), _start(node, spec))
+    assert unapproved.answer.code == RefusalCode.UNAPPROVED_STUDY
+
+
+def test_trained_round_spends_budget_and_audits_what_left(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path)
+    spec = study(training={"rounds": 3})
+    digest = _approve(node, spec)
+    outcome = node.train(instruction(spec), _start(node, spec))
+    assert outcome.answer.status == SiteStatus.TRAINED, outcome.answer.reason
+    assert 0 < outcome.answer.epsilon_spent < spec.privacy.target_epsilon
+    assert outcome.answer.epsilon_spent == pytest.approx(node.governance.ledger.spent(digest))
+    assert set(outcome.state_dict) == set(_start(node, spec))
+    assert outcome.metrics["num-examples"] >= 50 and outcome.metrics["epsilon"] == outcome.answer.epsilon_spent
+    entries = node.governance.audit.entries()
+    assert [e.kind for e in entries] == ["round-started", "round-trained"]
+    left = entries[-1].payload["left_the_site"]
+    assert left["tensors"] == {name: list(t.shape) for name, t in outcome.state_dict.items()}
+    assert left["update_norm"] > 0 and left["metrics"] == outcome.metrics
+    assert entries[0].payload["cohort_snapshot"] and entries[0].payload["noise_multiplier"] > 0.3
+    assert node.governance.audit.verify().ok
+
+
+def test_whole_schedule_stays_within_target_and_next_round_is_refused(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path)
+    spec = study(training={"rounds": 3})
+    _approve(node, spec)
+    state = _start(node, spec)
+    spent = []
+    for server_round in (1, 2, 3):
+        outcome = node.train(instruction(spec, server_round=server_round), state)
+        assert outcome.answer.status == SiteStatus.TRAINED, outcome.answer.reason
+        state = outcome.state_dict
+        spent.append(outcome.answer.epsilon_spent)
+    assert spent == sorted(spent) and spent[-1] <= spec.privacy.target_epsilon * 1.001
+    assert spent[-1] > 0.8 * spec.privacy.target_epsilon, "noise is calibrated to use the budget, not waste it"
+    extra = node.train(instruction(spec, server_round=4), state)
+    assert extra.answer.code == RefusalCode.BUDGET and "epsilon" in extra.answer.reason
+
+
+def test_site_ceiling_below_study_target_refuses(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path, site_epsilon_ceiling=0.5)
+    spec = study(training={"rounds": 3})
+    _approve(node, spec)
+    outcome = node.train(instruction(spec), _start(node, spec))
+    assert outcome.answer.code == RefusalCode.BUDGET
+    assert node.governance.ledger.site_spent() == 0
+
+
+def test_retry_of_a_trained_round_is_not_trained_twice(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path)
+    spec = study(training={"rounds": 3})
+    digest = _approve(node, spec)
+    first = node.train(instruction(spec), _start(node, spec))
+    again = node.train(instruction(spec), _start(node, spec))
+    assert first.answer.status == SiteStatus.TRAINED and again.answer.code == RefusalCode.ALREADY_TRAINED
+    assert node.governance.ledger.spent(digest) == pytest.approx(first.answer.epsilon_spent)
+
+
+def test_small_cohort_is_refused_without_revealing_its_size(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path, min_cohort_size=100_000)
+    spec = study()
+    _approve(node, spec)
+    outcome = node.train(instruction(spec), _start(node, spec))
+    assert outcome.answer.code == RefusalCode.COHORT_TOO_SMALL and "100000" in outcome.answer.reason
+    cohort = build_dataset(node.config.omop.url, spec, split_key=node.config.split_key())
+    assert str(len(cohort.person_ids)) not in outcome.answer.reason
+    assert node.governance.ledger.spent(study_hash(spec)) == 0
+
+
+def test_evaluation_withholds_counts_under_the_cell_floor(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path, min_cell_count=10_000)
+    spec = study()
+    _approve(node, spec)
+    outcome = node.evaluate(instruction(spec), _start(node, spec))
+    assert outcome.answer.status == SiteStatus.EVALUATED
+    assert "num-examples" not in outcome.metrics and "num-positive" not in outcome.metrics
+    assert set(outcome.answer.suppressed.split(",")) == {"num-examples", "num-positive"}
+    assert 0 <= outcome.metrics["auroc"] <= 1
+    audit = node.governance.audit.entries()[-1]
+    assert audit.kind == "evaluated" and sorted(audit.payload["left_the_site"]["suppressed"]) == [
+        "num-examples",
+        "num-positive",
+    ]
+
+
+def test_consent_withdrawal_is_honoured_in_the_next_round(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path)
+    spec = study(training={"rounds": 3})
+    digest = _approve(node, spec)
+    first = node.train(instruction(spec, server_round=1), _start(node, spec))
+    assert first.answer.status == SiteStatus.TRAINED
+    members = _round_members(node, digest, "run-1:1")
+    person = min(members)
+    node.governance.withdrawals.withdraw(person, "test steward", "phoned")
+    assert [r[1] for r in node.governance.membership.rounds_including(person)] == ["run-1:1"]
+    second = node.train(instruction(spec, server_round=2), first.state_dict)
+    assert second.answer.status == SiteStatus.TRAINED
+    assert person not in _round_members(node, digest, "run-1:2")
+    started = [e for e in node.governance.audit.entries() if e.kind == "round-started"]
+    assert started[1].payload["withdrawals_on_record"] == 1
+    assert started[0].payload["cohort_snapshot"] != started[1].payload["cohort_snapshot"]
+
+
+def _round_members(node: SiteNode, digest: str, round_key: str) -> set[int]:
+    database = node.config.governance_db.removeprefix("sqlite:///")
+    with sqlite3.connect(database) as connection:
+        tables = [r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        table = next(t for t in tables if "member" in t)
+        columns = [r[1] for r in connection.execute(f"PRAGMA table_info({table})")]
+        person_column = next(c for c in columns if "person" in c)
+        round_column = next(c for c in columns if "round" in c)
+        rows = connection.execute(f"SELECT {person_column} FROM {table} WHERE {round_column} = ?", (round_key,))
+        return {int(r[0]) for r in rows}
+
+
+def test_secure_aggregation_required_by_policy(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path, require_secure_aggregation=True)
+    spec = study()
+    _approve(node, spec)
+    outcome = node.train(instruction(spec), _start(node, spec))
+    assert outcome.answer.code == RefusalCode.POLICY and "secure aggregation" in outcome.answer.reason
+    assert node.policy_conflicts(spec) == ["the site requires secure aggregation and the study does not use it"]
+
+
+def test_clientapp_answers_through_flower_messages(prepared_site, tmp_path):
+    site_file = fresh_site(prepared_site, tmp_path / "site")
+    node = SiteNode(load_site_config(site_file))
+    spec = study(training={"rounds": 3})
+    _approve(node, spec)
+    state = _start(node, spec)
+    for message_type, expected in (("train", SiteStatus.TRAINED), ("evaluate", SiteStatus.EVALUATED)):
+        metadata = Metadata(
+            run_id=1,
+            message_id=f"m-{message_type}",
+            src_node_id=0,
+            dst_node_id=7,
+            reply_to_message_id="",
+            group_id="1",
+            created_at=time.time(),
+            ttl=3600.0,
+            message_type=message_type,
+        )
+        content = RecordDict({"arrays": ArrayRecord(state), INSTRUCTION_KEY: instruction(spec).to_config_record()})
+        context = Context(run_id=1, node_id=7, node_config={"site-config": str(site_file)}, state=RecordDict(),
+                          run_config={})  # fmt: skip
+        reply = client_app(Message(content, metadata=metadata), context)
+        answer = SiteAnswer.from_config_record(reply.content.config_records[ANSWER_KEY], ANSWER_KEY)
+        assert answer.status == expected, answer.reason
+        if message_type == "train":
+            returned = reply.content.array_records["arrays"].to_torch_state_dict()
+            assert not torch.equal(returned["0.weight"], state["0.weight"])
+            assert reply.content.metric_records["metrics"]["num-examples"] > 0
+
+
+_KILL_MID_TRAINING = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from site_node.config import load_site_config
+    from site_node.participation import SiteNode
+    from tests.site_helpers import initial_state, instruction, study
+    node = SiteNode(load_site_config(Path(sys.argv[1])))
+    spec = study(training={"rounds": 2, "local_epochs": 400})   # long enough to be killed while training
+    node.train(instruction(spec), initial_state(spec, node.feature_count(spec)))
+    """
+)
+
+
+def test_kill_9_during_training_never_under_counts(prepared_site, tmp_path):
+    site_file = fresh_site(prepared_site, tmp_path / "site")
+    node = SiteNode(load_site_config(site_file))
+    spec = study(training={"rounds": 2, "local_epochs": 400})
+    digest = _approve(node, spec)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([sys.executable, "-c", _KILL_MID_TRAINING, str(site_file)], env=env)
+    deadline = time.monotonic() + 120
+    while not any(e.kind == "round-started" for e in node.governance.audit.entries()):
+        assert child.poll() is None, "the training process ended before it could be killed"
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    time.sleep(0.5)  # inside the DP-SGD loop now
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    reserved = node.governance.ledger.spent(digest)
+    assert reserved > 0, "a round killed during training counts as spent"
+    retry = node.train(instruction(spec), _start(node, spec))
+    assert retry.answer.status == SiteStatus.TRAINED, retry.answer.reason
+    assert node.governance.ledger.spent(digest) == pytest.approx(reserved), "the retry reused the reservation"

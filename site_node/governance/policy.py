@@ -1,0 +1,94 @@
+"""The site policy: the rules one hospital's data steward sets, in one YAML file, binding on every study.
+
+Unknown settings are refused rather than ignored: a misspelt `site_epsilon_ceilng` must never fall back
+silently to the default, because the default is not what the steward decided. Errors name the file
+and the setting so the steward can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class PolicyError(ValueError):
+    """The policy file cannot be read or breaks a rule; the message names the file and the setting."""
+
+
+class SitePolicy(BaseModel):
+    """What this hospital allows. Defaults are the conservative choice, not the convenient one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    require_dp: bool = Field(True, description="Refuse any training round that is not differentially private.")
+    min_noise_multiplier: float = Field(
+        0.5, ge=0, description="Privacy floor: DP-SGD noise below this is 'DP' in name only and is refused."
+    )
+    max_delta: float = Field(1e-5, gt=0, lt=1, description="Largest delta any study may use at this site.")
+    study_epsilon_ceiling: float = Field(10.0, gt=0, description="Most epsilon one study may spend at this site.")
+    site_epsilon_ceiling: float = Field(
+        30.0, gt=0, description="Most epsilon all studies together may spend (sum of per-study epsilons)."
+    )
+    min_cohort_size: int = Field(100, ge=1, description="Smallest cohort this site will train or evaluate on.")
+    min_cell_count: int = Field(10, ge=1, description="Any count that leaves the site below this is suppressed.")
+    require_secure_aggregation: bool = Field(False, description="Only join rounds that use secure aggregation.")
+
+
+def _describe(error: dict) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        known = ", ".join(SitePolicy.model_fields)
+        return f"'{field}' is not a policy setting (a misspelling?); the settings are: {known}"
+    return f"{field}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse_policy(data: object, source: str = "<policy>") -> SitePolicy:
+    """Validate already-parsed YAML; an empty file means every default."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: a site policy is a mapping of settings (e.g. 'study_epsilon_ceiling: 8')")
+    try:
+        return SitePolicy.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(err) for err in exc.errors()]
+        raise PolicyError(f"{source}: the site policy is not valid:\n  - " + "\n  - ".join(problems)) from None
+
+
+def load_policy(path: Path) -> SitePolicy:
+    """Read and validate the data steward's policy file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PolicyError(f"{path}: no such policy file; the data steward writes it (see configs/)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{path}: cannot read the policy file: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{path}: not valid YAML: {exc}") from None
+    return parse_policy(data, str(path))
+
+
+def suppress_small_counts(
+    metrics: Mapping[str, float | int], count_keys: Iterable[str], min_cell: int
+) -> tuple[dict[str, float | int], list[str]]:
+    """Drop every count below the cell-count floor before it leaves the site.
+
+    A count of 3 patients with an outcome can identify them; zero reveals no one and is kept. Only the
+    keys named in `count_keys` are counts; other metrics (loss, epsilon) pass through. Returns the kept
+    metrics and the names of the suppressed ones, so the suppression itself is reported, not silent.
+    """
+    counts = set(count_keys)
+    kept: dict[str, float | int] = {}
+    suppressed: list[str] = []
+    for key, value in metrics.items():
+        is_small = key in counts and (not isinstance(value, int | float) or math.isnan(value) or 0 < value < min_cell)
+        if is_small:
+            suppressed.append(key)
+        else:
+            kept[key] = value
+    return kept, suppressed

@@ -1,0 +1,206 @@
+"""The governance database: approvals, privacy ledger, audit log, withdrawals and round membership.
+
+Governance lives in its own database (SQLite file by default, PostgreSQL in production), separate from
+the OMOP data, because it is what the data steward answers for: it must survive a rebuilt OMOP store
+and must not be writable by whoever loads clinical data. Every table is created here, from one
+`MetaData`, optionally inside a PostgreSQL schema so several sites or test runs can share a server.
+
+Writers that must see each other's effects (two processes reserving privacy budget at the same time,
+two appends to the audit chain) serialise on a row of `gov_locks`: updating that row is the first
+statement of their transaction, which takes a row lock on PostgreSQL and the write lock on SQLite,
+so the reads that follow see every earlier writer's committed state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    event,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
+
+from omop_etl.database import DatabaseUnavailable, open_engine, redact
+
+LOCK_NAMES = ("ledger", "audit", "approvals", "withdrawals", "membership")
+SQLITE_BUSY_TIMEOUT_MS = 30_000  # a concurrent reservation holds the lock for at most an accountant call
+
+
+def utc_now() -> str:
+    """The current time as ISO-8601 UTC text: identical on every backend, and part of audit hashes."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """The inverse of `utc_now`, tolerating NULL."""
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _tables(metadata: MetaData) -> dict[str, Table]:
+    """Every governance table; times are ISO-8601 UTC text so they read the same on SQLite and PostgreSQL."""
+    return {
+        "locks": Table(
+            "gov_locks",
+            metadata,
+            Column("name", String(32), primary_key=True),
+            Column("counter", BigInteger, nullable=False, default=0),
+        ),
+        "approvals": Table(
+            "gov_study_approvals",
+            metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("study_hash", String(128), nullable=False, index=True),
+            Column("study_id", String(128), nullable=False),
+            Column("approved_by", String(200), nullable=False),
+            Column("note", Text, nullable=False, default=""),
+            Column("approved_at", String(40), nullable=False),
+            Column("revoked_by", String(200)),
+            Column("revoked_at", String(40)),
+            Column("revoke_reason", Text),
+        ),
+        "ledger": Table(
+            "gov_privacy_ledger",
+            metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("study_hash", String(128), nullable=False, index=True),
+            Column("round_key", String(200), nullable=False),
+            Column("attempt", Integer, nullable=False),
+            Column("status", String(16), nullable=False),  # reserved | committed | released
+            Column("noise_multiplier", Float, nullable=False),
+            Column("sample_rate", Float, nullable=False),
+            Column("steps", Integer, nullable=False),
+            Column("delta", Float, nullable=False),
+            Column("accountant", String(16), nullable=False),
+            Column("study_ceiling", Float, nullable=False),
+            Column("projected_study_epsilon", Float, nullable=False),
+            Column("projected_site_epsilon", Float, nullable=False),
+            Column("reserved_at", String(40), nullable=False),
+            Column("resolved_at", String(40)),
+            Column("release_reason", Text),
+            UniqueConstraint("study_hash", "round_key", "attempt", name="uq_gov_ledger_round_attempt"),
+        ),
+        "audit": Table(
+            "gov_audit_log",
+            metadata,
+            Column("seq", BigInteger, primary_key=True, autoincrement=False),
+            Column("at", String(40), nullable=False),
+            Column("kind", String(100), nullable=False),
+            Column("payload", Text, nullable=False),
+            Column("prev_hash", String(64), nullable=False),
+            Column("hash", String(64), nullable=False),
+        ),
+        "withdrawals": Table(
+            "gov_consent_withdrawals",
+            metadata,
+            Column("person_id", BigInteger, primary_key=True, autoincrement=False),
+            Column("recorded_by", String(200), nullable=False),
+            Column("reason", Text, nullable=False, default=""),
+            Column("recorded_at", String(40), nullable=False),
+        ),
+        "membership": Table(
+            "gov_round_membership",
+            metadata,
+            Column("study_hash", String(128), primary_key=True),
+            Column("round_key", String(200), primary_key=True),
+            Column("person_id", BigInteger, primary_key=True, autoincrement=False),
+            Column("recorded_at", String(40), nullable=False),
+            Index("ix_gov_round_membership_person", "person_id"),
+        ),
+    }
+
+
+class GovernanceStore:
+    """Connection and tables of one site's governance database; creates what is missing on first use."""
+
+    def __init__(self, url: str, schema: str | None = None) -> None:
+        self.url = url
+        self.schema = schema
+        self.engine: Engine = open_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            self._sqlite_waits_for_locks(self.engine)
+        self.metadata = MetaData(schema=schema)
+        self.tables = _tables(self.metadata)
+        self._create()
+
+    @staticmethod
+    def _sqlite_waits_for_locks(engine: Engine) -> None:
+        """Let a second process wait for the write lock instead of failing at once with 'database is locked'."""
+
+        @event.listens_for(engine, "connect")
+        def _busy_timeout(dbapi_connection, _record) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.close()
+
+    def _create(self) -> None:
+        try:
+            self._create_tables()
+            self._ensure_lock_rows()
+        except OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            raise DatabaseUnavailable(
+                f"Cannot open the governance database {redact(self.url)}: {reason}. Check that the server is "
+                "running (or the SQLite file's folder exists and is writable) and that this user may create tables."
+            ) from None
+        except SQLAlchemyError as exc:
+            raise DatabaseUnavailable(
+                f"The governance database {redact(self.url)} could not be prepared: {exc}"
+            ) from None
+
+    def _create_tables(self, attempts: int = 3) -> None:
+        """Create what is missing. Several site-node processes may start at once on a new database; the
+        loser of a CREATE race fails on the winner's table and simply retries against what now exists."""
+        for attempt in range(attempts):
+            try:
+                with self.engine.begin() as connection:
+                    if self.schema and self.engine.dialect.name == "postgresql":
+                        connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+                    self.metadata.create_all(connection, checkfirst=True)
+                return
+            except (IntegrityError, ProgrammingError):
+                if attempt == attempts - 1:
+                    raise
+
+    def _ensure_lock_rows(self) -> None:
+        locks = self.tables["locks"]
+        for name in LOCK_NAMES:
+            try:
+                with self.engine.begin() as connection:
+                    if connection.execute(select(locks.c.name).where(locks.c.name == name)).first() is None:
+                        connection.execute(insert(locks).values(name=name, counter=0))
+            except IntegrityError:
+                pass  # another process created it between our check and our insert
+
+    @contextmanager
+    def locked(self, name: str) -> Iterator[Connection]:
+        """A transaction that holds the named lock until it commits (on leaving the block) or rolls back."""
+        locks = self.tables["locks"]
+        with self.engine.begin() as connection:
+            result = connection.execute(update(locks).where(locks.c.name == name).values(counter=locks.c.counter + 1))
+            if result.rowcount != 1:
+                raise RuntimeError(
+                    f"The governance lock row '{name}' is missing from {redact(self.url)}; someone removed rows "
+                    "from gov_locks. Restart the site node so the rows are recreated."
+                )
+            yield connection
+
+    def dispose(self) -> None:
+        """Close pooled connections (tests and short-lived commands)."""
+        self.engine.dispose()

@@ -22,7 +22,7 @@ from federation.study import StudyError, StudySpec, study_hash
 from site_node.cohort import CohortError, StudyDataset, build_dataset, feature_names
 from site_node.config import SiteConfig
 from site_node.governance import BudgetRefused, Governance, PrivacyEvent, load_policy, suppress_small_counts
-from site_node.governance.ledger import RoundAlreadyTrained
+from site_node.governance.ledger import RELEASED, RoundAlreadyTrained
 from site_node.training import NotPrivateError, calibrate_noise, check_privacy_honest, evaluate, schedule, train_dp
 
 COUNT_METRICS = ("num-examples", "num-positive")
@@ -189,7 +189,6 @@ class SiteNode:
         except NotPrivateError as exc:
             raise Refusal(RefusalCode.NOT_PRIVATE, str(exc)) from None
         event = PrivacyEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps_per_round)
-        prior_history = self.governance.ledger.history(digest)
         try:
             reservation = self.governance.ledger.reserve(
                 digest, instruction.round_key, event, delta, spec.privacy.accountant, spec.privacy.target_epsilon
@@ -198,6 +197,13 @@ class SiteNode:
             raise Refusal(RefusalCode.ALREADY_TRAINED, str(exc)) from None
         except BudgetRefused as exc:
             raise Refusal(RefusalCode.BUDGET, exc.reason) from None
+        # The accountant restored for training: every other round of this study that counts (committed, or
+        # reserved by a crashed attempt); this round's own reservation is the one being trained now.
+        prior_history = [
+            r.event
+            for r in self.governance.ledger.reservations(digest)
+            if r.id != reservation.id and r.status != RELEASED
+        ]
         self.governance.membership.record(digest, instruction.round_key, (int(p) for p in train.person_ids))
         self.governance.audit.append(
             "round-started",

@@ -232,7 +232,7 @@ _KILL_MID_TRAINING = textwrap.dedent(
     from site_node.participation import SiteNode
     from tests.site_helpers import initial_state, instruction, study
     node = SiteNode(load_site_config(Path(sys.argv[1])))
-    spec = study(training={"rounds": 2, "local_epochs": 400})   # long enough to be killed while training
+    spec = study(training={"rounds": 2, "local_epochs": 40, "batch_size": 4})  # long enough to be killed
     node.train(instruction(spec), initial_state(spec, node.feature_count(spec)))
     """
 )
@@ -241,7 +241,7 @@ _KILL_MID_TRAINING = textwrap.dedent(
 def test_kill_9_during_training_never_under_counts(prepared_site, tmp_path):
     site_file = fresh_site(prepared_site, tmp_path / "site")
     node = SiteNode(load_site_config(site_file))
-    spec = study(training={"rounds": 2, "local_epochs": 400})
+    spec = study(training={"rounds": 2, "local_epochs": 40, "batch_size": 4})
     digest = _approve(node, spec)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     child = subprocess.Popen([sys.executable, "-c", _KILL_MID_TRAINING, str(site_file)], env=env)

@@ -23,7 +23,7 @@ def _load(path: Path):
     try:
         return load_study(path)
     except StudyError as exc:
-        Console(stderr=True).print(str(exc), markup=False, highlight=False)
+        Console(stderr=True, soft_wrap=True).print(str(exc), markup=False, highlight=False)
         raise typer.Exit(2) from None
 
 

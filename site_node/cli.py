@@ -43,7 +43,7 @@ Who = Annotated[
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    Console(stderr=True).print(message, markup=False, highlight=False)
+    Console(stderr=True, soft_wrap=True).print(message, markup=False, highlight=False)
     return typer.Exit(code)
 
 
@@ -169,12 +169,17 @@ def approve(
     a study the policy would refuse anyway is not approved. Changing any setting of the study later
     changes its hash, and the changed study needs a new approval.
     """
+    from site_node.governance import ApprovalError
+
     node = _node(site_config)
     spec, digest = _study(study)
     problems = node.policy_conflicts(spec)
     if problems:
         raise _fail(f"Not approved: {spec.study.id} conflicts with this site's policy: " + "; ".join(problems), 1)
-    approval = node.governance.approvals.approve(digest, spec.study.id, by or _user(), note)
+    try:
+        approval = node.governance.approvals.approve(digest, spec.study.id, by or _user(), note)
+    except ApprovalError as exc:
+        raise _fail(str(exc)) from None
     node.governance.audit.append(
         "approved", {"study_hash": digest, "study_id": spec.study.id, "by": approval.approved_by, "note": note}
     )
@@ -185,15 +190,20 @@ def approve(
 def revoke(
     study: Annotated[Path, typer.Argument(help="The study YAML file whose approval is withdrawn.")],
     site_config: SiteFile,
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept with the approval and in the audit).")],
     by: Who = "",
-    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit).")] = "",
 ) -> None:
     """Withdraw this site's approval of a study: the next round of it is refused."""
+    from site_node.governance import ApprovalError
+
     node = _node(site_config)
     spec, digest = _study(study)
     if not node.governance.approvals.is_approved(digest):
         raise _fail(f"{spec.study.id} (hash {digest[:12]}) is not approved at this site; nothing to revoke.", 1)
-    node.governance.approvals.revoke(digest, by or _user(), reason)
+    try:
+        node.governance.approvals.revoke(digest, by or _user(), reason)
+    except ApprovalError as exc:
+        raise _fail(str(exc)) from None
     node.governance.audit.append("revoked", {"study_hash": digest, "by": by or _user(), "reason": reason})
     console.print(f"Revoked the approval of {spec.study.id} at {node.config.site_id}.")
 
@@ -278,23 +288,27 @@ def audit_show(
 
 @consent_app.command("list")
 def consent_list(site_config: SiteFile) -> None:
-    """List the patients kept out of training: denying research consents in OMOP and recorded withdrawals."""
-    from site_node.consent import denying_consents
+    """List the patients kept out of training now: active research denials in OMOP and recorded withdrawals."""
+    from site_node.cohort.consent import denying_person_ids
+    from site_node.cohort.omop_source import OmopSource
 
     node = _node(site_config)
-    denied = denying_consents(node.config.omop.url, node.config.omop.schema_name)
+    with OmopSource.open(node.config.omop.url, node.config.omop.schema_name) as source:
+        denied = sorted(denying_person_ids(source, dt.datetime.now()))
     table = Table(title=f"Patients excluded from studies at {node.config.site_id}")
-    for column in ("person_id", "source", "since", "recorded by / policy"):
+    for column in ("person_id", "source", "recorded", "by"):
         table.add_column(column)
-    for row in denied:
-        table.add_row(str(row.person_id), "consent record (FHIR)", row.since or "", row.policy or "")
-    for withdrawal in node.governance.withdrawals.list():
+    for person_id in denied:
+        table.add_row(str(person_id), "research consent denied (FHIR Consent, loaded by the ETL)", "", "")
+    withdrawals = node.governance.withdrawals.list()
+    for withdrawal in withdrawals:
         table.add_row(
             str(withdrawal.person_id),
-            "withdrawal recorded here",
+            "withdrawal recorded at this site",
             withdrawal.recorded_at.isoformat(timespec="seconds"),
             withdrawal.recorded_by,
         )
+    table.caption = f"{len(set(denied) | {w.person_id for w in withdrawals})} patients excluded"
     console.print(table)
 
 

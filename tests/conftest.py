@@ -39,3 +39,17 @@ def pg_url() -> str:
             pytest.fail(f"CI=true requires the PostgreSQL tests to run, but {redact(PG_URL)} is unusable: {exc}")
         pytest.skip(f"PostgreSQL at {redact(PG_URL)} is not reachable ({exc}); set TWINFED_TEST_PG_URL to run them")
     return PG_URL
+
+
+@pytest.fixture(scope="session")
+def prepared_site(medium_consortium: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic hospital (700 patients) loaded into OMOP by the ETL, with a site file and policy.
+
+    Tests copy it with `tests.site_helpers.fresh_site` so each gets its own governance database.
+    """
+    from tests.site_helpers import load_site_omop, write_site
+
+    folder = tmp_path_factory.mktemp("site")
+    url, secret = load_site_omop(medium_consortium, "aster-university", folder / "data")
+    write_site(folder / "site", "aster-university", url, secret)
+    return folder / "site"

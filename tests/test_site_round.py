@@ -23,18 +23,7 @@ from site_node.clientapp import app as client_app
 from site_node.cohort import build_dataset
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
-from tests.site_helpers import fresh_site, initial_state, instruction, load_site_omop, study, write_site
-
-SITE = "aster-university"
-
-
-@pytest.fixture(scope="module")
-def prepared_site(medium_consortium: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One synthetic hospital (700 patients) in OMOP, with a site file; copied fresh for each test."""
-    folder = tmp_path_factory.mktemp("site")
-    url, secret = load_site_omop(medium_consortium, SITE, folder / "data")
-    write_site(folder / "site", SITE, url, secret)
-    return folder / "site"
+from tests.site_helpers import fresh_site, initial_state, instruction, study
 
 
 def _node(prepared_site: Path, tmp_path: Path, **policy) -> SiteNode:

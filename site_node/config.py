@@ -40,6 +40,7 @@ class SiteConfig(BaseModel):
     name: str = ""
     omop: OmopSource
     governance_db: str = Field(description="SQLAlchemy URL of the site's governance database (ledger, audit).")
+    governance_schema: str | None = Field(None, description="PostgreSQL schema for the governance tables.")
     policy: Path = Field(description="The data steward's policy file.")
     secret_file: Path = Field(description="The site secret (the one the ETL uses); keys the train/test split.")
     audit_head_file: Path | None = Field(

@@ -59,7 +59,9 @@ class SiteNode:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.policy = load_policy(config.policy)
-        self.governance = Governance(config.governance_db, self.policy, audit_head_file=config.audit_head)
+        self.governance = Governance(
+            config.governance_db, self.policy, audit_head_file=config.audit_head, schema=config.governance_schema
+        )
 
     # --- the two things a coordinator may ask -------------------------------------------------------
 

@@ -1,0 +1,147 @@
+"""One DP-SGD step: clip each example's gradient to C, sum, add N(0, (sigma C)^2), divide by the expected
+batch size q n, tell the accountant. Two interchangeable engines compute it:
+
+* `SinglePassStep` for the registry's risk models (Sequential Linear/ReLU/Dropout): ghost clipping in one
+  backward pass (ghost.py), noise drawn in one call for all parameters;
+* `OpacusGhostStep` for any other model Opacus can clip: Opacus' own fast-gradient-clipping module,
+  optimizer and loss (what `PrivacyEngine.make_private(grad_sample_mode="ghost")` assembles), built here
+  directly so the accountant is told the sample rate q = batch_size / n of our own Poisson sampler
+  instead of `1 / len(data_loader)`.
+
+Both leave the privatised average gradient in `p.grad` and step the (Opacus) accountant once per step,
+empty batches included. The caller then adds anything data-independent (the FedProx term) and runs the
+base optimizer: post-processing of a private gradient costs no privacy.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from opacus.accountants.accountant import IAccountant
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from site_node.training.ghost import SinglePassGhostClipping, supports
+
+
+class DPStep(Protocol):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Set every parameter's `.grad` to the privatised gradient of batch (x, y); return its loss sum."""
+        ...
+
+    def close(self) -> None:
+        """Remove anything the engine attached to the model."""
+        ...
+
+
+class SinglePassStep:
+    def __init__(
+        self,
+        model: nn.Sequential,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        expected_batch_size: float,
+        accountant: IAccountant,
+        generator: torch.Generator,
+    ) -> None:
+        self._clipping = SinglePassGhostClipping(model, max_grad_norm)
+        self._params = self._clipping.parameters
+        self._sizes = [p.numel() for p in self._params]
+        # Noise on the sum has std sigma C; dividing the sum by q n is folded into the clip factors.
+        self._scale = 1.0 / expected_batch_size
+        self._noise_std = noise_multiplier * max_grad_norm * self._scale
+        self._noise_multiplier = noise_multiplier
+        self._sample_rate = sample_rate
+        self._accountant = accountant
+        self._generator = generator
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        grads, loss_sum = self._clipping.clipped_sum(x, y, scale=self._scale)
+        noise = torch.randn(sum(self._sizes), generator=self._generator, dtype=grads[0].dtype)
+        for p, grad, chunk in zip(self._params, grads, noise.split(self._sizes), strict=True):
+            p.grad = grad.add_(chunk.view_as(grad), alpha=self._noise_std)
+        self._accountant.step(noise_multiplier=self._noise_multiplier, sample_rate=self._sample_rate)
+        return loss_sum
+
+    def close(self) -> None:
+        """Nothing is attached to the model."""
+
+
+class OpacusGhostStep:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        expected_batch_size: float,
+        accountant: IAccountant,
+        generator: torch.Generator,
+    ) -> None:
+        ModuleValidator.validate(model, strict=True)
+        self._module = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm, use_ghost_clipping=True
+        )
+        self._optimizer = DPOptimizerFastGradientClipping(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=generator,
+        )
+        self._optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        self._criterion = DPLossFastGradientClipping(
+            self._module, self._optimizer, nn.BCEWithLogitsLoss(), loss_reduction="mean"
+        )
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._optimizer.zero_grad(set_to_none=True)
+        loss = self._criterion(self._module(x).squeeze(-1), y)
+        loss.backward()
+        if not self._optimizer.pre_step():
+            raise RuntimeError("Opacus skipped a DP step; every sampled step must be taken and accounted")
+        return loss.loss_per_sample.detach().sum()
+
+    def close(self) -> None:
+        self._module.to_standard_module()
+
+
+def make_step(
+    engine: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    sample_rate: float,
+    expected_batch_size: float,
+    accountant: IAccountant,
+    generator: torch.Generator,
+) -> DPStep:
+    """The engine named (`"single-pass"`, `"opacus"`), or with `"auto"` the fastest one that fits `model`."""
+    settings = {
+        "noise_multiplier": noise_multiplier,
+        "max_grad_norm": max_grad_norm,
+        "sample_rate": sample_rate,
+        "expected_batch_size": expected_batch_size,
+        "accountant": accountant,
+        "generator": generator,
+    }
+    if engine == "auto":
+        engine = "single-pass" if supports(model) else "opacus"
+    if engine == "single-pass":
+        if not isinstance(model, nn.Sequential) or not supports(model):
+            raise ValueError("the single-pass engine needs an nn.Sequential of Linear, ReLU and Dropout layers")
+        return SinglePassStep(model, **settings)
+    if engine == "opacus":
+        return OpacusGhostStep(model, optimizer, **settings)
+    raise ValueError(f"unknown DP engine '{engine}'; use 'auto', 'single-pass' or 'opacus'")

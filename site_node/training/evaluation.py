@@ -1,0 +1,69 @@
+"""Evaluate a risk model on a site's own data: log loss, AUROC, Brier score, counts.
+
+AUROC is computed from rank statistics (Mann-Whitney U with average ranks for tied scores) in numpy, so
+a site node needs no scikit-learn at run time. These metrics are computed on patient data without noise;
+`min_cell_count` withholds every outcome-dependent value when either class is smaller than the site's
+small-cell threshold, because with, say, two deaths the AUROC and the loss describe those two patients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative (ties count one half);
+    NaN when a class is missing or a score is not finite."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0 or not np.isfinite(s).all():
+        return math.nan
+    _, group, counts = np.unique(s, return_inverse=True, return_counts=True)
+    # A group of tied scores occupies ranks end - count + 1 .. end; each member gets their mean.
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0
+    rank_sum = float(average_rank[group][y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def evaluate(
+    model: nn.Module, features: np.ndarray, labels: np.ndarray, min_cell_count: int | None = None
+) -> dict[str, float | int | None]:
+    """{loss, auroc, brier, num_examples, num_positive} of `model` (one logit per example) on the data.
+
+    With `min_cell_count`, a count below it is None, and so are loss, AUROC and Brier score whenever
+    positives or negatives number fewer than it. The model's train/eval mode is left as it was.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    y = np.asarray(labels, dtype=np.float32)
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
+        raise ValueError(f"evaluation needs (n, d) features and (n,) labels with n > 0; got {x.shape}, {y.shape}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x).squeeze(-1)
+    finally:
+        model.train(was_training)
+    target = torch.from_numpy(y)
+    probabilities = torch.sigmoid(logits)
+    n, n_pos = len(y), int(y.sum())
+    metrics: dict[str, float | int | None] = {
+        "loss": float(F.binary_cross_entropy_with_logits(logits, target)),
+        "auroc": auroc(y, logits.numpy()),
+        "brier": float((probabilities - target).square().mean()),
+        "num_examples": n,
+        "num_positive": n_pos,
+    }
+    if min_cell_count is not None:
+        if n < min_cell_count:
+            metrics["num_examples"] = None
+        if min(n_pos, n - n_pos) < min_cell_count:
+            metrics.update(loss=None, auroc=None, brier=None, num_positive=None)
+    return metrics

@@ -39,6 +39,8 @@ class DPStep(Protocol):
 
 
 class SinglePassStep:
+    """The DP-SGD step for the registry's models, with per-step work kept to a few tensor operations."""
+
     def __init__(
         self,
         model: nn.Sequential,
@@ -74,6 +76,8 @@ class SinglePassStep:
 
 
 class OpacusGhostStep:
+    """The DP-SGD step through Opacus' ghost clipping, for models the single-pass engine does not cover."""
+
     def __init__(
         self,
         model: nn.Module,

@@ -376,7 +376,7 @@ def train_local(
         metrics = evaluated.metrics
         table.add_row(
             str(server_round),
-            f"{trained.metrics.get('train-loss', float('nan')):.4f}",
+            f"{trained.local_train_loss:.4f}",
             f"{trained.answer.epsilon_spent:.3f}",
             f"{metrics.get('auroc', float('nan')):.3f}",
             f"{metrics.get('loss', float('nan')):.4f}",

@@ -44,6 +44,9 @@ class RoundOutcome:
     answer: SiteAnswer
     state_dict: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float | int] = field(default_factory=dict)
+    # Stays at the site: the training loss is computed on patients' data without noise, outside the DP
+    # guarantee, so it is shown locally (train-local, the audit) but never sent.
+    local_train_loss: float | None = None
 
 
 @dataclass
@@ -240,7 +243,7 @@ class SiteNode:
             reservation, PrivacyEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=result.steps)
         )
         metrics, suppressed = suppress_small_counts(
-            {"num-examples": result.num_examples, "train-loss": result.train_loss, "epsilon": epsilon},
+            {"num-examples": result.num_examples, "epsilon": epsilon},
             COUNT_METRICS,
             self.policy.min_cell_count,
         )
@@ -252,6 +255,7 @@ class SiteNode:
                 "round": instruction.round_key,
                 "epsilon_after": epsilon,
                 "epsilon_ceiling": ceiling,
+                "train_loss_kept_at_site": result.train_loss,
                 "left_the_site": {
                     "tensors": {name: list(t.shape) for name, t in result.state_dict.items()},
                     "update_norm": result.update_norm,
@@ -267,7 +271,7 @@ class SiteNode:
             epsilon_ceiling=ceiling,
             suppressed=",".join(suppressed) or None,
         )
-        return RoundOutcome(answer, result.state_dict, metrics)
+        return RoundOutcome(answer, result.state_dict, metrics, local_train_loss=result.train_loss)
 
     def _evaluate(self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor]) -> RoundOutcome:
         spec, digest = self._recognise(instruction)

@@ -22,7 +22,7 @@ from federation.study import StudyError, StudySpec, study_hash
 from site_node.cohort import CohortError, StudyDataset, build_dataset, feature_names
 from site_node.config import SiteConfig
 from site_node.governance import BudgetRefused, Governance, PrivacyEvent, load_policy, suppress_small_counts
-from site_node.governance.ledger import RELEASED, RoundAlreadyTrained
+from site_node.governance.ledger import RELEASED, RESERVED, RoundAlreadyTrained
 from site_node.training import NotPrivateError, calibrate_noise, check_privacy_honest, evaluate, schedule, train_dp
 
 COUNT_METRICS = ("num-examples", "num-positive")
@@ -178,8 +178,42 @@ class SiteNode:
             delta = self.policy.max_delta
         return delta
 
+    def _budget_left(self, spec: StudySpec, digest: str, round_key: str) -> None:
+        """Refuse before reading any patient data when the budget cannot cover another round.
+
+        The exact projection needs the cohort size (the sampling rate), so it is the ledger's reservation,
+        later. Here the next round is assumed to cost what the study's last round here cost: cohorts
+        change little between rounds, and a larger one would cost slightly less, so this errs on the safe
+        side. A retry of a round whose reservation survived a crash is let through: its budget is held.
+        """
+        ledger = self.governance.ledger
+        reservations = [r for r in ledger.reservations(digest) if r.status != RELEASED]
+        if any(r.round_key == round_key and r.status == RESERVED for r in reservations):
+            return
+        study_ceiling = min(spec.privacy.target_epsilon, self.policy.study_epsilon_ceiling)
+        spent, site_spent = ledger.spent(digest), ledger.site_spent()
+        if reservations:
+            last = reservations[-1]
+            events = [r.event for r in reservations] + [last.event]
+            projected = ledger.epsilon(events, min(r.delta for r in reservations), last.accountant)
+        else:
+            projected = spent
+        if projected > study_ceiling:
+            raise Refusal(
+                RefusalCode.BUDGET,
+                f"study '{spec.study.id}' has spent epsilon {spent:.3f} of its {study_ceiling:g} at "
+                f"{self.config.site_id}; another round like the last would take it to {projected:.3f}.",
+            )
+        if site_spent + (projected - spent) > self.policy.site_epsilon_ceiling:
+            raise Refusal(
+                RefusalCode.BUDGET,
+                f"{self.config.site_id} has spent epsilon {site_spent:.3f} of its site-wide ceiling "
+                f"{self.policy.site_epsilon_ceiling:g}; another round of '{spec.study.id}' would exceed it.",
+            )
+
     def _train(self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor]) -> RoundOutcome:
         spec, digest = self._recognise(instruction)
+        self._budget_left(spec, digest, instruction.round_key)
         plan = self._data(spec, digest)
         train = plan.dataset.subset("train")
         n_train = len(train.person_ids)

@@ -96,6 +96,12 @@ def test_whole_schedule_stays_within_target_and_next_round_is_refused(prepared_s
     assert spent[-1] > 0.8 * spec.privacy.target_epsilon, "noise is calibrated to use the budget, not waste it"
     extra = node.train(instruction(spec, server_round=4), state)
     assert extra.answer.code == RefusalCode.BUDGET and "epsilon" in extra.answer.reason
+    # With the budget spent, the refusal comes before any patient data is read: a site whose OMOP
+    # database is gone still answers "budget", not a database error.
+    missing = node.config.omop.model_copy(update={"url": f"sqlite:///{tmp_path / 'gone.sqlite'}"})
+    node.config = node.config.model_copy(update={"omop": missing})
+    again = node.train(instruction(spec, server_round=5), state)
+    assert again.answer.code == RefusalCode.BUDGET, again.answer.reason
 
 
 def test_site_ceiling_below_study_target_refuses(prepared_site, tmp_path):

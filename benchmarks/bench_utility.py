@@ -70,9 +70,8 @@ def _train(spec, model, features, labels, epsilon, rounds_done, history, global_
 
 
 def _auroc_per_site(spec, state, sites) -> list[float]:
-    from site_node.training import evaluate
-
     from federation.models import build_model
+    from site_node.training import evaluate
 
     scores = []
     for dataset in sites.values():

@@ -19,7 +19,8 @@ import torch
 from federation.models import build_model
 from federation.protocol import ProtocolError, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
 from federation.study import StudyError, StudySpec, study_hash
-from site_node.cohort import CohortError, StudyDataset, build_dataset, feature_names
+from federation.study.features import feature_names
+from site_node.cohort import CohortError, StudyDataset, build_dataset
 from site_node.config import SiteConfig
 from site_node.governance import BudgetRefused, Governance, PrivacyEvent, load_policy, suppress_small_counts
 from site_node.governance.ledger import RELEASED, RESERVED, RoundAlreadyTrained

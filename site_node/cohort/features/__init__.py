@@ -1,8 +1,9 @@
 """Covariates computed from OMOP for the chosen examples, in an order fixed by the study spec alone.
 
 Static features are demographics, then occurrences, then values, then categorical covariates, each group in
-the spec's order; time series are separate (`series`). Each group module has `names` (from the spec only,
-so every site produces the same columns even without data for one) and `compute` (rows = the examples).
+the spec's order; time series are separate (`series`). The column names come from the study contract
+(`federation.study.features`), so every site produces the same columns even without data for one; each
+group module here has `compute` (rows = the examples, columns in the contract's order).
 """
 
 from __future__ import annotations
@@ -10,26 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from federation.study.spec import CovariateSpec, StudySpec
+from federation.study.features import feature_names, series_names
+from federation.study.spec import CovariateSpec
 from site_node.cohort.features import categorical, demographics, occurrences, time_series, values
 from site_node.cohort.omop_source import OmopSource
-
-
-def feature_names(spec: StudySpec | CovariateSpec) -> list[str]:
-    """The static feature columns of a study, identical at every site."""
-    covariates = spec.covariates if isinstance(spec, StudySpec) else spec
-    return (
-        demographics.names(covariates.demographics)
-        + occurrences.names(covariates.occurrences)
-        + values.names(covariates.values)
-        + categorical.names(covariates.categorical)
-    )
-
-
-def series_names(spec: StudySpec | CovariateSpec) -> list[str]:
-    """The time-series channels (C axis) of a study."""
-    covariates = spec.covariates if isinstance(spec, StudySpec) else spec
-    return time_series.names(covariates.time_series)
 
 
 def static_features(source: OmopSource, examples: pd.DataFrame, covariates: CovariateSpec) -> np.ndarray:

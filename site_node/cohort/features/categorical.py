@@ -17,16 +17,8 @@ from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.windows import events_in_window, hours_window
 
 
-def names(covariates: Sequence[CategoricalCovariate]) -> list[str]:
-    out: list[str] = []
-    for covariate in covariates:
-        out += [f"{covariate.name}_{value}" for value in covariate.value_concept_ids]
-        out += [f"{covariate.name}_other", f"{covariate.name}_missing"]
-    return out
-
-
 def compute(source: OmopSource, examples: pd.DataFrame, covariates: Sequence[CategoricalCovariate]) -> np.ndarray:
-    """(n, k) in the order of `names`."""
+    """(n, k) in the order of `federation.study.features.feature_names`."""
     n = len(examples)
     columns: list[np.ndarray] = []
     for covariate in covariates:

@@ -13,15 +13,8 @@ from site_node.cohort.scaling import scale_age
 MALE, FEMALE = 8507, 8532  # OMOP gender concepts; anything else (incl. 0, unknown) is 'other'
 
 
-def names(demographics: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    for item in demographics:
-        out += ["age"] if item == "age" else ["gender_male", "gender_female", "gender_other"]
-    return out
-
-
 def compute(examples: pd.DataFrame, demographics: Sequence[str]) -> np.ndarray:
-    """(n, k) in the order of `names`: age / 100, and gender one-hot."""
+    """(n, k) in the order of `federation.study.features.feature_names`: age / 100, and gender one-hot."""
     columns: list[np.ndarray] = []
     gender = examples["gender_concept_id"].to_numpy(dtype=np.float64)
     for item in demographics:

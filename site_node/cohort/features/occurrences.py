@@ -17,10 +17,6 @@ from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.windows import events_in_window, hours_window
 
 
-def names(covariates: Sequence[OccurrenceCovariate]) -> list[str]:
-    return [c.name for c in covariates]
-
-
 def compute(source: OmopSource, examples: pd.DataFrame, covariates: Sequence[OccurrenceCovariate]) -> np.ndarray:
     """(n, k): 1.0 where the window relative to the index holds one of the concepts, else 0.0."""
     columns = []

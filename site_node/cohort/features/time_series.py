@@ -28,10 +28,6 @@ from site_node.cohort.windows import events_in_window, hours_window
 CHANNELS = ("value", "mask", "hours_since_last")
 
 
-def names(covariates: Sequence[TimeSeriesCovariate]) -> list[str]:
-    return [c.name for c in covariates]
-
-
 def bin_count(covariate: TimeSeriesCovariate) -> int:
     return round((covariate.window.end_hours - covariate.window.start_hours) / covariate.bin_hours)
 

@@ -20,14 +20,6 @@ from site_node.cohort.scaling import scale_count, value_scale
 from site_node.cohort.windows import events_in_window, hours_window
 
 
-def names(covariates: Sequence[ValueCovariate]) -> list[str]:
-    out: list[str] = []
-    for covariate in covariates:
-        out += [f"{covariate.name}_{statistic}" for statistic in covariate.statistics]
-        out.append(f"{covariate.name}_missing")
-    return out
-
-
 def summarise(events: pd.DataFrame) -> pd.DataFrame:
     """Per person: latest, mean, min, max and count of `value` (events sorted by time inside)."""
     ordered = events.sort_values(["person_id", "offset_s", "row_id"])
@@ -44,7 +36,7 @@ def summarise(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def compute(source: OmopSource, examples: pd.DataFrame, covariates: Sequence[ValueCovariate]) -> np.ndarray:
-    """(n, k) in the order of `names`."""
+    """(n, k) in the order of `federation.study.features.feature_names`."""
     n = len(examples)
     columns: list[np.ndarray] = []
     for covariate in covariates:

@@ -101,3 +101,5 @@ class SiteAnswer(_Record):
     epsilon_spent: float | None = None  # this study at this site, cumulative, after the round
     epsilon_ceiling: float | None = None
     suppressed: str | None = None  # comma-separated metric names withheld under the cell-count floor
+    cohort_snapshot: str | None = None  # SHA-256 of the data the round used (proves which data, reveals none)
+    consent_snapshot: str | None = None  # SHA-256 of the consent state applied (exclusions on record)

@@ -10,6 +10,8 @@ always says what happened: a refusal carries a code and a sentence, never silenc
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import traceback
 from dataclasses import dataclass, field
@@ -55,6 +57,7 @@ class _Plan:
     spec: StudySpec
     study_hash: str
     dataset: StudyDataset
+    consent_snapshot: str
 
 
 class SiteNode:
@@ -136,13 +139,14 @@ class SiteNode:
         return spec, computed
 
     def _data(self, spec: StudySpec, digest: str) -> _Plan:
+        withdrawn = self.governance.withdrawals.person_ids()
         try:
             dataset = build_dataset(
                 self.config.omop.url,
                 spec,
                 split_key=self.config.split_key(),
                 schema=self.config.omop.schema_name,
-                extra_excluded_person_ids=self.governance.withdrawals.person_ids(),
+                extra_excluded_person_ids=withdrawn,
             )
         except CohortError as exc:
             raise Refusal(
@@ -155,7 +159,14 @@ class SiteNode:
                 f"the cohort at {self.config.site_id} is smaller than the site's minimum of "
                 f"{self.policy.min_cohort_size} patients.",
             )
-        return _Plan(spec, digest, dataset)
+        # What consent state this round applied: the site's withdrawals and the count excluded by consent
+        # records, hashed with the site key so the value proves the state without revealing anyone.
+        consent = hmac.new(
+            self.config.split_key(),
+            f"{sorted(withdrawn)}|{dataset.excluded_by_consent}".encode(),
+            hashlib.sha256,
+        ).hexdigest()
+        return _Plan(spec, digest, dataset, consent)
 
     def _model(self, spec: StudySpec, dataset: StudyDataset, global_state: dict[str, torch.Tensor]) -> torch.nn.Module:
         model = build_model(spec.model, dataset.features.shape[1], seed=spec.training.seed)
@@ -252,6 +263,7 @@ class SiteNode:
                 "study_id": spec.study.id,
                 "round": instruction.round_key,
                 "cohort_snapshot": plan.dataset.snapshot_hash,
+                "consent_snapshot": plan.consent_snapshot,
                 "cohort_size": plan.dataset.cohort_size,
                 "excluded_by_consent": plan.dataset.excluded_by_consent,
                 "withdrawals_on_record": len(self.governance.withdrawals.person_ids()),
@@ -305,6 +317,8 @@ class SiteNode:
             epsilon_spent=epsilon,
             epsilon_ceiling=ceiling,
             suppressed=",".join(suppressed) or None,
+            cohort_snapshot=plan.dataset.snapshot_hash,
+            consent_snapshot=plan.consent_snapshot,
         )
         return RoundOutcome(answer, result.state_dict, metrics, local_train_loss=result.train_loss)
 
@@ -330,6 +344,8 @@ class SiteNode:
             status=SiteStatus.EVALUATED,
             epsilon_spent=self.governance.ledger.spent(digest),
             suppressed=",".join(suppressed) or None,
+            cohort_snapshot=plan.dataset.snapshot_hash,
+            consent_snapshot=plan.consent_snapshot,
         )
         return RoundOutcome(answer, None, metrics)
 

@@ -245,6 +245,20 @@ class FederationSpec(_Strict):
     secure_aggregation: bool = False
     round_timeout_seconds: float = Field(600.0, gt=0)
 
+    # Server-side aggregation settings (federation.strategies). They are part of the hash because they change
+    # the global model as much as the sites' training does.
+    # fedadam / fedyogi: the server optimiser of Reddi et al., "Adaptive Federated Optimization" (ICLR 2021).
+    server_learning_rate: float = Field(
+        0.1, gt=0, le=10, description="fedadam/fedyogi: eta, the server step on the pseudo-gradient."
+    )
+    server_beta1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi: first-moment (momentum) decay.")
+    server_beta2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay.")
+    server_tau: float = Field(
+        1e-3, gt=0, le=1, description="fedadam/fedyogi: floor added to sqrt(v); > 0 so a zero v never divides."
+    )
+    # trimmed_mean: share of the updates dropped from each end of every coordinate (at least one each end).
+    trim_fraction: float = Field(0.2, gt=0, lt=0.5, description="trimmed_mean: fraction cut from each end.")
+
 
 class StudyInfo(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{1,63}$")

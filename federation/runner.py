@@ -1,0 +1,316 @@
+"""The coordinator's round loop over Flower's Grid: send, wait, account for every site, aggregate, record.
+
+We drive the Grid ourselves instead of `Strategy.start()` because the coordinator's duties go beyond
+aggregation: every site gets a receipt each round (a refusal with its reason is an answer, not a
+failure), the study stops with a report (not a hang) when fewer than `min_sites` sites trained, the
+state is checkpointed after every round so a killed coordinator resumes, and the site's answers feed
+the model card. Replies are polled at a short interval rather than Grid.send_and_receive's fixed 3 s,
+because that sleep alone would dominate a round on a fast network.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from federation.evaluation import SiteEvaluation, pooled_auroc, pooled_mean
+from federation.models import build_model
+from federation.protocol import ProtocolError, RoundInstruction, SiteAnswer, SiteStatus
+from federation.receipts import Participation, RoundReceipt, SiteReceipt, append_receipt
+from federation.strategies import AggregationError, SiteUpdate, make_aggregator
+from federation.study import StudySpec, study_hash
+from federation.study.features import feature_names
+
+log = logging.getLogger("twinfed.coordinator")
+
+INSTRUCTION_KEY = "instruction"
+ANSWER_KEY = "answer"
+POLL_SECONDS = 0.1
+
+Weights = dict[str, np.ndarray]
+
+
+class StudyStopped(RuntimeError):
+    """The study cannot go on (too few sites); the report says why."""
+
+
+@dataclass
+class RunResult:
+    status: str  # "completed" | "stopped"
+    reason: str
+    completed_rounds: int
+    weights: Weights
+    history: list[dict[str, object]] = field(default_factory=list)
+
+
+def initial_weights(spec: StudySpec) -> Weights:
+    model = build_model(spec.model, len(feature_names(spec)), seed=spec.training.seed)
+    return {name: tensor.detach().cpu().numpy().copy() for name, tensor in model.state_dict().items()}
+
+
+def _record(weights: Weights) -> ArrayRecord:
+    return ArrayRecord({name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in weights.items()})
+
+
+class StudyRunner:
+    """Runs one study over the sites connected to the Grid, writing receipts and checkpoints to `folder`."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        spec: StudySpec,
+        run_name: str,
+        folder: Path,
+        *,
+        resume: bool = False,
+        on_progress: Callable[[str], None] | None = None,
+        node_wait_seconds: float = 120.0,
+    ) -> None:
+        self.grid = grid
+        self.spec = spec
+        self.digest = study_hash(spec)
+        self.run_name = run_name
+        self.folder = folder
+        self.resume = resume
+        self.say = on_progress or (lambda text: log.info(text))
+        self.node_wait_seconds = node_wait_seconds
+        self.aggregator = make_aggregator(spec.federation)
+        self.receipts_path = folder / "receipts.jsonl"
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        weights, first_round, history = self._start()
+        rounds = self.spec.training.rounds
+        for server_round in range(first_round, rounds + 1):
+            nodes = self._nodes()
+            trained, train_receipt = self._train(server_round, nodes, weights)
+            if len(trained) < self.spec.federation.min_sites:
+                reason = (
+                    f"round {server_round}: only {len(trained)} site(s) trained, the study needs "
+                    f"{self.spec.federation.min_sites}. " + _refusal_summary(train_receipt)
+                )
+                train_receipt.note = "stopped: " + reason
+                append_receipt(self.receipts_path, train_receipt)
+                self.say("Study stopped. " + reason)
+                return RunResult("stopped", reason, server_round - 1, weights, history)
+            try:
+                weights, rejected = self.aggregator.aggregate_with_report(weights, trained)
+            except AggregationError as exc:
+                reason = f"round {server_round}: the updates could not be aggregated: {exc}"
+                train_receipt.note = "stopped: " + reason
+                append_receipt(self.receipts_path, train_receipt)
+                self.say("Study stopped. " + reason)
+                return RunResult("stopped", reason, server_round - 1, weights, history)
+            for receipt in train_receipt.sites:
+                if receipt.label in rejected:
+                    receipt.status = Participation.REJECTED
+                    receipt.reason = rejected[receipt.label]
+            train_receipt.aggregated = True
+            append_receipt(self.receipts_path, train_receipt)
+            evaluation_receipt, row = self._evaluate(server_round, self._nodes(), weights)
+            append_receipt(self.receipts_path, evaluation_receipt)
+            row.update(self._train_row(train_receipt))
+            history.append(row)
+            save_checkpoint(
+                self.folder,
+                Checkpoint(self.digest, self.run_name, server_round, weights, self.aggregator.state_dict(), history),
+            )
+            self.say(_progress_line(server_round, rounds, train_receipt, row))
+        return RunResult("completed", f"all {rounds} rounds completed", rounds, weights, history)
+
+    def _start(self) -> tuple[Weights, int, list[dict[str, object]]]:
+        checkpoint = load_checkpoint(self.folder, self.digest) if self.resume else None
+        if checkpoint is None:
+            if (self.folder / "checkpoint.pt").exists() and not self.resume:
+                raise StudyStopped(
+                    f"a run named '{self.run_name}' of this study already exists in {self.folder}; resume it "
+                    "(twinfed study run --resume) or start another with a new --name."
+                )
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.say(f"Study {self.spec.study.id} ({self.digest[:12]}), run '{self.run_name}': starting at round 1.")
+            return initial_weights(self.spec), 1, []
+        self.aggregator.load_state_dict(checkpoint.aggregator_state)
+        self.say(
+            f"Resuming run '{self.run_name}' after round {checkpoint.completed_round} (checkpoint in {self.folder})."
+        )
+        return checkpoint.weights, checkpoint.completed_round + 1, list(checkpoint.history)
+
+    def _nodes(self) -> list[int]:
+        """The connected sites; waits (bounded) until at least `min_sites` are there."""
+        deadline = time.monotonic() + self.node_wait_seconds
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.spec.federation.min_sites or time.monotonic() > deadline:
+                return nodes
+            time.sleep(0.5)
+
+    # --- one exchange -----------------------------------------------------------------------------
+
+    def _exchange(
+        self, phase: str, server_round: int, nodes: list[int], weights: Weights
+    ) -> tuple[dict[int, Message], dict[int, float], dt.datetime]:
+        started = dt.datetime.now(dt.UTC)
+        instruction = RoundInstruction.for_study(self.spec, self.run_name, server_round)
+        timeout = self.spec.federation.round_timeout_seconds
+        messages = [
+            Message(
+                RecordDict({"arrays": _record(weights), INSTRUCTION_KEY: instruction.to_config_record()}),
+                dst_node_id=node,
+                message_type=phase,
+                group_id=str(server_round),
+                ttl=timeout,
+            )
+            for node in nodes
+        ]
+        sent_at = time.monotonic()
+        pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), nodes, strict=True)}
+        replies: dict[int, Message] = {}
+        seconds: dict[int, float] = {}
+        while pending and time.monotonic() - sent_at < timeout:
+            for reply in self.grid.pull_messages(list(pending)):
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    replies[node] = reply
+                    seconds[node] = time.monotonic() - sent_at
+            if pending:
+                time.sleep(POLL_SECONDS)
+        return replies, seconds, started
+
+    def _site_receipt(
+        self, node: int, reply: Message | None, seconds: float | None
+    ) -> tuple[SiteReceipt, Message | None]:
+        if reply is None:
+            return SiteReceipt(
+                node_id=node,
+                status=Participation.TIMED_OUT,
+                reason=f"no answer within {self.spec.federation.round_timeout_seconds:g} s",
+            ), None
+        if reply.has_error():
+            return SiteReceipt(
+                node_id=node, status=Participation.FAILED, reason=f"the site's app failed: {reply.error.reason}",
+                seconds=seconds,
+            ), None  # fmt: skip
+        try:
+            record = reply.content.config_records.get(ANSWER_KEY)
+            answer = SiteAnswer.from_config_record(record if isinstance(record, ConfigRecord) else None, ANSWER_KEY)
+        except ProtocolError as exc:
+            return SiteReceipt(node_id=node, status=Participation.FAILED, reason=str(exc), seconds=seconds), None
+        metrics = reply.content.metric_records.get("metrics")
+        values = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)}
+        status = {
+            SiteStatus.TRAINED: Participation.TRAINED,
+            SiteStatus.EVALUATED: Participation.EVALUATED,
+            SiteStatus.REFUSED: Participation.REFUSED,
+        }[answer.status]
+        receipt = SiteReceipt(
+            node_id=node,
+            site_id=answer.site_id,
+            status=status,
+            code=answer.code.value if answer.code else None,
+            reason=answer.reason,
+            epsilon_spent=answer.epsilon_spent,
+            epsilon_ceiling=answer.epsilon_ceiling,
+            num_examples=int(values["num-examples"]) if "num-examples" in values else None,
+            metrics=values,
+            cohort_snapshot=answer.cohort_snapshot,
+            consent_snapshot=answer.consent_snapshot,
+            seconds=seconds,
+        )
+        return receipt, reply
+
+    def _train(self, server_round: int, nodes: list[int], weights: Weights) -> tuple[list[SiteUpdate], RoundReceipt]:
+        replies, seconds, started = self._exchange("train", server_round, nodes, weights)
+        receipts, updates = [], []
+        for node in nodes:
+            receipt, reply = self._site_receipt(node, replies.get(node), seconds.get(node))
+            receipts.append(receipt)
+            if receipt.status == Participation.TRAINED and reply is not None:
+                arrays = reply.content.array_records.get("arrays")
+                if arrays is None:
+                    receipt.status, receipt.reason = Participation.REJECTED, "the site trained but sent no weights"
+                    continue
+                update = {name: t.detach().cpu().numpy() for name, t in arrays.to_torch_state_dict().items()}
+                updates.append(SiteUpdate(receipt.label, update, receipt.num_examples))
+        receipt = RoundReceipt(
+            run_name=self.run_name,
+            server_round=server_round,
+            phase="train",
+            started_at=started,
+            finished_at=dt.datetime.now(dt.UTC),
+            required_sites=self.spec.federation.min_sites,
+            sites=receipts,
+        )
+        return updates, receipt
+
+    def _evaluate(self, server_round: int, nodes: list[int], weights: Weights) -> tuple[RoundReceipt, dict]:
+        replies, seconds, started = self._exchange("evaluate", server_round, nodes, weights)
+        receipts = [self._site_receipt(node, replies.get(node), seconds.get(node))[0] for node in nodes]
+        evaluations = [
+            SiteEvaluation(
+                site_id=r.label,
+                auroc=r.metrics.get("auroc"),
+                loss=r.metrics.get("loss"),
+                brier=r.metrics.get("brier"),
+                num_examples=int(r.metrics["num-examples"]) if "num-examples" in r.metrics else None,
+                num_positive=int(r.metrics["num-positive"]) if "num-positive" in r.metrics else None,
+            )
+            for r in receipts
+            if r.status == Participation.EVALUATED
+        ]
+        pooled = pooled_auroc(evaluations)
+        row: dict[str, object] = {
+            "round": server_round,
+            "auroc": pooled.value if pooled else None,
+            "auroc_low": pooled.low if pooled else None,
+            "auroc_high": pooled.high if pooled else None,
+            "auroc_sites": pooled.sites if pooled else 0,
+            "loss": pooled_mean(evaluations, "loss"),
+            "brier": pooled_mean(evaluations, "brier"),
+            "site_auroc": {e.site_id: e.auroc for e in evaluations},
+        }
+        receipt = RoundReceipt(
+            run_name=self.run_name,
+            server_round=server_round,
+            phase="evaluate",
+            started_at=started,
+            finished_at=dt.datetime.now(dt.UTC),
+            required_sites=self.spec.federation.min_sites,
+            sites=receipts,
+        )
+        return receipt, row
+
+    @staticmethod
+    def _train_row(receipt: RoundReceipt) -> dict[str, object]:
+        return {
+            "seconds": (receipt.finished_at - receipt.started_at).total_seconds(),
+            "slowest_site_seconds": max((s.seconds or 0.0 for s in receipt.sites), default=0.0),
+            "epsilon": {s.label: s.epsilon_spent for s in receipt.sites if s.epsilon_spent is not None},
+            "participation": {s.label: s.status.value for s in receipt.sites},
+        }
+
+
+def _refusal_summary(receipt: RoundReceipt) -> str:
+    parts = [
+        f"{s.label}: {s.status.value}" + (f" ({s.code}: {s.reason})" if s.reason else "")
+        for s in receipt.sites
+        if s.status != Participation.TRAINED
+    ]
+    return "; ".join(parts) if parts else "No site was connected."
+
+
+def _progress_line(server_round: int, rounds: int, receipt: RoundReceipt, row: dict) -> str:
+    auroc = row.get("auroc")
+    interval = f" ({row['auroc_low']:.3f}-{row['auroc_high']:.3f})" if auroc is not None else ""
+    shown = f"{auroc:.3f}{interval}" if auroc is not None else "n/a"
+    return f"Round {server_round}/{rounds}: {receipt.summary()}; pooled test AUROC {shown}"

@@ -1,0 +1,115 @@
+"""Submitting a study to a coordinator as a Flower run, the way `flwr run` does, without Flower's templates.
+
+A Flower run needs an app (a FAB: a pyproject.toml naming the ServerApp and ClientApp). Ours is written
+here, not downloaded (`flwr new` needs the internet): its components are the installed
+`federation.serverapp:app` and `site_node.clientapp:app`, so sites run the code they installed and
+approved, never code shipped inside the FAB. The study travels in the run configuration, base64 of its
+canonical JSON, from which every site recomputes the hash it approved.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from federation.serverapp import encode_study
+from federation.study import StudySpec, canonical_json
+
+APP_NAME = "twinfed-study"
+CONNECTION = "twinfed"
+
+
+def app_pyproject(version: str) -> str:
+    return f"""[project]
+name = "{APP_NAME}"
+version = "{version}"
+description = "A twinfed study: the coordinator's ServerApp and the sites' ClientApp, both from installed twinfed"
+requires-python = ">=3.11,<3.13"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "twinfed"
+
+[tool.flwr.app.components]
+serverapp = "federation.serverapp:app"
+clientapp = "site_node.clientapp:app"
+
+[tool.flwr.app.config]
+study = ""
+run-name = ""
+resume = false
+node-wait-seconds = 120.0
+"""
+
+
+def write_connection(flwr_home: Path, address: str, root_certificates: Path | None) -> Path:
+    """The flwr CLI's connection file with one connection, `twinfed`, to the coordinator."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{address}"']
+    if root_certificates is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{Path(root_certificates).resolve()}"')
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@contextmanager
+def study_app() -> Iterator[Path]:
+    """A temporary app folder holding only the pyproject.toml of our Flower app."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("twinfed")
+    except PackageNotFoundError:
+        release = "0.0.0"
+    with tempfile.TemporaryDirectory(prefix="twinfed-app-") as folder:
+        app = Path(folder) / APP_NAME
+        app.mkdir()
+        (app / "pyproject.toml").write_text(app_pyproject(release), encoding="utf-8")
+        (app / "README.md").write_text("twinfed study app: components come from the installed twinfed.\n")
+        yield app
+
+
+def run_config_args(spec: StudySpec, run_name: str, resume: bool, node_wait_seconds: float) -> list[str]:
+    study = encode_study(canonical_json(spec))
+    values = f'study="{study}" run-name="{run_name}" resume={"true" if resume else "false"}'
+    return ["--run-config", values + f" node-wait-seconds={node_wait_seconds}"]
+
+
+def flwr_executable() -> str:
+    local = Path(sys.executable).parent / "flwr"
+    return str(local) if local.exists() else "flwr"
+
+
+def submit(
+    spec: StudySpec,
+    flwr_home: Path,
+    *,
+    run_name: str,
+    resume: bool = False,
+    node_wait_seconds: float = 120.0,
+    stream: bool = True,
+) -> int:
+    """Run `flwr run` for the study against the `twinfed` connection in `flwr_home`; returns its exit code.
+
+    With `stream`, the run's log (the coordinator's progress lines) is followed until the run ends.
+    """
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    with study_app() as app:
+        settings = run_config_args(spec, run_name, resume, node_wait_seconds)
+        command = [flwr_executable(), "run", str(app), CONNECTION, *settings]
+        if stream:
+            command.append("--stream")
+        return subprocess.run(command, env=env, check=False).returncode

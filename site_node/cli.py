@@ -386,3 +386,64 @@ def train_local(
             f"test AUROC {metrics.get('auroc', float('nan')):.3f}"
         )
     console.print(table)
+
+
+@site_app.command("keygen")
+def keygen(
+    folder: Annotated[Path, typer.Argument(help="Folder for the key pair (created if needed).")],
+    site_id: Annotated[str, typer.Option("--site-id", help="This hospital's site id, as in its site.yaml.")],
+) -> None:
+    """Generate this site's SuperNode key pair here, so the private key never leaves the hospital.
+
+    Writes FOLDER/SITE.key (mode 0600) and FOLDER/SITE.pub. Send only SITE.pub to the coordinator, who
+    adds it with `twinfed provision add-site DIR SITE --public-key SITE.pub` and sends back ca.crt.
+    Existing keys are never overwritten.
+    """
+    from site_node.keys import SiteKeyError, generate_site_keys
+
+    try:
+        keys = generate_site_keys(folder, site_id)
+    except SiteKeyError as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(f"Wrote {keys.private_key} (keep it here, mode 0600) and {keys.public_key}.")
+    typer.echo(f"Fingerprint {keys.fingerprint}: read it to the coordinator when you send {keys.public_key.name}.")
+
+
+@site_app.command("start")
+def start(
+    site_config: SiteFile,
+    superlink: Annotated[
+        str, typer.Option("--superlink", help="The consortium's SuperLink as HOST:PORT (outbound HTTPS).")
+    ],
+    ca: Annotated[Path, typer.Option("--ca", dir_okay=False, help="The consortium CA certificate (ca.crt).")],
+    key: Annotated[Path, typer.Option("--key", dir_okay=False, help="This site's private key (SITE.key, 0600).")],
+    runtime_port: Annotated[
+        int,
+        typer.Option("--runtime-port", min=1, max=65535, help="Local port (127.0.0.1) for this node's ClientApps."),
+    ] = 9094,
+    flwr_home: Annotated[
+        Path | None,
+        typer.Option("--flwr-home", file_okay=False, help="Flower's working folder. Default: SITE-FOLDER/flwr-home."),
+    ] = None,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--log-file", dir_okay=False, help="Where the SuperNode logs. Default: SITE-FOLDER/supernode.log."
+        ),
+    ] = None,
+) -> None:
+    """Connect this site to the consortium: run its Flower SuperNode until Ctrl-C or SIGTERM.
+
+    The connection is outbound only, over TLS checked against the consortium CA, and the site proves who it
+    is with its private key (the coordinator must have registered the matching public key). Every round
+    then runs this site's policy, ledger and audit from the site file. The site file, key and CA are
+    checked before anything starts.
+    """
+    from site_node.supernode import SuperNodeError, prepare_launch, run_supernode
+
+    try:
+        launch = prepare_launch(site_config, superlink, ca, key, runtime_port, flwr_home, log_file)
+        code = run_supernode(launch, say=typer.echo)
+    except SuperNodeError as exc:
+        raise _fail(str(exc), 1) from None
+    raise typer.Exit(code)

@@ -2,7 +2,7 @@
 
 * data (omop_etl): `twinfed synth`, `twinfed inspect`
 * site node (site_node): `twinfed site ...`
-* coordinator (federation): `twinfed coordinator ...`, `twinfed study ...`
+* coordinator (federation): `twinfed coordinator ...`, `twinfed provision ...`, `twinfed study ...`
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from federation.cli import coordinator_app
+from federation.cli import coordinator_app, provision_app
 from federation.study_cli import study_app
 from omop_etl.cli import register as register_data_commands
 from site_node.cli import site_app
@@ -33,6 +33,7 @@ app = typer.Typer(
 register_data_commands(app)
 app.add_typer(site_app, name="site", rich_help_panel="Hospital site node")
 app.add_typer(coordinator_app, name="coordinator", rich_help_panel="Consortium coordinator")
+app.add_typer(provision_app, name="provision", rich_help_panel="Consortium coordinator")
 app.add_typer(study_app, name="study", rich_help_panel="Consortium coordinator")
 
 

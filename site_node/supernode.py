@@ -1,0 +1,214 @@
+"""`twinfed site start`: run this hospital's Flower SuperNode, checked before it starts and supervised after.
+
+The SuperNode connects outbound only (the hospital opens no inbound port): it dials the consortium's
+SuperLink over TLS, verifies it with the consortium CA, and proves who it is with the site's private key.
+It runs its own Runtime API on 127.0.0.1 for the ClientApp processes it spawns; two SuperNodes on one
+host need different runtime ports and FLWR_HOME folders. The site file reaches every ClientApp call as
+`--node-config 'site-config="/absolute/site.yaml"'` (node-config values are TOML, hence the inner quotes).
+
+Everything that would make Flower fail later, or retry forever, is checked first and refused with a
+sentence: a site file that does not load, a missing or exposed key, a CA that is not a certificate, a
+SuperLink that answers with a certificate the CA does not vouch for, a runtime port already taken.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from federation.deployment import (
+    DeploymentError,
+    ProcessSpec,
+    StopRequested,
+    Supervised,
+    check_port_free,
+    flower_env,
+    flower_executable,
+    format_address,
+    probe_superlink,
+    split_address,
+    stop_signals,
+)
+from federation.provision import ProvisionError, load_certificate
+from site_node.config import SiteConfigError, load_site_config
+from site_node.keys import SiteKeyError, fingerprint_of, load_site_private_key
+
+SITE_CONFIG_KEY = "site-config"  # what site_node.clientapp reads from context.node_config
+DEFAULT_RUNTIME_PORT = 9094
+RUNTIME_HOST = "127.0.0.1"  # the Runtime API serves only this host's ClientApp processes
+# Flower 1.42: an unregistered key gets HTTP 412 on /v1/fleet/activate-node; the SuperNode then logs
+# "Exit Code: 305 ... [code: 2004] Failed to activate SuperNode." and the process exits with status 1.
+ACTIVATION_FAILED_TEXT = "Failed to activate SuperNode"
+
+
+class SuperNodeError(RuntimeError):
+    """The SuperNode cannot start or has stopped; the message says what the hospital's IT can do."""
+
+
+@dataclass(frozen=True)
+class SiteLaunch:
+    """A checked SuperNode start: every path absolute, the key loaded once and fingerprinted."""
+
+    site_id: str
+    site_config: Path
+    superlink: str
+    ca: Path
+    key: Path
+    fingerprint: str
+    runtime_port: int
+    flwr_home: Path
+    log_file: Path
+
+
+def node_config_arg(site_config: Path) -> str:
+    """`site-config="<path>"`: a TOML string; Flower's parser takes a double-quoted value without inner quotes."""
+    text = str(site_config)
+    if '"' in text:
+        raise SuperNodeError(f"{site_config}: the site file's path contains a double quote; move it to a plain path.")
+    return f"{SITE_CONFIG_KEY}={json.dumps(text)}"
+
+
+def prepare_launch(
+    site_config: Path,
+    superlink: str,
+    ca: Path,
+    key: Path,
+    runtime_port: int = DEFAULT_RUNTIME_PORT,
+    flwr_home: Path | None = None,
+    log_file: Path | None = None,
+) -> SiteLaunch:
+    """Check everything the SuperNode needs, locally (no network), and fix the paths it will use."""
+    try:
+        config = load_site_config(Path(site_config))
+    except SiteConfigError as exc:
+        raise SuperNodeError(f"Not starting: {exc}") from None
+    try:
+        split_address(superlink)
+    except DeploymentError as exc:
+        raise SuperNodeError(f"Not starting: --superlink {exc}") from None
+    try:
+        private_key = load_site_private_key(Path(key))
+        load_certificate(Path(ca))
+    except (SiteKeyError, ProvisionError) as exc:
+        raise SuperNodeError(f"Not starting: {exc}") from None
+    node_config_arg(Path(site_config).resolve())  # a path Flower's --node-config parser cannot carry
+    site_folder = config.base_dir
+    return SiteLaunch(
+        site_id=config.site_id,
+        site_config=Path(site_config).resolve(),
+        superlink=superlink,
+        ca=Path(ca).resolve(),
+        key=Path(key).resolve(),
+        fingerprint=fingerprint_of(private_key),
+        runtime_port=runtime_port,
+        flwr_home=Path(flwr_home).resolve() if flwr_home else site_folder / "flwr-home",
+        log_file=Path(log_file).resolve() if log_file else site_folder / "supernode.log",
+    )
+
+
+def supernode_process(launch: SiteLaunch) -> ProcessSpec:
+    """The exact flower-supernode command: TLS verified by the CA, key authentication, site file, own port."""
+    argv = [
+        flower_executable("flower-supernode"),
+        "--superlink", launch.superlink,
+        "--root-certificates", str(launch.ca),
+        "--auth-supernode-private-key", str(launch.key),
+        "--node-config", node_config_arg(launch.site_config),
+        "--host", RUNTIME_HOST,
+        "--port", str(launch.runtime_port),
+    ]  # fmt: skip
+    return ProcessSpec(argv=argv, env=flower_env(launch.flwr_home), log_file=launch.log_file)
+
+
+def check_superlink(launch: SiteLaunch) -> str | None:
+    """Refuse a SuperLink whose certificate the CA does not vouch for; a note when it is not reachable yet.
+
+    A wrong CA or an address missing from the certificate would otherwise make the SuperNode retry for ever.
+    """
+    host, port = split_address(launch.superlink)
+    probe = probe_superlink(host, port, launch.ca)
+    if probe.status == "tls-error":
+        raise SuperNodeError(f"Not starting: {probe.detail}")
+    if probe.status == "unreachable":
+        return f"{probe.detail}; the SuperNode will keep trying until the coordinator is up."
+    return None
+
+
+class _LogWatch:
+    """Reads the lines the SuperNode appended since the last look, to tell the operator what happened."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def new_lines(self) -> list[str]:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except OSError:
+            return []
+        complete = data.rfind(b"\n") + 1
+        self.offset += complete
+        return data[:complete].decode("utf-8", errors="replace").splitlines()
+
+
+def _refusal(launch: SiteLaunch, code: int, tail: str) -> SuperNodeError:
+    if ACTIVATION_FAILED_TEXT in tail:
+        return SuperNodeError(
+            f"The SuperLink at {launch.superlink} refused this site's key ({launch.key}, fingerprint "
+            f"{launch.fingerprint}): it is not registered there. Ask the coordinator to check that site "
+            f"{launch.site_id} has this fingerprint in `twinfed provision show DIR` and to run "
+            f"`twinfed coordinator register-site DIR {launch.site_id}` (a key you generated yourself is added "
+            f"first with `twinfed provision add-site DIR {launch.site_id} --public-key {launch.site_id}.pub`); "
+            "then start again."
+        )
+    return SuperNodeError(f"flower-supernode stopped with exit code {code}; last lines of {launch.log_file}:\n{tail}")
+
+
+def run_supernode(launch: SiteLaunch, say: Callable[[str], None] = print) -> int:
+    """Start the SuperNode and supervise it until Ctrl-C/SIGTERM (returns 0) or until it stops on its own.
+
+    Its whole process group (SuperExec and any running ClientApp) is stopped on every way out.
+    """
+    try:
+        spec = supernode_process(launch)
+        check_port_free(RUNTIME_HOST, launch.runtime_port, "this SuperNode's Runtime API (--runtime-port)")
+    except DeploymentError as exc:
+        raise SuperNodeError(f"Not starting: {exc}") from None
+    note = check_superlink(launch)
+    launch.flwr_home.mkdir(parents=True, exist_ok=True)
+    watch = _LogWatch(launch.log_file)
+    child = Supervised(spec)
+    with stop_signals():
+        try:
+            child.start()
+            runtime = format_address(RUNTIME_HOST, launch.runtime_port)
+            say(
+                f"Starting the SuperNode of {launch.site_id} (pid {child.pid}): SuperLink {launch.superlink} over "
+                f"TLS, key fingerprint {launch.fingerprint}, runtime API {runtime}."
+            )
+            say(f"Log: {launch.log_file}")
+            if note:
+                say(note)
+            waiting_said = False
+            while (code := child.exit_code()) is None:
+                for line in watch.new_lines():
+                    if "SuperNode ID:" in line:
+                        node_id = line.rsplit("SuperNode ID:", 1)[1].strip()
+                        say(f"Connected to the SuperLink as node {node_id}. Ctrl-C or SIGTERM stops the SuperNode.")
+                    elif "Connection attempt failed" in line and not waiting_said:
+                        say(f"The SuperLink at {launch.superlink} does not answer yet; retrying (see the log).")
+                        waiting_said = True
+                time.sleep(0.2)
+            raise _refusal(launch, code, child.log_tail())
+        except StopRequested as stop:
+            say(f"{stop} received: stopping the SuperNode...")
+            child.stop()
+            say("SuperNode stopped.")
+            return 0
+        finally:
+            child.stop()

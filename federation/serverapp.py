@@ -18,12 +18,12 @@ import orjson
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from federation.deployment import COORDINATOR_DIR_ENV
 from federation.model_card import write_model_card
 from federation.runner import StudyRunner, StudyStopped
 from federation.study import parse_study
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-COORDINATOR_DIR_ENV = "TWINFED_COORDINATOR_DIR"
 DEFAULT_COORDINATOR_DIR = Path.home() / ".local" / "share" / "twinfed" / "coordinator"
 
 log = logging.getLogger("twinfed.coordinator")

@@ -23,8 +23,7 @@ def _load(path: Path):
     try:
         return load_study(path)
     except StudyError as exc:
-        Console(stderr=True, soft_wrap=True).print(str(exc), markup=False, highlight=False)
-        raise typer.Exit(2) from None
+        raise _fail(str(exc)) from None
 
 
 @study_app.command("hash")
@@ -85,3 +84,69 @@ def check(study: StudyFile) -> None:
     )
     table.add_row("hash", study_hash(spec))
     console.print(table)
+
+
+@study_app.command("run")
+def run(
+    study: StudyFile,
+    coordinator_dir: Annotated[
+        Path,
+        typer.Option(
+            "--coordinator-dir",
+            "-c",
+            file_okay=False,
+            help="The consortium folder of a running `twinfed coordinator start` (its flwr-cli connection is used).",
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Name of this run (default: the study id); outputs are kept per name.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the named run from its last completed round.")
+    ] = False,
+    wait_for_sites: Annotated[
+        float, typer.Option("--wait-for-sites", min=0, help="Seconds to wait for the study's min_sites to connect.")
+    ] = 120.0,
+) -> None:
+    """Run a study on the consortium: submit it to the coordinator and follow its rounds until it ends.
+
+    Every site checks the study against its own approvals and policy; each round's progress line says
+    how many sites trained, refused (and why), failed or timed out. The outputs (receipts of every round,
+    checkpoints, the model card in JSON and HTML, the final weights) are written under
+    COORDINATOR_DIR/studies/<study-id>/<name>/. Exits with status 1 when the study stopped before its
+    last round (for example because fewer than min_sites sites could train).
+    """
+    import json
+    import time
+
+    from federation.deployment import CoordinatorLayout
+    from federation.submission import submit
+
+    spec = _load(study)
+    layout = CoordinatorLayout(coordinator_dir.resolve())
+    if not (layout.cli_home / "config.toml").exists():
+        raise _fail(
+            f"{layout.cli_home / 'config.toml'} does not exist: start the coordinator first "
+            f"(twinfed coordinator start --dir {coordinator_dir})."
+        )
+    run_name = name or spec.study.id
+    folder = layout.studies / spec.study.id / run_name
+    if (folder / "checkpoint.pt").exists() and not resume:
+        raise _fail(
+            f"A run named '{run_name}' exists in {folder}; pass --resume to continue it, or --name for a new one."
+        )
+    submitted = time.time()
+    code = submit(spec, layout.cli_home, run_name=run_name, resume=resume, node_wait_seconds=wait_for_sites)
+    card = folder / "model-card.json"
+    if code != 0 or not card.exists() or card.stat().st_mtime < submitted:
+        raise _fail(f"The run did not finish (flwr exit {code}); the coordinator's log is {layout.log_file}.", 1)
+    result = json.loads(card.read_text(encoding="utf-8"))
+    console.print(f"Study {result['run']['status']}: {result['run']['reason']}")
+    console.print(f"Model card: {folder / 'model-card.html'}")
+    if result["run"]["status"] != "completed":
+        raise typer.Exit(1)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    Console(stderr=True, soft_wrap=True).print(message, markup=False, highlight=False)
+    return typer.Exit(code)

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from federation.deployment import CONNECTION_NAME
 from federation.serverapp import encode_study
 from federation.study import StudySpec, canonical_json
 
 APP_NAME = "twinfed-study"
-CONNECTION = "twinfed"
 
 
 def app_pyproject(version: str) -> str:
@@ -45,19 +45,6 @@ run-name = ""
 resume = false
 node-wait-seconds = 120.0
 """
-
-
-def write_connection(flwr_home: Path, address: str, root_certificates: Path | None) -> Path:
-    """The flwr CLI's connection file with one connection, `twinfed`, to the coordinator."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{address}"']
-    if root_certificates is None:
-        lines.append("insecure = true")
-    else:
-        lines.append(f'root-certificates = "{Path(root_certificates).resolve()}"')
-    path = flwr_home / "config.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 @contextmanager
@@ -97,7 +84,8 @@ def submit(
     node_wait_seconds: float = 120.0,
     stream: bool = True,
 ) -> int:
-    """Run `flwr run` for the study against the `twinfed` connection in `flwr_home`; returns its exit code.
+    """Run `flwr run` for the study over the `twinfed` connection in `flwr_home` (written by `twinfed
+    coordinator start`); returns its exit code.
 
     With `stream`, the run's log (the coordinator's progress lines) is followed until the run ends.
     """
@@ -109,7 +97,7 @@ def submit(
     }
     with study_app() as app:
         settings = run_config_args(spec, run_name, resume, node_wait_seconds)
-        command = [flwr_executable(), "run", str(app), CONNECTION, *settings]
+        command = [flwr_executable(), "run", str(app), CONNECTION_NAME, *settings]
         if stream:
             command.append("--stream")
         return subprocess.run(command, env=env, check=False).returncode

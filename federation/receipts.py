@@ -2,8 +2,9 @@
 
 A site is never dropped silently. Every node the coordinator sent a message to ends the round with one
 receipt: trained or evaluated, refused (with the site's own code and sentence: budget, consent,
-unapproved study, cohort too small...), failed (its ClientApp raised), timed out, or rejected (its update
-was not a valid set of weights). The receipts of a run are appended to `receipts.jsonl` as each round
+unapproved study, cohort too small...), failed (its ClientApp raised), timed out, rejected (its update
+was not a valid set of weights), or disconnected (it answered in an earlier round of the run and was no
+longer connected when this one started). The receipts of a run are appended to `receipts.jsonl` as each round
 ends, so they survive a coordinator crash.
 """
 
@@ -23,6 +24,7 @@ class Participation(StrEnum):
     FAILED = "failed"
     TIMED_OUT = "timed-out"
     REJECTED = "rejected"
+    DISCONNECTED = "disconnected"  # took part earlier in the run, not connected when this round started
 
 
 class SiteReceipt(BaseModel):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -86,6 +87,7 @@ class StudyRunner:
         self.node_wait_seconds = node_wait_seconds
         self.aggregator = make_aggregator(spec.federation)
         self.receipts_path = folder / "receipts.jsonl"
+        self.known_sites: dict[int, tuple[str | None, int]] = {}  # node -> (site id, last round it answered)
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -193,14 +195,24 @@ class StudyRunner:
         if reply is None:
             return SiteReceipt(
                 node_id=node,
+                site_id=self.known_sites.get(node, (None, 0))[0],
                 status=Participation.TIMED_OUT,
                 reason=f"no answer within {self.spec.federation.round_timeout_seconds:g} s",
             ), None
         if reply.has_error():
-            return SiteReceipt(
-                node_id=node, status=Participation.FAILED, reason=f"the site's app failed: {reply.error.reason}",
+            gone = reply.error.code == ErrorCode.NODE_UNAVAILABLE
+            failed = SiteReceipt(
+                node_id=node,
+                site_id=self.known_sites.get(node, (None, 0))[0],
+                status=Participation.DISCONNECTED if gone else Participation.FAILED,
+                reason=(
+                    f"the site disconnected before answering ({reply.error.reason})"
+                    if gone
+                    else f"the site's app failed: {reply.error.reason}"
+                ),
                 seconds=seconds,
-            ), None  # fmt: skip
+            )
+            return failed, None
         try:
             record = reply.content.config_records.get(ANSWER_KEY)
             answer = SiteAnswer.from_config_record(record if isinstance(record, ConfigRecord) else None, ANSWER_KEY)
@@ -231,10 +243,11 @@ class StudyRunner:
 
     def _train(self, server_round: int, nodes: list[int], weights: Weights) -> tuple[list[SiteUpdate], RoundReceipt]:
         replies, seconds, started = self._exchange("train", server_round, nodes, weights)
-        receipts, updates = [], []
+        receipts, updates = self._absent(server_round, nodes), []
         for node in nodes:
             receipt, reply = self._site_receipt(node, replies.get(node), seconds.get(node))
             receipts.append(receipt)
+            self._remember(receipt, server_round)
             if receipt.status == Participation.TRAINED and reply is not None:
                 arrays = reply.content.array_records.get("arrays")
                 if arrays is None:
@@ -255,7 +268,11 @@ class StudyRunner:
 
     def _evaluate(self, server_round: int, nodes: list[int], weights: Weights) -> tuple[RoundReceipt, dict]:
         replies, seconds, started = self._exchange("evaluate", server_round, nodes, weights)
-        receipts = [self._site_receipt(node, replies.get(node), seconds.get(node))[0] for node in nodes]
+        receipts = self._absent(server_round, nodes)
+        for node in nodes:
+            receipt = self._site_receipt(node, replies.get(node), seconds.get(node))[0]
+            receipts.append(receipt)
+            self._remember(receipt, server_round)
         evaluations = [
             SiteEvaluation(
                 site_id=r.label,
@@ -289,6 +306,23 @@ class StudyRunner:
             sites=receipts,
         )
         return receipt, row
+
+    def _remember(self, receipt: SiteReceipt, server_round: int) -> None:
+        if receipt.site_id is not None:
+            self.known_sites[receipt.node_id] = (receipt.site_id, server_round)
+
+    def _absent(self, server_round: int, nodes: list[int]) -> list[SiteReceipt]:
+        """Receipts for sites that answered earlier in this run and are not connected now: never silent."""
+        return [
+            SiteReceipt(
+                node_id=node,
+                site_id=site_id,
+                status=Participation.DISCONNECTED,
+                reason=f"answered in round {last}; not connected when round {server_round} started",
+            )
+            for node, (site_id, last) in sorted(self.known_sites.items())
+            if node not in nodes
+        ]
 
     @staticmethod
     def _train_row(receipt: RoundReceipt) -> dict[str, object]:

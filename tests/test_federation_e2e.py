@@ -1,0 +1,112 @@
+"""A whole study as a consortium runs it: `twinfed coordinator start` (Flower SuperLink, TLS, SuperNode
+authentication), three `twinfed site start` processes (SuperNodes), each site's data steward approving
+the study, and `twinfed study run` following the rounds to a model card.
+
+One run covers what must hold across processes: sites train over TLS and the coordinator aggregates; a
+site out of budget refuses and its receipt says so; a site killed mid-study leaves a time-out receipt and
+the study goes on while `min_sites` are left; every site's audit log verifies afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from federation.provision import ConsortiumLayout, init_consortium
+from federation.receipts import Participation, read_receipts
+from federation.study import load_study, study_hash
+from site_node.config import load_site_config
+from site_node.participation import SiteNode
+from tests.process_helpers import FLOWER_ENV, TWINFED, Running, free_port
+from tests.site_helpers import EXAMPLE_STUDY, fresh_site
+
+SITES = ("aster", "birch", "cedar")
+
+
+def _study_file(folder: Path) -> Path:
+    raw = yaml.safe_load(EXAMPLE_STUDY.read_text())
+    raw["training"].update({"rounds": 2, "local_epochs": 1})
+    raw["federation"].update({"min_sites": 1, "round_timeout_seconds": 25})
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def _site(prepared_site: Path, folder: Path, site_id: str, **policy) -> Path:
+    site_file = fresh_site(prepared_site, folder, **policy)
+    config = yaml.safe_load(site_file.read_text())
+    config["site_id"] = site_id
+    site_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return site_file
+
+
+@pytest.mark.timeout(420)
+def test_study_over_tls_with_a_refusal_and_a_site_killed_mid_study(prepared_site, tmp_path):
+    root = tmp_path / "consortium"
+    init_consortium(root, ["localhost", "127.0.0.1"], list(SITES))
+    keys = ConsortiumLayout(root)
+    study = _study_file(tmp_path)
+    spec = load_study(study)
+    site_files = {
+        "aster": _site(prepared_site, tmp_path / "aster", "aster"),
+        "birch": _site(prepared_site, tmp_path / "birch", "birch"),
+        "cedar": _site(prepared_site, tmp_path / "cedar", "cedar", site_epsilon_ceiling=0.2),  # out of budget
+    }
+    for site_id, site_file in site_files.items():
+        approved = subprocess.run(
+            [TWINFED, "site", "approve", str(study), "--site-config", str(site_file), "--by", f"{site_id} steward"],
+            env=FLOWER_ENV, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert approved.returncode == 0, approved.stdout + approved.stderr
+
+    port = free_port()
+    coordinator = Running([TWINFED, "coordinator", "start", "--dir", str(root), "--port", str(port)])
+    sites: dict[str, Running] = {}
+    try:
+        coordinator.wait_for("Coordinator running", timeout=60)
+        for site_id, site_file in site_files.items():
+            sites[site_id] = Running(
+                [TWINFED, "site", "start", "--site-config", str(site_file), "--superlink", f"127.0.0.1:{port}",
+                 "--ca", str(keys.site_ca(site_id)), "--key", str(keys.site_key(site_id)),
+                 "--runtime-port", str(free_port())]
+            )  # fmt: skip
+        for running in sites.values():
+            running.wait_for("Connected to the SuperLink as node", timeout=60)
+
+        run = Running([TWINFED, "study", "run", str(study), "--coordinator-dir", str(root), "--wait-for-sites", "60"])
+        run.wait_for("Round 1/2", timeout=180)
+        sites["birch"].kill_group()  # a hospital goes away after round 1
+        code = run.wait(timeout=200)
+        assert code == 0, run.output
+        assert "Study completed" in run.output
+    finally:
+        for running in sites.values():
+            running.kill_group()
+        coordinator.kill_group()
+
+    folder = root / "studies" / spec.study.id / spec.study.id
+    receipts = read_receipts(folder / "receipts.jsonl")
+    train = {r.server_round: {s.label: s for s in r.sites} for r in receipts if r.phase == "train"}
+    assert train[1]["aster"].status == Participation.TRAINED and train[1]["birch"].status == Participation.TRAINED
+    assert train[1]["cedar"].status == Participation.REFUSED and train[1]["cedar"].code == "budget"
+    assert "0.2" in train[1]["cedar"].reason
+    assert train[2]["aster"].status == Participation.TRAINED
+    # the stopped hospital is accounted for: disconnected (it left the consortium cleanly) or timed out
+    assert train[2]["birch"].status in (Participation.DISCONNECTED, Participation.TIMED_OUT), train[2]
+    assert train[2]["cedar"].status == Participation.REFUSED
+
+    card = json.loads((folder / "model-card.json").read_text())
+    assert card["run"]["status"] == "completed" and card["study"]["hash"] == study_hash(spec)
+    assert 0 < card["sites"]["aster"]["epsilon_spent"] <= spec.privacy.target_epsilon + 1e-6
+    assert card["sites"]["aster"]["rounds_trained"] == 2 and card["sites"]["birch"]["rounds_trained"] == 1
+    assert card["metrics"]["held_out_auroc"] is not None and (folder / "model-card.html").exists()
+
+    for site_id, site_file in site_files.items():
+        node = SiteNode(load_site_config(site_file))
+        assert node.governance.audit.verify().ok, site_id
+    aster = SiteNode(load_site_config(site_files["aster"]))
+    assert aster.governance.ledger.spent(study_hash(spec)) == pytest.approx(card["sites"]["aster"]["epsilon_spent"])

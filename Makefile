@@ -16,7 +16,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 .PHONY: demo test lint bench clean help
 
 help:
-	@echo "make demo   - generate a 3-hospital consortium, load each hospital into OMOP, check data quality"
+	@echo "make demo   - 3 synthetic hospitals -> OMOP -> data quality -> a federated DP study over TLS -> report"
 	@echo "make test   - run the whole test suite (creates .venv on first use)"
 	@echo "make lint   - ruff"
 	@echo "make bench  - run the benchmarks and update docs/benchmarks.md"
@@ -44,6 +44,9 @@ demo: $(STAMP)
 		$(BIN)/twinfed dq --db sqlite:///$(DEMO_DIR)/omop/$$site.sqlite --report $(DEMO_DIR)/omop/$$site-dq.json \
 			--html $(DEMO_DIR)/omop/$$site-dq.html; status=$$?; [ $$status -le 1 ] || exit $$status; \
 	done
+	@# The consortium: keys, a coordinator and one site node per hospital as real processes talking TLS on
+	@# loopback; each hospital approves the study; the study runs to its model card; audits are verified.
+	$(BIN)/twinfed demo --omop $(DEMO_DIR)/omop --out $(DEMO_DIR)/federation --study configs/study-inpatient-mortality.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

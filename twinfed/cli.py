@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from federation.cli import coordinator_app, provision_app
+from federation.demo_cli import demo
 from federation.study_cli import study_app
 from omop_etl.cli import register as register_data_commands
 from site_node.cli import site_app
@@ -35,6 +36,7 @@ app.add_typer(site_app, name="site", rich_help_panel="Hospital site node")
 app.add_typer(coordinator_app, name="coordinator", rich_help_panel="Consortium coordinator")
 app.add_typer(provision_app, name="provision", rich_help_panel="Consortium coordinator")
 app.add_typer(study_app, name="study", rich_help_panel="Consortium coordinator")
+app.command("demo", rich_help_panel="Demo")(demo)
 
 
 def _reflow(text: str) -> str:

@@ -30,6 +30,7 @@ name = "{APP_NAME}"
 version = "{version}"
 description = "A twinfed study: the coordinator's ServerApp and the sites' ClientApp, both from installed twinfed"
 requires-python = ">=3.11,<3.13"
+license = "Apache-2.0"
 dependencies = []
 
 [tool.flwr.app]

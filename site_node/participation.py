@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -26,9 +27,14 @@ from site_node.cohort import CohortError, StudyDataset, build_dataset
 from site_node.config import SiteConfig
 from site_node.governance import BudgetRefused, Governance, PrivacyEvent, load_policy, suppress_small_counts
 from site_node.governance.ledger import RELEASED, RESERVED, RoundAlreadyTrained
+from site_node.releases import Release, ReleasedUpdates
 from site_node.training import NotPrivateError, calibrate_noise, check_privacy_honest, evaluate, schedule, train_dp
 
 COUNT_METRICS = ("num-examples", "num-positive")
+# Seconds this site spent on the round (checks, cohort, training or evaluation), so the coordinator can
+# tell its own overhead from the sites' work. It reveals nothing new: the coordinator already sees how
+# long each site took to answer; this only separates the site's part from the transport.
+COMPUTE_METRIC = "compute-seconds"
 
 
 class Refusal(Exception):
@@ -66,6 +72,7 @@ class SiteNode:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.policy = load_policy(config.policy)
+        self.releases = ReleasedUpdates(config.base_dir / "released")
         self.governance = Governance(
             config.governance_db, self.policy, audit_head_file=config.audit_head, schema=config.governance_schema
         )
@@ -74,8 +81,9 @@ class SiteNode:
 
     def train(self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor]) -> RoundOutcome:
         """Train one round with DP-SGD on this site's training split, if every rule allows it."""
+        started = time.perf_counter()
         try:
-            return self._train(instruction, global_state)
+            return self._train(instruction, global_state, started)
         except Refusal as refusal:
             return self._refused("train", instruction, refusal)
         except Exception as exc:  # a site fault (database down, bad weights): the coordinator must hear why
@@ -83,8 +91,9 @@ class SiteNode:
 
     def evaluate(self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor]) -> RoundOutcome:
         """Evaluate the global model on this site's held-out test split; spends no privacy budget."""
+        started = time.perf_counter()
         try:
-            return self._evaluate(instruction, global_state)
+            return self._evaluate(instruction, global_state, started)
         except Refusal as refusal:
             return self._refused("evaluate", instruction, refusal)
         except Exception as exc:
@@ -223,7 +232,9 @@ class SiteNode:
                 f"{self.policy.site_epsilon_ceiling:g}; another round of '{spec.study.id}' would exceed it.",
             )
 
-    def _train(self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor]) -> RoundOutcome:
+    def _train(
+        self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor], started: float
+    ) -> RoundOutcome:
         spec, digest = self._recognise(instruction)
         self._budget_left(spec, digest, instruction.round_key)
         plan = self._data(spec, digest)
@@ -245,7 +256,7 @@ class SiteNode:
                 digest, instruction.round_key, event, delta, spec.privacy.accountant, spec.privacy.target_epsilon
             )
         except RoundAlreadyTrained as exc:
-            raise Refusal(RefusalCode.ALREADY_TRAINED, str(exc)) from None
+            return self._resend(digest, instruction, exc)
         except BudgetRefused as exc:
             raise Refusal(RefusalCode.BUDGET, exc.reason) from None
         # The accountant restored for training: every other round of this study that counts (committed, or
@@ -290,7 +301,7 @@ class SiteNode:
             reservation, PrivacyEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=result.steps)
         )
         metrics, suppressed = suppress_small_counts(
-            {"num-examples": result.num_examples, "epsilon": epsilon},
+            {"num-examples": result.num_examples, "epsilon": epsilon, COMPUTE_METRIC: _since(started)},
             COUNT_METRICS,
             self.policy.min_cell_count,
         )
@@ -320,15 +331,46 @@ class SiteNode:
             cohort_snapshot=plan.dataset.snapshot_hash,
             consent_snapshot=plan.consent_snapshot,
         )
+        self.releases.save(
+            digest, instruction.round_key, Release(result.state_dict, metrics, answer.model_dump(mode="json"))
+        )
         return RoundOutcome(answer, result.state_dict, metrics, local_train_loss=result.train_loss)
 
-    def _evaluate(self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor]) -> RoundOutcome:
+    def _resend(self, digest: str, instruction: RoundInstruction, refused: RoundAlreadyTrained) -> RoundOutcome:
+        """A round trained and committed before (the coordinator restarted): send the same update again.
+
+        It is the release already made, so it costs no privacy budget; without a kept copy (a crash right
+        after the commit) the retry is refused instead, never trained twice.
+        """
+        release = self.releases.load(digest, instruction.round_key)
+        if release is None:
+            raise Refusal(RefusalCode.ALREADY_TRAINED, str(refused))
+        answer = SiteAnswer.model_validate(release.answer)
+        self.governance.audit.append(
+            "round-resent",
+            {
+                "study_hash": digest,
+                "round": instruction.round_key,
+                "note": "the coordinator asked again for a round already trained; the same update was re-sent, "
+                "no new privacy budget was spent",
+                "left_the_site": {
+                    "tensors": {name: list(t.shape) for name, t in release.state_dict.items()},
+                    "metrics": release.metrics,
+                },
+            },
+        )
+        return RoundOutcome(answer, release.state_dict, dict(release.metrics))
+
+    def _evaluate(
+        self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor], started: float
+    ) -> RoundOutcome:
         spec, digest = self._recognise(instruction)
         plan = self._data(spec, digest)
         test = plan.dataset.subset("test")
         model = self._model(spec, test, global_state)
         raw = evaluate(model, test.features, test.labels)
         values = {k.replace("_", "-"): v for k, v in raw.items() if isinstance(v, int | float) and math.isfinite(v)}
+        values[COMPUTE_METRIC] = _since(started)
         metrics, suppressed = suppress_small_counts(values, COUNT_METRICS, self.policy.min_cell_count)
         self.governance.audit.append(
             "evaluated",
@@ -371,3 +413,8 @@ class SiteNode:
             site_id=self.config.site_id, status=SiteStatus.REFUSED, code=refusal.code, reason=refusal.reason
         )
         return RoundOutcome(answer)
+
+
+def _since(started: float) -> float:
+    """Seconds since `started` (time.perf_counter), to the millisecond."""
+    return round(time.perf_counter() - started, 3)

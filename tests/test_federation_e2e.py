@@ -110,3 +110,64 @@ def test_study_over_tls_with_a_refusal_and_a_site_killed_mid_study(prepared_site
         assert node.governance.audit.verify().ok, site_id
     aster = SiteNode(load_site_config(site_files["aster"]))
     assert aster.governance.ledger.spent(study_hash(spec)) == pytest.approx(card["sites"]["aster"]["epsilon_spent"])
+
+
+@pytest.mark.timeout(480)
+def test_a_coordinator_killed_mid_study_resumes_from_its_last_round(prepared_site, tmp_path):
+    root = tmp_path / "consortium"
+    init_consortium(root, ["localhost", "127.0.0.1"], ["aster", "birch"])
+    keys = ConsortiumLayout(root)
+    raw = yaml.safe_load(EXAMPLE_STUDY.read_text())
+    raw["training"].update({"rounds": 3, "local_epochs": 1})
+    raw["federation"].update({"min_sites": 2, "round_timeout_seconds": 60})
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    spec = load_study(study)
+    site_files = {site: _site(prepared_site, tmp_path / site, site) for site in ("aster", "birch")}
+    for site_file in site_files.values():
+        node = SiteNode(load_site_config(site_file))
+        node.governance.approvals.approve(study_hash(spec), spec.study.id, "steward")
+        node.governance.close()
+
+    port = free_port()
+    start_coordinator = [TWINFED, "coordinator", "start", "--dir", str(root), "--port", str(port)]
+    coordinator = Running(start_coordinator)
+    sites: dict[str, Running] = {}
+    try:
+        coordinator.wait_for("Coordinator running", timeout=60)
+        for site_id, site_file in site_files.items():
+            sites[site_id] = Running(
+                [TWINFED, "site", "start", "--site-config", str(site_file), "--superlink", f"127.0.0.1:{port}",
+                 "--ca", str(keys.site_ca(site_id)), "--key", str(keys.site_key(site_id)),
+                 "--runtime-port", str(free_port())]
+            )  # fmt: skip
+            sites[site_id].wait_for("Connected to the SuperLink as node", timeout=60)
+        command = [TWINFED, "study", "run", str(study), "--coordinator-dir", str(root), "--wait-for-sites", "90"]
+        first = Running(command)
+        first.wait_for("Round 1/3", timeout=180)
+        coordinator.process.kill()  # kill -9: no clean shutdown; its SuperLink goes down with it
+        coordinator.kill_group()
+        assert first.wait(timeout=120) != 0
+
+        coordinator = Running(start_coordinator)
+        coordinator.wait_for("Coordinator running", timeout=60)
+        resumed = Running([*command, "--resume"])
+        assert resumed.wait(timeout=300) == 0, resumed.output
+        assert "Resuming run" in resumed.output and "Round 1/3" not in resumed.output
+        assert "Round 3/3" in resumed.output
+    finally:
+        for running in sites.values():
+            running.kill_group()
+        coordinator.kill_group()
+
+    folder = root / "studies" / spec.study.id / spec.study.id
+    train_rounds = [r.server_round for r in read_receipts(folder / "receipts.jsonl") if r.phase == "train"]
+    assert train_rounds[0] == 1 and train_rounds[-2:] == [2, 3] and set(train_rounds) == {1, 2, 3}
+    card = json.loads((folder / "model-card.json").read_text())
+    assert card["run"]["status"] == "completed" and card["run"]["completed_rounds"] == 3
+    for site_file in site_files.values():
+        node = SiteNode(load_site_config(site_file))
+        # every round trained once at each site: three committed rounds, nothing spent twice
+        assert node.governance.ledger.spent(study_hash(spec)) <= spec.privacy.target_epsilon + 1e-6
+        committed = [r for r in node.governance.ledger.reservations(study_hash(spec)) if r.status == "committed"]
+        assert sorted(r.round_key for r in committed)[-1].endswith(":3")

@@ -113,13 +113,22 @@ def test_site_ceiling_below_study_target_refuses(prepared_site, tmp_path):
     assert node.governance.ledger.site_spent() == 0
 
 
-def test_retry_of_a_trained_round_is_not_trained_twice(prepared_site, tmp_path):
+def test_retry_of_a_trained_round_resends_the_same_update_and_spends_nothing(prepared_site, tmp_path):
     node = _node(prepared_site, tmp_path)
     spec = study(training={"rounds": 3})
     digest = _approve(node, spec)
     first = node.train(instruction(spec), _start(node, spec))
-    again = node.train(instruction(spec), _start(node, spec))
-    assert first.answer.status == SiteStatus.TRAINED and again.answer.code == RefusalCode.ALREADY_TRAINED
+    again = node.train(instruction(spec), _start(node, spec))  # the coordinator restarted and asks again
+    assert first.answer.status == SiteStatus.TRAINED and again.answer.status == SiteStatus.TRAINED
+    assert all(torch.equal(first.state_dict[k], again.state_dict[k]) for k in first.state_dict)
+    assert again.answer.epsilon_spent == first.answer.epsilon_spent
+    assert node.governance.ledger.spent(digest) == pytest.approx(first.answer.epsilon_spent)
+    assert [e.kind for e in node.governance.audit.entries()][-1] == "round-resent"
+    # without the kept copy (a crash right after the commit) the retry is refused, never trained twice
+    for kept in (node.config.base_dir / "released").rglob("*.pt"):
+        kept.unlink()
+    third = node.train(instruction(spec), _start(node, spec))
+    assert third.answer.code == RefusalCode.ALREADY_TRAINED
     assert node.governance.ledger.spent(digest) == pytest.approx(first.answer.epsilon_spent)
 
 

@@ -44,6 +44,14 @@ def _site(prepared_site: Path, folder: Path, site_id: str, **policy) -> Path:
     return site_file
 
 
+def _start_site(site_id: str, site_file: Path, keys: ConsortiumLayout, port: int) -> Running:
+    """`twinfed site start` for one hospital, as its IT would run it."""
+    return Running(
+        [TWINFED, "site", "start", "--site-config", str(site_file), "--superlink", f"127.0.0.1:{port}",
+         "--ca", str(keys.site_ca(site_id)), "--key", str(keys.site_key(site_id)), "--runtime-port", str(free_port())]
+    )  # fmt: skip
+
+
 @pytest.mark.timeout(420)
 def test_study_over_tls_with_a_refusal_and_a_site_killed_mid_study(prepared_site, tmp_path):
     root = tmp_path / "consortium"
@@ -69,11 +77,7 @@ def test_study_over_tls_with_a_refusal_and_a_site_killed_mid_study(prepared_site
     try:
         coordinator.wait_for("Coordinator running", timeout=60)
         for site_id, site_file in site_files.items():
-            sites[site_id] = Running(
-                [TWINFED, "site", "start", "--site-config", str(site_file), "--superlink", f"127.0.0.1:{port}",
-                 "--ca", str(keys.site_ca(site_id)), "--key", str(keys.site_key(site_id)),
-                 "--runtime-port", str(free_port())]
-            )  # fmt: skip
+            sites[site_id] = _start_site(site_id, site_file, keys, port)
         for running in sites.values():
             running.wait_for("Connected to the SuperLink as node", timeout=60)
 
@@ -136,11 +140,7 @@ def test_a_coordinator_killed_mid_study_resumes_from_its_last_round(prepared_sit
     try:
         coordinator.wait_for("Coordinator running", timeout=60)
         for site_id, site_file in site_files.items():
-            sites[site_id] = Running(
-                [TWINFED, "site", "start", "--site-config", str(site_file), "--superlink", f"127.0.0.1:{port}",
-                 "--ca", str(keys.site_ca(site_id)), "--key", str(keys.site_key(site_id)),
-                 "--runtime-port", str(free_port())]
-            )  # fmt: skip
+            sites[site_id] = _start_site(site_id, site_file, keys, port)
             sites[site_id].wait_for("Connected to the SuperLink as node", timeout=60)
         command = [TWINFED, "study", "run", str(study), "--coordinator-dir", str(root), "--wait-for-sites", "90"]
         first = Running(command)

@@ -150,3 +150,89 @@ def run(
 def _fail(message: str, code: int = 2) -> typer.Exit:
     Console(stderr=True, soft_wrap=True).print(message, markup=False, highlight=False)
     return typer.Exit(code)
+
+
+@study_app.command("simulate")
+def simulate(
+    study: StudyFile,
+    sites: Annotated[int, typer.Option("--sites", "-n", min=1, help="How many simulated sites (virtual nodes).")],
+    omop: Annotated[
+        list[str] | None,
+        typer.Option("--omop", help="URL of an OMOP database loaded by `twinfed etl` (repeatable; give --secret too)."),
+    ] = None,
+    secret: Annotated[
+        list[Path] | None,
+        typer.Option("--secret", dir_okay=False, help="The secret file of each --omop database, in order."),
+    ] = None,
+    omop_dir: Annotated[
+        Path | None,
+        typer.Option("--omop-dir", file_okay=False, help="A folder of <site>.sqlite + <site>.secret files."),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", file_okay=False, help="Output folder: site folders, studies/, the report.")
+    ] = Path("simulation-output"),
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", min=1, help="Run this many rounds instead of the study's (a new hash).")
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", dir_okay=False, help="Policy file for every simulated site.")
+    ] = None,
+    cpus_per_site: Annotated[
+        int, typer.Option("--cpus-per-site", min=1, help="CPUs Ray reserves per ClientApp (cores / this run at once).")
+    ] = 1,
+) -> None:
+    """Run the study with N simulated sites in Flower's simulation engine; report time and memory per round.
+
+    The same ServerApp and ClientApp as a deployment run, with the same approvals, policy checks, DP
+    training, privacy ledger, receipts and model card. Each simulated site is a real site folder
+    (OUT/sites/sim-001, ...) with its own governance database and secret, reading one of the OMOP
+    databases (assigned round-robin), and approves the study as "simulation". Sites sharing a database
+    see the same patients: the simulation measures coordination time and memory, not model quality.
+    Writes simulation-report.json next to the model card (OUT/studies/<study-id>/simulation/).
+    """
+    from federation.simulation import (
+        SimulationError,
+        SimulationLayout,
+        SimulationSettings,
+        hospitals_from,
+        prepare_sites,
+        run_simulation,
+        write_study,
+    )
+
+    spec = _load(study)
+    if rounds is not None:
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"rounds": rounds})})
+    if sites < spec.federation.min_sites:
+        raise _fail(f"The study needs at least {spec.federation.min_sites} sites (federation.min_sites), not {sites}.")
+    layout = SimulationLayout(out.resolve())
+    try:
+        hospitals = hospitals_from(omop or [], secret or [], omop_dir)
+        layout.prepare()
+        write_study(spec, layout.study_file)
+        console.print(f"Preparing {sites} simulated sites over {len(hospitals)} OMOP database(s) in {layout.sites}")
+        site_list = prepare_sites(layout, sites, hospitals, policy)
+        report = run_simulation(spec, layout, site_list, SimulationSettings(sites=sites, run_name="simulation"))
+    except SimulationError as exc:
+        raise _fail(str(exc), 1) from None
+    table = Table(title=f"{spec.study.id}: {sites} simulated sites, {report['cpus']} CPUs")
+    for column in ("round", "trained", "round s", "train s", "slowest site s", "peak RSS MiB", "peak PSS MiB"):
+        table.add_column(column, justify="right")
+    for row in report["rounds"]:
+        cells = ("seconds", "train_seconds", "slowest_site_seconds", "peak_rss_mib", "peak_pss_mib")
+        table.add_row(str(row["round"]), str(row["trained_sites"]), *(_cell(row[c]) for c in cells))
+    console.print(table)
+    peak = report["peak"]
+    console.print(
+        f"Whole run {report['run_seconds']:.1f} s (SuperLink and Ray start included); peak memory "
+        f"{_cell(peak['peak_pss_mib'])} MiB PSS / {_cell(peak['peak_rss_mib'])} MiB RSS "
+        f"over {peak['processes']} processes."
+    )
+    console.print(f"Study {report['status']}: {report['reason']}. Report: {layout.run_folder(spec, 'simulation')}")
+    console.print(report["note"])
+    if report["status"] != "completed":
+        raise typer.Exit(1)
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from federation.deployment import CONNECTION_NAME
@@ -22,9 +22,10 @@ from federation.serverapp import encode_study
 from federation.study import StudySpec, canonical_json
 
 APP_NAME = "twinfed-study"
+SIMULATION_SITES_KEY = "simulation-sites"
 
 
-def app_pyproject(version: str) -> str:
+def app_pyproject(version: str, extra_config: str = "") -> str:
     return f"""[project]
 name = "{APP_NAME}"
 version = "{version}"
@@ -45,12 +46,13 @@ study = ""
 run-name = ""
 resume = false
 node-wait-seconds = 120.0
-"""
+{extra_config}"""
 
 
 @contextmanager
-def study_app() -> Iterator[Path]:
-    """A temporary app folder holding only the pyproject.toml of our Flower app."""
+def study_app(extra_config: str = "") -> Iterator[Path]:
+    """A temporary app folder holding only the pyproject.toml of our Flower app (plus `extra_config` lines
+    of its [tool.flwr.app.config]: Flower refuses run settings the app does not declare)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -60,7 +62,7 @@ def study_app() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="twinfed-app-") as folder:
         app = Path(folder) / APP_NAME
         app.mkdir()
-        (app / "pyproject.toml").write_text(app_pyproject(release), encoding="utf-8")
+        (app / "pyproject.toml").write_text(app_pyproject(release, extra_config), encoding="utf-8")
         (app / "README.md").write_text("twinfed study app: components come from the installed twinfed.\n")
         yield app
 
@@ -69,6 +71,16 @@ def run_config_args(spec: StudySpec, run_name: str, resume: bool, node_wait_seco
     study = encode_study(canonical_json(spec))
     values = f'study="{study}" run-name="{run_name}" resume={"true" if resume else "false"}'
     return ["--run-config", values + f" node-wait-seconds={node_wait_seconds}"]
+
+
+def simulation_app() -> AbstractContextManager[Path]:
+    """The same app for Flower's simulation engine: it also declares `simulation-sites`, the list of site
+    files from which a virtual node (which only knows its partition id) learns which site it is."""
+    return study_app(extra_config=f'{SIMULATION_SITES_KEY} = ""\n')
+
+
+def simulation_config_args(site_list: Path) -> list[str]:
+    return ["--run-config", f'{SIMULATION_SITES_KEY}="{site_list.resolve()}"']
 
 
 def flwr_executable() -> str:

@@ -35,7 +35,16 @@ def _site(config_path: str) -> SiteNode:
 
 
 def site_for(context: Context) -> SiteNode:
+    """The site this node is: its `site-config` node setting (a deployed SuperNode) or, in Flower's
+    simulation, where virtual nodes only get a partition id, that entry of the run's `simulation-sites`
+    list (written by `twinfed study simulate`)."""
     path = context.node_config.get(SITE_CONFIG_KEY)
+    if not path and context.run_config.get("simulation-sites") and "partition-id" in context.node_config:
+        from site_node.simulated_sites import site_file_for_partition
+
+        path = site_file_for_partition(
+            str(context.run_config["simulation-sites"]), int(context.node_config["partition-id"])
+        )
     if not path:
         raise ValueError(
             f"this SuperNode was started without --node-config '{SITE_CONFIG_KEY}=\"/path/site.yaml\"'; "

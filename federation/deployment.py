@@ -327,6 +327,37 @@ def _record_node_id(layout: CoordinatorLayout, site_id: str, node_id: int) -> No
     os.replace(tmp, layout.node_ids)
 
 
+# ------------------------------------------------------------------------------------- object pulls
+
+OBJECT_PULL_BACKOFF_S = 0.02
+_PULL_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")
+
+
+def shorten_object_pull_backoff(initial_s: float = OBJECT_PULL_BACKOFF_S) -> bool:
+    """Retry an object that is not there yet after `initial_s` instead of Flower's 1 s (then 2 s, 4 s...).
+
+    A message travels as its metadata first and its arrays after, so whoever pulls it (a SuperNode from
+    the SuperLink, a ClientApp from its SuperNode, the ServerApp a site's reply) often asks for the arrays
+    milliseconds before they land, and Flower then waits a whole second: on loopback that wait alone was
+    most of a round's overhead. The retries still double up to Flower's cap, so a slow network is treated
+    as before. Flower has no setting for it: this changes the default of `initial_backoff` of two of its
+    internal functions (flwr.supercore.inflatable.inflatable_utils, identical in 1.41 and 1.42), in this
+    process only. On a Flower where they differ it changes nothing and returns False: rounds work as
+    before, a little slower.
+    """
+    try:
+        from flwr.supercore.inflatable import inflatable_utils
+    except ImportError:
+        return False
+    functions = [getattr(inflatable_utils, name, None) for name in _PULL_FUNCTIONS]
+    defaults = [getattr(function, "__kwdefaults__", None) or {} for function in functions]
+    if not all("initial_backoff" in d for d in defaults):
+        return False
+    for d in defaults:
+        d["initial_backoff"] = initial_s
+    return True
+
+
 # ------------------------------------------------------------------------------------------------ probe
 
 

@@ -24,6 +24,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from federation.deployment import shorten_object_pull_backoff
 from federation.evaluation import SiteEvaluation, pooled_auroc, pooled_mean
 from federation.models import build_model
 from federation.protocol import ProtocolError, RoundInstruction, SiteAnswer, SiteStatus
@@ -37,6 +38,8 @@ log = logging.getLogger("twinfed.coordinator")
 INSTRUCTION_KEY = "instruction"
 ANSWER_KEY = "answer"
 POLL_SECONDS = 0.1
+# What a site reports as its own work in a round (checks, cohort, training or evaluation), in seconds.
+COMPUTE_METRIC = "compute-seconds"
 
 Weights = dict[str, np.ndarray]
 
@@ -92,10 +95,13 @@ class StudyRunner:
     # --- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        if not shorten_object_pull_backoff():
+            log.warning("this Flower retries a reply's arrays after 1 s at first; rounds may take a second longer")
         weights, first_round, history = self._start()
         rounds = self.spec.training.rounds
         for server_round in range(first_round, rounds + 1):
             nodes = self._nodes()
+            round_started = time.monotonic()
             trained, train_receipt = self._train(server_round, nodes, weights)
             if len(trained) < self.spec.federation.min_sites:
                 reason = (
@@ -123,6 +129,7 @@ class StudyRunner:
             evaluation_receipt, row = self._evaluate(server_round, self._nodes(), weights)
             append_receipt(self.receipts_path, evaluation_receipt)
             row.update(self._train_row(train_receipt))
+            row.update(_timing(time.monotonic() - round_started, train_receipt, evaluation_receipt))
             history.append(row)
             save_checkpoint(
                 self.folder,
@@ -332,6 +339,16 @@ class StudyRunner:
             "epsilon": {s.label: s.epsilon_spent for s in receipt.sites if s.epsilon_spent is not None},
             "participation": {s.label: s.status.value for s in receipt.sites},
         }
+
+
+def _timing(wall: float, *receipts: RoundReceipt) -> dict[str, float]:
+    """A round's wall time, the slowest site's own work in each exchange, and what is left: coordination.
+
+    Coordination is everything that is not a site computing: transport, Flower's scheduling, starting
+    the ClientApp, aggregation. Sites that report no compute time count as 0 s of it.
+    """
+    compute = sum(max((s.metrics.get(COMPUTE_METRIC, 0.0) for s in r.sites), default=0.0) for r in receipts)
+    return {"round_seconds": wall, "slowest_compute_seconds": compute, "coordination_seconds": wall - compute}
 
 
 def _refusal_summary(receipt: RoundReceipt) -> str:

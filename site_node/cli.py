@@ -431,6 +431,15 @@ def start(
             "--log-file", dir_okay=False, help="Where the SuperNode logs. Default: SITE-FOLDER/supernode.log."
         ),
     ] = None,
+    isolation: Annotated[
+        str,
+        typer.Option(
+            "--isolation",
+            help="How rounds run here. 'process' (default): a warm runtime, torch and the site code loaded once "
+            "and a forked process per message (docs/benchmarks.md, rounds). 'subprocess': plain Flower, a new "
+            "Python process per message (seconds of imports each); the fallback if 'process' refuses.",
+        ),
+    ] = "process",
 ) -> None:
     """Connect this site to the consortium: run its Flower SuperNode until Ctrl-C or SIGTERM.
 
@@ -442,7 +451,7 @@ def start(
     from site_node.supernode import SuperNodeError, prepare_launch, run_supernode
 
     try:
-        launch = prepare_launch(site_config, superlink, ca, key, runtime_port, flwr_home, log_file)
+        launch = prepare_launch(site_config, superlink, ca, key, runtime_port, flwr_home, log_file, isolation)
         code = run_supernode(launch, say=typer.echo)
     except SuperNodeError as exc:
         raise _fail(str(exc), 1) from None

@@ -21,9 +21,10 @@ What is used beyond Flower's documented CLI (tested with flwr 1.41 and 1.42, whe
 globals `time` and `_pull_and_store_message`; `flwr.supercore.superexec.run_superexec.run_superexec` and
 its module global `get_executor`; the executor interface in `flwr.supercore.superexec.executor.types`
 (ExecutionSpec's fields, LaunchResult); `flwr.supernode.runtime.run_clientapp.run_clientapp`;
-`flwr.supercore.exit.exit_handler.registered_exit_handlers`. `check_flower()` verifies the version and
-every one of these before a site starts, and says what to do when they do not match:
-`twinfed site start --isolation subprocess` runs plain Flower and needs none of this.
+`flwr.supercore.exit.exit_handler.registered_exit_handlers`; in a task's child, the defaults of
+`flwr.supercore.inflatable.inflatable_utils.pull_and_inflate_object_from_tree`. `check_flower()`
+verifies the version and every one of these before a site starts, and says what to do when they do not
+match: `twinfed site start --isolation subprocess` runs plain Flower and needs none of this.
 """
 
 from __future__ import annotations
@@ -210,6 +211,22 @@ def run_paced_supernode(flower_supernode_args: Sequence[str], pacing: Pacing) ->
 
 # ------------------------------------------------------------------------------------- the executor
 
+LOCAL_PULL_BACKOFF_CAP_S = 0.1
+
+
+def _poll_own_supernode_closely() -> None:
+    """The task starts while the SuperNode is still pulling the message's arrays from the SuperLink; ask
+    the SuperNode (on this host) for them every 0.1 s at most, not with Flower's backoff that doubles to
+    10 s. Bounded by Flower's overall 2 h limit for a pull instead of its count of tries.
+    Changes `pull_and_inflate_object_from_tree`'s defaults in this child only; does nothing if they differ.
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    defaults = getattr(inflatable_utils.pull_and_inflate_object_from_tree, "__kwdefaults__", None) or {}
+    if {"backoff_cap", "max_tries_per_object", "max_time"} <= set(defaults):
+        defaults["backoff_cap"] = LOCAL_PULL_BACKOFF_CAP_S
+        defaults["max_tries_per_object"] = None
+
 
 def serve_tasks(
     runtime_api_address: str,
@@ -257,7 +274,8 @@ def run_clientapp_task(spec: Any) -> None:
 
     # The executor's own exit handlers (closing its Runtime API client) are not this child's to run.
     exit_handler.registered_exit_handlers.clear()
-    shorten_object_pull_backoff()  # the SuperNode may still be storing the message when the task starts
+    shorten_object_pull_backoff()
+    _poll_own_supernode_closely()
     run_clientapp(
         runtime_api_address=spec.runtime_api_address,
         token=spec.token,

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +36,13 @@ from federation.deployment import (
 )
 from federation.provision import ConsortiumLayout, add_site, init_consortium
 from site_node.keys import generate_site_keys
-from site_node.supernode import SuperNodeError, node_config_arg, prepare_launch, supernode_process
+from site_node.supernode import (
+    SuperNodeError,
+    executor_process,
+    node_config_arg,
+    prepare_launch,
+    supernode_process,
+)
 from tests.process_helpers import BIN, FLOWER_ENV, TWINFED, Running, free_port, processes_mentioning
 
 
@@ -149,7 +156,8 @@ def test_node_config_arg_parses_as_flower_does(tmp_path: Path):
 def test_supernode_command(consortium: Path, tmp_path: Path):
     keys = ConsortiumLayout(consortium)
     site_file = write_site_config(tmp_path / "aster", "aster")
-    launch = prepare_launch(site_file, "localhost:9092", keys.site_ca("aster"), keys.site_key("aster"), 9200)
+    ca, key = keys.site_ca("aster"), keys.site_key("aster")
+    launch = prepare_launch(site_file, "localhost:9092", ca, key, 9200, isolation="subprocess")
     spec = supernode_process(launch)
     pairs = dict(itertools.pairwise(spec.argv))
     assert spec.argv[0] == str(flower_bin_dir() / "flower-supernode") and "--insecure" not in spec.argv
@@ -160,6 +168,21 @@ def test_supernode_command(consortium: Path, tmp_path: Path):
     assert pairs["--port"] == "9200" and pairs["--host"] == "127.0.0.1"
     assert spec.env["FLWR_HOME"] == str(site_file.parent.resolve() / "flwr-home")
     assert spec.log_file == site_file.parent.resolve() / "supernode.log"
+
+    # the default: the same Flower command, paced, next to the warm executor that shares its secret
+    warm = prepare_launch(site_file, "localhost:9092", ca, key, 9200)
+    node = supernode_process(warm)
+    assert node.argv[:3] == [sys.executable, "-m", "site_node.flower_runtime"]
+    assert node.argv[3 : 3 + len(spec.argv) - 1] == spec.argv[1:]
+    node_pairs = dict(itertools.pairwise(node.argv))
+    assert node_pairs["--isolation"] == "process"
+    assert node_pairs["--superexec-auth-secret-file"] == str(warm.auth_secret_file)
+    executor = executor_process(warm, supernode_pid=4321)
+    executor_pairs = dict(itertools.pairwise(executor.argv))
+    assert executor.argv[:3] == [sys.executable, "-m", "site_node.warm_executor"]
+    assert executor_pairs["--runtime-api-address"] == "127.0.0.1:9200"
+    assert executor_pairs["--auth-secret-file"] == str(warm.auth_secret_file)
+    assert executor_pairs["--parent-pid"] == "4321" and executor.log_file == node.log_file
 
 
 def test_site_start_refuses_what_would_fail_later(consortium: Path, tmp_path: Path):

@@ -23,7 +23,8 @@ from federation.models import build_model
 from federation.protocol import ProtocolError, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
 from federation.study import StudyError, StudySpec, study_hash
 from federation.study.features import feature_names
-from site_node.cohort import CohortError, StudyDataset, build_dataset
+from site_node.cohort import CohortError, StudyDataset
+from site_node.cohort.cache import cached_dataset
 from site_node.config import SiteConfig
 from site_node.governance import BudgetRefused, Governance, PrivacyEvent, load_policy, suppress_small_counts
 from site_node.governance.ledger import RELEASED, RESERVED, RoundAlreadyTrained
@@ -150,12 +151,13 @@ class SiteNode:
     def _data(self, spec: StudySpec, digest: str) -> _Plan:
         withdrawn = self.governance.withdrawals.person_ids()
         try:
-            dataset = build_dataset(
+            dataset = cached_dataset(
                 self.config.omop.url,
                 spec,
+                digest,
                 split_key=self.config.split_key(),
                 schema=self.config.omop.schema_name,
-                extra_excluded_person_ids=withdrawn,
+                withdrawn=withdrawn,
             )
         except CohortError as exc:
             raise Refusal(

@@ -6,8 +6,10 @@ server. This process imports them once, then for each task the SuperNode has, fo
 Flower's own ClientApp body (`flower_runtime.run_clientapp_task`). A child starts in milliseconds with
 everything imported and still gives each round what a fresh process gives: its own database
 connections, memory that ends with the task, a crash that takes down that task only (the SuperNode
-reports it to the coordinator as a failed ClientApp), nothing carried from one round to the next (a
-consent withdrawal or a new load is seen by the next round exactly as before).
+reports it to the coordinator as a failed ClientApp). One thing is carried from round to round: a
+study's dataset, which a child sends back through a pipe and the next child reuses only while the
+study, the OMOP database's state and the consent state are provably the same (site_node.cohort.cache);
+a consent withdrawal or a new load is seen by the next round exactly as before.
 
 Fork safety is why the parent only imports: it opens no database connection and runs no torch
 operation (torch's thread pools start on first use, and a pool inherited across fork can deadlock).
@@ -26,6 +28,7 @@ import importlib
 import logging
 import os
 import random
+import select
 import signal
 import sys
 import time
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from site_node.cohort.cache import CACHE as COHORTS
 from site_node.flower_runtime import (
     TASK_POLL_ENV,
     FlowerInternalsError,
@@ -81,6 +85,8 @@ def preload() -> float:
 class _Child:
     task_id: int
     started: float
+    pipe: int | None = None  # what the child sends back: the cohorts it built (site_node.cohort.cache)
+    received: bytearray = field(default_factory=bytearray)
 
 
 @dataclass
@@ -128,12 +134,25 @@ class ForkExecutor:
 
     def launch(self, spec: Any) -> Any:
         try:
+            read_end, write_end = os.pipe()
+        except OSError as exc:
+            return launch_result(False, f"twinfed warm executor could not open a pipe for a ClientApp: {exc}")
+        try:
             pid = os.fork()
         except OSError as exc:
+            os.close(read_end)
+            os.close(write_end)
             return launch_result(False, f"twinfed warm executor could not fork a ClientApp process: {exc}")
         if pid == 0:
+            os.close(read_end)
+            for other in self.children.values():
+                if other.pipe is not None:
+                    os.close(other.pipe)
+            COHORTS.sink = write_end
             _run_child(spec)
-        self.children[pid] = _Child(spec.task_id, time.monotonic())
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        self.children[pid] = _Child(spec.task_id, time.monotonic(), read_end)
         self.pacing.last_work = time.monotonic()
         return launch_result(True)
 
@@ -145,14 +164,25 @@ class ForkExecutor:
         self._reap()
         deadline = time.monotonic() + self.pacing.idle_s
         while self.children and time.monotonic() < deadline:
-            time.sleep(CHILD_CHECK_S)
+            self._listen(CHILD_CHECK_S)
             self._reap()
+        COHORTS.expire()
         extra = self.pacing.wait() - TASK_POLL_S
         if extra > 0:
             time.sleep(extra)
 
+    def _listen(self, timeout: float) -> None:
+        """Wait up to `timeout` for what running children send (a child blocks once its pipe is full)."""
+        pipes = {c.pipe: c for c in self.children.values() if c.pipe is not None}
+        if not pipes:
+            time.sleep(timeout)
+            return
+        ready, _, _ = select.select(list(pipes), [], [], timeout)
+        for fd in ready:
+            _read_available(pipes[fd])
+
     def _reap(self) -> None:
-        """Collect finished children (no zombies) and say which ones failed."""
+        """Collect finished children (no zombies), keep the cohorts they built, say which ones failed."""
         for pid in list(self.children):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
@@ -161,6 +191,10 @@ class ForkExecutor:
             if done == 0:
                 continue
             child = self.children.pop(pid)
+            _read_available(child)  # the child has exited: the rest of what it sent, up to the end
+            if child.pipe is not None:  # not at its end: a grandchild holds it open; what came is enough
+                os.close(child.pipe)
+            COHORTS.absorb(bytes(child.received))
             self.pacing.last_work = time.monotonic()
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
@@ -177,8 +211,22 @@ class ForkExecutor:
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 5.0
         while self.children and time.monotonic() < deadline:
+            self._listen(CHILD_CHECK_S)
             self._reap()
-            time.sleep(CHILD_CHECK_S)
+
+
+def _read_available(child: _Child) -> None:
+    """Read what is in the child's pipe now; at its end (the child closed it), close our side."""
+    while child.pipe is not None:
+        try:
+            chunk = os.read(child.pipe, 1 << 16)
+        except BlockingIOError:
+            return
+        if not chunk:
+            os.close(child.pipe)
+            child.pipe = None
+            return
+        child.received += chunk
 
 
 def _exit_status(done: SystemExit) -> int:

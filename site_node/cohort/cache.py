@@ -5,10 +5,11 @@ training round's, and a study asks for exactly the same dataset every round unle
 changed. So a round reuses the last build only when all of these are the same (the cache key):
 
 * the study (its hash), the database (URL and schema) and the site's split key;
-* the OMOP database's state: for SQLite, the file's change counter, size, time and inode and its
-  write-ahead log's header, size and time (every committed write changes one of them); for PostgreSQL,
-  the cluster's write-ahead-log position (any write anywhere moves it). Another database, or a state
-  that cannot be read (a standby, no permission), is never reused;
+* the OMOP database's state: for a SQLite file, its change counter, size, time and inode and its
+  write-ahead log's header, size and time (every committed write changes one of them). PostgreSQL has
+  no cheap marker that is both exact and limited to one database (its statistics lag by up to a second;
+  its log position moves with every write in the cluster, the site's own ledger included), so there,
+  as with any state that cannot be read, nothing is reused;
 * who is withheld: the active research denials in the consent registry as of this round, re-read from
   OMOP every round (a consent that starts or ends by date counts the moment it does), and the site's
   recorded withdrawals.
@@ -38,9 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 
 from federation.study import StudySpec
 from site_node.cohort.build import build_dataset
@@ -151,13 +150,6 @@ def omop_state(db_url: str, source: OmopSource) -> str | None:
         if not database or database == ":memory:" or database.startswith("file:"):
             return None
         return sqlite_state(Path(database).resolve())
-    if source.dialect == "postgresql":
-        try:
-            position = source.connection.execute(text("SELECT pg_current_wal_lsn()")).scalar()
-        except SQLAlchemyError:
-            source.connection.rollback()
-            return None
-        return f"postgresql:{position}" if position else None
     return None
 
 

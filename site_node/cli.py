@@ -92,7 +92,7 @@ def doctor(
     status 1 when a check fails.
     """
     from federation import diagnostics as d
-    from site_node.environment import database_check, torch_check
+    from site_node.environment import database_check, torch_check, warm_runtime_check
 
     checks = [
         d.python_version(),
@@ -102,6 +102,7 @@ def doctor(
         d.package_version("SQLAlchemy", "the OMOP database"),
         d.flower_version(),
         d.executable("flower-supernode", "connecting this site to a consortium"),
+        warm_runtime_check(),
         d.telemetry_off(),
     ]
     if db:

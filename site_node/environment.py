@@ -24,6 +24,22 @@ def torch_check() -> Check:
     )
 
 
+def warm_runtime_check() -> Check:
+    """Whether `twinfed site start` can use its warm ClientApp runtime with the installed Flower."""
+    from site_node.flower_runtime import FlowerInternalsError, check_flower, flower_version
+
+    try:
+        check_flower()
+    except FlowerInternalsError as exc:
+        return Check("warm runtime", "warn", str(exc))
+    return Check(
+        "warm runtime",
+        "ok",
+        f"Flower {flower_version()} has what `twinfed site start` (--isolation process) uses to keep torch and "
+        "the site code loaded between rounds",
+    )
+
+
 def database_check(url: str) -> Check:
     try:
         result = check_database(url)

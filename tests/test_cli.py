@@ -97,7 +97,7 @@ def test_inspect_says_what_to_do_when_there_is_no_export(tmp_path):
 def test_site_doctor_checks_the_local_environment_and_a_sqlite_database(tmp_path):
     result = runner.invoke(app, ["site", "doctor", "--db", f"sqlite:///{tmp_path / 'omop.sqlite'}"])
     assert result.exit_code == 0, result.output
-    for expected in ("torch", "opacus", "fhir.resources", "flwr", "database", "sqlite"):
+    for expected in ("torch", "opacus", "fhir.resources", "flwr", "warm runtime", "database", "sqlite"):
         assert expected in result.output
 
 

@@ -315,7 +315,8 @@ class StudyRunner:
         return receipt, row
 
     def _remember(self, receipt: SiteReceipt, server_round: int) -> None:
-        if receipt.site_id is not None:
+        answered = receipt.status not in (Participation.DISCONNECTED, Participation.TIMED_OUT)
+        if receipt.site_id is not None and answered:
             self.known_sites[receipt.node_id] = (receipt.site_id, server_round)
 
     def _absent(self, server_round: int, nodes: list[int]) -> list[SiteReceipt]:

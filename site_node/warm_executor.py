@@ -53,8 +53,8 @@ READY_TEXT = "twinfed warm executor ready"  # site_node.supernode waits for this
 # default is 1 s); our reconcile() then waits more the longer the node has been quiet (see TaskPacing).
 TASK_POLL_S = 0.02
 CHILD_CHECK_S = 0.02
-# A round's compute runs a little below the node's own work (the SuperNode's transfers, the executor):
-# the transfers are short and on the round's critical path, the compute is long and barely notices.
+# A round's process runs a little below the node's own (the SuperNode, the executor), so that their
+# transfers, short and on every round's critical path, are not queued behind training on a busy host.
 CHILD_NICENESS = 5
 # What a round imports: loaded once here so that no child pays for it. site_node.clientapp brings the
 # site's whole round (participation, cohort, governance, training: torch, Opacus, pandas, SQLAlchemy).

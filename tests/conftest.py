@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
-from omop_etl.database import DatabaseUnavailable, check_database, redact
+from omop_etl.database import DatabaseUnavailable, check_database, open_engine, redact
 from omop_etl.synthetic import SynthConfig, generate_consortium
 
 PG_URL = os.environ.get("TWINFED_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -53,3 +55,18 @@ def prepared_site(medium_consortium: Path, tmp_path_factory: pytest.TempPathFact
     url, secret = load_site_omop(medium_consortium, "aster-university", folder / "data")
     write_site(folder / "site", "aster-university", url, secret)
     return folder / "site"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def backend(request, tmp_path):
+    """(url, schema) of an empty governance database, on SQLite and on PostgreSQL (a throw-away schema)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'governance.sqlite'}", None
+        return
+    url = request.getfixturevalue("pg_url")
+    schema = f"gov_test_{uuid.uuid4().hex[:10]}"
+    yield url, schema
+    engine = open_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    engine.dispose()

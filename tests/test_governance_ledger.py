@@ -7,15 +7,12 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from opacus.accountants import create_accountant
-from sqlalchemy import text
 
-from omop_etl.database import open_engine
 from site_node.governance import (
     BudgetRefused,
     GovernanceStore,
@@ -29,21 +26,6 @@ from site_node.governance import (
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
 ROUND = PrivacyEvent(noise_multiplier=1.0, sample_rate=0.05, steps=40)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def backend(request, tmp_path):
-    """(url, schema) of an empty governance database; PostgreSQL gets a throw-away schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'governance.sqlite'}", None
-        return
-    url = request.getfixturevalue("pg_url")
-    schema = f"gov_test_{uuid.uuid4().hex[:10]}"
-    yield url, schema
-    engine = open_engine(url)
-    with engine.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    engine.dispose()
 
 
 @pytest.fixture

@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
-from sqlalchemy import text
 
-from omop_etl.database import DatabaseUnavailable, open_engine
+from omop_etl.database import DatabaseUnavailable
 from site_node.governance import (
     ApprovalError,
     Approvals,
@@ -19,21 +16,6 @@ from site_node.governance import (
 )
 
 STUDY = "5f" * 32
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def backend(request, tmp_path):
-    """(url, schema) of an empty governance database; PostgreSQL gets a throw-away schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'governance.sqlite'}", None
-        return
-    url = request.getfixturevalue("pg_url")
-    schema = f"gov_test_{uuid.uuid4().hex[:10]}"
-    yield url, schema
-    engine = open_engine(url)
-    with engine.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    engine.dispose()
 
 
 @pytest.fixture

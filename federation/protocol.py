@@ -28,6 +28,7 @@ class RefusalCode(StrEnum):
     UNAPPROVED_STUDY = "unapproved-study"
     STUDY_HASH_MISMATCH = "study-hash-mismatch"
     POLICY = "policy"
+    NEEDS_SECURE_AGGREGATION = "needs-secure-aggregation"
     NOT_PRIVATE = "not-private"
     BUDGET = "budget"
     COHORT_TOO_SMALL = "cohort-too-small"
@@ -63,13 +64,17 @@ class RoundInstruction(_Record):
     secure_aggregation: bool = False
 
     @classmethod
-    def for_study(cls, spec: StudySpec, run_id: str, server_round: int) -> RoundInstruction:
+    def for_study(
+        cls, spec: StudySpec, run_id: str, server_round: int, *, secure_aggregation: bool | None = None
+    ) -> RoundInstruction:
+        """`secure_aggregation`: whether this round runs SecAgg+ (the study's setting unless the coordinator
+        turned it on because a site's policy requires it)."""
         return cls(
             study_json=canonical_json(spec).decode("utf-8"),
             study_hash=study_hash(spec),
             run_id=run_id,
             server_round=server_round,
-            secure_aggregation=spec.federation.secure_aggregation,
+            secure_aggregation=spec.federation.secure_aggregation if secure_aggregation is None else secure_aggregation,
         )
 
     def study(self) -> StudySpec:
@@ -86,6 +91,7 @@ class RoundInstruction(_Record):
 
 
 class SiteStatus(StrEnum):
+    READY = "ready"  # secure rounds: the site passed its checks and will train when the protocol asks
     TRAINED = "trained"
     EVALUATED = "evaluated"
     REFUSED = "refused"

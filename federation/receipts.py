@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Participation(StrEnum):
+    READY = "ready"  # secure rounds: passed its checks, but the round stopped before training
     TRAINED = "trained"
     EVALUATED = "evaluated"
     REFUSED = "refused"
@@ -63,6 +64,7 @@ class RoundReceipt(BaseModel):
     required_sites: int
     sites: list[SiteReceipt]
     aggregated: bool = False
+    secure_aggregation: bool = False  # SecAgg+: the coordinator saw only the weighted mean of the updates
     note: str = ""
 
     def count(self, status: Participation) -> int:

@@ -27,11 +27,13 @@ from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from federation.deployment import shorten_object_pull_backoff
 from federation.evaluation import SiteEvaluation, pooled_auroc, pooled_mean
 from federation.models import build_model
-from federation.protocol import ProtocolError, RoundInstruction, SiteAnswer, SiteStatus
+from federation.protocol import ProtocolError, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
 from federation.receipts import Participation, RoundReceipt, SiteReceipt, append_receipt
+from federation.secure_aggregation import run_secure_round
 from federation.strategies import AggregationError, SiteUpdate, make_aggregator
 from federation.study import StudySpec, study_hash
 from federation.study.features import feature_names
+from federation.study.spec import ROBUST_STRATEGIES, SECURE_AGGREGATION_MIN_SITES
 
 log = logging.getLogger("twinfed.coordinator")
 
@@ -40,6 +42,10 @@ ANSWER_KEY = "answer"
 POLL_SECONDS = 0.1
 # What a site reports as its own work in a round (checks, cohort, training or evaluation), in seconds.
 COMPUTE_METRIC = "compute-seconds"
+# SecAgg+ weighs each update by its site's training examples, scaled by the largest count (max_weight).
+# A site under its cell-count floor withholds its count; such a count is small, and this bound covers it.
+WITHHELD_COUNT_BOUND = 1000
+SECURE_AGGREGATE = "secure aggregate"  # the label of the one mean update a secure round produces
 
 Weights = dict[str, np.ndarray]
 
@@ -91,6 +97,9 @@ class StudyRunner:
         self.aggregator = make_aggregator(spec.federation)
         self.receipts_path = folder / "receipts.jsonl"
         self.known_sites: dict[int, tuple[str | None, int]] = {}  # node -> (site id, last round it answered)
+        # SecAgg+ from the first round when the study asks for it; from the next round on when a site's
+        # policy requires it (that site refuses a plain round with code needs-secure-aggregation).
+        self.secure = spec.federation.secure_aggregation
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -102,12 +111,17 @@ class StudyRunner:
         for server_round in range(first_round, rounds + 1):
             nodes = self._nodes()
             round_started = time.monotonic()
-            trained, train_receipt = self._train(server_round, nodes, weights)
-            if len(trained) < self.spec.federation.min_sites:
+            secure = self.secure
+            train = self._train_secure if secure else self._train
+            trained, train_receipt = train(server_round, nodes, weights)
+            trained_sites = train_receipt.count(Participation.TRAINED)
+            if trained_sites < self.spec.federation.min_sites or not trained:
                 reason = (
-                    f"round {server_round}: only {len(trained)} site(s) trained, the study needs "
+                    f"round {server_round}: only {trained_sites} site(s) trained, the study needs "
                     f"{self.spec.federation.min_sites}. " + _refusal_summary(train_receipt)
                 )
+                if train_receipt.note:
+                    reason = f"round {server_round}: {train_receipt.note} " + _refusal_summary(train_receipt)
                 train_receipt.note = "stopped: " + reason
                 append_receipt(self.receipts_path, train_receipt)
                 self.say("Study stopped. " + reason)
@@ -120,15 +134,25 @@ class StudyRunner:
                 append_receipt(self.receipts_path, train_receipt)
                 self.say("Study stopped. " + reason)
                 return RunResult("stopped", reason, server_round - 1, weights, history)
+            if SECURE_AGGREGATE in rejected:
+                reason = (
+                    f"round {server_round}: the securely aggregated mean is not usable: {rejected[SECURE_AGGREGATE]}"
+                )
+                train_receipt.note = "stopped: " + reason
+                append_receipt(self.receipts_path, train_receipt)
+                self.say("Study stopped. " + reason)
+                return RunResult("stopped", reason, server_round - 1, weights, history)
             for receipt in train_receipt.sites:
                 if receipt.label in rejected:
                     receipt.status = Participation.REJECTED
                     receipt.reason = rejected[receipt.label]
             train_receipt.aggregated = True
+            self._switch_to_secure_if_asked(train_receipt)
             append_receipt(self.receipts_path, train_receipt)
             evaluation_receipt, row = self._evaluate(server_round, self._nodes(), weights)
             append_receipt(self.receipts_path, evaluation_receipt)
             row.update(self._train_row(train_receipt))
+            row["secure_aggregation"] = secure
             row.update(_timing(time.monotonic() - round_started, train_receipt, evaluation_receipt))
             history.append(row)
             save_checkpoint(
@@ -166,15 +190,19 @@ class StudyRunner:
 
     # --- one exchange -----------------------------------------------------------------------------
 
+    def _instruction(self, server_round: int) -> RoundInstruction:
+        return RoundInstruction.for_study(self.spec, self.run_name, server_round, secure_aggregation=self.secure)
+
     def _exchange(
-        self, phase: str, server_round: int, nodes: list[int], weights: Weights
+        self, phase: str, server_round: int, nodes: list[int], weights: Weights | None
     ) -> tuple[dict[int, Message], dict[int, float], dt.datetime]:
+        """One message per node (the instruction, and the global weights unless `weights` is None)."""
         started = dt.datetime.now(dt.UTC)
-        instruction = RoundInstruction.for_study(self.spec, self.run_name, server_round)
+        instruction = self._instruction(server_round).to_config_record()
         timeout = self.spec.federation.round_timeout_seconds
         messages = [
             Message(
-                RecordDict({"arrays": _record(weights), INSTRUCTION_KEY: instruction.to_config_record()}),
+                RecordDict({INSTRUCTION_KEY: instruction, **({} if weights is None else {"arrays": _record(weights)})}),
                 dst_node_id=node,
                 message_type=phase,
                 group_id=str(server_round),
@@ -182,7 +210,13 @@ class StudyRunner:
             )
             for node in nodes
         ]
+        replies, seconds = self._send(messages, timeout)
+        return replies, seconds, started
+
+    def _send(self, messages: list[Message], timeout: float) -> tuple[dict[int, Message], dict[int, float]]:
+        """Push `messages` and collect their replies until all came or `timeout` passed (by node, with seconds)."""
         sent_at = time.monotonic()
+        nodes = [message.metadata.dst_node_id for message in messages]
         pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), nodes, strict=True)}
         replies: dict[int, Message] = {}
         seconds: dict[int, float] = {}
@@ -194,7 +228,7 @@ class StudyRunner:
                     seconds[node] = time.monotonic() - sent_at
             if pending:
                 time.sleep(POLL_SECONDS)
-        return replies, seconds, started
+        return replies, seconds
 
     def _site_receipt(
         self, node: int, reply: Message | None, seconds: float | None
@@ -228,6 +262,7 @@ class StudyRunner:
         metrics = reply.content.metric_records.get("metrics")
         values = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)}
         status = {
+            SiteStatus.READY: Participation.READY,
             SiteStatus.TRAINED: Participation.TRAINED,
             SiteStatus.EVALUATED: Participation.EVALUATED,
             SiteStatus.REFUSED: Participation.REFUSED,
@@ -272,6 +307,103 @@ class StudyRunner:
             sites=receipts,
         )
         return updates, receipt
+
+    def _train_secure(
+        self, server_round: int, nodes: list[int], weights: Weights
+    ) -> tuple[list[SiteUpdate], RoundReceipt]:
+        """A SecAgg+ round: ask who is ready, run the protocol with them, receipt every site's part.
+
+        The one update it returns is the weighted mean the protocol revealed (global weights plus the mean
+        update), weighted by the sum of the trained sites' counts; the study's aggregator then treats it
+        as FedAvg would treat that mean (FedAdam/FedYogi take their pseudo-gradient from it).
+        """
+        replies, seconds, started = self._exchange("query", server_round, nodes, None)
+        receipts, ready = self._absent(server_round, nodes), {}
+        for node in nodes:
+            receipt = self._site_receipt(node, replies.get(node), seconds.get(node))[0]
+            self._remember(receipt, server_round)
+            if receipt.status == Participation.READY:
+                ready[node] = receipt
+            else:
+                receipts.append(receipt)
+        needed = max(self.spec.federation.min_sites, SECURE_AGGREGATION_MIN_SITES)
+        updates: list[SiteUpdate] = []
+        note = ""
+        if len(ready) < needed:
+            note = (
+                f"secure aggregation needs {needed} ready sites and {len(ready)} were; nothing was trained "
+                "(the ready sites spent no budget)."
+            )
+            for receipt in ready.values():
+                receipt.reason = "ready; the round did not start: too few sites were ready for secure aggregation"
+                receipts.append(receipt)
+        else:
+            counts = [r.num_examples for r in ready.values()]
+            max_weight = max([c for c in counts if c is not None] + ([WITHHELD_COUNT_BOUND] if None in counts else []))
+            outcome = run_secure_round(
+                self._send,
+                sorted(ready),
+                weights,
+                self._instruction(server_round).to_config_record(),
+                server_round,
+                max_weight,
+                self.spec.federation.round_timeout_seconds,
+            )
+            for node in sorted(ready):
+                if node in outcome.answers:
+                    receipt = self._site_receipt(node, outcome.answers[node], outcome.seconds.get(node))[0]
+                else:
+                    receipt = ready[node].model_copy(
+                        update={
+                            "status": Participation.FAILED,
+                            "reason": outcome.dropped.get(node, "dropped out of the secure aggregation"),
+                        }
+                    )
+                receipts.append(receipt)
+                self._remember(receipt, server_round)
+            if outcome.halted:
+                note = outcome.halted
+            elif outcome.mean_update is not None:
+                trained = [r for r in receipts if r.status == Participation.TRAINED]
+                total = sum(r.num_examples or 0 for r in trained) or None
+                mean = {name: weights[name] + outcome.mean_update[name].astype(weights[name].dtype) for name in weights}
+                updates.append(SiteUpdate(SECURE_AGGREGATE, mean, total))
+                clipped = sum(int(r.metrics.get("secagg-clipped-values", 0)) for r in trained)
+                note = (
+                    f"secure aggregation (SecAgg+) of {len(trained)} sites' updates: only their weighted mean was seen"
+                )
+                if clipped:
+                    note += (
+                        f"; {clipped} update values were outside the protocol's clipping range and were clipped, "
+                        "so the mean is approximate"
+                    )
+        receipt = RoundReceipt(
+            run_name=self.run_name,
+            server_round=server_round,
+            phase="train",
+            started_at=started,
+            finished_at=dt.datetime.now(dt.UTC),
+            required_sites=self.spec.federation.min_sites,
+            sites=receipts,
+            secure_aggregation=True,
+            note=note,
+        )
+        return updates, receipt
+
+    def _switch_to_secure_if_asked(self, receipt: RoundReceipt) -> None:
+        """A site whose policy requires secure aggregation refused a plain round: run SecAgg+ from now on."""
+        asking = [s.label for s in receipt.sites if s.code == RefusalCode.NEEDS_SECURE_AGGREGATION.value]
+        if self.secure or not asking:
+            return
+        if self.spec.federation.strategy in ROBUST_STRATEGIES:
+            receipt.note = (
+                f"{', '.join(asking)} require secure aggregation, which strategy '{self.spec.federation.strategy}' "
+                "cannot use (it needs each update); they stay out of training."
+            )
+            return
+        self.secure = True
+        receipt.note = f"{', '.join(asking)} require secure aggregation: the next rounds use SecAgg+."
+        self.say(f"Round {receipt.server_round}: {receipt.note}")
 
     def _evaluate(self, server_round: int, nodes: list[int], weights: Weights) -> tuple[RoundReceipt, dict]:
         replies, seconds, started = self._exchange("evaluate", server_round, nodes, weights)

@@ -21,9 +21,10 @@ What is used beyond Flower's documented CLI (tested with flwr 1.41 and 1.42, whe
 globals `time` and `_pull_and_store_message`; `flwr.supercore.superexec.run_superexec.run_superexec` and
 its module global `get_executor`; the executor interface in `flwr.supercore.superexec.executor.types`
 (ExecutionSpec's fields, LaunchResult); `flwr.supernode.runtime.run_clientapp.run_clientapp`;
-`flwr.supercore.exit.exit_handler.registered_exit_handlers`; in a task's child, the defaults of
-`flwr.supercore.inflatable.inflatable_utils.pull_and_inflate_object_from_tree`. `check_flower()`
-verifies the version and every one of these before a site starts, and says what to do when they do not
+`flwr.supercore.exit.exit_handler.registered_exit_handlers`; `MAX_RETRY_DELAY` in
+`flwr.supercore.retry.http_retry` and `grpc_retry` (the SuperNode's reconnect wait, capped); in a task's
+child, the defaults of `flwr.supercore.inflatable.inflatable_utils.pull_and_inflate_object_from_tree`.
+`check_flower()` verifies the version and every one of these before a site starts, and says what to do when they do not
 match: `twinfed site start --isolation subprocess` runs plain Flower and needs none of this.
 """
 
@@ -45,6 +46,11 @@ TESTED_FLOWER = ("1.41", "1.42")
 SUPERNODE_NO_MESSAGE_WAIT_S = 3.0  # start_client_internal: time.sleep(3) after a pull that found nothing
 SUPERNODE_REPLY_WAIT_S = 0.5  # start_client_internal: time.sleep(0.5) steps while the ClientApp works
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own setting for the SuperExec's polling
+# Flower waits up to 20 s between two attempts to reach a SuperLink that is down. After a coordinator
+# restart that left a site several attempts into its backoff, the site came back up to 20 s late and
+# could miss a resumed round (seen in CI with a 60 s round timeout). 5 s keeps a site that waits for a
+# coordinator to one attempt per 5 s, which costs the coordinator nothing.
+RECONNECT_MAX_WAIT_S = 5.0
 
 # (module, attribute, what it must be) for every internal used; checked by check_flower().
 _INTERNALS: tuple[tuple[str, str, str], ...] = (
@@ -58,6 +64,8 @@ _INTERNALS: tuple[tuple[str, str, str], ...] = (
     ("flwr.supercore.constant", "TaskType", "callable"),
     ("flwr.supercore.tls", "validate_and_resolve_root_certificates", "callable"),
     ("flwr.supernode.runtime.run_clientapp", "run_clientapp", "callable"),
+    ("flwr.supercore.retry.http_retry", "MAX_RETRY_DELAY", "number"),
+    ("flwr.supercore.retry.grpc_retry", "MAX_RETRY_DELAY", "number"),
     ("flwr.supercore.exit.exit_handler", "registered_exit_handlers", "list"),
 )
 _EXECUTION_SPEC_FIELDS = {
@@ -111,6 +119,8 @@ def check_flower() -> None:
             continue
         if (kind == "callable" and not callable(value)) or (kind == "list" and not isinstance(value, list)):
             missing.append(f"{module_name}.{attribute} ({kind})")
+        if kind == "number" and not isinstance(value, int | float):
+            missing.append(f"{module_name}.{attribute} (a number)")
         if kind == "module" and not hasattr(value, "sleep"):
             missing.append(f"{module_name}.{attribute} (the time module)")
     if not missing:
@@ -191,6 +201,8 @@ def run_paced_supernode(flower_supernode_args: Sequence[str], pacing: Pacing) ->
     """
     check_flower()
     shorten_object_pull_backoff()
+    for transport in ("http_retry", "grpc_retry"):  # the SuperNode's Fleet connection uses the first
+        import_module(f"flwr.supercore.retry.{transport}").MAX_RETRY_DELAY = RECONNECT_MAX_WAIT_S
     loop = import_module("flwr.supernode.start_client_internal")
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -57,6 +57,8 @@ class RoundOutcome:
     # Stays at the site: the training loss is computed on patients' data without noise, outside the DP
     # guarantee, so it is shown locally (train-local, the audit) but never sent.
     local_train_loss: float | None = None
+    # The exact training-set size, for SecAgg+ only, where it is masked with the update as its weight.
+    train_examples: int | None = None
 
 
 @dataclass
@@ -100,6 +102,45 @@ class SiteNode:
         except Exception as exc:
             return self._refused("evaluate", instruction, self._site_error(exc))
 
+    def admit(self, instruction: RoundInstruction) -> RoundOutcome:
+        """Say whether this site would train the round, before a secure round makes any key.
+
+        The same checks as training, in the same order (study, approval, policy, budget, cohort), and
+        nothing is reserved or trained. A ready site sends its training-set size under the cell-count
+        floor, as a trained site does in a plain round: the coordinator sizes the protocol's weights.
+        """
+        started = time.perf_counter()
+        try:
+            spec, digest = self._recognise(instruction)
+            self._secure_enough(instruction)
+            self._budget_left(spec, digest, instruction.round_key)
+            plan = self._data(spec, digest)
+        except Refusal as refusal:
+            return self._refused("admit", instruction, refusal)
+        except Exception as exc:
+            return self._refused("admit", instruction, self._site_error(exc))
+        n_train = int((plan.dataset.split == "train").sum())
+        metrics, suppressed = suppress_small_counts(
+            {"num-examples": n_train, COMPUTE_METRIC: _since(started)}, COUNT_METRICS, self.policy.min_cell_count
+        )
+        self.governance.audit.append(
+            "round-admitted",
+            {
+                "study_hash": digest,
+                "round": instruction.round_key,
+                "cohort_snapshot": plan.dataset.snapshot_hash,
+                "left_the_site": {"metrics": metrics, "suppressed": suppressed},
+            },
+        )
+        answer = SiteAnswer(
+            site_id=self.config.site_id,
+            status=SiteStatus.READY,
+            suppressed=",".join(suppressed) or None,
+            cohort_snapshot=plan.dataset.snapshot_hash,
+            consent_snapshot=plan.consent_snapshot,
+        )
+        return RoundOutcome(answer, None, metrics)
+
     def policy_conflicts(self, spec: StudySpec) -> list[str]:
         """What in a study this site's policy would refuse whatever the data (checked when approving)."""
         problems = []
@@ -141,12 +182,19 @@ class SiteNode:
                 f"study '{spec.study.id}' (hash {computed[:12]}) is not approved at site {self.config.site_id}; "
                 "the site's data steward approves it with `twinfed site approve`.",
             )
+        return spec, computed
+
+    def _secure_enough(self, instruction: RoundInstruction) -> None:
+        """A site whose policy requires secure aggregation releases no update in the clear.
+
+        Evaluation is not concerned: what leaves then are metrics over the held-out split, already under
+        the cell-count floor. The coordinator reads this code and runs the study's next rounds with SecAgg+.
+        """
         if self.policy.require_secure_aggregation and not instruction.secure_aggregation:
             raise Refusal(
-                RefusalCode.POLICY,
+                RefusalCode.NEEDS_SECURE_AGGREGATION,
                 f"site {self.config.site_id} requires secure aggregation and this round does not use it.",
             )
-        return spec, computed
 
     def _data(self, spec: StudySpec, digest: str) -> _Plan:
         withdrawn = self.governance.withdrawals.person_ids()
@@ -238,6 +286,7 @@ class SiteNode:
         self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor], started: float
     ) -> RoundOutcome:
         spec, digest = self._recognise(instruction)
+        self._secure_enough(instruction)
         self._budget_left(spec, digest, instruction.round_key)
         plan = self._data(spec, digest)
         train = plan.dataset.subset("train")
@@ -334,9 +383,13 @@ class SiteNode:
             consent_snapshot=plan.consent_snapshot,
         )
         self.releases.save(
-            digest, instruction.round_key, Release(result.state_dict, metrics, answer.model_dump(mode="json"))
+            digest,
+            instruction.round_key,
+            Release(result.state_dict, metrics, answer.model_dump(mode="json"), num_examples=result.num_examples),
         )
-        return RoundOutcome(answer, result.state_dict, metrics, local_train_loss=result.train_loss)
+        return RoundOutcome(
+            answer, result.state_dict, metrics, local_train_loss=result.train_loss, train_examples=result.num_examples
+        )
 
     def _resend(self, digest: str, instruction: RoundInstruction, refused: RoundAlreadyTrained) -> RoundOutcome:
         """A round trained and committed before (the coordinator restarted): send the same update again.
@@ -361,7 +414,7 @@ class SiteNode:
                 },
             },
         )
-        return RoundOutcome(answer, release.state_dict, dict(release.metrics))
+        return RoundOutcome(answer, release.state_dict, dict(release.metrics), train_examples=release.num_examples)
 
     def _evaluate(
         self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor], started: float

@@ -20,6 +20,7 @@ class Release:
     state_dict: dict[str, torch.Tensor]
     metrics: dict[str, float | int]
     answer: dict[str, object]  # the SiteAnswer fields sent with it
+    num_examples: int | None = None  # the exact count it was trained on (a secure round weighs it by that)
 
 
 class ReleasedUpdates:
@@ -36,7 +37,15 @@ class ReleasedUpdates:
         path = self._path(study_hash, round_key)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"state_dict": release.state_dict, "metrics": release.metrics, "answer": release.answer}, temporary)
+        torch.save(
+            {
+                "state_dict": release.state_dict,
+                "metrics": release.metrics,
+                "answer": release.answer,
+                "num_examples": release.num_examples,
+            },
+            temporary,
+        )
         os.replace(temporary, path)
 
     def load(self, study_hash: str, round_key: str) -> Release | None:
@@ -44,4 +53,4 @@ class ReleasedUpdates:
         if not path.exists():
             return None
         data = torch.load(path, weights_only=True)
-        return Release(data["state_dict"], data["metrics"], data["answer"])
+        return Release(data["state_dict"], data["metrics"], data["answer"], data.get("num_examples"))

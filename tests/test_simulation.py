@@ -4,6 +4,11 @@ One run of 4 simulated sites over one OMOP database, 2 rounds, end to end: every
 evaluated in every round under its own site id, the receipts and the model card say so, each site's
 governance database recorded the approval by "simulation" and its own privacy spending, the report
 has time and memory per round, and the SuperLink the flwr CLI started is gone afterwards.
+
+The example study runs with secure aggregation (SecAgg+), so this is also where its result is checked
+against plain aggregation: the model the coordinator ends with equals the example-weighted mean of the
+updates the sites released in the last round (each site keeps what it released), within the
+protocol's quantisation step.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from federation.receipts import Participation, read_receipts
@@ -50,6 +56,9 @@ def test_simulated_study_runs_the_real_apps_end_to_end(prepared_site: Path, tmp_
         assert {s.site_id for s in receipt.sites} == site_ids
         assert {s.status for s in receipt.sites} == {expected}, receipt.summary()
 
+    train_receipts = [r for r in receipts if r.phase == "train"]
+    assert all(r.secure_aggregation and "SecAgg+" in r.note for r in train_receipts)
+
     card = json.loads((run / "model-card.json").read_text())
     assert card["run"]["status"] == "completed"
     assert len(card["history"]) == ROUNDS
@@ -66,6 +75,11 @@ def test_simulated_study_runs_the_real_apps_end_to_end(prepared_site: Path, tmp_
     assert "not model quality" in " ".join(done.stdout.split())
 
     listing = yaml.safe_load((out / "sites" / "sites.yaml").read_text())
+    plain = _released_mean(listing, card["study"]["hash"][:16], f"simulation_{ROUNDS}")
+    final = torch.load(run / "checkpoint.pt", weights_only=False)["weights"]
+    for name, expected in plain.items():
+        difference = (torch.as_tensor(final[name]).double() - expected).abs().max().item()
+        assert difference < 1e-5, f"{name}: SecAgg+ mean differs from the plain mean by {difference}"
     secrets = set()
     for index, site_file in enumerate(listing):
         node = SiteNode(load_site_config(Path(site_file)))
@@ -76,3 +90,18 @@ def test_simulated_study_runs_the_real_apps_end_to_end(prepared_site: Path, tmp_
         assert sum(e.kind == "round-trained" for e in entries) == ROUNDS
         assert node.governance.audit.verify().ok
     assert len(secrets) == SITES, "every simulated site has its own split key"
+
+
+def _released_mean(listing: list[str], spec_hash_prefix: str, round_key: str) -> dict[str, torch.Tensor]:
+    """The plain FedAvg of what the sites released in one round: the mean weighted by training examples."""
+    releases = [
+        torch.load(path, weights_only=True)
+        for site_file in listing
+        for path in (Path(site_file).parent / "released" / spec_hash_prefix).glob(f"{round_key}.pt")
+    ]
+    assert len(releases) == SITES, "every simulated site kept the update it released"
+    total = sum(r["num_examples"] for r in releases)
+    return {
+        name: sum(r["state_dict"][name].double() * r["num_examples"] for r in releases) / total
+        for name in releases[0]["state_dict"]
+    }

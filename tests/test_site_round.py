@@ -16,7 +16,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
-from federation.protocol import RefusalCode, SiteAnswer, SiteStatus
+from federation.protocol import RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
 from federation.study import study_hash
 from site_node.clientapp import ANSWER_KEY, INSTRUCTION_KEY
 from site_node.clientapp import app as client_app
@@ -191,11 +191,20 @@ def _round_members(node: SiteNode, digest: str, round_key: str) -> set[int]:
 
 def test_secure_aggregation_required_by_policy(prepared_site, tmp_path):
     node = _node(prepared_site, tmp_path, require_secure_aggregation=True)
-    spec = study()
-    _approve(node, spec)
+    spec = study(federation={"secure_aggregation": False, "min_sites": 2})
+    digest = _approve(node, spec)
     outcome = node.train(instruction(spec), _start(node, spec))
-    assert outcome.answer.code == RefusalCode.POLICY and "secure aggregation" in outcome.answer.reason
+    # the code the coordinator reads to run the next rounds with SecAgg+; nothing was reserved or spent
+    assert outcome.answer.code == RefusalCode.NEEDS_SECURE_AGGREGATION and "secure aggregation" in outcome.answer.reason
+    assert node.governance.ledger.reservations(digest) == []
+    assert node.admit(instruction(spec)).answer.code == RefusalCode.NEEDS_SECURE_AGGREGATION
     assert node.policy_conflicts(spec) == ["the site requires secure aggregation and the study does not use it"]
+    # the same study, its rounds run with secure aggregation: admitted, then trained
+    secure = RoundInstruction.for_study(spec, "run-1", 1, secure_aggregation=True)
+    ready = node.admit(secure)
+    assert ready.answer.status == SiteStatus.READY and ready.metrics["num-examples"] > 0
+    assert node.governance.ledger.reservations(digest) == []  # admission reserves nothing
+    assert node.train(secure, _start(node, spec)).answer.status == SiteStatus.TRAINED
 
 
 def test_clientapp_answers_through_flower_messages(prepared_site, tmp_path):

@@ -33,7 +33,7 @@ def test_warm_runtime_trains_and_honours_a_withdrawal_recorded_between_rounds(pr
     keys = ConsortiumLayout(root)
     raw = yaml.safe_load(EXAMPLE_STUDY.read_text())
     raw["training"].update({"rounds": 2, "local_epochs": 1})
-    raw["federation"].update({"min_sites": 1, "round_timeout_seconds": 60})
+    raw["federation"].update({"min_sites": 1, "secure_aggregation": False, "round_timeout_seconds": 60})
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(raw), encoding="utf-8")
     spec, digest = load_study(study), study_hash(load_study(study))

@@ -237,6 +237,11 @@ class PrivacySpec(_Strict):
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
+# Strategies that look at each site's update separately: impossible when only the sum is revealed.
+ROBUST_STRATEGIES = ("trimmed_mean", "median")
+SECURE_AGGREGATION_MIN_SITES = 3
+
+
 class FederationSpec(_Strict):
     """How the coordinator runs the rounds (used by the coordinator; sites see and approve it too)."""
 
@@ -258,6 +263,24 @@ class FederationSpec(_Strict):
     )
     # trimmed_mean: share of the updates dropped from each end of every coordinate (at least one each end).
     trim_fraction: float = Field(0.2, gt=0, lt=0.5, description="trimmed_mean: fraction cut from each end.")
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> FederationSpec:
+        """SecAgg+ gives the coordinator only the weighted sum of the sites' updates, which fixes two things."""
+        if not self.secure_aggregation:
+            return self
+        if self.strategy in ROBUST_STRATEGIES:
+            raise ValueError(
+                f"strategy '{self.strategy}' needs every site's own update, and secure aggregation reveals only "
+                "their sum: use fedavg, fedprox, fedadam or fedyogi with secure aggregation"
+            )
+        if self.min_sites < SECURE_AGGREGATION_MIN_SITES:
+            raise ValueError(
+                f"secure aggregation needs at least {SECURE_AGGREGATION_MIN_SITES} sites in every round (SecAgg+ "
+                "shares each site's mask key among the others, and with two sites the sum tells each site the "
+                f"other's update anyway); set min_sites >= {SECURE_AGGREGATION_MIN_SITES}"
+            )
+        return self
 
 
 class StudyInfo(_Strict):

@@ -1,0 +1,215 @@
+"""One training round under SecAgg+: the coordinator learns the weighted mean of the sites' updates, not one.
+
+Flower implements SecAgg+ (Bell et al., CCS 2020) as `SecAggPlusWorkflow` on its legacy server layer:
+four exchanges per round (setup: public keys; share keys: encrypted key shares; collect masked
+vectors: each site trains and uploads its update quantised and masked; unmask: shares that remove the
+masks from the sum, and rebuild those of a site that dropped out). We use that implementation as it
+is, and give it two things of ours:
+
+* the sites to run with: the ones that answered our admission query with "ready" (approval, policy,
+  budget and cohort checked before any key is made, so refusals are receipts, not protocol failures);
+* a Grid that is the runner's own (our polling and round timeout) and that keeps every site's answer
+  to the training stage, so receipts, epsilon and snapshot hashes work as in a plain round.
+
+What a site sends to be masked is its update, trained weights minus the global weights, not the
+weights: updates are small, so the protocol's fixed clipping range (quantisation to +/-8) holds with
+room to spare and the quantisation step (16 / 2**22, about 4e-6) is what limits the agreement with a
+plain mean. The mean is weighted by each site's training examples, which SecAgg+ masks too (the
+weights are folded into the masked vector); `max_weight` is the largest count the sites reported, so
+every weight is at most 1 and quantised finely.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+Weights = dict[str, np.ndarray]
+# The runner's way to send messages and collect replies: (messages, timeout) -> (replies by node, seconds)
+Exchange = Callable[[list[Message], float], tuple[dict[int, Message], dict[int, float]]]
+
+TENSOR_NAMES_KEY = "twinfed-tensor-names"  # fitins config: the state_dict names of the arrays, in order
+CLIPPING_RANGE = 8.0  # Flower's default; updates are far inside it (a site counts any value outside)
+# SecAgg+ shares each key among all the round's sites and rebuilds a dropped site's masks from two
+# thirds of them: one site in three may drop out after the keys are shared.
+NUM_SHARES = 1.0
+RECONSTRUCTION_THRESHOLD = 2 / 3
+STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+
+
+class _Proxy(ClientProxy):
+    """The legacy workflow names sites by ClientProxy; only `node_id` is read."""
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__(str(node_id))
+        self.node_id = node_id
+
+    def _unused(self, *_args: object, **_kwargs: object):  # pragma: no cover - never called by the workflow
+        raise NotImplementedError("the SecAgg+ workflow talks to sites through the Grid, not through proxies")
+
+    get_properties = get_parameters = fit = evaluate = reconnect = _unused
+
+
+class _SelectedSites(Strategy):
+    """The legacy Strategy the workflow asks two things: which sites train (ours, decided already), and
+    what to do with the unmasked mean (keep it; the study's own aggregator takes it from there)."""
+
+    def __init__(self, nodes: list[int], fitins: FitIns) -> None:
+        self.nodes = nodes
+        self.fitins = fitins
+        self.mean: Parameters | None = None
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
+        return [(_Proxy(node), self.fitins) for node in self.nodes]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list):
+        self.mean = results[0][1].parameters if results else None
+        return self.mean, {}
+
+    def initialize_parameters(self, client_manager: ClientManager):
+        return None
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list):
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        return None
+
+
+@dataclass
+class SecureRound:
+    """What one secure round produced: the mean update (None if the protocol halted) and every site's part."""
+
+    mean_update: Weights | None
+    answers: dict[int, Message] = field(default_factory=dict)  # replies to the training stage, by node
+    seconds: dict[int, float] = field(default_factory=dict)  # when each training-stage reply came
+    dropped: dict[int, str] = field(default_factory=dict)  # node -> the stage it dropped out in, and why
+    halted: str | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _RecordingGrid:
+    """The Grid the workflow sees: sends through the runner's exchange, remembers who answered what."""
+
+    def __init__(self, exchange: Exchange, timeout: float, result: SecureRound) -> None:
+        self.exchange = exchange
+        self.timeout = timeout
+        self.result = result
+        self.stage = 0
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        name = STAGES[min(self.stage, len(STAGES) - 1)]
+        self.stage += 1
+        started = time.monotonic()
+        replies, seconds = self.exchange(messages, self.timeout)
+        self.result.stage_seconds[name] = time.monotonic() - started
+        for message in messages:
+            node = message.metadata.dst_node_id
+            reply = replies.get(node)
+            if reply is None:
+                self.result.dropped.setdefault(node, f"no answer within {self.timeout:g} s in the {name} stage")
+            elif reply.has_error():
+                self.result.dropped.setdefault(node, f"{name} stage: {reply.error.reason}")
+            elif name == "collect_masked_vectors":
+                self.result.answers[node] = reply
+                self.result.seconds[node] = seconds.get(node, 0.0)
+        return list(replies.values())
+
+
+def run_secure_round(
+    exchange: Exchange,
+    nodes: list[int],
+    global_weights: Weights,
+    instruction: ConfigRecord,
+    server_round: int,
+    max_weight: float,
+    timeout: float,
+) -> SecureRound:
+    """Run SecAgg+ with `nodes` over one round; the mean update comes back in `global_weights`' names."""
+    names = list(global_weights)
+    config = {**dict(instruction), TENSOR_NAMES_KEY: ",".join(names)}
+    parameters = ndarrays_to_parameters([np.ascontiguousarray(global_weights[name]) for name in names])
+    strategy = _SelectedSites(nodes, FitIns(parameters, config))
+    state = RecordDict(
+        {
+            MAIN_PARAMS_RECORD: compat.parameters_to_arrayrecord(parameters, keep_input=True),
+            MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
+        }
+    )
+    context = LegacyContext(
+        Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
+        config=ServerConfig(num_rounds=1),
+        strategy=strategy,
+    )
+    result = SecureRound(mean_update=None)
+    workflow = SecAggPlusWorkflow(
+        NUM_SHARES,
+        RECONSTRUCTION_THRESHOLD,
+        max_weight=max(float(max_weight), 1.0),
+        clipping_range=CLIPPING_RANGE,
+        timeout=timeout,
+    )
+    try:
+        workflow(_RecordingGrid(exchange, timeout, result), context)  # type: ignore[arg-type]
+    except (ZeroDivisionError, ValueError, KeyError) as exc:
+        # ZeroDivisionError: every site that reached the training stage contributed weight 0 (refused).
+        result.halted = f"the secure aggregation could not complete: {type(exc).__name__}: {exc}"
+        return result
+    if strategy.mean is None:
+        result.halted = (
+            "the secure aggregation halted: too few sites were left in a stage to remove the masks "
+            "(SecAgg+ needs two thirds of each site's neighbours)"
+        )
+        return result
+    arrays = parameters_to_ndarrays(strategy.mean)
+    result.mean_update = {name: np.asarray(array, dtype=np.float64) for name, array in zip(names, arrays, strict=True)}
+    return result
+
+
+def is_secure_training_message(content: RecordDict) -> bool:
+    """True for the SecAgg+ stage in which a site trains (the workflow's FitIns plus the stage record)."""
+    configs = content.config_records.get(RECORD_KEY_CONFIGS)
+    return configs is not None and "fitins.config" in content.config_records
+
+
+def global_weights_from_fitins(content: RecordDict) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+    """The instruction fields and the named global weights a secure training message carries."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    config = dict(fitins.config)
+    names = str(config.pop(TENSOR_NAMES_KEY, "")).split(",")
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(names) != len(arrays):
+        raise ValueError(f"the secure round sent {len(arrays)} arrays for {len(names)} tensor names")
+    return config, dict(zip(names, arrays, strict=True))
+
+
+def fitres_content(update: list[np.ndarray], num_examples: int) -> RecordDict:
+    """The legacy FitRes layout Flower's secaggplus_mod masks: the update and the weight it carries."""
+    return compat.fitres_to_recorddict(
+        FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), num_examples, {}), keep_input=True
+    )
+
+
+def clipping_range(context_state: RecordDict) -> float:
+    """The clipping range this round's setup stage gave the site (kept in the ClientApp's context state)."""
+    state = context_state.config_records.get(RECORD_KEY_STATE)
+    value = state.get("clipping_range") if state is not None else None
+    return float(value) if isinstance(value, int | float) and value > 0 else CLIPPING_RANGE

@@ -185,6 +185,8 @@ def approve(
         "approved", {"study_hash": digest, "study_id": spec.study.id, "by": approval.approved_by, "note": note}
     )
     console.print(f"Approved {spec.study.id} at {node.config.site_id}: hash {digest}")
+    for note in node.policy_notes(spec):
+        console.print(f"Note: {note}.")
 
 
 @site_app.command("revoke")

@@ -23,6 +23,7 @@ from federation.models import build_model
 from federation.protocol import ProtocolError, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
 from federation.study import StudyError, StudySpec, study_hash
 from federation.study.features import feature_names
+from federation.study.spec import ROBUST_STRATEGIES
 from site_node.cohort import CohortError, StudyDataset
 from site_node.cohort.cache import cached_dataset
 from site_node.config import SiteConfig
@@ -153,9 +154,26 @@ class SiteNode:
             problems.append(
                 f"the study's delta {spec.privacy.target_delta:g} is above the site's maximum {self.policy.max_delta:g}"
             )
-        if self.policy.require_secure_aggregation and not spec.federation.secure_aggregation:
-            problems.append("the site requires secure aggregation and the study does not use it")
+        if (
+            self.policy.require_secure_aggregation
+            and not spec.federation.secure_aggregation
+            and spec.federation.strategy in ROBUST_STRATEGIES
+        ):
+            problems.append(
+                f"the site requires secure aggregation, which the study's strategy '{spec.federation.strategy}' "
+                "cannot use (it needs every site's own update)"
+            )
         return problems
+
+    def policy_notes(self, spec: StudySpec) -> list[str]:
+        """What a steward should know when approving a study this policy accepts, but with a consequence."""
+        if self.policy.require_secure_aggregation and not spec.federation.secure_aggregation:
+            return [
+                "the study does not ask for secure aggregation: this site will refuse its plain rounds "
+                "(spending nothing), and the coordinator then runs the later rounds with SecAgg+, which needs "
+                "at least 3 hospitals ready in each round"
+            ]
+        return []
 
     def feature_count(self, spec: StudySpec) -> int:
         """How many inputs the study's model has (the same at every site)."""

@@ -198,7 +198,10 @@ def test_secure_aggregation_required_by_policy(prepared_site, tmp_path):
     assert outcome.answer.code == RefusalCode.NEEDS_SECURE_AGGREGATION and "secure aggregation" in outcome.answer.reason
     assert node.governance.ledger.reservations(digest) == []
     assert node.admit(instruction(spec)).answer.code == RefusalCode.NEEDS_SECURE_AGGREGATION
-    assert node.policy_conflicts(spec) == ["the site requires secure aggregation and the study does not use it"]
+    # approvable: the coordinator turns SecAgg+ on for later rounds; the steward is told so
+    assert node.policy_conflicts(spec) == [] and "refuse its plain rounds" in node.policy_notes(spec)[0]
+    robust = study(federation={"secure_aggregation": False, "min_sites": 2, "strategy": "median"})
+    assert "cannot use" in node.policy_conflicts(robust)[0]
     # the same study, its rounds run with secure aggregation: admitted, then trained
     secure = RoundInstruction.for_study(spec, "run-1", 1, secure_aggregation=True)
     ready = node.admit(secure)

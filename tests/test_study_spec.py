@@ -81,6 +81,23 @@ def test_outcome_needs_its_parameters():
         parse_study(raw)
 
 
+@pytest.mark.parametrize(
+    ("federation", "message"),
+    [
+        ({"strategy": "median"}, "reveals only their sum"),
+        ({"strategy": "trimmed_mean"}, "reveals only their sum"),
+        ({"min_sites": 2}, "at least 3 sites"),
+    ],
+)
+def test_secure_aggregation_refuses_what_it_cannot_do(federation, message):
+    raw = _raw()
+    raw["federation"].update({"secure_aggregation": True, "min_sites": 3, **federation})
+    with pytest.raises(StudyError, match=message):
+        parse_study(raw)
+    raw["federation"]["secure_aggregation"] = False
+    parse_study(raw)  # the same settings without secure aggregation are fine
+
+
 def test_instruction_round_trips_and_carries_the_whole_study():
     spec = load_study(EXAMPLE)
     instruction = RoundInstruction.for_study(spec, run_id="run-7", server_round=3)

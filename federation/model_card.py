@@ -61,6 +61,13 @@ def _card(folder: Path, spec: StudySpec, result) -> dict:
             "parameters": int(sum(np.asarray(v).size for v in result.weights.values())),
         },
         "sites": sites,
+        "aggregation": {
+            "strategy": spec.federation.strategy,
+            "secure_aggregation_requested": spec.federation.secure_aggregation,
+            # rounds whose updates the coordinator saw only as a weighted mean (SecAgg+)
+            "secure_rounds": [row["round"] for row in result.history if row.get("secure_aggregation")],
+            "rounds": [row["round"] for row in result.history],
+        },
         "metrics": {
             "held_out_auroc": final.get("auroc"),
             "held_out_auroc_95ci": [final.get("auroc_low"), final.get("auroc_high")],
@@ -151,6 +158,7 @@ vertical-align:top}}table{{border-collapse:collapse}}code{{font-size:90%}}</styl
 twin code {esc(study["twin_code_version"])}.
 Run {esc(run["status"])}: {esc(run["reason"])}. Model: {esc(card["model"]["kind"])},
 {card["model"]["parameters"]} parameters ({esc(card["model"]["weights_file"])}).</p>
+<p>{esc(_aggregation_text(card.get("aggregation", {})))}</p>
 <h2>Held-out performance (pooled over sites)</h2>
 <p>AUROC {esc(auroc_text)}; loss {_metric(metrics["held_out_loss"])}; Brier {_metric(metrics["held_out_brier"])}.
 Each site evaluates on its own held-out patients and sends aggregates only; counts under a site's cell-count
@@ -159,6 +167,21 @@ floor are withheld, and such sites are not weighted in the pooled AUROC.</p>
 <h2>Sites</h2><table><tr><th>site</th><th>rounds trained</th><th>epsilon spent / ceiling</th>
 <th>cohort snapshot</th><th>consent snapshot</th><th>refusals, failures, time-outs</th></tr>{rows}</table>
 <p>Created {esc(card["created_at"])}. Receipts of every round: receipts.jsonl.</p></body></html>"""
+
+
+def _aggregation_text(aggregation: dict) -> str:
+    rounds, secure = aggregation.get("rounds", []), aggregation.get("secure_rounds", [])
+    strategy = aggregation.get("strategy", "?")
+    if rounds and len(secure) == len(rounds):
+        how = "every round with secure aggregation (SecAgg+): the coordinator saw only the weighted mean of updates"
+    elif secure:
+        how = (
+            f"secure aggregation (SecAgg+) in rounds {', '.join(map(str, secure))} of {len(rounds)}; in the others "
+            "the coordinator saw each site's update"
+        )
+    else:
+        how = "without secure aggregation: the coordinator saw each site's update"
+    return f"Aggregation: {strategy}, {how}."
 
 
 def write_model_card(folder: Path, spec: StudySpec, result) -> Path:

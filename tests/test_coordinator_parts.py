@@ -100,13 +100,17 @@ def test_model_card_names_sites_epsilon_and_refusals(tmp_path):
     )
     history = [{"round": 1, "auroc": 0.71, "auroc_low": 0.6, "auroc_high": 0.8, "auroc_sites": 1, "loss": 0.3,
                 "brier": 0.1, "site_auroc": {"a": 0.71}, "epsilon": {"a": 1.25},
-                "participation": {"a": "trained", "b": "refused"}}]  # fmt: skip
-    html_path = write_model_card(tmp_path, spec, RunResult("completed", "done", 1, initial_weights(spec), history))
+                "participation": {"a": "trained", "b": "refused"}, "secure_aggregation": False},
+               {"round": 2, "auroc": 0.72, "auroc_low": 0.6, "auroc_high": 0.8, "auroc_sites": 1,
+                "participation": {"a": "trained", "b": "trained"}, "secure_aggregation": True}]  # fmt: skip
+    html_path = write_model_card(tmp_path, spec, RunResult("completed", "done", 2, initial_weights(spec), history))
     card = json.loads((tmp_path / "model-card.json").read_text())
     assert card["study"]["hash"] == study_hash(spec)
     assert card["sites"]["a"]["epsilon_spent"] == 1.25 and card["sites"]["a"]["cohort_snapshot"] == "c" * 64
     assert card["sites"]["b"]["refusals"][0]["code"] == "budget"
-    assert card["metrics"]["held_out_auroc_95ci"] == [0.6, 0.8]
+    assert card["metrics"]["held_out_auroc_95ci"] == [0.6, 0.8] and card["metrics"]["held_out_auroc"] == 0.72
     page = html_path.read_text()
     assert "data:image/png;base64," in page and "budget" in page and study_hash(spec) in page
+    # which rounds the coordinator saw only the weighted mean of (a site's policy turned SecAgg+ on)
+    assert card["aggregation"]["secure_rounds"] == [2] and "SecAgg+) in rounds 2 of 2" in page
     assert (tmp_path / "final-model.pt").exists()

@@ -201,6 +201,7 @@ def write_report(
     report: Path, root: Path, study: Path, audits: dict[str, subprocess.CompletedProcess], say: Callable[[str], None]
 ) -> Path:
     """The demo's report folder: the model card (with its plots), receipts and each site's audit result."""
+    from federation.model_card import aggregation_text
     from federation.study import load_study
 
     spec = load_study(study)
@@ -224,6 +225,7 @@ def write_report(
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 table{{border-collapse:collapse}}</style></head><body><h1>twinfed demo: {html.escape(spec.study.title)}</h1>
 <p>Run {html.escape(card["run"]["status"])}: {html.escape(card["run"]["reason"])}; {summary}.</p>
+<p>{html.escape(aggregation_text(card.get("aggregation", {})))}</p>
 <p><a href="model-card.html">Model card</a> (loss and AUROC per round, epsilon per site per round, participation,
 study hash, per-site epsilon and snapshot hashes) &middot; <a href="model-card.json">JSON</a> &middot;
 <a href="receipts.jsonl">participation receipts</a></p>

@@ -158,7 +158,7 @@ vertical-align:top}}table{{border-collapse:collapse}}code{{font-size:90%}}</styl
 twin code {esc(study["twin_code_version"])}.
 Run {esc(run["status"])}: {esc(run["reason"])}. Model: {esc(card["model"]["kind"])},
 {card["model"]["parameters"]} parameters ({esc(card["model"]["weights_file"])}).</p>
-<p>{esc(_aggregation_text(card.get("aggregation", {})))}</p>
+<p>{esc(aggregation_text(card.get("aggregation", {})))}</p>
 <h2>Held-out performance (pooled over sites)</h2>
 <p>AUROC {esc(auroc_text)}; loss {_metric(metrics["held_out_loss"])}; Brier {_metric(metrics["held_out_brier"])}.
 Each site evaluates on its own held-out patients and sends aggregates only; counts under a site's cell-count
@@ -169,7 +169,7 @@ floor are withheld, and such sites are not weighted in the pooled AUROC.</p>
 <p>Created {esc(card["created_at"])}. Receipts of every round: receipts.jsonl.</p></body></html>"""
 
 
-def _aggregation_text(aggregation: dict) -> str:
+def aggregation_text(aggregation: dict) -> str:
     rounds, secure = aggregation.get("rounds", []), aggregation.get("secure_rounds", [])
     strategy = aggregation.get("strategy", "?")
     if rounds and len(secure) == len(rounds):

@@ -11,9 +11,10 @@ work in each exchange (the `compute-seconds` every site reports: checks, cohort,
 evaluation), and coordination = wall - slowest compute: transport, Flower's scheduling, starting the
 ClientApp, aggregation. Both ClientApp runtimes are measured the same way: Flower's default
 (`--isolation subprocess`: a new Python process per message, waits of up to 3 s between pulls) and
-twinfed's warm runtime (`--isolation process`, the default).
+twinfed's warm runtime (`--isolation process`, the default); the warm runtime also with secure
+aggregation (SecAgg+: an admission query and four protocol exchanges instead of one train exchange).
 
-`python -m benchmarks.bench_rounds [--patients 2000] [--rounds 4] [--isolation process subprocess]`
+`python -m benchmarks.bench_rounds [--patients 2000] [--rounds 4] [--modes subprocess process process+secagg]`
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ POLICY = {
 
 @dataclass
 class RoundTiming:
-    isolation: str
+    mode: str
     server_round: int
     wall: float
     train_compute: float
@@ -197,10 +198,10 @@ def prepare_hospital(patients: int) -> tuple[str, Path]:
     return f"sqlite:///{database}", secret
 
 
-def study_file(folder: Path, rounds: int) -> Path:
+def study_file(folder: Path, rounds: int, secure: bool) -> Path:
     raw = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
     raw["training"]["rounds"] = rounds
-    raw["federation"].update({"min_sites": len(SITES), "round_timeout_seconds": 180})
+    raw["federation"].update({"min_sites": len(SITES), "round_timeout_seconds": 180, "secure_aggregation": secure})
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
@@ -222,23 +223,22 @@ def site_file(folder: Path, site_id: str, omop_url: str, secret: Path) -> Path:
     return path
 
 
-def run_consortium(
-    isolation: str, rounds: int, omop_url: str, secret: Path
-) -> tuple[list[RoundTiming], dict[str, float]]:
-    """One study of `rounds` rounds over a fresh consortium whose sites run with `isolation`."""
+def run_consortium(mode: str, rounds: int, omop_url: str, secret: Path) -> tuple[list[RoundTiming], dict[str, float]]:
+    """One study of `rounds` rounds over a fresh consortium in `mode` (isolation, optionally +secagg)."""
     from federation.provision import ConsortiumLayout, init_consortium
     from federation.receipts import read_receipts
     from federation.study import load_study, study_hash
     from site_node.config import load_site_config
     from site_node.participation import SiteNode
 
-    folder = OUTPUT / isolation
+    isolation, _, aggregation = mode.partition("+")
+    folder = OUTPUT / mode
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     root = folder / "consortium"
     init_consortium(root, ["localhost", "127.0.0.1"], list(SITES))
     keys = ConsortiumLayout(root)
-    study = study_file(folder, rounds)
+    study = study_file(folder, rounds, secure=aggregation == "secagg")
     spec = load_study(study)
     sites = {site_id: site_file(folder / site_id, site_id, omop_url, secret) for site_id in SITES}
     for site_id, path in sites.items():
@@ -284,7 +284,7 @@ def run_consortium(
     }
     timings = [
         RoundTiming(
-            isolation,
+            mode,
             row["round"],
             row["round_seconds"],
             slowest[(row["round"], "train")],
@@ -298,12 +298,14 @@ def run_consortium(
 NAMES = {
     "subprocess": "Flower default (`--isolation subprocess`)",
     "process": "twinfed warm (`--isolation process`)",
+    "subprocess+secagg": "Flower default, SecAgg+",
+    "process+secagg": "twinfed warm, SecAgg+",
 }
 
 
 @dataclass
 class ModeResult:
-    isolation: str
+    mode: str
     timings: list[RoundTiming]
     cpu_per_round: dict[str, float]
     load: tuple[float, float]  # 1-minute load average before and after: other work on the machine shows here
@@ -315,12 +317,15 @@ def report(results: list[ModeResult], patients: int, rounds: int) -> str:
         "",
         f"3 sites (`twinfed site start`) reading one synthetic hospital of {patients:,} patients (OMOP in SQLite, "
         f"loaded by the ETL), the example mortality study for {rounds} rounds (a train and an evaluate exchange "
-        "each), coordinator and sites on this machine over TLS with SuperNode authentication and the "
+        "each; with SecAgg+, an admission query and the protocol's four exchanges in place of the train "
+        "exchange), coordinator and sites on this machine over TLS with SuperNode authentication and the "
         "SuperLink's state in its database. *Compute* is the slowest site's own work in each exchange (the "
-        "`compute-seconds` every site reports: checks, cohort, DP training or evaluation), summed over the "
-        "two exchanges; *coordination* = wall - compute: transport, Flower's scheduling, ClientApp start-up, "
-        "aggregation and receipts. The warm runtime also reuses a study's dataset while its inputs are "
-        "unchanged (site_node/cohort/cache.py), so its compute is smaller from the evaluate exchange on.",
+        "`compute-seconds` every site reports: checks, cohort, DP training or evaluation; with SecAgg+ the "
+        "admission checks are counted with training), summed over the train and evaluate phases; "
+        "*coordination* = wall - compute: transport, Flower's scheduling, ClientApp start-up, the SecAgg+ "
+        "key agreement and masking, aggregation and receipts. The warm runtime also reuses a study's dataset "
+        "while its inputs are unchanged (site_node/cohort/cache.py), so its compute is smaller after the "
+        "first exchange.",
         "",
         "| ClientApp runtime | round | wall | slowest train compute | slowest evaluate compute | coordination |",
         "|---|---|---|---|---|---|",
@@ -328,7 +333,7 @@ def report(results: list[ModeResult], patients: int, rounds: int) -> str:
     for result in results:
         for t in result.timings:
             lines.append(
-                f"| {NAMES[t.isolation]} | {t.server_round} | {t.wall:.2f} s | {t.train_compute:.2f} s | "
+                f"| {NAMES[t.mode]} | {t.server_round} | {t.wall:.2f} s | {t.train_compute:.2f} s | "
                 f"{t.evaluate_compute:.2f} s | **{t.overhead:.2f} s** |"
             )
     lines += [
@@ -339,7 +344,7 @@ def report(results: list[ModeResult], patients: int, rounds: int) -> str:
     for result in results:
         mine = result.timings
         lines.append(
-            f"| {NAMES[result.isolation]} | {statistics.median(t.wall for t in mine):.2f} s | "
+            f"| {NAMES[result.mode]} | {statistics.median(t.wall for t in mine):.2f} s | "
             f"{statistics.median(t.overhead for t in mine):.2f} s | {max(t.overhead for t in mine):.2f} s | "
             f"{result.load[0]:.1f} / {result.load[1]:.1f} |"
         )
@@ -348,7 +353,7 @@ def report(results: list[ModeResult], patients: int, rounds: int) -> str:
         "",
         "CPU seconds per round, by process (sampled from /proc while the study ran):",
         "",
-        "| process | " + " | ".join(NAMES[r.isolation] for r in results) + " |",
+        "| process | " + " | ".join(NAMES[r.mode] for r in results) + " |",
         "|---|" + "---|" * len(results),
     ]
     for role in roles:
@@ -372,7 +377,8 @@ def report(results: list[ModeResult], patients: int, rounds: int) -> str:
         "bookkeeping in the SuperLink. With three sites, the SuperLink and the ServerApp on two cores, "
         "those requests queue behind one another: see the SuperLink's and the ServerApp's CPU above.",
         "",
-        f"Reproduce: `.venv/bin/python -m benchmarks.bench_rounds --patients {patients} --rounds {rounds}`.",
+        f"Reproduce: `.venv/bin/python -m benchmarks.bench_rounds --patients {patients} --rounds {rounds} "
+        f"--modes {' '.join(r.mode for r in results)}`.",
     ]
     return "\n".join(lines)
 
@@ -381,16 +387,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--isolation", nargs="+", default=["subprocess", "process"], choices=["subprocess", "process"])
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["subprocess", "process", "process+secagg"],
+        choices=list(NAMES),
+        help="ClientApp runtime (subprocess: Flower's default; process: twinfed's warm one), +secagg for SecAgg+",
+    )
     parser.add_argument("--no-write", action="store_true", help="print the table; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
     omop_url, secret = prepare_hospital(args.patients)
     results: list[ModeResult] = []
-    for isolation in args.isolation:
+    for mode in args.modes:
         started, load = time.monotonic(), os.getloadavg()[0]
-        timings, cpu = run_consortium(isolation, args.rounds, omop_url, secret)
-        results.append(ModeResult(isolation, timings, cpu, (load, os.getloadavg()[0])))
-        print(f"{isolation}: {time.monotonic() - started:.0f} s", flush=True)
+        timings, cpu = run_consortium(mode, args.rounds, omop_url, secret)
+        results.append(ModeResult(mode, timings, cpu, (load, os.getloadavg()[0])))
+        print(f"{mode}: {time.monotonic() - started:.0f} s", flush=True)
     body = report(results, args.patients, args.rounds)
     print(body)
     if not args.no_write:

@@ -352,6 +352,10 @@ class StudyRunner:
             for node in sorted(ready):
                 if node in outcome.answers:
                     receipt = self._site_receipt(node, outcome.answers[node], outcome.seconds.get(node))[0]
+                    # the site's own work in this round includes its admission checks (cohort included)
+                    admission = ready[node].metrics.get(COMPUTE_METRIC, 0.0)
+                    receipt.metrics["admission-" + COMPUTE_METRIC] = admission
+                    receipt.metrics[COMPUTE_METRIC] = receipt.metrics.get(COMPUTE_METRIC, 0.0) + admission
                 else:
                     receipt = ready[node].model_copy(
                         update={

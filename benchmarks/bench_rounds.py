@@ -377,6 +377,13 @@ def report(results: list[ModeResult], patients: int, rounds: int) -> str:
         "bookkeeping in the SuperLink. With three sites, the SuperLink and the ServerApp on two cores, "
         "those requests queue behind one another: see the SuperLink's and the ServerApp's CPU above.",
         "",
+        "Tried and not adopted (2026-11-26, warm runtime, 8 rounds): the SuperLink with Flower's in-memory "
+        "state instead of its SQLite state database halves coordination (median 1.06 s per round against "
+        "2.32 s in the same run; a profile of the SuperLink shows SQL execution as its largest cost, e.g. "
+        "the run-status check behind every request). But a SuperLink restarted with in-memory state has "
+        "forgotten the sites' node ids, and the SuperNodes then retry forever instead of reconnecting, so a "
+        "coordinator restart would need every hospital to restart its site node. The state database stays.",
+        "",
         f"Reproduce: `.venv/bin/python -m benchmarks.bench_rounds --patients {patients} --rounds {rounds} "
         f"--modes {' '.join(r.mode for r in results)}`.",
     ]

@@ -381,7 +381,8 @@ def report(results: list[ModeResult], patients: int, rounds: int) -> str:
         "state instead of its SQLite state database halves coordination (median 1.06 s per round against "
         "2.32 s in the same run; a profile of the SuperLink shows SQL execution as its largest cost, e.g. "
         "the run-status check behind every request). But a SuperLink restarted with in-memory state has "
-        "forgotten the sites' node ids, and the SuperNodes then retry forever instead of reconnecting, so a "
+        "forgotten the sites' node ids, and the SuperNodes then kept failing to reconnect (for the 150 s our "
+        "resume test waited), so a "
         "coordinator restart would need every hospital to restart its site node. The state database stays.",
         "",
         f"Reproduce: `.venv/bin/python -m benchmarks.bench_rounds --patients {patients} --rounds {rounds} "

@@ -115,13 +115,23 @@ class StudyRunner:
             train = self._train_secure if secure else self._train
             trained, train_receipt = train(server_round, nodes, weights)
             trained_sites = train_receipt.count(Participation.TRAINED)
+            switched = not secure and self._switch_to_secure_if_asked(train_receipt)
+            if switched and trained_sites < self.spec.federation.min_sites:
+                # Too few without the sites that require SecAgg+: this round again, securely. Sites that
+                # trained re-send the update they kept (their ledger holds the round: nothing is spent twice).
+                train_receipt.note += " Round run again with SecAgg+."
+                append_receipt(self.receipts_path, train_receipt)
+                self.say(f"Round {server_round}: run again with SecAgg+.")
+                secure = True
+                trained, train_receipt = self._train_secure(server_round, nodes, weights)
+                trained_sites = train_receipt.count(Participation.TRAINED)
             if trained_sites < self.spec.federation.min_sites or not trained:
                 reason = (
                     f"round {server_round}: only {trained_sites} site(s) trained, the study needs "
-                    f"{self.spec.federation.min_sites}. " + _refusal_summary(train_receipt)
+                    f"{self.spec.federation.min_sites}. "
+                    + (f"{train_receipt.note} " if train_receipt.note else "")
+                    + _refusal_summary(train_receipt)
                 )
-                if train_receipt.note:
-                    reason = f"round {server_round}: {train_receipt.note} " + _refusal_summary(train_receipt)
                 train_receipt.note = "stopped: " + reason
                 append_receipt(self.receipts_path, train_receipt)
                 self.say("Study stopped. " + reason)
@@ -147,7 +157,6 @@ class StudyRunner:
                     receipt.status = Participation.REJECTED
                     receipt.reason = rejected[receipt.label]
             train_receipt.aggregated = True
-            self._switch_to_secure_if_asked(train_receipt)
             append_receipt(self.receipts_path, train_receipt)
             evaluation_receipt, row = self._evaluate(server_round, self._nodes(), weights)
             append_receipt(self.receipts_path, evaluation_receipt)
@@ -297,16 +306,7 @@ class StudyRunner:
                     continue
                 update = {name: t.detach().cpu().numpy() for name, t in arrays.to_torch_state_dict().items()}
                 updates.append(SiteUpdate(receipt.label, update, receipt.num_examples))
-        receipt = RoundReceipt(
-            run_name=self.run_name,
-            server_round=server_round,
-            phase="train",
-            started_at=started,
-            finished_at=dt.datetime.now(dt.UTC),
-            required_sites=self.spec.federation.min_sites,
-            sites=receipts,
-        )
-        return updates, receipt
+        return updates, self._round_receipt(server_round, "train", started, receipts)
 
     def _train_secure(
         self, server_round: int, nodes: list[int], weights: Weights
@@ -381,33 +381,26 @@ class StudyRunner:
                         f"; {clipped} update values were outside the protocol's clipping range and were clipped, "
                         "so the mean is approximate"
                     )
-        receipt = RoundReceipt(
-            run_name=self.run_name,
-            server_round=server_round,
-            phase="train",
-            started_at=started,
-            finished_at=dt.datetime.now(dt.UTC),
-            required_sites=self.spec.federation.min_sites,
-            sites=receipts,
-            secure_aggregation=True,
-            note=note,
-        )
-        return updates, receipt
+        return updates, self._round_receipt(server_round, "train", started, receipts, secure=True, note=note)
 
-    def _switch_to_secure_if_asked(self, receipt: RoundReceipt) -> None:
-        """A site whose policy requires secure aggregation refused a plain round: run SecAgg+ from now on."""
+    def _switch_to_secure_if_asked(self, receipt: RoundReceipt) -> bool:
+        """A site whose policy requires secure aggregation refused a plain round: run SecAgg+ from now on.
+
+        Returns whether the run switched (never with a strategy that needs each site's update).
+        """
         asking = [s.label for s in receipt.sites if s.code == RefusalCode.NEEDS_SECURE_AGGREGATION.value]
         if self.secure or not asking:
-            return
+            return False
         if self.spec.federation.strategy in ROBUST_STRATEGIES:
             receipt.note = (
                 f"{', '.join(asking)} require secure aggregation, which strategy '{self.spec.federation.strategy}' "
                 "cannot use (it needs each update); they stay out of training."
             )
-            return
+            return False
         self.secure = True
         receipt.note = f"{', '.join(asking)} require secure aggregation: the next rounds use SecAgg+."
         self.say(f"Round {receipt.server_round}: {receipt.note}")
+        return True
 
     def _evaluate(self, server_round: int, nodes: list[int], weights: Weights) -> tuple[RoundReceipt, dict]:
         replies, seconds, started = self._exchange("evaluate", server_round, nodes, weights)
@@ -439,16 +432,29 @@ class StudyRunner:
             "brier": pooled_mean(evaluations, "brier"),
             "site_auroc": {e.site_id: e.auroc for e in evaluations},
         }
-        receipt = RoundReceipt(
+        return self._round_receipt(server_round, "evaluate", started, receipts), row
+
+    def _round_receipt(
+        self,
+        server_round: int,
+        phase: str,
+        started: dt.datetime,
+        sites: list[SiteReceipt],
+        *,
+        secure: bool = False,
+        note: str = "",
+    ) -> RoundReceipt:
+        return RoundReceipt(
             run_name=self.run_name,
             server_round=server_round,
-            phase="evaluate",
+            phase=phase,
             started_at=started,
             finished_at=dt.datetime.now(dt.UTC),
             required_sites=self.spec.federation.min_sites,
-            sites=receipts,
+            sites=sites,
+            secure_aggregation=secure,
+            note=note,
         )
-        return receipt, row
 
     def _remember(self, receipt: SiteReceipt, server_round: int) -> None:
         answered = receipt.status not in (Participation.DISCONNECTED, Participation.TIMED_OUT)

@@ -28,7 +28,7 @@ from site_node.cohort import CohortError, StudyDataset
 from site_node.cohort.cache import cached_dataset
 from site_node.config import SiteConfig
 from site_node.governance import BudgetRefused, Governance, PrivacyEvent, load_policy, suppress_small_counts
-from site_node.governance.ledger import RELEASED, RESERVED, RoundAlreadyTrained
+from site_node.governance.ledger import RELEASED, RoundAlreadyTrained
 from site_node.releases import Release, ReleasedUpdates
 from site_node.training import NotPrivateError, calibrate_noise, check_privacy_honest, evaluate, schedule, train_dp
 
@@ -124,23 +124,7 @@ class SiteNode:
         metrics, suppressed = suppress_small_counts(
             {"num-examples": n_train, COMPUTE_METRIC: _since(started)}, COUNT_METRICS, self.policy.min_cell_count
         )
-        self.governance.audit.append(
-            "round-admitted",
-            {
-                "study_hash": digest,
-                "round": instruction.round_key,
-                "cohort_snapshot": plan.dataset.snapshot_hash,
-                "left_the_site": {"metrics": metrics, "suppressed": suppressed},
-            },
-        )
-        answer = SiteAnswer(
-            site_id=self.config.site_id,
-            status=SiteStatus.READY,
-            suppressed=",".join(suppressed) or None,
-            cohort_snapshot=plan.dataset.snapshot_hash,
-            consent_snapshot=plan.consent_snapshot,
-        )
-        return RoundOutcome(answer, None, metrics)
+        return self._metrics_only("round-admitted", SiteStatus.READY, instruction, plan, metrics, suppressed)
 
     def policy_conflicts(self, spec: StudySpec) -> list[str]:
         """What in a study this site's policy would refuse whatever the data (checked when approving)."""
@@ -273,12 +257,13 @@ class SiteNode:
         The exact projection needs the cohort size (the sampling rate), so it is the ledger's reservation,
         later. Here the next round is assumed to cost what the study's last round here cost: cohorts
         change little between rounds, and a larger one would cost slightly less, so this errs on the safe
-        side. A retry of a round whose reservation survived a crash is let through: its budget is held.
+        side. A retry of a round whose reservation survived a crash is let through: its budget is held; so
+        is a retry of a round already trained, whose kept update is re-sent without spending anything.
         """
         ledger = self.governance.ledger
         reservations = [r for r in ledger.reservations(digest) if r.status != RELEASED]
-        if any(r.round_key == round_key and r.status == RESERVED for r in reservations):
-            return
+        if any(r.round_key == round_key for r in reservations):
+            return  # held (reserved) or spent (committed: the kept update is re-sent at no cost)
         study_ceiling = min(spec.privacy.target_epsilon, self.policy.study_epsilon_ceiling)
         spent, site_spent = ledger.spent(digest), ledger.site_spent()
         if reservations:
@@ -445,10 +430,31 @@ class SiteNode:
         values = {k.replace("_", "-"): v for k, v in raw.items() if isinstance(v, int | float) and math.isfinite(v)}
         values[COMPUTE_METRIC] = _since(started)
         metrics, suppressed = suppress_small_counts(values, COUNT_METRICS, self.policy.min_cell_count)
-        self.governance.audit.append(
+        return self._metrics_only(
             "evaluated",
+            SiteStatus.EVALUATED,
+            instruction,
+            plan,
+            metrics,
+            suppressed,
+            epsilon_spent=self.governance.ledger.spent(digest),
+        )
+
+    def _metrics_only(
+        self,
+        event: str,
+        status: SiteStatus,
+        instruction: RoundInstruction,
+        plan: _Plan,
+        metrics: dict[str, float | int],
+        suppressed: list[str],
+        epsilon_spent: float | None = None,
+    ) -> RoundOutcome:
+        """An answer that releases metrics and no weights (admission, evaluation): audited as it leaves."""
+        self.governance.audit.append(
+            event,
             {
-                "study_hash": digest,
+                "study_hash": plan.study_hash,
                 "round": instruction.round_key,
                 "cohort_snapshot": plan.dataset.snapshot_hash,
                 "left_the_site": {"metrics": metrics, "suppressed": suppressed},
@@ -456,8 +462,8 @@ class SiteNode:
         )
         answer = SiteAnswer(
             site_id=self.config.site_id,
-            status=SiteStatus.EVALUATED,
-            epsilon_spent=self.governance.ledger.spent(digest),
+            status=status,
+            epsilon_spent=epsilon_spent,
             suppressed=",".join(suppressed) or None,
             cohort_snapshot=plan.dataset.snapshot_hash,
             consent_snapshot=plan.consent_snapshot,

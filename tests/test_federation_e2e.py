@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from federation.provision import ConsortiumLayout, init_consortium
+from federation.provision import init_consortium
 from federation.receipts import Participation, read_receipts
 from federation.study import load_study, study_hash
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
-from tests.process_helpers import FLOWER_ENV, TWINFED, Running, free_port
-from tests.site_helpers import EXAMPLE_STUDY, fresh_site
+from tests.consortium_helpers import coordinator_command, live_consortium
+from tests.consortium_helpers import site_folder as _site
+from tests.process_helpers import FLOWER_ENV, TWINFED, Running
+from tests.site_helpers import EXAMPLE_STUDY
 
 SITES = ("aster", "birch", "cedar")
 
@@ -36,29 +38,10 @@ def _study_file(folder: Path) -> Path:
     return path
 
 
-def _site(prepared_site: Path, folder: Path, site_id: str, **policy) -> Path:
-    # The test split of the 700-patient hospital holds only a few deaths, and the split depends on the
-    # site secret made for each test session: a cell floor of 1 keeps the pooled AUROC computable.
-    site_file = fresh_site(prepared_site, folder, **{"min_cell_count": 1, **policy})
-    config = yaml.safe_load(site_file.read_text())
-    config["site_id"] = site_id
-    site_file.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return site_file
-
-
-def _start_site(site_id: str, site_file: Path, keys: ConsortiumLayout, port: int) -> Running:
-    """`twinfed site start` for one hospital, as its IT would run it."""
-    return Running(
-        [TWINFED, "site", "start", "--site-config", str(site_file), "--superlink", f"127.0.0.1:{port}",
-         "--ca", str(keys.site_ca(site_id)), "--key", str(keys.site_key(site_id)), "--runtime-port", str(free_port())]
-    )  # fmt: skip
-
-
 @pytest.mark.timeout(420)
 def test_study_over_tls_with_a_refusal_and_a_site_killed_mid_study(prepared_site, tmp_path):
     root = tmp_path / "consortium"
     init_consortium(root, ["localhost", "127.0.0.1"], list(SITES))
-    keys = ConsortiumLayout(root)
     study = _study_file(tmp_path)
     spec = load_study(study)
     site_files = {
@@ -73,26 +56,13 @@ def test_study_over_tls_with_a_refusal_and_a_site_killed_mid_study(prepared_site
         )  # fmt: skip
         assert approved.returncode == 0, approved.stdout + approved.stderr
 
-    port = free_port()
-    coordinator = Running([TWINFED, "coordinator", "start", "--dir", str(root), "--port", str(port)])
-    sites: dict[str, Running] = {}
-    try:
-        coordinator.wait_for("Coordinator running", timeout=60)
-        for site_id, site_file in site_files.items():
-            sites[site_id] = _start_site(site_id, site_file, keys, port)
-        for running in sites.values():
-            running.wait_for("Connected to the SuperLink as node", timeout=60)
-
+    with live_consortium(root, site_files) as live:
         run = Running([TWINFED, "study", "run", str(study), "--coordinator-dir", str(root), "--wait-for-sites", "60"])
         run.wait_for("Round 1/2", timeout=180)
-        sites["birch"].kill_group()  # a hospital goes away after round 1
+        live.sites["birch"].kill_group()  # a hospital goes away after round 1
         code = run.wait(timeout=200)
         assert code == 0, run.output
         assert "Study completed" in run.output
-    finally:
-        for running in sites.values():
-            running.kill_group()
-        coordinator.kill_group()
 
     folder = root / "studies" / spec.study.id / spec.study.id
     receipts = read_receipts(folder / "receipts.jsonl")
@@ -122,7 +92,6 @@ def test_study_over_tls_with_a_refusal_and_a_site_killed_mid_study(prepared_site
 def test_a_coordinator_killed_mid_study_resumes_from_its_last_round(prepared_site, tmp_path):
     root = tmp_path / "consortium"
     init_consortium(root, ["localhost", "127.0.0.1"], ["aster", "birch"])
-    keys = ConsortiumLayout(root)
     raw = yaml.safe_load(EXAMPLE_STUDY.read_text())
     raw["training"].update({"rounds": 3, "local_epochs": 1})
     # A site that was waiting for the dead coordinator reconnects within its reconnect wait (5 s) of the
@@ -137,32 +106,20 @@ def test_a_coordinator_killed_mid_study_resumes_from_its_last_round(prepared_sit
         node.governance.approvals.approve(study_hash(spec), spec.study.id, "steward")
         node.governance.close()
 
-    port = free_port()
-    start_coordinator = [TWINFED, "coordinator", "start", "--dir", str(root), "--port", str(port)]
-    coordinator = Running(start_coordinator)
-    sites: dict[str, Running] = {}
-    try:
-        coordinator.wait_for("Coordinator running", timeout=60)
-        for site_id, site_file in site_files.items():
-            sites[site_id] = _start_site(site_id, site_file, keys, port)
-            sites[site_id].wait_for("Connected to the SuperLink as node", timeout=60)
+    with live_consortium(root, site_files) as live:
         command = [TWINFED, "study", "run", str(study), "--coordinator-dir", str(root), "--wait-for-sites", "90"]
         first = Running(command)
         first.wait_for("Round 1/3", timeout=180)
-        coordinator.process.kill()  # kill -9: no clean shutdown; its SuperLink goes down with it
-        coordinator.kill_group()
+        live.coordinator.process.kill()  # kill -9: no clean shutdown; its SuperLink goes down with it
+        live.coordinator.kill_group()
         assert first.wait(timeout=120) != 0
 
-        coordinator = Running(start_coordinator)
-        coordinator.wait_for("Coordinator running", timeout=60)
+        live.coordinator = Running(coordinator_command(root, live.port))
+        live.coordinator.wait_for("Coordinator running", timeout=60)
         resumed = Running([*command, "--resume"])
         assert resumed.wait(timeout=300) == 0, resumed.output
         assert "Resuming run" in resumed.output and "Round 1/3" not in resumed.output
         assert "Round 3/3" in resumed.output
-    finally:
-        for running in sites.values():
-            running.kill_group()
-        coordinator.kill_group()
 
     folder = root / "studies" / spec.study.id / spec.study.id
     train_rounds = [r.server_round for r in read_receipts(folder / "receipts.jsonl") if r.phase == "train"]

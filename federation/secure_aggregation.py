@@ -36,6 +36,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
@@ -54,30 +55,17 @@ RECONSTRUCTION_THRESHOLD = 2 / 3
 STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 
 
-class _Proxy(ClientProxy):
-    """The legacy workflow names sites by ClientProxy; only `node_id` is read."""
-
-    def __init__(self, node_id: int) -> None:
-        super().__init__(str(node_id))
-        self.node_id = node_id
-
-    def _unused(self, *_args: object, **_kwargs: object):  # pragma: no cover - never called by the workflow
-        raise NotImplementedError("the SecAgg+ workflow talks to sites through the Grid, not through proxies")
-
-    get_properties = get_parameters = fit = evaluate = reconnect = _unused
-
-
 class _SelectedSites(Strategy):
     """The legacy Strategy the workflow asks two things: which sites train (ours, decided already), and
     what to do with the unmasked mean (keep it; the study's own aggregator takes it from there)."""
 
-    def __init__(self, nodes: list[int], fitins: FitIns) -> None:
-        self.nodes = nodes
+    def __init__(self, proxies: list[ClientProxy], fitins: FitIns) -> None:
+        self.proxies = proxies  # the workflow reads only their node_id
         self.fitins = fitins
         self.mean: Parameters | None = None
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
-        return [(_Proxy(node), self.fitins) for node in self.nodes]
+        return [(proxy, self.fitins) for proxy in self.proxies]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list):
         self.mean = results[0][1].parameters if results else None
@@ -163,7 +151,10 @@ def run_secure_round(
     names = list(global_weights)
     config = {**dict(instruction), TENSOR_NAMES_KEY: ",".join(names)}
     parameters = ndarrays_to_parameters([np.ascontiguousarray(global_weights[name]) for name in names])
-    strategy = _SelectedSites(nodes, FitIns(parameters, config))
+    result = SecureRound(mean_update=None)
+    grid = _RecordingGrid(exchange, timeout, result)
+    proxies = [GridClientProxy(node, grid, run_id=0) for node in nodes]  # type: ignore[arg-type]
+    strategy = _SelectedSites(proxies, FitIns(parameters, config))
     state = RecordDict(
         {
             MAIN_PARAMS_RECORD: compat.parameters_to_arrayrecord(parameters, keep_input=True),
@@ -175,7 +166,6 @@ def run_secure_round(
         config=ServerConfig(num_rounds=1),
         strategy=strategy,
     )
-    result = SecureRound(mean_update=None)
     workflow = SecAggPlusWorkflow(
         NUM_SHARES,
         RECONSTRUCTION_THRESHOLD,
@@ -185,7 +175,7 @@ def run_secure_round(
     )
     try:
         with _quiet_flower():
-            workflow(_RecordingGrid(exchange, timeout, result), context)  # type: ignore[arg-type]
+            workflow(grid, context)  # type: ignore[arg-type]
     except (ZeroDivisionError, ValueError, KeyError) as exc:
         # ZeroDivisionError: every site that reached the training stage contributed weight 0 (refused).
         result.halted = f"the secure aggregation could not complete: {type(exc).__name__}: {exc}"

@@ -207,28 +207,12 @@ def study_file(folder: Path, rounds: int, secure: bool) -> Path:
     return path
 
 
-def site_file(folder: Path, site_id: str, omop_url: str, secret: Path) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "policy.yaml").write_text(yaml.safe_dump(POLICY), encoding="utf-8")
-    site = {
-        "site_id": site_id,
-        "omop": {"url": omop_url},
-        "governance_db": "sqlite:///governance.sqlite",
-        "policy": "policy.yaml",
-        "secret_file": str(secret),
-        "audit_head_file": "audit.head",
-    }
-    path = folder / "site.yaml"
-    path.write_text(yaml.safe_dump(site), encoding="utf-8")
-    return path
-
-
 def run_consortium(mode: str, rounds: int, omop_url: str, secret: Path) -> tuple[list[RoundTiming], dict[str, float]]:
     """One study of `rounds` rounds over a fresh consortium in `mode` (isolation, optionally +secagg)."""
     from federation.provision import ConsortiumLayout, init_consortium
     from federation.receipts import read_receipts
     from federation.study import load_study, study_hash
-    from site_node.config import load_site_config
+    from site_node.config import load_site_config, write_site_folder
     from site_node.participation import SiteNode
 
     isolation, _, aggregation = mode.partition("+")
@@ -240,7 +224,7 @@ def run_consortium(mode: str, rounds: int, omop_url: str, secret: Path) -> tuple
     keys = ConsortiumLayout(root)
     study = study_file(folder, rounds, secure=aggregation == "secagg")
     spec = load_study(study)
-    sites = {site_id: site_file(folder / site_id, site_id, omop_url, secret) for site_id in SITES}
+    sites = {site_id: write_site_folder(folder / site_id, site_id, omop_url, secret, POLICY) for site_id in SITES}
     for site_id, path in sites.items():
         node = SiteNode(load_site_config(path))
         node.governance.approvals.approve(study_hash(spec), spec.study.id, f"{site_id} steward")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -93,7 +92,6 @@ class SecureRound:
     seconds: dict[int, float] = field(default_factory=dict)  # when each training-stage reply came
     dropped: dict[int, str] = field(default_factory=dict)  # node -> the stage it dropped out in, and why
     halted: str | None = None
-    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class _RecordingGrid:
@@ -109,9 +107,7 @@ class _RecordingGrid:
         messages = list(messages)
         name = STAGES[min(self.stage, len(STAGES) - 1)]
         self.stage += 1
-        started = time.monotonic()
         replies, seconds = self.exchange(messages, self.timeout)
-        self.result.stage_seconds[name] = time.monotonic() - started
         for message in messages:
             node = message.metadata.dst_node_id
             reply = replies.get(node)

@@ -127,32 +127,20 @@ def init(
     Creates FOLDER/site.yaml and FOLDER/policy.yaml; the governance database (approvals, privacy ledger,
     audit log) is FOLDER/governance.sqlite and is created on first use.
     """
-    import yaml
-
+    from site_node.config import write_site_folder
     from site_node.governance import SitePolicy
 
-    folder.mkdir(parents=True, exist_ok=True)
     site_file, policy_file = folder / "site.yaml", folder / "policy.yaml"
     for path in (site_file, policy_file):
         if path.exists() and not force:
             raise _fail(f"{path} exists; pass --force to overwrite it.")
-    site = {
-        "site_id": site_id,
-        "omop": {"url": omop_url, "schema": omop_schema},
-        "governance_db": "sqlite:///governance.sqlite",
-        "policy": "policy.yaml",
-        "secret_file": str(secret_file.resolve()),
-        "audit_head_file": "audit.head",
-    }
-    site_file.write_text(
-        "# twinfed site node (see docs/hospital-it.md). Relative paths are taken from this folder.\n"
-        + yaml.safe_dump(site, sort_keys=False),
-        encoding="utf-8",
-    )
-    policy_file.write_text(
-        "# The data steward's policy (see docs/data-steward.md); binding on every study at this site.\n"
-        + yaml.safe_dump(SitePolicy().model_dump(mode="json"), sort_keys=False),
-        encoding="utf-8",
+    write_site_folder(
+        folder,
+        site_id,
+        omop_url,
+        secret_file.resolve(),
+        SitePolicy().model_dump(mode="json"),
+        omop_schema=omop_schema,
     )
     console.print(f"Wrote {site_file} and {policy_file}. Next: the data steward reviews the policy.")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -54,6 +55,45 @@ class SiteConfig(BaseModel):
     @property
     def audit_head(self) -> Path:
         return self.audit_head_file or self.policy.parent / f"{self.site_id}-audit.head"
+
+
+SITE_FILE_HEADER = "# twinfed site node (see docs/hospital-it.md). Relative paths are taken from this folder.\n"
+POLICY_FILE_HEADER = "# The data steward's policy (see docs/data-steward.md); binding on every study at this site.\n"
+
+
+def write_site_folder(
+    folder: Path,
+    site_id: str,
+    omop_url: str,
+    secret_file: str | Path,
+    policy: Mapping[str, object],
+    *,
+    omop_schema: str | None = None,
+    name: str = "",
+) -> Path:
+    """A site folder in the one layout every site uses: site.yaml and policy.yaml, the governance database
+    (governance.sqlite, created on first use) and the audit head file beside them. Returns the site file.
+
+    `secret_file` is written as given: relative paths are taken from the folder, like every path here.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    omop: dict[str, object] = {"url": omop_url}
+    if omop_schema:
+        omop["schema"] = omop_schema
+    site: dict[str, object] = {"site_id": site_id, **({"name": name} if name else {})}
+    site |= {
+        "omop": omop,
+        "governance_db": "sqlite:///governance.sqlite",
+        "policy": "policy.yaml",
+        "secret_file": str(secret_file),
+        "audit_head_file": "audit.head",
+    }
+    (folder / "policy.yaml").write_text(
+        POLICY_FILE_HEADER + yaml.safe_dump(dict(policy), sort_keys=False), encoding="utf-8"
+    )
+    site_file = folder / "site.yaml"
+    site_file.write_text(SITE_FILE_HEADER + yaml.safe_dump(site, sort_keys=False), encoding="utf-8")
+    return site_file
 
 
 def derive_split_key(secret_file: Path) -> bytes:

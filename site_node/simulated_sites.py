@@ -29,7 +29,7 @@ import yaml
 
 from federation.study import load_study, study_hash
 from omop_etl.identity import load_or_create_secret
-from site_node.config import load_site_config
+from site_node.config import load_site_config, write_site_folder
 from site_node.governance import SitePolicy, load_policy
 from site_node.participation import SiteNode
 
@@ -66,19 +66,14 @@ def write_site(folder: Path, site: str, hospital: Hospital, policy: SitePolicy) 
     """One site folder in the layout `twinfed site init` writes; returns its site file."""
     folder.mkdir(parents=True, exist_ok=True)
     _write_secret(folder / "site.secret", derive_secret(hospital.secret_file, site))
-    (folder / "policy.yaml").write_text(yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False))
-    site_file = folder / "site.yaml"
-    content = {
-        "site_id": site,
-        "name": f"simulated site {site} (OMOP {hospital.omop_url})",
-        "omop": {"url": hospital.omop_url},
-        "governance_db": "sqlite:///governance.sqlite",
-        "policy": "policy.yaml",
-        "secret_file": "site.secret",
-        "audit_head_file": "audit.head",
-    }
-    site_file.write_text(yaml.safe_dump(content, sort_keys=False), encoding="utf-8")
-    return site_file
+    return write_site_folder(
+        folder,
+        site,
+        hospital.omop_url,
+        "site.secret",
+        policy.model_dump(mode="json"),
+        name=f"simulated site {site} (OMOP {hospital.omop_url})",
+    )
 
 
 def approve(site_file: Path, study: Path, note: str) -> str:

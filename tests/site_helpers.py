@@ -10,6 +10,7 @@ import yaml
 from federation.models import build_model
 from federation.protocol import RoundInstruction
 from federation.study import StudySpec, load_study
+from site_node.config import write_site_folder
 from tests.etl_helpers import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,19 +39,7 @@ def load_site_omop(consortium: Path, site_id: str, folder: Path) -> tuple[str, P
 
 def write_site(folder: Path, site_id: str, omop_url: str, secret: Path, **policy) -> Path:
     """A site folder (site.yaml, policy.yaml) pointing at an OMOP database; returns the site file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "policy.yaml").write_text(yaml.safe_dump({**TEST_POLICY, **policy}), encoding="utf-8")
-    site = {
-        "site_id": site_id,
-        "omop": {"url": omop_url},
-        "governance_db": "sqlite:///governance.sqlite",
-        "policy": "policy.yaml",
-        "secret_file": str(secret),
-        "audit_head_file": "audit.head",
-    }
-    path = folder / "site.yaml"
-    path.write_text(yaml.safe_dump(site), encoding="utf-8")
-    return path
+    return write_site_folder(folder, site_id, omop_url, secret, {**TEST_POLICY, **policy})
 
 
 def fresh_site(template: Path, folder: Path, **policy) -> Path:

@@ -15,7 +15,7 @@ import orjson
 from federation.study.spec import StudySpec
 
 # Bump when the meaning of a study field or the feature/model code changes in a way that changes results.
-TWIN_CODE_VERSION = "twin-code-1"
+TWIN_CODE_VERSION = "twin-code-2"
 
 
 def twin_code_version() -> str:

@@ -9,6 +9,9 @@ ignored, because a misspelt privacy setting must never silently fall back to a d
 
 from __future__ import annotations
 
+import datetime as dt
+import itertools
+import math
 import re
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -227,14 +230,130 @@ class TrainingSpec(_Strict):
 class PrivacySpec(_Strict):
     """Record-level DP-SGD at each site, where the record is the patient (one example per patient).
 
-    `target_epsilon` is the study's total at one site over every round; the noise is calibrated once for
-    the whole schedule. `target_delta` defaults to 1/(10 n) of each site's cohort size n.
+    `target_epsilon` is the study's training total at one site over every round; the noise is calibrated
+    once for the whole schedule. The evaluation releases have their own budget (`evaluation.epsilon`),
+    accounted in the same ledger and composed with training. `target_delta` defaults to 1/(10 n) of each
+    site's training-set size n.
+
+    `mode: none` is a non-private study (a baseline under a data-sharing agreement): no noise, no epsilon,
+    and only sites whose policy says `allow_non_private: true` take part; everything it releases is
+    labelled "not differentially private".
     """
 
-    target_epsilon: float = Field(gt=0, le=100)
+    mode: Literal["dp", "none"] = "dp"
+    target_epsilon: float | None = Field(None, gt=0, le=100)
     target_delta: float | None = Field(None, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _mode_fits(self) -> PrivacySpec:
+        if self.mode == "dp" and self.target_epsilon is None:
+            raise ValueError(
+                "a differentially private study needs target_epsilon (its training budget per site); a study "
+                "without DP says 'mode: none', which only sites whose policy allows it will run"
+            )
+        if self.mode == "none" and (self.target_epsilon is not None or self.target_delta is not None):
+            raise ValueError(
+                "a non-private study (mode: none) has no epsilon or delta: remove target_epsilon and target_delta, "
+                "or use mode: dp"
+            )
+        return self
+
+    @property
+    def private(self) -> bool:
+        return self.mode == "dp"
+
+
+class RandomSplit(_Strict):
+    """Each patient falls in one part by a keyed hash of their person id and the site's secret: stable
+    across rounds, unknowable outside the site. A validation share of 0 does not cut a validation part."""
+
+    kind: Literal["random"] = "random"
+    train: float = Field(0.8, gt=0, lt=1)
+    validation: float = Field(0.0, ge=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _whole(self) -> RandomSplit:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"the split fractions must add up to 1 (train + validation + test = {total:g})")
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation > 0
+
+
+class TemporalSplit(_Strict):
+    """Temporal validation (TRIPOD type 2b): examples whose index date is before `test_from` train, on or
+    after it test. With `validation_from`, the examples from that date up to `test_from` are validation."""
+
+    kind: Literal["temporal"] = "temporal"
+    test_from: dt.date
+    validation_from: dt.date | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TemporalSplit:
+        if self.validation_from is not None and self.validation_from >= self.test_from:
+            raise ValueError(
+                f"validation_from ({self.validation_from}) must come before test_from ({self.test_from}): the "
+                "validation period lies between training and test"
+            )
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation_from is not None
+
+
+SplitSpec = Annotated[RandomSplit | TemporalSplit, Field(discriminator="kind")]
+
+# Risk strata the score histograms are cut at (predicted probability): fine where risk models of rare
+# outcomes put most patients, coarse where few are. Few bins keep the DP noise on each small: see
+# docs/data-steward.md (what leaves for evaluation).
+DEFAULT_SCORE_EDGES = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7)
+
+
+class EvaluationSpec(_Strict):
+    """How the study is evaluated: the split, the release every site makes, and which model is reported.
+
+    What leaves a site is, by default, a differentially private release: per outcome class, how many held-out
+    patients the model scored in each risk stratum (`score_edges`), with Gaussian noise. The coordinator
+    adds the sites' histograms and computes the pooled AUROC, calibration and the threshold metrics from
+    the sum. `epsilon` is each site's budget for all of the study's evaluation releases together. A site
+    whose policy says `evaluation_release: exact` sends exact aggregates under its cell-count floor instead.
+
+    A validation part, when the split cuts one, is used: every round's model is scored on it, the round
+    with the best pooled validation AUROC is the study's model, and `early_stopping_patience` (if set)
+    ends training after that many rounds without improvement. Without a validation part the last round's
+    model is reported.
+    """
+
+    split: SplitSpec = RandomSplit()
+    threshold: float = Field(0.5, gt=0, lt=1, description="Risk at or above which a patient counts as positive.")
+    score_edges: list[float] = Field(default=list(DEFAULT_SCORE_EDGES), min_length=1, max_length=63)
+    epsilon: float = Field(1.0, gt=0, le=20, description="Per site, for all evaluation releases of the study.")
+    every_round: bool = Field(False, description="Release test metrics after every round, not only at the end.")
+    early_stopping_patience: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> EvaluationSpec:
+        edges = self.score_edges
+        if any(not 0 < e < 1 for e in edges) or any(b <= a for a, b in itertools.pairwise(edges)):
+            raise ValueError("score_edges are predicted risks strictly between 0 and 1, in increasing order")
+        if not any(math.isclose(e, self.threshold, abs_tol=1e-12) for e in edges):
+            raise ValueError(
+                f"the threshold {self.threshold:g} must be one of the score_edges (the threshold metrics are read "
+                "off the histograms at a stratum boundary): add it to score_edges"
+            )
+        if self.early_stopping_patience is not None and not self.split.has_validation:
+            raise ValueError(
+                "early_stopping_patience needs a validation part: give the split a validation share (random) or "
+                "validation_from (temporal)"
+            )
+        return self
 
 
 # Strategies that look at each site's update separately: impossible when only the sum is revealed.
@@ -300,6 +419,7 @@ class StudySpec(_Strict):
     model: ModelSpec = LogisticRegressionSpec()
     training: TrainingSpec = TrainingSpec()
     privacy: PrivacySpec
+    evaluation: EvaluationSpec = EvaluationSpec()
     federation: FederationSpec = FederationSpec()
 
     @model_validator(mode="after")
@@ -317,3 +437,16 @@ class StudySpec(_Strict):
                 f"({self.outcome.prediction_hours} h): the model would see data from after the moment it predicts"
             )
         return self
+
+    def evaluation_releases(self) -> int:
+        """How many evaluation releases the study plans at each site: one validation release per round when
+        a validation part is cut, and test releases every round or once at the end."""
+        validation = self.training.rounds if self.evaluation.split.has_validation else 0
+        test = self.training.rounds if self.evaluation.every_round else 1
+        return validation + test
+
+    def epsilon_budget(self) -> float | None:
+        """The study's whole budget per site (training plus evaluation); None for a non-private study."""
+        if not self.privacy.private:
+            return None
+        return float(self.privacy.target_epsilon) + self.evaluation.epsilon

@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class PolicyError(ValueError):
@@ -36,6 +37,25 @@ class SitePolicy(BaseModel):
     min_cohort_size: int = Field(100, ge=1, description="Smallest cohort this site will train or evaluate on.")
     min_cell_count: int = Field(10, ge=1, description="Any count that leaves the site below this is suppressed.")
     require_secure_aggregation: bool = Field(False, description="Only join rounds that use secure aggregation.")
+    evaluation_release: Literal["dp", "exact"] = Field(
+        "dp",
+        description="How evaluation leaves the site: 'dp' (noisy score histograms, epsilon in the ledger) or "
+        "'exact' (exact aggregates, every cell at or above min_cell_count, no epsilon).",
+    )
+    allow_non_private: bool = Field(
+        False,
+        description="Take part in studies with privacy mode 'none' (a non-private baseline under a data-sharing "
+        "agreement). Needs require_dp: false.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SitePolicy:
+        if self.allow_non_private and self.require_dp:
+            raise ValueError(
+                "allow_non_private: true contradicts require_dp: true; a site that accepts non-private studies sets "
+                "require_dp: false as well"
+            )
+        return self
 
 
 def _describe(error: dict) -> str:

@@ -1,7 +1,8 @@
 """The coordinator's durable state: after every completed round, everything needed to go on from there.
 
 A coordinator killed mid-study resumes from the last completed round: the global weights, the
-aggregator's own state (FedAdam's moments...), the metrics so far and which round comes next. The file
+aggregator's own state (FedAdam's moments...), the metrics so far, the best round on the validation part
+(its weights too) and which round comes next. The file
 is written to a temporary name and renamed into place, so a kill during the write leaves the previous
 checkpoint intact, never a half-written one.
 """
@@ -30,6 +31,8 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     aggregator_state: dict[str, object]
     history: list[dict[str, object]] = field(default_factory=list)  # per-round summary rows for the report
+    # model selection on the validation part: the best round, its weights and score, rounds since it improved
+    selection: dict[str, object] | None = None
 
 
 def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:

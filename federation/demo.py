@@ -215,16 +215,15 @@ def write_report(
         f"<td>{html.escape((done.stdout or done.stderr).strip())}</td></tr>"
         for site, done in sorted(audits.items())
     )
-    metrics = card["metrics"]
-    auroc = metrics["held_out_auroc"]
-    ci = metrics["held_out_auroc_95ci"]
-    summary = f"pooled held-out AUROC {auroc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if auroc is not None else "no AUROC"
+    summary = f"pooled held-out AUROC {card['metrics']['held_out_auroc_text']}"
+    privacy = card["privacy"]["statement"]
     index = report / "index.html"
     index.write_text(
         f"""<!doctype html><html><head><meta charset="utf-8"><title>twinfed demo</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 table{{border-collapse:collapse}}</style></head><body><h1>twinfed demo: {html.escape(spec.study.title)}</h1>
-<p>Run {html.escape(card["run"]["status"])}: {html.escape(card["run"]["reason"])}; {summary}.</p>
+<p><b>{html.escape(privacy)}</b></p>
+<p>Run {html.escape(card["run"]["status"])}: {html.escape(card["run"]["reason"])}; {html.escape(summary)}.</p>
 <p>{html.escape(aggregation_text(card.get("aggregation", {})))}</p>
 <p><a href="model-card.html">Model card</a> (loss and AUROC per round, epsilon per site per round, participation,
 study hash, per-site epsilon and snapshot hashes) &middot; <a href="model-card.json">JSON</a> &middot;

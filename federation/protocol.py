@@ -10,10 +10,11 @@ crash or a timeout.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal
 
 import orjson
 from flwr.app import ConfigRecord
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from federation.study import StudySpec, canonical_json, parse_study, study_hash
 
@@ -62,19 +63,29 @@ class RoundInstruction(_Record):
     run_id: str
     server_round: int
     secure_aggregation: bool = False
+    # Which of the site's split parts an evaluation message scores ('validation' or 'test'); training uses
+    # the training part whatever this says.
+    part: Literal["validation", "test"] = "test"
 
     @classmethod
     def for_study(
-        cls, spec: StudySpec, run_id: str, server_round: int, *, secure_aggregation: bool | None = None
+        cls,
+        spec: StudySpec,
+        run_id: str,
+        server_round: int,
+        *,
+        secure_aggregation: bool | None = None,
+        part: Literal["validation", "test"] = "test",
     ) -> RoundInstruction:
         """`secure_aggregation`: whether this round runs SecAgg+ (the study's setting unless the coordinator
-        turned it on because a site's policy requires it)."""
+        turned it on because a site's policy requires it). `part`: what an evaluation message scores."""
         return cls(
             study_json=canonical_json(spec).decode("utf-8"),
             study_hash=study_hash(spec),
             run_id=run_id,
             server_round=server_round,
             secure_aggregation=spec.federation.secure_aggregation if secure_aggregation is None else secure_aggregation,
+            part=part,
         )
 
     def study(self) -> StudySpec:
@@ -88,6 +99,11 @@ class RoundInstruction(_Record):
     def round_key(self) -> str:
         """Identifies one training round of one run: a retry of the same round reuses its privacy reservation."""
         return f"{self.run_id}:{self.server_round}"
+
+    @property
+    def evaluation_key(self) -> str:
+        """Identifies one evaluation release (a part scored after a round): a retry re-sends the same release."""
+        return f"{self.run_id}:{self.server_round}:{self.part}"
 
 
 class SiteStatus(StrEnum):
@@ -109,3 +125,54 @@ class SiteAnswer(_Record):
     suppressed: str | None = None  # comma-separated metric names withheld under the cell-count floor
     cohort_snapshot: str | None = None  # SHA-256 of the data the round used (proves which data, reveals none)
     consent_snapshot: str | None = None  # SHA-256 of the consent state applied (exclusions on record)
+    # The study's epsilon at this site split by what spent it (each alone); epsilon_spent is both composed.
+    epsilon_training: float | None = None
+    epsilon_evaluation: float | None = None
+    differentially_private: bool = True  # False: a non-private study (privacy mode none) the site allowed
+
+
+class ReleaseMode(StrEnum):
+    """How a site's evaluation left it."""
+
+    DP = "dp"  # noisy score histograms, accounted in the site's ledger
+    EXACT = "exact"  # exact aggregates, every cell at or above the site's cell-count floor
+    WITHHELD = "withheld"  # nothing outcome-dependent could leave; `withheld_reason` says why
+
+
+class EvaluationRelease(_Record):
+    """What one site releases about a model's performance on one of its held-out parts.
+
+    `dp`: per outcome class, the number of patients in each risk stratum of the study (federation.study.
+    strata), each with Gaussian noise of standard deviation `noise_sd`; the coordinator adds the sites'
+    histograms. `exact`: the confusion counts at the study's threshold and the AUROC, loss and Brier score,
+    only when every cell is at or above the site's floor and no count differs from an earlier release of
+    the same study by less than it; otherwise those fields are absent and `withheld` names them.
+    """
+
+    part: Literal["validation", "test"]
+    mode: ReleaseMode
+    positives: list[float] | None = None
+    negatives: list[float] | None = None
+    noise_sd: float | None = None
+    epsilon: float | None = None  # this release alone, at the study's delta
+    examples: int | None = None
+    with_outcome: int | None = None
+    true_positives: int | None = None
+    false_negatives: int | None = None
+    false_positives: int | None = None
+    true_negatives: int | None = None
+    auroc: float | None = None
+    loss: float | None = None
+    brier: float | None = None
+    withheld: str | None = None  # comma-separated names of what was withheld
+    withheld_reason: str | None = None
+    cell_floor: int | None = None  # the site's floor, for exact releases
+
+    @model_validator(mode="after")
+    def _complete(self) -> EvaluationRelease:
+        if self.mode == ReleaseMode.DP:
+            if self.positives is None or self.negatives is None or self.noise_sd is None:
+                raise ValueError("a DP release carries both histograms and its noise level")
+            if len(self.positives) != len(self.negatives):
+                raise ValueError("the two histograms of a DP release must have one count per stratum each")
+        return self

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from federation.protocol import EvaluationRelease
+
 
 class Participation(StrEnum):
     READY = "ready"  # secure rounds: passed its checks, but the round stopped before training
@@ -40,11 +42,15 @@ class SiteReceipt(BaseModel):
     reason: str | None = None
     epsilon_spent: float | None = None
     epsilon_ceiling: float | None = None
+    epsilon_training: float | None = None
+    epsilon_evaluation: float | None = None
+    differentially_private: bool = True
     num_examples: int | None = None
     metrics: dict[str, float] = {}
     cohort_snapshot: str | None = None
     consent_snapshot: str | None = None
     seconds: float | None = None
+    evaluation: EvaluationRelease | None = None  # what the site released for an evaluation
 
     @property
     def label(self) -> str:
@@ -58,13 +64,14 @@ class RoundReceipt(BaseModel):
 
     run_name: str
     server_round: int
-    phase: str  # "train" | "evaluate"
+    phase: str  # "train" | "evaluate" (the part in `part`)
     started_at: dt.datetime
     finished_at: dt.datetime
     required_sites: int
     sites: list[SiteReceipt]
     aggregated: bool = False
     secure_aggregation: bool = False  # SecAgg+: the coordinator saw only the weighted mean of the updates
+    part: str | None = None  # evaluation: the held-out part scored (validation or test)
     note: str = ""
 
     def count(self, status: Participation) -> int:
@@ -72,7 +79,8 @@ class RoundReceipt(BaseModel):
 
     def summary(self) -> str:
         parts = [f"{self.count(s)} {s.value}" for s in Participation if self.count(s)]
-        return f"round {self.server_round} {self.phase}: " + ", ".join(parts or ["no site answered"])
+        phase = self.phase if self.part is None else f"{self.phase} ({self.part})"
+        return f"round {self.server_round} {phase}: " + ", ".join(parts or ["no site answered"])
 
 
 def append_receipt(path: Path, receipt: RoundReceipt) -> None:

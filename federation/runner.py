@@ -25,9 +25,16 @@ from flwr.serverapp import Grid
 
 from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from federation.deployment import shorten_object_pull_backoff
-from federation.evaluation import SiteEvaluation, pooled_auroc, pooled_mean
+from federation.evaluation import PooledEvaluation, pool_evaluations
 from federation.models import build_model
-from federation.protocol import ProtocolError, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
+from federation.protocol import (
+    EvaluationRelease,
+    ProtocolError,
+    RefusalCode,
+    RoundInstruction,
+    SiteAnswer,
+    SiteStatus,
+)
 from federation.receipts import Participation, RoundReceipt, SiteReceipt, append_receipt
 from federation.secure_aggregation import run_secure_round
 from federation.strategies import AggregationError, SiteUpdate, make_aggregator
@@ -39,6 +46,7 @@ log = logging.getLogger("twinfed.coordinator")
 
 INSTRUCTION_KEY = "instruction"
 ANSWER_KEY = "answer"
+EVALUATION_KEY = "evaluation"
 POLL_SECONDS = 0.1
 # What a site reports as its own work in a round (checks, cohort, training or evaluation), in seconds.
 COMPUTE_METRIC = "compute-seconds"
@@ -59,8 +67,27 @@ class RunResult:
     status: str  # "completed" | "stopped"
     reason: str
     completed_rounds: int
-    weights: Weights
+    weights: Weights  # the study's model: the selected round's (best validation) or the last round's
     history: list[dict[str, object]] = field(default_factory=list)
+    evaluation: dict[str, object] | None = None  # the pooled test evaluation of that model (PooledEvaluation)
+    selected_round: int | None = None
+    selection: str = ""  # how the model was chosen, in a sentence
+
+
+@dataclass
+class Selection:
+    """Model selection on the validation part: the best round so far and how long since it improved."""
+
+    round: int | None = None
+    weights: Weights | None = None
+    score: float | None = None
+    stale_rounds: int = 0
+
+    def offer(self, server_round: int, weights: Weights, score: float | None) -> None:
+        if score is not None and (self.score is None or score > self.score):
+            self.round, self.weights, self.score, self.stale_rounds = server_round, weights, score, 0
+        else:
+            self.stale_rounds += 1
 
 
 def initial_weights(spec: StudySpec) -> Weights:
@@ -106,8 +133,12 @@ class StudyRunner:
     def run(self) -> RunResult:
         if not shorten_object_pull_backoff():
             log.warning("this Flower retries a reply's arrays after 1 s at first; rounds may take a second longer")
-        weights, first_round, history = self._start()
+        weights, first_round, history, selection = self._start()
         rounds = self.spec.training.rounds
+        evaluation = self.spec.evaluation
+        patience = evaluation.early_stopping_patience
+        completed = first_round - 1
+        stopped_early = ""
         for server_round in range(first_round, rounds + 1):
             nodes = self._nodes()
             round_started = time.monotonic()
@@ -132,46 +163,99 @@ class StudyRunner:
                     + (f"{train_receipt.note} " if train_receipt.note else "")
                     + _refusal_summary(train_receipt)
                 )
-                train_receipt.note = "stopped: " + reason
-                append_receipt(self.receipts_path, train_receipt)
-                self.say("Study stopped. " + reason)
-                return RunResult("stopped", reason, server_round - 1, weights, history)
+                return self._stop(train_receipt, reason, server_round, weights, history)
             try:
                 weights, rejected = self.aggregator.aggregate_with_report(weights, trained)
             except AggregationError as exc:
                 reason = f"round {server_round}: the updates could not be aggregated: {exc}"
-                train_receipt.note = "stopped: " + reason
-                append_receipt(self.receipts_path, train_receipt)
-                self.say("Study stopped. " + reason)
-                return RunResult("stopped", reason, server_round - 1, weights, history)
+                return self._stop(train_receipt, reason, server_round, weights, history)
             if SECURE_AGGREGATE in rejected:
                 reason = (
                     f"round {server_round}: the securely aggregated mean is not usable: {rejected[SECURE_AGGREGATE]}"
                 )
-                train_receipt.note = "stopped: " + reason
-                append_receipt(self.receipts_path, train_receipt)
-                self.say("Study stopped. " + reason)
-                return RunResult("stopped", reason, server_round - 1, weights, history)
+                return self._stop(train_receipt, reason, server_round, weights, history)
             for receipt in train_receipt.sites:
                 if receipt.label in rejected:
                     receipt.status = Participation.REJECTED
                     receipt.reason = rejected[receipt.label]
             train_receipt.aggregated = True
+            _label_non_private(train_receipt)
             append_receipt(self.receipts_path, train_receipt)
-            evaluation_receipt, row = self._evaluate(server_round, self._nodes(), weights)
-            append_receipt(self.receipts_path, evaluation_receipt)
+            row: dict[str, object] = {"round": server_round}
+            receipts = [train_receipt]
+            if evaluation.split.has_validation:
+                receipt, pooled = self._evaluate(server_round, self._nodes(), weights, "validation")
+                receipts.append(receipt)
+                row["validation"] = pooled.model_dump(mode="json")
+                selection.offer(server_round, weights, pooled.auroc.value)
+            if evaluation.every_round:
+                receipt, pooled = self._evaluate(server_round, self._nodes(), weights, "test")
+                receipts.append(receipt)
+                row["test"] = pooled.model_dump(mode="json")
             row.update(self._train_row(train_receipt))
             row["secure_aggregation"] = secure
-            row.update(_timing(time.monotonic() - round_started, train_receipt, evaluation_receipt))
+            row.update(_timing(time.monotonic() - round_started, *receipts))
             history.append(row)
+            completed = server_round
             save_checkpoint(
                 self.folder,
-                Checkpoint(self.digest, self.run_name, server_round, weights, self.aggregator.state_dict(), history),
+                Checkpoint(
+                    self.digest,
+                    self.run_name,
+                    server_round,
+                    weights,
+                    self.aggregator.state_dict(),
+                    history,
+                    selection=selection.__dict__,
+                ),
             )
             self.say(_progress_line(server_round, rounds, train_receipt, row))
-        return RunResult("completed", f"all {rounds} rounds completed", rounds, weights, history)
+            if patience is not None and selection.stale_rounds >= patience and server_round < rounds:
+                stopped_early = (
+                    f"early stopping after round {server_round}: the pooled validation AUROC did not improve for "
+                    f"{patience} round(s)"
+                )
+                self.say(f"Training ends: {stopped_early}.")
+                break
+        return self._finish(weights, completed, history, selection, stopped_early)
 
-    def _start(self) -> tuple[Weights, int, list[dict[str, object]]]:
+    def _finish(
+        self, weights: Weights, completed: int, history: list[dict[str, object]], selection: Selection, early: str
+    ) -> RunResult:
+        """Choose the study's model and release its test evaluation (once: a resumed run is re-sent the same)."""
+        rounds = self.spec.training.rounds
+        if self.spec.evaluation.split.has_validation and selection.round is not None:
+            chosen, model = selection.round, selection.weights
+            how = f"round {chosen}'s model, the best pooled validation AUROC ({selection.score:.3f}) of {completed}"
+        else:
+            chosen, model = completed, weights
+            how = f"the last round's model (round {completed})"
+            if self.spec.evaluation.split.has_validation:
+                how += ": no round had a pooled validation AUROC to choose by"
+        test = next((row.get("test") for row in history if row["round"] == chosen and row.get("test")), None)
+        if test is None and chosen:
+            _, pooled = self._evaluate(chosen, self._nodes(), model, "test")
+            test = pooled.model_dump(mode="json")
+        self.say(_final_line(chosen, test))
+        reason = early or f"all {rounds} rounds completed"
+        return RunResult("completed", reason, completed, model, history, test, chosen, how + ".")
+
+    def _stop(
+        self, receipt: RoundReceipt, reason: str, server_round: int, weights: Weights, history: list[dict[str, object]]
+    ) -> RunResult:
+        receipt.note = "stopped: " + reason
+        append_receipt(self.receipts_path, receipt)
+        self.say("Study stopped. " + reason)
+        return RunResult(
+            "stopped",
+            reason,
+            server_round - 1,
+            weights,
+            history,
+            selection="not evaluated: the study stopped before its last round, so no test release was asked for.",
+        )
+
+    def _start(self) -> tuple[Weights, int, list[dict[str, object]], Selection]:
         checkpoint = load_checkpoint(self.folder, self.digest) if self.resume else None
         if checkpoint is None:
             if (self.folder / "checkpoint.pt").exists() and not self.resume:
@@ -181,12 +265,13 @@ class StudyRunner:
                 )
             self.folder.mkdir(parents=True, exist_ok=True)
             self.say(f"Study {self.spec.study.id} ({self.digest[:12]}), run '{self.run_name}': starting at round 1.")
-            return initial_weights(self.spec), 1, []
+            return initial_weights(self.spec), 1, [], Selection()
         self.aggregator.load_state_dict(checkpoint.aggregator_state)
         self.say(
             f"Resuming run '{self.run_name}' after round {checkpoint.completed_round} (checkpoint in {self.folder})."
         )
-        return checkpoint.weights, checkpoint.completed_round + 1, list(checkpoint.history)
+        selection = Selection(**checkpoint.selection) if checkpoint.selection else Selection()
+        return checkpoint.weights, checkpoint.completed_round + 1, list(checkpoint.history), selection
 
     def _nodes(self) -> list[int]:
         """The connected sites; waits (bounded) until at least `min_sites` are there."""
@@ -199,15 +284,17 @@ class StudyRunner:
 
     # --- one exchange -----------------------------------------------------------------------------
 
-    def _instruction(self, server_round: int) -> RoundInstruction:
-        return RoundInstruction.for_study(self.spec, self.run_name, server_round, secure_aggregation=self.secure)
+    def _instruction(self, server_round: int, part: str = "test") -> RoundInstruction:
+        return RoundInstruction.for_study(
+            self.spec, self.run_name, server_round, secure_aggregation=self.secure, part=part
+        )
 
     def _exchange(
-        self, phase: str, server_round: int, nodes: list[int], weights: Weights | None
+        self, phase: str, server_round: int, nodes: list[int], weights: Weights | None, *, part: str = "test"
     ) -> tuple[dict[int, Message], dict[int, float], dt.datetime]:
         """One message per node (the instruction, and the global weights unless `weights` is None)."""
         started = dt.datetime.now(dt.UTC)
-        instruction = self._instruction(server_round).to_config_record()
+        instruction = self._instruction(server_round, part).to_config_record()
         timeout = self.spec.federation.round_timeout_seconds
         messages = [
             Message(
@@ -270,6 +357,14 @@ class StudyRunner:
             return SiteReceipt(node_id=node, status=Participation.FAILED, reason=str(exc), seconds=seconds), None
         metrics = reply.content.metric_records.get("metrics")
         values = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)}
+        evaluation = None
+        if EVALUATION_KEY in reply.content.config_records:
+            try:
+                evaluation = EvaluationRelease.from_config_record(
+                    reply.content.config_records[EVALUATION_KEY], EVALUATION_KEY
+                )
+            except ProtocolError as exc:
+                return SiteReceipt(node_id=node, status=Participation.FAILED, reason=str(exc), seconds=seconds), None
         status = {
             SiteStatus.READY: Participation.READY,
             SiteStatus.TRAINED: Participation.TRAINED,
@@ -284,6 +379,10 @@ class StudyRunner:
             reason=answer.reason,
             epsilon_spent=answer.epsilon_spent,
             epsilon_ceiling=answer.epsilon_ceiling,
+            epsilon_training=answer.epsilon_training,
+            epsilon_evaluation=answer.epsilon_evaluation,
+            differentially_private=answer.differentially_private,
+            evaluation=evaluation,
             num_examples=int(values["num-examples"]) if "num-examples" in values else None,
             metrics=values,
             cohort_snapshot=answer.cohort_snapshot,
@@ -402,37 +501,22 @@ class StudyRunner:
         self.say(f"Round {receipt.server_round}: {receipt.note}")
         return True
 
-    def _evaluate(self, server_round: int, nodes: list[int], weights: Weights) -> tuple[RoundReceipt, dict]:
-        replies, seconds, started = self._exchange("evaluate", server_round, nodes, weights)
+    def _evaluate(
+        self, server_round: int, nodes: list[int], weights: Weights, part: str
+    ) -> tuple[RoundReceipt, PooledEvaluation]:
+        """Ask every site for its release on `part` (validation or test) and pool what they released."""
+        replies, seconds, started = self._exchange("evaluate", server_round, nodes, weights, part=part)
         receipts = self._absent(server_round, nodes)
         for node in nodes:
             receipt = self._site_receipt(node, replies.get(node), seconds.get(node))[0]
             receipts.append(receipt)
             self._remember(receipt, server_round)
-        evaluations = [
-            SiteEvaluation(
-                site_id=r.label,
-                auroc=r.metrics.get("auroc"),
-                loss=r.metrics.get("loss"),
-                brier=r.metrics.get("brier"),
-                num_examples=int(r.metrics["num-examples"]) if "num-examples" in r.metrics else None,
-                num_positive=int(r.metrics["num-positive"]) if "num-positive" in r.metrics else None,
-            )
-            for r in receipts
-            if r.status == Participation.EVALUATED
-        ]
-        pooled = pooled_auroc(evaluations)
-        row: dict[str, object] = {
-            "round": server_round,
-            "auroc": pooled.value if pooled else None,
-            "auroc_low": pooled.low if pooled else None,
-            "auroc_high": pooled.high if pooled else None,
-            "auroc_sites": pooled.sites if pooled else 0,
-            "loss": pooled_mean(evaluations, "loss"),
-            "brier": pooled_mean(evaluations, "brier"),
-            "site_auroc": {e.site_id: e.auroc for e in evaluations},
-        }
-        return self._round_receipt(server_round, "evaluate", started, receipts), row
+        released = [(r.label, r.evaluation) for r in receipts if r.status == Participation.EVALUATED and r.evaluation]
+        pooled = pool_evaluations(released, self.spec.evaluation, seed=server_round)
+        receipt = self._round_receipt(server_round, "evaluate", started, receipts, part=part, note=pooled.method)
+        _label_non_private(receipt)
+        append_receipt(self.receipts_path, receipt)
+        return receipt, pooled
 
     def _round_receipt(
         self,
@@ -443,6 +527,7 @@ class StudyRunner:
         *,
         secure: bool = False,
         note: str = "",
+        part: str | None = None,
     ) -> RoundReceipt:
         return RoundReceipt(
             run_name=self.run_name,
@@ -453,6 +538,7 @@ class StudyRunner:
             required_sites=self.spec.federation.min_sites,
             sites=sites,
             secure_aggregation=secure,
+            part=part,
             note=note,
         )
 
@@ -503,8 +589,34 @@ def _refusal_summary(receipt: RoundReceipt) -> str:
     return "; ".join(parts) if parts else "No site was connected."
 
 
+def _label_non_private(receipt: RoundReceipt) -> None:
+    """A receipt of a round that a site ran without DP says so, in its note."""
+    plain = [s.label for s in receipt.sites if not s.differentially_private and s.status == Participation.TRAINED]
+    plain += [s.label for s in receipt.sites if not s.differentially_private and s.status == Participation.EVALUATED]
+    if plain:
+        receipt.note = (receipt.note + " " if receipt.note else "") + (
+            f"NOT DIFFERENTIALLY PRIVATE at {', '.join(sorted(set(plain)))} (the study's privacy mode is none)."
+        )
+
+
+def _auroc_text(pooled: dict | None) -> str:
+    if not pooled:
+        return "n/a"
+    auroc = pooled["auroc"]
+    if auroc.get("value") is None:
+        return auroc.get("note") or "not estimable"
+    interval = f" ({auroc['low']:.3f}-{auroc['high']:.3f})" if auroc.get("low") is not None else ""
+    return f"{auroc['value']:.3f}{interval}"
+
+
 def _progress_line(server_round: int, rounds: int, receipt: RoundReceipt, row: dict) -> str:
-    auroc = row.get("auroc")
-    interval = f" ({row['auroc_low']:.3f}-{row['auroc_high']:.3f})" if auroc is not None else ""
-    shown = f"{auroc:.3f}{interval}" if auroc is not None else "n/a"
-    return f"Round {server_round}/{rounds}: {receipt.summary()}; pooled test AUROC {shown}"
+    parts = [f"Round {server_round}/{rounds}: {receipt.summary()}"]
+    if row.get("validation"):
+        parts.append(f"pooled validation AUROC {_auroc_text(row['validation'])}")
+    if row.get("test"):
+        parts.append(f"pooled test AUROC {_auroc_text(row['test'])}")
+    return "; ".join(parts)
+
+
+def _final_line(chosen: int, test: dict | None) -> str:
+    return f"Test evaluation of round {chosen}'s model: pooled AUROC {_auroc_text(test)}"

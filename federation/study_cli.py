@@ -72,10 +72,28 @@ def check(study: StudyFile) -> None:
         f"batch {spec.training.batch_size}, {spec.training.optimizer} lr {spec.training.learning_rate:g}",
     )
     delta = f"{spec.privacy.target_delta:g}" if spec.privacy.target_delta else "1/(10 n) per site"
+    if spec.privacy.private:
+        table.add_row(
+            "privacy",
+            f"epsilon {spec.privacy.target_epsilon:g} per site for training and {spec.evaluation.epsilon:g} for "
+            f"{spec.evaluation_releases()} evaluation release(s), delta {delta}, clip {spec.privacy.max_grad_norm:g}, "
+            f"{spec.privacy.accountant} accountant",
+        )
+    else:
+        table.add_row(
+            "privacy", "NOT DIFFERENTIALLY PRIVATE (mode none): only sites whose policy allows it take part"
+        )
+    split = spec.evaluation.split
+    if split.kind == "random":
+        parts = f"random split {split.train:g}/{split.validation:g}/{split.test:g} (train/validation/test)"
+    else:
+        validation = f", validation from {split.validation_from}" if split.validation_from else ""
+        parts = f"temporal split: test from {split.test_from}{validation}"
+    chosen = "best validation round" if split.has_validation else "last round"
     table.add_row(
-        "privacy",
-        f"epsilon {spec.privacy.target_epsilon:g} per site for the whole study, delta {delta}, "
-        f"clip {spec.privacy.max_grad_norm:g}, {spec.privacy.accountant} accountant",
+        "evaluation",
+        f"{parts}; model: {chosen}; test released {'every round' if spec.evaluation.every_round else 'once'}; "
+        f"threshold {spec.evaluation.threshold:g}; {len(spec.evaluation.score_edges) + 1} risk strata",
     )
     table.add_row(
         "federation",

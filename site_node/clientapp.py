@@ -35,6 +35,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 SITE_CONFIG_KEY = "site-config"
 INSTRUCTION_KEY = "instruction"
 ANSWER_KEY = "answer"
+EVALUATION_KEY = "evaluation"
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -87,6 +88,8 @@ def _reply(msg: Message, outcome: RoundOutcome) -> Message:
     content = RecordDict({ANSWER_KEY: outcome.answer.to_config_record(), "metrics": MetricRecord(outcome.metrics)})
     if outcome.state_dict is not None:
         content["arrays"] = ArrayRecord(outcome.state_dict)
+    if outcome.evaluation is not None:
+        content[EVALUATION_KEY] = outcome.evaluation.to_config_record()
     return Message(content, reply_to=msg)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,19 +19,39 @@ from dataclasses import dataclass, field
 import torch
 
 from federation.models import build_model
-from federation.protocol import ProtocolError, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
+from federation.protocol import (
+    EvaluationRelease,
+    ProtocolError,
+    RefusalCode,
+    RoundInstruction,
+    SiteAnswer,
+    SiteStatus,
+)
 from federation.study import StudyError, StudySpec, study_hash
 from federation.study.features import feature_names
 from federation.study.spec import ROBUST_STRATEGIES
 from site_node.cohort import CohortError, StudyDataset
 from site_node.cohort.cache import cached_dataset
 from site_node.config import SiteConfig
+from site_node.evaluation_release import dp_release, evaluation_noise, exact_release
 from site_node.governance import BudgetRefused, Governance, PrivacyEvent, load_policy, suppress_small_counts
-from site_node.governance.ledger import RELEASED, RoundAlreadyTrained
-from site_node.releases import Release, ReleasedUpdates
-from site_node.training import NotPrivateError, calibrate_noise, check_privacy_honest, evaluate, schedule, train_dp
+from site_node.governance.ledger import EVALUATE, NON_PRIVATE, RELEASED, TRAIN, RoundAlreadyTrained
+from site_node.releases import Release, ReleasedUpdates, save_global_model
+from site_node.training import (
+    NotPrivateError,
+    calibrate_noise,
+    check_privacy_honest,
+    schedule,
+    train_dp,
+    train_plain,
+)
 
 COUNT_METRICS = ("num-examples", "num-positive")
+NON_PRIVATE_REFUSED = (
+    "it is not differentially private (privacy mode none), and this site's policy does not allow non-private "
+    "studies (allow_non_private: false); the data steward may allow them under a data-sharing agreement by "
+    "setting allow_non_private: true and require_dp: false"
+)
 # Seconds this site spent on the round (checks, cohort, training or evaluation), so the coordinator can
 # tell its own overhead from the sites' work. It reveals nothing new: the coordinator already sees how
 # long each site took to answer; this only separates the site's part from the transport.
@@ -60,6 +79,8 @@ class RoundOutcome:
     local_train_loss: float | None = None
     # The exact training-set size, for SecAgg+ only, where it is masked with the update as its weight.
     train_examples: int | None = None
+    # What an evaluation released (sent as its own record beside the answer).
+    evaluation: EvaluationRelease | None = None
 
 
 @dataclass
@@ -94,7 +115,10 @@ class SiteNode:
             return self._refused("train", instruction, self._site_error(exc))
 
     def evaluate(self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor]) -> RoundOutcome:
-        """Evaluate the global model on this site's held-out test split; spends no privacy budget."""
+        """Evaluate the global model on the held-out part the instruction names (validation or test).
+
+        What leaves is the release the site's policy chooses (site_node.evaluation_release): DP score
+        histograms whose epsilon the ledger accounts, or exact aggregates under the cell-count floor."""
         started = time.perf_counter()
         try:
             return self._evaluate(instruction, global_state, started)
@@ -113,6 +137,7 @@ class SiteNode:
         started = time.perf_counter()
         try:
             spec, digest = self._recognise(instruction)
+            self._private_enough(spec)
             self._secure_enough(instruction)
             self._budget_left(spec, digest, instruction.round_key)
             plan = self._data(spec, digest)
@@ -121,17 +146,23 @@ class SiteNode:
         except Exception as exc:
             return self._refused("admit", instruction, self._site_error(exc))
         n_train = int((plan.dataset.split == "train").sum())
-        metrics, suppressed = suppress_small_counts(
-            {"num-examples": n_train, COMPUTE_METRIC: _since(started)}, COUNT_METRICS, self.policy.min_cell_count
+        metrics, suppressed = self._counted(
+            plan, instruction.round_key, {"num-examples": n_train, COMPUTE_METRIC: _since(started)}
         )
         return self._metrics_only("round-admitted", SiteStatus.READY, instruction, plan, metrics, suppressed)
 
     def policy_conflicts(self, spec: StudySpec) -> list[str]:
         """What in a study this site's policy would refuse whatever the data (checked when approving)."""
         problems = []
-        if spec.privacy.target_epsilon > self.policy.study_epsilon_ceiling:
+        if not spec.privacy.private:
+            if not self.policy.allow_non_private:
+                problems.append(NON_PRIVATE_REFUSED)
+            return problems
+        budget = spec.epsilon_budget() or 0.0
+        if budget > self.policy.study_epsilon_ceiling:
             problems.append(
-                f"the study's epsilon {spec.privacy.target_epsilon:g} is above the site's per-study ceiling "
+                f"the study's epsilon {budget:g} (training {spec.privacy.target_epsilon:g} + evaluation "
+                f"{spec.evaluation.epsilon:g}) is above the site's per-study ceiling "
                 f"{self.policy.study_epsilon_ceiling:g}"
             )
         if spec.privacy.target_delta is not None and spec.privacy.target_delta > self.policy.max_delta:
@@ -151,13 +182,31 @@ class SiteNode:
 
     def policy_notes(self, spec: StudySpec) -> list[str]:
         """What a steward should know when approving a study this policy accepts, but with a consequence."""
+        notes = []
         if self.policy.require_secure_aggregation and not spec.federation.secure_aggregation:
-            return [
+            notes.append(
                 "the study does not ask for secure aggregation: this site will refuse its plain rounds "
                 "(spending nothing), and the coordinator then runs the later rounds with SecAgg+, which needs "
                 "at least 3 hospitals ready in each round"
-            ]
-        return []
+            )
+        if not spec.privacy.private:
+            notes.append(
+                "this study is NOT differentially private: its updates and evaluations leave the site without "
+                "noise (exact evaluation aggregates stay under the cell-count floor); the ledger records its "
+                "rounds as not differentially private"
+            )
+        elif self.policy.evaluation_release == "exact":
+            notes.append(
+                "this site releases exact evaluation aggregates under its cell-count floor (evaluation_release: "
+                "exact), so the study's evaluation epsilon is not spent here"
+            )
+        else:
+            notes.append(
+                f"evaluation leaves this site as differentially private score histograms: epsilon "
+                f"{spec.evaluation.epsilon:g} over {spec.evaluation_releases()} release(s), composed with training's "
+                f"{spec.privacy.target_epsilon:g} in the ledger"
+            )
+        return notes
 
     def feature_count(self, spec: StudySpec) -> int:
         """How many inputs the study's model has (the same at every site)."""
@@ -197,6 +246,31 @@ class SiteNode:
                 RefusalCode.NEEDS_SECURE_AGGREGATION,
                 f"site {self.config.site_id} requires secure aggregation and this round does not use it.",
             )
+
+    def _private_enough(self, spec: StudySpec) -> None:
+        """A non-private study runs only where the site's policy explicitly allows it."""
+        if not spec.privacy.private and not self.policy.allow_non_private:
+            raise Refusal(RefusalCode.NOT_PRIVATE, f"study '{spec.study.id}': {NON_PRIVATE_REFUSED}.")
+
+    def _counted(
+        self, plan: _Plan, release_key: str, metrics: dict[str, float | int]
+    ) -> tuple[dict[str, float | int], list[str]]:
+        """The training-set size with the other metrics, if it may leave: at or above the floor, and not
+        differing from an earlier release of the same study by less than the floor."""
+        kept, suppressed = suppress_small_counts(metrics, COUNT_METRICS, self.policy.min_cell_count)
+        if "num-examples" in kept:
+            reason = self.governance.disclosures.check_and_record(
+                plan.spec.study.id,
+                plan.study_hash,
+                "train",
+                release_key,
+                {frozenset({"train"}): int(kept["num-examples"])},
+                self.policy.min_cell_count,
+            )
+            if reason is not None:
+                kept.pop("num-examples")
+                suppressed.append("num-examples")
+        return kept, suppressed
 
     def _data(self, spec: StudySpec, digest: str) -> _Plan:
         withdrawn = self.governance.withdrawals.person_ids()
@@ -255,21 +329,35 @@ class SiteNode:
         """Refuse before reading any patient data when the budget cannot cover another round.
 
         The exact projection needs the cohort size (the sampling rate), so it is the ledger's reservation,
-        later. Here the next round is assumed to cost what the study's last round here cost: cohorts
-        change little between rounds, and a larger one would cost slightly less, so this errs on the safe
-        side. A retry of a round whose reservation survived a crash is let through: its budget is held; so
-        is a retry of a round already trained, whose kept update is re-sent without spending anything.
+        later. Here the next round is assumed to cost what the study's last training round here cost:
+        cohorts change little between rounds, and a larger one would cost slightly less, so this errs on the
+        safe side. A retry of a round whose reservation survived a crash is let through: its budget is held;
+        so is a retry of a round already trained, whose kept update is re-sent without spending anything.
+        The ceiling is the study's whole budget (training and evaluation) and the projection composes
+        every release made so far, evaluations included. A non-private study has no budget to check.
         """
+        if not spec.privacy.private:
+            return
         ledger = self.governance.ledger
-        reservations = [r for r in ledger.reservations(digest) if r.status != RELEASED]
+        reservations = [r for r in ledger.reservations(digest) if r.status != RELEASED and r.purpose != NON_PRIVATE]
         if any(r.round_key == round_key for r in reservations):
             return  # held (reserved) or spent (committed: the kept update is re-sent at no cost)
-        study_ceiling = min(spec.privacy.target_epsilon, self.policy.study_epsilon_ceiling)
+        study_ceiling = min(spec.epsilon_budget() or 0.0, self.policy.study_epsilon_ceiling)
         spent, site_spent = ledger.spent(digest), ledger.site_spent()
-        if reservations:
-            last = reservations[-1]
+        trained = [r for r in reservations if r.purpose == TRAIN]
+        if trained:
+            last = trained[-1]
             events = [r.event for r in reservations] + [last.event]
-            projected = ledger.epsilon(events, min(r.delta for r in reservations), last.accountant)
+            delta = min(r.delta for r in reservations)
+            projected = ledger.epsilon(events, delta, last.accountant)
+            training_alone = ledger.epsilon([r.event for r in trained] + [last.event], delta, last.accountant)
+            if training_alone > float(spec.privacy.target_epsilon):
+                raise Refusal(
+                    RefusalCode.BUDGET,
+                    f"study '{spec.study.id}' has spent its training budget at {self.config.site_id}: another "
+                    f"round like the last would take training to epsilon {training_alone:.3f}, above its "
+                    f"{spec.privacy.target_epsilon:g}.",
+                )
         else:
             projected = spent
         if projected > study_ceiling:
@@ -289,12 +377,20 @@ class SiteNode:
         self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor], started: float
     ) -> RoundOutcome:
         spec, digest = self._recognise(instruction)
+        self._private_enough(spec)
         self._secure_enough(instruction)
         self._budget_left(spec, digest, instruction.round_key)
         plan = self._data(spec, digest)
         train = plan.dataset.subset("train")
         n_train = len(train.person_ids)
+        if n_train == 0:
+            raise Refusal(
+                RefusalCode.COHORT_TOO_SMALL,
+                f"the study's split leaves no training examples at {self.config.site_id} (its evaluation.split).",
+            )
         model = self._model(spec, train, global_state)
+        if not spec.privacy.private:
+            return self._train_non_private(instruction, spec, digest, plan, train, model, global_state, started)
         delta = self._delta(spec, n_train)
         sample_rate, steps_per_round, total_steps = schedule(n_train, spec.training)
         try:
@@ -307,7 +403,14 @@ class SiteNode:
         event = PrivacyEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps_per_round)
         try:
             reservation = self.governance.ledger.reserve(
-                digest, instruction.round_key, event, delta, spec.privacy.accountant, spec.privacy.target_epsilon
+                digest,
+                instruction.round_key,
+                event,
+                delta,
+                spec.privacy.accountant,
+                spec.epsilon_budget(),
+                TRAIN,
+                purpose_ceiling=spec.privacy.target_epsilon,
             )
         except RoundAlreadyTrained as exc:
             return self._resend(digest, instruction, exc)
@@ -318,7 +421,7 @@ class SiteNode:
         prior_history = [
             r.event
             for r in self.governance.ledger.reservations(digest)
-            if r.id != reservation.id and r.status != RELEASED
+            if r.id != reservation.id and r.status != RELEASED and r.purpose != NON_PRIVATE
         ]
         self.governance.membership.record(digest, instruction.round_key, (int(p) for p in train.person_ids))
         self.governance.audit.append(
@@ -354,12 +457,13 @@ class SiteNode:
         epsilon = self.governance.ledger.commit(
             reservation, PrivacyEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=result.steps)
         )
-        metrics, suppressed = suppress_small_counts(
+        metrics, suppressed = self._counted(
+            plan,
+            instruction.round_key,
             {"num-examples": result.num_examples, "epsilon": epsilon, COMPUTE_METRIC: _since(started)},
-            COUNT_METRICS,
-            self.policy.min_cell_count,
         )
-        ceiling = min(spec.privacy.target_epsilon, self.policy.study_epsilon_ceiling)
+        ceiling = min(spec.epsilon_budget() or 0.0, self.policy.study_epsilon_ceiling)
+        by_purpose = self.governance.ledger.spent_by_purpose(digest)
         self.governance.audit.append(
             "round-trained",
             {
@@ -381,6 +485,90 @@ class SiteNode:
             status=SiteStatus.TRAINED,
             epsilon_spent=epsilon,
             epsilon_ceiling=ceiling,
+            epsilon_training=by_purpose[TRAIN],
+            epsilon_evaluation=by_purpose[EVALUATE],
+            suppressed=",".join(suppressed) or None,
+            cohort_snapshot=plan.dataset.snapshot_hash,
+            consent_snapshot=plan.consent_snapshot,
+        )
+        self.releases.save(
+            digest,
+            instruction.round_key,
+            Release(result.state_dict, metrics, answer.model_dump(mode="json"), num_examples=result.num_examples),
+        )
+        return RoundOutcome(
+            answer, result.state_dict, metrics, local_train_loss=result.train_loss, train_examples=result.num_examples
+        )
+
+    def _train_non_private(
+        self,
+        instruction: RoundInstruction,
+        spec: StudySpec,
+        digest: str,
+        plan: _Plan,
+        train: StudyDataset,
+        model: torch.nn.Module,
+        global_state: dict[str, torch.Tensor],
+        started: float,
+    ) -> RoundOutcome:
+        """A round of a study with privacy mode none, at a site whose policy allows it: plain training.
+
+        The ledger gets a row for it (purpose non-private, no epsilon), so the steward's overview says the
+        study ran here without DP; the answer, the receipt and the model card say so too.
+        """
+        steps = schedule(len(train), spec.training)[1]
+        event = PrivacyEvent(noise_multiplier=0.0, sample_rate=1.0, steps=steps)
+        delta = spec.privacy.target_delta or self.policy.max_delta
+        try:
+            reservation = self.governance.ledger.reserve(
+                digest, instruction.round_key, event, delta, spec.privacy.accountant, 1.0, NON_PRIVATE
+            )
+        except RoundAlreadyTrained as exc:
+            return self._resend(digest, instruction, exc)
+        self.governance.membership.record(digest, instruction.round_key, (int(p) for p in train.person_ids))
+        self.governance.audit.append(
+            "round-started",
+            {
+                "study_hash": digest,
+                "study_id": spec.study.id,
+                "round": instruction.round_key,
+                "differentially_private": False,
+                "cohort_snapshot": plan.dataset.snapshot_hash,
+                "consent_snapshot": plan.consent_snapshot,
+                "train_examples": len(train),
+            },
+        )
+        result = train_plain(
+            model,
+            train.features,
+            train.labels,
+            training=spec.training,
+            global_state=global_state,
+            seed=spec.training.seed + instruction.server_round,
+        )
+        self.governance.ledger.commit(reservation)
+        metrics, suppressed = self._counted(
+            plan, instruction.round_key, {"num-examples": result.num_examples, COMPUTE_METRIC: _since(started)}
+        )
+        self.governance.audit.append(
+            "round-trained",
+            {
+                "study_hash": digest,
+                "round": instruction.round_key,
+                "differentially_private": False,
+                "train_loss_kept_at_site": result.train_loss,
+                "left_the_site": {
+                    "tensors": {name: list(t.shape) for name, t in result.state_dict.items()},
+                    "update_norm": result.update_norm,
+                    "metrics": metrics,
+                    "suppressed": suppressed,
+                },
+            },
+        )
+        answer = SiteAnswer(
+            site_id=self.config.site_id,
+            status=SiteStatus.TRAINED,
+            differentially_private=False,
             suppressed=",".join(suppressed) or None,
             cohort_snapshot=plan.dataset.snapshot_hash,
             consent_snapshot=plan.consent_snapshot,
@@ -423,22 +611,118 @@ class SiteNode:
         self, instruction: RoundInstruction, global_state: dict[str, torch.Tensor], started: float
     ) -> RoundOutcome:
         spec, digest = self._recognise(instruction)
+        self._private_enough(spec)
+        part, key = instruction.part, instruction.evaluation_key
         plan = self._data(spec, digest)
-        test = plan.dataset.subset("test")
-        model = self._model(spec, test, global_state)
-        raw = evaluate(model, test.features, test.labels)
-        values = {k.replace("_", "-"): v for k, v in raw.items() if isinstance(v, int | float) and math.isfinite(v)}
-        values[COMPUTE_METRIC] = _since(started)
-        metrics, suppressed = suppress_small_counts(values, COUNT_METRICS, self.policy.min_cell_count)
-        return self._metrics_only(
-            "evaluated",
-            SiteStatus.EVALUATED,
-            instruction,
-            plan,
-            metrics,
-            suppressed,
-            epsilon_spent=self.governance.ledger.spent(digest),
+        if part == "test":
+            save_global_model(self.config.base_dir / "models", digest, instruction.round_key, global_state)
+        kept = self.releases.load(digest, key)
+        if kept is not None and kept.evaluation is not None:
+            return self._resend_evaluation(digest, instruction, kept)
+        data = plan.dataset.subset(part)
+        if len(data) == 0:
+            raise Refusal(
+                RefusalCode.COHORT_TOO_SMALL,
+                f"the study's split leaves no {part} examples at {self.config.site_id} (its evaluation.split, e.g. "
+                "a temporal split whose period lies after this site's data).",
+            )
+        model = self._model(spec, data, global_state)
+        if spec.privacy.private and self.policy.evaluation_release == "dp":
+            release = self._dp_evaluation(spec, digest, key, plan, data, model, part)
+        else:
+            release = exact_release(
+                model,
+                data,
+                spec,
+                part,
+                floor=self.policy.min_cell_count,
+                register=self.governance.disclosures,
+                study_hash=digest,
+                release_key=key,
+            )
+        by_purpose = self.governance.ledger.spent_by_purpose(digest) if spec.privacy.private else None
+        answer = SiteAnswer(
+            site_id=self.config.site_id,
+            status=SiteStatus.EVALUATED,
+            epsilon_spent=by_purpose["total"] if by_purpose else None,
+            epsilon_ceiling=min(spec.epsilon_budget(), self.policy.study_epsilon_ceiling) if by_purpose else None,
+            epsilon_training=by_purpose[TRAIN] if by_purpose else None,
+            epsilon_evaluation=by_purpose[EVALUATE] if by_purpose else None,
+            differentially_private=spec.privacy.private,
+            suppressed=release.withheld,
+            cohort_snapshot=plan.dataset.snapshot_hash,
+            consent_snapshot=plan.consent_snapshot,
         )
+        metrics = {COMPUTE_METRIC: _since(started)}
+        self.governance.audit.append(
+            "evaluated",
+            {
+                "study_hash": digest,
+                "round": key,
+                "part": part,
+                "cohort_snapshot": plan.dataset.snapshot_hash,
+                "epsilon_after": answer.epsilon_spent,
+                "left_the_site": {"evaluation": release.model_dump(mode="json", exclude_none=True), "metrics": metrics},
+            },
+        )
+        kept = Release({}, metrics, answer.model_dump(mode="json"), evaluation=release.model_dump(mode="json"))
+        self.releases.save(digest, key, kept)
+        return RoundOutcome(answer, None, metrics, evaluation=release)
+
+    def _dp_evaluation(
+        self,
+        spec: StudySpec,
+        digest: str,
+        key: str,
+        plan: _Plan,
+        data: StudyDataset,
+        model: torch.nn.Module,
+        part: str,
+    ) -> EvaluationRelease:
+        """Reserve the release's epsilon, count and noise the histograms, commit: the ledger never lags."""
+        n_train = int((plan.dataset.split == "train").sum())
+        delta = self._delta(spec, max(n_train, len(data)))
+        try:
+            sigma = evaluation_noise(spec, delta)
+            check_privacy_honest(sigma, 1.0, delta, len(data), self.policy.min_noise_multiplier)
+        except NotPrivateError as exc:
+            raise Refusal(RefusalCode.NOT_PRIVATE, f"the evaluation release: {exc}") from None
+        event = PrivacyEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
+        ledger = self.governance.ledger
+        try:
+            reservation = ledger.reserve(
+                digest,
+                key,
+                event,
+                delta,
+                spec.privacy.accountant,
+                spec.epsilon_budget(),
+                EVALUATE,
+                purpose_ceiling=spec.evaluation.epsilon,
+            )
+        except RoundAlreadyTrained as exc:  # committed, but its copy was lost: never released twice
+            raise Refusal(RefusalCode.ALREADY_TRAINED, str(exc)) from None
+        except BudgetRefused as exc:
+            raise Refusal(RefusalCode.BUDGET, exc.reason) from None
+        release = dp_release(model, data, spec, part, sigma)
+        ledger.commit(reservation)
+        alone = ledger.epsilon([event], delta, spec.privacy.accountant)
+        return release.model_copy(update={"epsilon": alone})
+
+    def _resend_evaluation(self, digest: str, instruction: RoundInstruction, kept: Release) -> RoundOutcome:
+        """The same evaluation asked again (a resumed coordinator): the release already made, at no cost."""
+        release = EvaluationRelease.model_validate(kept.evaluation)
+        self.governance.audit.append(
+            "evaluation-resent",
+            {
+                "study_hash": digest,
+                "round": instruction.evaluation_key,
+                "note": "the coordinator asked again for an evaluation already released; the same release was "
+                "re-sent, no new privacy budget was spent",
+                "left_the_site": {"evaluation": release.model_dump(mode="json", exclude_none=True)},
+            },
+        )
+        return RoundOutcome(SiteAnswer.model_validate(kept.answer), None, dict(kept.metrics), evaluation=release)
 
     def _metrics_only(
         self,

@@ -1,4 +1,5 @@
-"""The updates this site has released, kept so a retried round is answered without training again.
+"""The updates and evaluations this site has released, kept so a retried round is answered without
+training (or spending) again; and the latest global model of each study, for scoring at the site.
 
 When the coordinator dies after a site trained a round but before it aggregated, a resumed study sends
 the same round again. Training it again would spend the round's privacy budget a second time; refusing
@@ -21,6 +22,7 @@ class Release:
     metrics: dict[str, float | int]
     answer: dict[str, object]  # the SiteAnswer fields sent with it
     num_examples: int | None = None  # the exact count it was trained on (a secure round weighs it by that)
+    evaluation: dict[str, object] | None = None  # an evaluation release (federation.protocol.EvaluationRelease)
 
 
 class ReleasedUpdates:
@@ -43,6 +45,7 @@ class ReleasedUpdates:
                 "metrics": release.metrics,
                 "answer": release.answer,
                 "num_examples": release.num_examples,
+                "evaluation": release.evaluation,
             },
             temporary,
         )
@@ -53,4 +56,29 @@ class ReleasedUpdates:
         if not path.exists():
             return None
         data = torch.load(path, weights_only=True)
-        return Release(data["state_dict"], data["metrics"], data["answer"], data.get("num_examples"))
+        return Release(
+            data["state_dict"], data["metrics"], data["answer"], data.get("num_examples"), data.get("evaluation")
+        )
+
+
+LATEST_MODEL = "latest.pt"
+
+
+def save_global_model(folder: Path, study_hash: str, round_key: str, state: dict[str, torch.Tensor]) -> Path:
+    """Keep the global model the coordinator sent for evaluation: the latest one is what `twinfed site score`
+    applies to this site's patients (the coordinator evaluates the study's model last)."""
+    path = folder / study_hash[:16] / LATEST_MODEL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({"study_hash": study_hash, "round": round_key, "state_dict": dict(state)}, temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def load_global_model(folder: Path, study_hash: str) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """(round key, weights) of the latest global model kept for the study, or None."""
+    path = folder / study_hash[:16] / LATEST_MODEL
+    if not path.exists():
+        return None
+    data = torch.load(path, weights_only=True)
+    return data["round"], data["state_dict"]

@@ -7,13 +7,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 
 from federation.checkpoint import Checkpoint, CheckpointMismatch, load_checkpoint, save_checkpoint
-from federation.evaluation import SiteEvaluation, hanley_mcneil_se, pooled_auroc, pooled_mean
+from federation.evaluation import hanley_mcneil_se, pool_evaluations
 from federation.model_card import write_model_card
+from federation.protocol import EvaluationRelease, ReleaseMode
 from federation.receipts import Participation, RoundReceipt, SiteReceipt, append_receipt, read_receipts
 from federation.runner import RunResult, initial_weights
 from federation.study import study_hash
@@ -25,20 +27,28 @@ def test_hanley_mcneil_matches_the_published_example():
     assert hanley_mcneil_se(0.8, 50, 50) == pytest.approx(0.0442, abs=5e-4)
 
 
-def test_pooled_auroc_is_inverse_variance_weighted_and_skips_withheld_counts():
-    sites = [
-        SiteEvaluation("a", 0.80, 0.3, 0.1, 200, 40),
-        SiteEvaluation("b", 0.70, 0.4, 0.2, 100, 20),
-        SiteEvaluation("c", 0.99, 0.1, 0.0, None, None),  # counts withheld: cannot be weighted
+def test_pooled_auroc_combines_exact_sites_by_inverse_variance_and_skips_withheld_ones():
+    spec = study()
+
+    def exact(auroc, n, positives, **extra):
+        return EvaluationRelease(
+            part="test", mode=ReleaseMode.EXACT, auroc=auroc, examples=n, with_outcome=positives, cell_floor=10,
+            loss=0.3, brier=0.1, **extra,
+        )  # fmt: skip
+
+    releases = [
+        ("a", exact(0.80, 200, 40)),
+        ("b", exact(0.70, 100, 20)),
+        ("c", EvaluationRelease(part="test", mode=ReleaseMode.WITHHELD, withheld="auroc", withheld_reason="small")),
     ]
-    pooled = pooled_auroc(sites)
+    pooled = pool_evaluations(releases, spec.evaluation)
     wa = 1 / hanley_mcneil_se(0.80, 40, 160) ** 2
     wb = 1 / hanley_mcneil_se(0.70, 20, 80) ** 2
-    assert pooled.value == pytest.approx((0.8 * wa + 0.7 * wb) / (wa + wb))
-    assert pooled.high - pooled.value == pytest.approx(1.959964 / math.sqrt(wa + wb), rel=1e-5)
-    assert pooled.sites == 2 and 0.7 < pooled.value < 0.8
-    assert pooled_mean(sites, "loss") == pytest.approx((0.3 * 200 + 0.4 * 100) / 300)
-    assert pooled_auroc([sites[2]]) is None
+    assert pooled.auroc.value == pytest.approx((0.8 * wa + 0.7 * wb) / (wa + wb))
+    half = (pooled.auroc.high - pooled.auroc.low) / 2
+    assert half == pytest.approx(1.959964 / math.sqrt(wa + wb), rel=0.2)  # replicate spread ~ the analytic one
+    assert pooled.loss.value == pytest.approx(0.3) and pooled.sensitivity.value is None
+    assert pool_evaluations([releases[2]], spec.evaluation).auroc.text() == "withheld (cell floor)"
 
 
 def test_receipts_append_and_read_back(tmp_path):
@@ -78,12 +88,23 @@ def test_checkpoint_round_trip_and_refuses_another_study(tmp_path):
     assert load_checkpoint(tmp_path / "empty", study_hash(spec)) is None
 
 
+def _pooled_test(spec) -> dict:
+    rng = np.random.default_rng(3)
+    bins = len(spec.evaluation.score_edges) + 1
+    positives = np.linspace(2, 40, bins) + rng.normal(0, 2, bins)
+    negatives = np.linspace(300, 5, bins) + rng.normal(0, 2, bins)
+    release = EvaluationRelease(
+        part="test", mode=ReleaseMode.DP, positives=list(positives), negatives=list(negatives), noise_sd=2.0
+    )
+    return pool_evaluations([("a", release)], spec.evaluation).model_dump(mode="json")
+
+
 def test_model_card_names_sites_epsilon_and_refusals(tmp_path):
     spec = study()
     now = dt.datetime.now(dt.UTC)
     trained = SiteReceipt(
-        node_id=1, site_id="a", status=Participation.TRAINED, epsilon_spent=1.25, epsilon_ceiling=3.0,
-        cohort_snapshot="c" * 64, consent_snapshot="d" * 64,
+        node_id=1, site_id="a", status=Participation.TRAINED, epsilon_spent=1.25, epsilon_ceiling=4.0,
+        epsilon_training=1.25, epsilon_evaluation=0.0, cohort_snapshot="c" * 64, consent_snapshot="d" * 64,
     )  # fmt: skip
     refused = SiteReceipt(node_id=2, site_id="b", status=Participation.REFUSED, code="budget", reason="spent")
     append_receipt(
@@ -98,19 +119,48 @@ def test_model_card_names_sites_epsilon_and_refusals(tmp_path):
             sites=[trained, refused],
         ),
     )
-    history = [{"round": 1, "auroc": 0.71, "auroc_low": 0.6, "auroc_high": 0.8, "auroc_sites": 1, "loss": 0.3,
-                "brier": 0.1, "site_auroc": {"a": 0.71}, "epsilon": {"a": 1.25},
-                "participation": {"a": "trained", "b": "refused"}, "secure_aggregation": False},
-               {"round": 2, "auroc": 0.72, "auroc_low": 0.6, "auroc_high": 0.8, "auroc_sites": 1,
-                "participation": {"a": "trained", "b": "trained"}, "secure_aggregation": True}]  # fmt: skip
-    html_path = write_model_card(tmp_path, spec, RunResult("completed", "done", 2, initial_weights(spec), history))
-    card = json.loads((tmp_path / "model-card.json").read_text())
+    history = [{"round": 1, "epsilon": {"a": 1.25}, "participation": {"a": "trained", "b": "refused"},
+                "secure_aggregation": False},
+               {"round": 2, "participation": {"a": "trained", "b": "trained"}, "secure_aggregation": True}]  # fmt: skip
+    pooled = _pooled_test(spec)
+    result = RunResult("completed", "done", 2, initial_weights(spec), history, pooled, 2, "the last round's model.")
+    html_path = write_model_card(tmp_path, spec, result)
+    text = (tmp_path / "model-card.json").read_text()
+    card = json.loads(text)
+    assert "NaN" not in text
     assert card["study"]["hash"] == study_hash(spec)
     assert card["sites"]["a"]["epsilon_spent"] == 1.25 and card["sites"]["a"]["cohort_snapshot"] == "c" * 64
     assert card["sites"]["b"]["refusals"][0]["code"] == "budget"
-    assert card["metrics"]["held_out_auroc_95ci"] == [0.6, 0.8] and card["metrics"]["held_out_auroc"] == 0.72
+    assert card["metrics"]["held_out_auroc"] == pooled["auroc"]["value"]
+    assert card["metrics"]["held_out_auroc_95ci"] == [pooled["auroc"]["low"], pooled["auroc"]["high"]]
+    assert card["privacy"]["differentially_private"] and card["model"]["selected_round"] == 2
     page = html_path.read_text()
     assert "data:image/png;base64," in page and "budget" in page and study_hash(spec) in page
+    assert "sensitivity" in page and "Calibration by risk stratum" in page
     # which rounds the coordinator saw only the weighted mean of (a site's policy turned SecAgg+ on)
     assert card["aggregation"]["secure_rounds"] == [2] and "SecAgg+) in rounds 2 of 2" in page
     assert (tmp_path / "final-model.pt").exists()
+
+
+def test_model_card_of_a_withheld_evaluation_says_so_and_never_nan(tmp_path):
+    spec = study()
+    withheld = EvaluationRelease(
+        part="test", mode=ReleaseMode.WITHHELD, withheld="auroc, loss, brier, confusion counts, examples",
+        withheld_reason="fewer than 10 patients (the site's cell-count floor)", cell_floor=10,
+    )  # fmt: skip
+    pooled = pool_evaluations([("tiny", withheld)], spec.evaluation).model_dump(mode="json")
+    result = RunResult("completed", "done", 1, initial_weights(spec), [{"round": 1}], pooled, 1, "last round.")
+    html_path = write_model_card(tmp_path, spec, result)
+    text = (tmp_path / "model-card.json").read_text()
+    assert "NaN" not in text and json.loads(text)["metrics"]["held_out_auroc_text"] == "withheld (cell floor)"
+    page = html_path.read_text()
+    visible = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert "withheld (cell floor)" in visible and not re.search(r"\bnan\b", visible, re.IGNORECASE)
+
+
+def test_model_card_of_a_non_private_study_says_so_first(tmp_path):
+    spec = study(privacy={"mode": "none", "target_epsilon": None})
+    result = RunResult("completed", "done", 1, initial_weights(spec), [{"round": 1}], None, 1, "not evaluated.")
+    page = write_model_card(tmp_path, spec, result).read_text()
+    assert page.index("NOT DIFFERENTIALLY PRIVATE") < page.index("<h1>")
+    assert not json.loads((tmp_path / "model-card.json").read_text())["privacy"]["differentially_private"]

@@ -143,20 +143,18 @@ def test_small_cohort_is_refused_without_revealing_its_size(prepared_site, tmp_p
     assert node.governance.ledger.spent(study_hash(spec)) == 0
 
 
-def test_evaluation_withholds_counts_under_the_cell_floor(prepared_site, tmp_path):
-    node = _node(prepared_site, tmp_path, min_cell_count=10_000)
+def test_exact_evaluation_under_a_floor_above_the_cohort_withholds_everything(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path, min_cell_count=10_000, evaluation_release="exact")
     spec = study()
     _approve(node, spec)
     outcome = node.evaluate(instruction(spec), _start(node, spec))
     assert outcome.answer.status == SiteStatus.EVALUATED
-    assert "num-examples" not in outcome.metrics and "num-positive" not in outcome.metrics
-    assert set(outcome.answer.suppressed.split(",")) == {"num-examples", "num-positive"}
-    assert 0 <= outcome.metrics["auroc"] <= 1
+    release = outcome.evaluation
+    assert release.mode == "withheld" and release.examples is None and release.auroc is None
+    assert "fewer than 10000" in release.withheld_reason and "auroc" in release.withheld
     audit = node.governance.audit.entries()[-1]
-    assert audit.kind == "evaluated" and sorted(audit.payload["left_the_site"]["suppressed"]) == [
-        "num-examples",
-        "num-positive",
-    ]
+    assert audit.kind == "evaluated" and audit.payload["left_the_site"]["evaluation"]["mode"] == "withheld"
+    assert node.governance.ledger.spent(study_hash(spec)) == 0, "an exact release spends no epsilon"
 
 
 def test_consent_withdrawal_is_honoured_in_the_next_round(prepared_site, tmp_path):

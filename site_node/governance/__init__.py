@@ -8,6 +8,7 @@ site node acts on, and each error is a sentence the data steward can act on too.
 from site_node.governance.accounting import PrivacyEvent
 from site_node.governance.approvals import Approval, ApprovalError, Approvals
 from site_node.governance.audit import AuditEntry, AuditLog, AuditVerification
+from site_node.governance.disclosure import DisclosureRegister
 from site_node.governance.ledger import (
     BudgetRefused,
     LedgerError,
@@ -30,6 +31,7 @@ __all__ = [
     "AuditVerification",
     "BudgetRefused",
     "ConsentWithdrawals",
+    "DisclosureRegister",
     "Governance",
     "GovernanceStore",
     "LedgerError",

@@ -34,6 +34,11 @@ __all__ = [
 ]
 
 RESERVED, COMMITTED, RELEASED = "reserved", "committed", "released"
+# What a row's budget paid for. Training and evaluation releases compose in one accountant per study (the
+# figure the ceilings bind); each alone is shown too. A non-private round has no epsilon: it is kept so
+# the ledger says it happened, and it never enters an epsilon figure (which would otherwise be infinite).
+TRAIN, EVALUATE, NON_PRIVATE = "train", "evaluate", "non-private"
+PURPOSES = (TRAIN, EVALUATE, NON_PRIVATE)
 
 
 class BudgetRefused(Exception):
@@ -78,6 +83,7 @@ class Reservation:
     projected_site_epsilon: float
     reserved_at: datetime
     status: str
+    purpose: str = TRAIN
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,10 @@ class StudyBudget:
     committed_rounds: int
     reserved_rounds: int
     released_rounds: int
+    training_epsilon: float = 0.0  # the training rounds alone (committed and reserved)
+    evaluation_epsilon: float = 0.0  # the evaluation releases alone
+    evaluation_releases: int = 0
+    non_private_rounds: int = 0  # rounds of a non-private study: not differentially private, no epsilon
 
     @property
     def rounds(self) -> int:
@@ -119,6 +129,7 @@ def _reservation(row: Row) -> Reservation:
         projected_site_epsilon=row.projected_site_epsilon,
         reserved_at=parse_time(row.reserved_at),
         status=row.status,
+        purpose=row.purpose,
     )
 
 
@@ -141,7 +152,10 @@ class PrivacyLedger:
         return epsilon_of(history, delta, accountant)
 
     def _study_epsilon(self, rows: list[Row]) -> float:
-        """A study's epsilon over its active rows, at its smallest delta; the larger figure if accountants differ."""
+        """A study's epsilon over its active rows, at its smallest delta; the larger figure if accountants differ.
+
+        Non-private rows have no epsilon and are left out (the summary counts them apart)."""
+        rows = [r for r in rows if r.purpose != NON_PRIVATE]
         if not rows:
             return 0.0
         delta = min(r.delta for r in rows)
@@ -185,32 +199,57 @@ class PrivacyLedger:
         delta: float,
         accountant: str,
         study_ceiling: float,
+        purpose: str = TRAIN,
+        purpose_ceiling: float | None = None,
     ) -> Reservation:
         """Hold the budget for one round, durably, or raise `BudgetRefused` saying which ceiling stops it.
 
         A second call for the same study and round key (a retry after a crash) returns the reservation
         already held instead of spending again; if that round was committed, `RoundAlreadyTrained`.
+        `purpose` says what the budget pays for (TRAIN, EVALUATE); NON_PRIVATE rows are checked against
+        nothing (the site's policy allowed the study) and spend no epsilon. `study_ceiling` binds the study's
+        releases composed; `purpose_ceiling`, if given, binds this purpose's releases alone (training may not
+        eat into the evaluation budget, nor evaluation into training's).
         """
         check_accountant(accountant)
+        if purpose not in PURPOSES:
+            raise ValueError(f"a ledger row pays for one of {', '.join(PURPOSES)}, not '{purpose}'")
         if not 0 < delta < 1:
             raise ValueError(f"delta is a probability in (0, 1) (got {delta})")
         if not study_ceiling > 0:
             raise ValueError(f"a study's epsilon ceiling must be positive (got {study_ceiling})")
-        self._check_policy(event, delta)
+        if purpose != NON_PRIVATE:
+            self._check_policy(event, delta)
         with self.store.locked("ledger") as connection:
             rows = self._active_rows(connection)
             held = next((r for r in rows if r.study_hash == study_hash and r.round_key == round_key), None)
             if held is not None and held.status == COMMITTED:
+                done = "trained" if held.purpose != EVALUATE else "released"
                 raise RoundAlreadyTrained(
-                    f"round '{round_key}' of study {_short(study_hash)} was already trained here and its privacy "
+                    f"round '{round_key}' of study {_short(study_hash)} was already {done} here and its privacy "
                     f"cost committed on {held.resolved_at}; running it again would spend the budget twice. "
                     "The coordinator must start a new round (a new round key)."
                 )
-            unchanged = held is not None and (_event(held), held.delta, held.accountant) == (event, delta, accountant)
+            unchanged = held is not None and (_event(held), held.delta, held.accountant, held.purpose) == (
+                event,
+                delta,
+                accountant,
+                purpose,
+            )
             if unchanged:
                 return _reservation(held)
             reservation = self._reserve_new(
-                connection, rows, held, study_hash, round_key, event, delta, accountant, study_ceiling
+                connection,
+                rows,
+                held,
+                study_hash,
+                round_key,
+                event,
+                delta,
+                accountant,
+                study_ceiling,
+                purpose,
+                purpose_ceiling,
             )
         return reservation  # the transaction has committed: the reservation is durable
 
@@ -225,6 +264,8 @@ class PrivacyLedger:
         delta: float,
         accountant: str,
         study_ceiling: float,
+        purpose: str,
+        purpose_ceiling: float | None,
     ) -> Reservation:
         by_study = self._by_study(rows)
         earlier = [r for r in by_study.pop(study_hash, []) if held is None or r.id != held.id]
@@ -236,12 +277,33 @@ class PrivacyLedger:
                 "epsilon stays comparable. Re-approve the study as a new study if the accountant must change."
             )
         spent_study = self._study_epsilon(earlier)
-        study_delta = min([delta, *(r.delta for r in earlier)])
-        projected_study = epsilon_of([*(_event(r) for r in earlier), event], study_delta, accountant)
+        private = [r for r in earlier if r.purpose != NON_PRIVATE]
+        study_delta = min([delta, *(r.delta for r in private)])
+        if purpose == NON_PRIVATE:
+            projected_study = spent_study
+        else:
+            projected_study = epsilon_of([*(_event(r) for r in private), event], study_delta, accountant)
         others = sum(self._study_epsilon(group) for group in by_study.values())
         projected_site = others + projected_study
         ceiling = min(study_ceiling, self.policy.study_epsilon_ceiling)
-        if projected_study > ceiling:
+        if purpose != NON_PRIVATE and purpose_ceiling is not None:
+            same = [_event(r) for r in private if r.purpose == purpose]
+            projected_purpose = epsilon_of([*same, event], study_delta, accountant)
+            if projected_purpose > purpose_ceiling:
+                spent_purpose = epsilon_of(same, study_delta, accountant) if same else 0.0
+                what = "training rounds" if purpose == TRAIN else "evaluation releases"
+                raise BudgetRefused(
+                    f"round '{round_key}' of study {_short(study_hash)} would take its {what} alone past their "
+                    f"budget of ε={purpose_ceiling:.2f}: they have spent ε={spent_purpose:.2f} here, and this one "
+                    f"would bring them to ε={projected_purpose:.2f} at δ={study_delta:g}. The study's budget for "
+                    f"{what} is spent; it does not run.",
+                    limit=purpose_ceiling,
+                    spent=spent_purpose,
+                    projected=projected_purpose,
+                )
+        if purpose == NON_PRIVATE:
+            pass  # no epsilon: nothing to check against a ceiling
+        elif projected_study > ceiling:
             raise BudgetRefused(
                 f"round '{round_key}' of study {_short(study_hash)} would exceed the study privacy ceiling of "
                 f"ε={ceiling:.2f} (the lower of the study's own target, {study_ceiling:.2f}, and this site's "
@@ -253,7 +315,7 @@ class PrivacyLedger:
                 spent=spent_study,
                 projected=projected_study,
             )
-        if projected_site > self.policy.site_epsilon_ceiling:
+        if purpose != NON_PRIVATE and projected_site > self.policy.site_epsilon_ceiling:
             raise BudgetRefused(
                 f"round '{round_key}' of study {_short(study_hash)} would exceed the site privacy ceiling of "
                 f"ε={self.policy.site_epsilon_ceiling:.2f} for all studies together (site_epsilon_ceiling in "
@@ -273,6 +335,7 @@ class PrivacyLedger:
             "study_ceiling": float(study_ceiling),
             "projected_study_epsilon": projected_study,
             "projected_site_epsilon": projected_site,
+            "purpose": purpose,
         }
         if held is not None:  # a retry with different parameters: the same reservation, re-checked and updated
             connection.execute(update(self.table).where(self.table.c.id == held.id).values(**values))
@@ -374,6 +437,17 @@ class PrivacyLedger:
         with self.store.engine.connect() as connection:
             return self._study_epsilon(self._active_rows(connection, study_hash))
 
+    def spent_by_purpose(self, study_hash: str) -> dict[str, float]:
+        """The study's epsilon here from its training rounds alone, its evaluation releases alone, and both
+        composed ('total', the figure the ceilings bind: less than the sum, by the accountant's composition)."""
+        with self.store.engine.connect() as connection:
+            rows = self._active_rows(connection, study_hash)
+        return {
+            TRAIN: self._study_epsilon([r for r in rows if r.purpose == TRAIN]),
+            EVALUATE: self._study_epsilon([r for r in rows if r.purpose == EVALUATE]),
+            "total": self._study_epsilon(rows),
+        }
+
     def site_spent(self) -> float:
         """Sum of every study's epsilon at this site (basic composition across studies)."""
         with self.store.engine.connect() as connection:
@@ -396,6 +470,7 @@ class PrivacyLedger:
         for study_hash, group in self._by_study(rows).items():
             active = [r for r in group if r.status != RELEASED]
             committed = [r for r in group if r.status == COMMITTED]
+            private = [r for r in active if r.purpose != NON_PRIVATE]
             total = self._study_epsilon(active)
             committed_epsilon = self._study_epsilon(committed)
             latest = group[-1]
@@ -406,11 +481,15 @@ class PrivacyLedger:
                     reserved_epsilon=total - committed_epsilon,
                     total_epsilon=total,
                     ceiling=min(latest.study_ceiling, self.policy.study_epsilon_ceiling),
-                    delta=min((r.delta for r in active), default=latest.delta),
+                    delta=min((r.delta for r in private), default=latest.delta),
                     accountant=latest.accountant,
-                    committed_rounds=len(committed),
-                    reserved_rounds=sum(r.status == RESERVED for r in group),
+                    committed_rounds=sum(r.purpose != EVALUATE for r in committed),
+                    reserved_rounds=sum(r.status == RESERVED and r.purpose != EVALUATE for r in group),
                     released_rounds=sum(r.status == RELEASED for r in group),
+                    training_epsilon=self._study_epsilon([r for r in active if r.purpose == TRAIN]),
+                    evaluation_epsilon=self._study_epsilon([r for r in active if r.purpose == EVALUATE]),
+                    evaluation_releases=sum(r.purpose == EVALUATE for r in active),
+                    non_private_rounds=sum(r.purpose == NON_PRIVATE for r in active),
                 )
             )
         return budgets

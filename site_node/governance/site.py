@@ -10,6 +10,7 @@ from pathlib import Path
 
 from site_node.governance.approvals import Approvals
 from site_node.governance.audit import AuditLog
+from site_node.governance.disclosure import DisclosureRegister
 from site_node.governance.ledger import PrivacyLedger
 from site_node.governance.policy import SitePolicy, load_policy
 from site_node.governance.store import GovernanceStore
@@ -17,7 +18,8 @@ from site_node.governance.withdrawals import ConsentWithdrawals, RoundMembership
 
 
 class Governance:
-    """Store, policy, approvals, privacy ledger, audit log, withdrawals and round membership of one site."""
+    """Store, policy, approvals, privacy ledger, audit log, withdrawals, round membership and the register of
+    released counts of one site."""
 
     def __init__(
         self,
@@ -33,6 +35,7 @@ class Governance:
         self.audit = AuditLog(self.store, audit_head_file)
         self.withdrawals = ConsentWithdrawals(self.store)
         self.membership = RoundMembership(self.store)
+        self.disclosures = DisclosureRegister(self.store)
 
     def close(self) -> None:
         """Release database connections."""

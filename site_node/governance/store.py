@@ -30,6 +30,7 @@ from sqlalchemy import (
     UniqueConstraint,
     event,
     insert,
+    inspect,
     select,
     text,
     update,
@@ -39,7 +40,10 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, S
 
 from omop_etl.database import DatabaseUnavailable, open_engine, redact
 
-LOCK_NAMES = ("ledger", "audit", "approvals", "withdrawals", "membership")
+LOCK_NAMES = ("ledger", "audit", "approvals", "withdrawals", "membership", "disclosures")
+# Columns added after a table was first created: (table key, column, DDL type and default). A database made by
+# an earlier twinfed gets them on first use, with the default that describes every row it already holds.
+ADDED_COLUMNS = (("ledger", "purpose", "VARCHAR(16) NOT NULL DEFAULT 'train'"),)
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # a concurrent reservation holds the lock for at most an accountant call
 
 
@@ -94,7 +98,21 @@ def _tables(metadata: MetaData) -> dict[str, Table]:
             Column("reserved_at", String(40), nullable=False),
             Column("resolved_at", String(40)),
             Column("release_reason", Text),
+            # what spent it: train (DP-SGD), evaluate (a Gaussian score-histogram release), non-private (a round
+            # of a study with privacy mode none: no epsilon, kept so the ledger says it happened)
+            Column("purpose", String(16), nullable=False, server_default="train"),
             UniqueConstraint("study_hash", "round_key", "attempt", name="uq_gov_ledger_round_attempt"),
+        ),
+        "disclosures": Table(
+            "gov_disclosures",
+            metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("lineage", String(128), nullable=False, index=True),  # the study id at this site
+            Column("study_hash", String(128), nullable=False),
+            Column("part", String(32), nullable=False),  # train | validation | test
+            Column("release_key", String(200), nullable=False),
+            Column("counts", Text, nullable=False),  # JSON: {"cell+cell": count} of what left, by cells summed
+            Column("released_at", String(40), nullable=False),
         ),
         "audit": Table(
             "gov_audit_log",
@@ -173,10 +191,20 @@ class GovernanceStore:
                     if self.schema and self.engine.dialect.name == "postgresql":
                         connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
                     self.metadata.create_all(connection, checkfirst=True)
+                    self._add_missing_columns(connection)
                 return
             except (IntegrityError, ProgrammingError):
                 if attempt == attempts - 1:
                     raise
+
+    def _add_missing_columns(self, connection: Connection) -> None:
+        inspector = inspect(connection)
+        for key, column, ddl in ADDED_COLUMNS:
+            table = self.tables[key]
+            present = {c["name"] for c in inspector.get_columns(table.name, schema=self.schema)}
+            if column not in present:
+                name = f'"{self.schema}"."{table.name}"' if self.schema else f'"{table.name}"'
+                connection.execute(text(f'ALTER TABLE {name} ADD COLUMN "{column}" {ddl}'))
 
     def _ensure_lock_rows(self) -> None:
         locks = self.tables["locks"]

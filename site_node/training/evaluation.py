@@ -1,19 +1,30 @@
-"""Evaluate a risk model on a site's own data: log loss, AUROC, Brier score, counts.
+"""Evaluate a risk model on a site's own data: exact metrics (kept at the site, or released under the cell
+floor) and the per-class risk-stratum histograms a differentially private evaluation release is made of.
 
 AUROC is computed from rank statistics (Mann-Whitney U with average ranks for tied scores) in numpy, so
-a site node needs no scikit-learn at run time. These metrics are computed on patient data without noise;
-`min_cell_count` withholds every outcome-dependent value when either class is smaller than the site's
-small-cell threshold, because with, say, two deaths the AUROC and the loss describe those two patients.
+a site node needs no scikit-learn at run time. The exact metrics are computed on patient data without
+noise; `min_cell_count` withholds every outcome-dependent value when either class is smaller than the
+site's small-cell threshold, because with, say, two deaths the AUROC and the loss describe those two
+patients. What may actually leave is decided for the release as a whole (site_node.evaluation_release).
+
+The noise of a DP release comes from the operating system's entropy (`random.SystemRandom`), never from
+a seeded generator: anyone who could replay the noise could subtract it.
 """
 
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from federation.study.spec import EvaluationSpec
+from federation.study.strata import stratum_count, stratum_of
+
+_ENTROPY = random.SystemRandom()
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -32,6 +43,47 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
+def model_logits(model: nn.Module, features: np.ndarray) -> np.ndarray:
+    """The model's score (a logit) for each row; the model's train/eval mode is left as it was."""
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    if x.ndim != 2:
+        raise ValueError(f"scoring needs (n, d) features; got {tuple(x.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x).squeeze(-1).numpy().astype(np.float64)
+    finally:
+        model.train(was_training)
+
+
+def score_histograms(
+    logits: np.ndarray, labels: np.ndarray, evaluation: EvaluationSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per risk stratum of the study, how many patients with the outcome and how many without it."""
+    y = np.asarray(labels).astype(bool)
+    strata = stratum_of(logits, evaluation)
+    bins = stratum_count(evaluation)
+    return np.bincount(strata[y], minlength=bins), np.bincount(strata[~y], minlength=bins)
+
+
+def gaussian_noise(count: int, sd: float) -> np.ndarray:
+    """`count` draws of N(0, sd^2) from the operating system's entropy."""
+    return np.array([_ENTROPY.gauss(0.0, sd) for _ in range(count)], dtype=np.float64)
+
+
+def confusion(logits: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, int]:
+    """True/false positives/negatives when a risk at or above `threshold` counts as positive."""
+    y = np.asarray(labels).astype(bool)
+    flagged = np.asarray(logits, dtype=np.float64) >= math.log(threshold / (1 - threshold))
+    return {
+        "tp": int((flagged & y).sum()),
+        "fn": int((~flagged & y).sum()),
+        "fp": int((flagged & ~y).sum()),
+        "tn": int((~flagged & ~y).sum()),
+    }
+
+
 def evaluate(
     model: nn.Module, features: np.ndarray, labels: np.ndarray, min_cell_count: int | None = None
 ) -> dict[str, float | int | None]:
@@ -40,17 +92,12 @@ def evaluate(
     With `min_cell_count`, a count below it is None, and so are loss, AUROC and Brier score whenever
     positives or negatives number fewer than it. The model's train/eval mode is left as it was.
     """
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     y = np.asarray(labels, dtype=np.float32)
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
-        raise ValueError(f"evaluation needs (n, d) features and (n,) labels with n > 0; got {x.shape}, {y.shape}")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(x).squeeze(-1)
-    finally:
-        model.train(was_training)
+    if np.ndim(features) != 2 or y.ndim != 1 or len(features) != len(y) or len(y) == 0:
+        raise ValueError(
+            f"evaluation needs (n, d) features and (n,) labels with n > 0; got {np.shape(features)}, {y.shape}"
+        )
+    logits = torch.from_numpy(model_logits(model, features).astype(np.float32))
     target = torch.from_numpy(y)
     probabilities = torch.sigmoid(logits)
     n, n_pos = len(y), int(y.sum())

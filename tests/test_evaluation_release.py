@@ -1,0 +1,226 @@
+"""What leaves a site for evaluation: DP score histograms accounted in the ledger, or exact aggregates checked
+as a whole against the cell-count floor (complements and differences across rounds included), and the
+non-private mode only where the policy says so. Attacks first: each test reproduces a leak the product
+had, and shows it closed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from federation.evaluation import pool_evaluations
+from federation.protocol import EvaluationRelease, RefusalCode, ReleaseMode, SiteStatus
+from federation.study import study_hash
+from site_node.cohort.dataset import StudyDataset
+from site_node.config import load_site_config
+from site_node.evaluation_release import dp_release, exact_release
+from site_node.governance import Governance, SitePolicy
+from site_node.governance.ledger import EVALUATE, TRAIN
+from site_node.participation import SiteNode
+from tests.site_helpers import fresh_site, initial_state, instruction, study
+
+FLOOR = 10
+
+
+def _identity() -> nn.Module:
+    """A 'model' whose logit is its one feature, so a test chooses every patient's score."""
+    model = nn.Sequential(nn.Linear(1, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    return model
+
+
+def _dataset(logits: np.ndarray, labels: np.ndarray, first_id: int = 1) -> StudyDataset:
+    n = len(labels)
+    return StudyDataset(
+        person_ids=np.arange(first_id, first_id + n, dtype=np.int64),
+        features=np.asarray(logits, dtype=np.float32)[:, None],
+        feature_names=["score"],
+        labels=np.asarray(labels, dtype=np.float32),
+        event_days=None,
+        series=None,
+        series_names=[],
+        split=np.full(n, "test", dtype="<U10"),
+        cohort_size=n,
+        excluded_by_consent=0,
+        snapshot_hash="0" * 64,
+    )
+
+
+@pytest.fixture
+def governance(backend):
+    url, schema = backend
+    gov = Governance(url, SitePolicy(min_cell_count=FLOOR), schema=schema)
+    yield gov
+    gov.close()
+
+
+def _exact(governance: Governance, data: StudyDataset, key: str) -> EvaluationRelease:
+    spec = study()
+    return exact_release(
+        _identity(),
+        data,
+        spec,
+        "test",
+        floor=FLOOR,
+        register=governance.disclosures,
+        study_hash=study_hash(spec),
+        release_key=key,
+    )
+
+
+def test_subtraction_attack_19_examples_13_positives_releases_the_count_only(governance):
+    # 19 examples and 13 positives would say 6 patients without the outcome: below the floor of 10.
+    labels = np.r_[np.ones(13), np.zeros(6)]
+    release = _exact(governance, _dataset(np.linspace(-2, 2, 19), labels), "run:1:test")
+    assert release.mode == ReleaseMode.EXACT and release.examples == 19
+    assert release.with_outcome is None and release.auroc is None and release.loss is None
+    assert release.true_positives is None and "auroc" in release.withheld
+    assert "fewer than 10 patients with or without the outcome" in release.withheld_reason
+
+
+def test_a_single_negative_patient_is_never_described(governance):
+    labels = np.r_[np.ones(40), np.zeros(1)]
+    release = _exact(governance, _dataset(np.linspace(-2, 2, 41), labels), "run:1:test")
+    assert release.examples == 41 and release.auroc is None and release.brier is None
+    assert release.true_negatives is None and release.false_positives is None
+
+
+def test_a_test_cohort_of_four_releases_nothing_and_the_pooled_card_says_withheld(governance):
+    release = _exact(governance, _dataset(np.array([-1.0, 0.5, 1.0, 2.0]), np.array([0, 1, 0, 1])), "run:1:test")
+    assert release.mode == ReleaseMode.WITHHELD and release.examples is None
+    pooled = pool_evaluations([("tiny", release)], study().evaluation)
+    assert pooled.auroc.value is None and pooled.auroc.text() == "withheld (cell floor)"
+
+
+def test_a_difference_across_rounds_of_the_same_cohort_is_withheld(governance):
+    # 35 true positives, 15 false negatives, 15 false positives, 35 true negatives: every cell >= 10.
+    labels = np.r_[np.ones(50), np.zeros(50)]
+    logits = np.r_[np.full(35, 1.0), np.full(15, -1.0), np.full(15, 1.0), np.full(35, -1.0)]
+    first = _exact(governance, _dataset(logits, labels), "run:1:test")
+    assert first.true_positives is not None and first.auroc is not None, "a healthy release goes out whole"
+    # Round 2: one patient withdrew. Every count would differ from round 1 by one: that patient's outcome.
+    second = _exact(governance, _dataset(logits[1:], labels[1:], first_id=2), "run:2:test")
+    assert second.mode == ReleaseMode.WITHHELD and second.examples is None and second.auroc is None
+    assert "differs from the release 'run:1:test'" in second.withheld_reason
+    # The same round asked again (a resumed coordinator) differs by nothing and passes.
+    again = _exact(governance, _dataset(logits, labels), "run:1:test")
+    assert again.true_positives == first.true_positives
+    # Ten more withdrawals later the cohort differs by at least the floor from every earlier release.
+    later = _exact(governance, _dataset(logits[10:], labels[10:], first_id=11), "run:3:test")
+    assert later.examples == 90 and later.auroc is not None and later.true_positives == 25
+
+
+def test_confusion_cells_under_the_floor_are_withheld_while_the_classes_go_out(governance):
+    # 30 positives and 30 negatives, but only 3 negatives score above the threshold: a small cell.
+    labels = np.r_[np.ones(30), np.zeros(30)]
+    logits = np.r_[np.full(30, 1.0), np.full(3, 1.0), np.full(27, -1.0)]
+    release = _exact(governance, _dataset(logits, labels), "run:1:test")
+    assert release.examples == 60 and release.with_outcome == 30 and release.auroc is not None
+    assert release.false_positives is None and "confusion counts" in release.withheld
+    assert "fewer than 10 false positives" in release.withheld_reason
+
+
+def test_dp_histograms_pool_to_the_consortium_auroc_with_an_interval_that_covers_it():
+    spec = study()
+    rng = np.random.default_rng(7)
+    releases, logits, labels = [], [], []
+    for site in range(3):
+        y = rng.random(1200) < 0.12
+        score = np.where(y, rng.normal(-1.0, 1.0, 1200), rng.normal(-2.8, 1.0, 1200))
+        releases.append((f"site-{site}", dp_release(_identity(), _dataset(score, y), spec, "test", noise_sd=4.0)))
+        logits.append(score)
+        labels.append(y)
+    exact = roc_auc_score(np.concatenate(labels), np.concatenate(logits))
+    pooled = pool_evaluations(releases, spec.evaluation)
+    assert pooled.auroc.low <= exact <= pooled.auroc.high
+    assert abs(pooled.auroc.value - exact) < 0.05
+    assert pooled.patients.value == pytest.approx(3600, abs=150)
+    sensitivity = np.mean(np.concatenate(logits)[np.concatenate(labels)] >= 0)  # threshold 0.5 = logit 0
+    assert pooled.sensitivity.low <= sensitivity + 0.02 and pooled.sensitivity.high >= sensitivity - 0.02
+    # The noise is real: two releases of the same data differ.
+    again = dp_release(_identity(), _dataset(logits[0], labels[0]), spec, "test", noise_sd=4.0)
+    assert again.positives != releases[0][1].positives
+
+
+@pytest.fixture
+def node(prepared_site: Path, tmp_path: Path):
+    def make(**policy) -> SiteNode:
+        return SiteNode(load_site_config(fresh_site(prepared_site, tmp_path / "site", **policy)))
+
+    return make
+
+
+def test_dp_evaluation_is_accounted_in_the_ledger_and_composed_with_training(node):
+    site = node()
+    spec = study(training={"rounds": 2})
+    digest = study_hash(spec)
+    site.governance.approvals.approve(digest, spec.study.id, "test steward")
+    trained = site.train(instruction(spec), initial_state(spec, site.feature_count(spec)))
+    assert trained.answer.status == SiteStatus.TRAINED, trained.answer.reason
+    evaluated = site.evaluate(instruction(spec), trained.state_dict)
+    assert evaluated.answer.status == SiteStatus.EVALUATED, evaluated.answer.reason
+    release = evaluated.evaluation
+    assert release.mode == ReleaseMode.DP and len(release.positives) == len(spec.evaluation.score_edges) + 1
+    assert release.noise_sd > 1 and 0 < release.epsilon <= spec.evaluation.epsilon * 1.001
+    spent = site.governance.ledger.spent_by_purpose(digest)
+    assert spent[EVALUATE] == pytest.approx(release.epsilon)
+    assert spent[TRAIN] < spent["total"] < spent[TRAIN] + spent[EVALUATE], "composed, tighter than the sum"
+    assert evaluated.answer.epsilon_spent == pytest.approx(spent["total"])
+    assert evaluated.answer.epsilon_evaluation == pytest.approx(spent[EVALUATE])
+    rows = site.governance.ledger.reservations(digest)
+    assert [r.purpose for r in rows] == [TRAIN, EVALUATE] and rows[1].event.sample_rate == 1.0
+    entry = site.governance.audit.entries()[-1]
+    assert entry.kind == "evaluated" and entry.payload["left_the_site"]["evaluation"]["mode"] == "dp"
+    # A resumed coordinator asks again: the same release, nothing spent twice.
+    again = site.evaluate(instruction(spec), trained.state_dict)
+    assert again.evaluation == release and len(site.governance.ledger.reservations(digest)) == 2
+    assert site.governance.audit.entries()[-1].kind == "evaluation-resent"
+    summary = site.governance.ledger.summary()[0]
+    assert summary.evaluation_releases == 1 and summary.evaluation_epsilon == pytest.approx(release.epsilon)
+
+
+def test_the_evaluation_budget_refuses_releases_beyond_the_plan(node):
+    site = node()
+    spec = study(training={"rounds": 2}, evaluation={"epsilon": 0.5})
+    digest = study_hash(spec)
+    site.governance.approvals.approve(digest, spec.study.id, "test steward")
+    state = initial_state(spec, site.feature_count(spec))
+    first = site.evaluate(instruction(spec, server_round=1), state)
+    assert first.answer.status == SiteStatus.EVALUATED, first.answer.reason
+    # The study planned one test release; a coordinator asking for more is refused by the budget.
+    second = site.evaluate(instruction(spec, server_round=2), state)
+    assert second.answer.code == RefusalCode.BUDGET and "evaluation releases" in second.answer.reason
+
+
+def test_a_non_private_study_is_refused_by_default_and_labelled_when_allowed(node):
+    spec = study(training={"rounds": 2}, privacy={"mode": "none", "target_epsilon": None})
+    digest = study_hash(spec)
+    site = node()
+    assert any("not differentially private" in p for p in site.policy_conflicts(spec))
+    site.governance.approvals.approve(digest, spec.study.id, "test steward")
+    refused = site.train(instruction(spec), initial_state(spec, site.feature_count(spec)))
+    assert refused.answer.code == RefusalCode.NOT_PRIVATE and "allow_non_private" in refused.answer.reason
+
+    open_site = SiteNode(
+        load_site_config(
+            fresh_site(site.config.base_dir, site.config.base_dir.parent / "open", require_dp=False,
+                       allow_non_private=True)
+        )
+    )  # fmt: skip
+    assert open_site.policy_conflicts(spec) == []
+    open_site.governance.approvals.approve(digest, spec.study.id, "test steward")
+    trained = open_site.train(instruction(spec), initial_state(spec, open_site.feature_count(spec)))
+    assert trained.answer.status == SiteStatus.TRAINED and not trained.answer.differentially_private
+    assert trained.answer.epsilon_spent is None
+    evaluated = open_site.evaluate(instruction(spec), trained.state_dict)
+    assert evaluated.evaluation.mode in (ReleaseMode.EXACT, ReleaseMode.WITHHELD)
+    budget = open_site.governance.ledger.summary()[0]
+    assert budget.non_private_rounds == 1 and budget.total_epsilon == 0
+    assert open_site.governance.ledger.site_spent() == 0, "a non-private round never enters an epsilon figure"

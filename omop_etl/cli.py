@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from omop_etl.dq_cli import dq
+from omop_etl.omop_cli import omop_app
 from omop_etl.vocab_cli import vocab_app
 
 console = Console()
@@ -28,6 +29,7 @@ def register(app: typer.Typer) -> None:
     app.command("quarantine", rich_help_panel="Data")(quarantine)
     app.command("dq", rich_help_panel="Data")(dq)
     app.add_typer(vocab_app, name="vocab", rich_help_panel="Data")
+    app.add_typer(omop_app, name="omop", rich_help_panel="Data")
 
 
 def synth(
@@ -352,6 +354,12 @@ def print_etl_report(result) -> None:
         console.print(f"Quarantined by rule: {rules}  (see: twinfed quarantine --db ...)")
     if result.excluded_by_reason:
         console.print("Excluded: " + ", ".join(f"{why} ({n:,})" for why, n in result.excluded_by_reason.items()))
+    if result.site_mapped_events:
+        top = ", ".join(f"{escape_markup(c.code)} ({c.count:,})" for c in result.site_mapped_codes[:8])
+        console.print(
+            f"Mapped by the site's source_to_concept_map (twinfed vocab map): {result.site_mapped_events:,} events; "
+            f"{top}"
+        )
     if result.unmapped_codes:
         top = ", ".join(f"{c.code} ({c.count:,})" for c in result.unmapped_codes[:8])
         console.print(f"Codes without a standard concept (loaded with concept_id 0): {top}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
@@ -70,6 +71,22 @@ def open_engine(url: str, *, connect_timeout: int = 5, bulk_load: bool = False) 
     return engine
 
 
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file a sqlite:/// URL names when it does not exist (connecting would create it empty), else None.
+
+    Checks and read-only commands call this first, so that a mistyped path is reported instead of leaving
+    a new empty database behind.
+    """
+    try:
+        parsed = make_url(normalise_url(url))
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    path = Path(parsed.database).expanduser()
+    return None if path.exists() else path
+
+
 @dataclass
 class DatabaseCheck:
     """The result of a connectivity and permission check."""
@@ -105,6 +122,7 @@ def check_database(url: str) -> DatabaseCheck:
             try:
                 scratch.create(connection)
                 can_create = True
+                scratch.drop(connection)  # SQLite runs DDL outside the transaction: the rollback alone would keep it
             except SQLAlchemyError:
                 can_create = False
             finally:

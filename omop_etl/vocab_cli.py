@@ -1,4 +1,5 @@
-"""`twinfed vocab ...`: load the site's OMOP vocabulary (an Athena download) and see which one is loaded.
+"""`twinfed vocab ...`: load the site's OMOP vocabulary (an Athena download), see which one is loaded, and
+load the hospital's own code mappings into source_to_concept_map (`vocab map`).
 
 Heavy imports happen inside the commands, so `twinfed --help` stays instant.
 """
@@ -16,8 +17,9 @@ from rich.table import Table
 console = Console()
 
 vocab_app = typer.Typer(
-    help="Load the OMOP Standardized Vocabularies (an Athena download) into the site's OMOP database, and "
-    "check which vocabulary release is loaded. Every hospital of a consortium should load the same release.",
+    help="Load the OMOP Standardized Vocabularies (an Athena download) into the site's OMOP database, check "
+    "which vocabulary release is loaded, and load the hospital's own code mappings (Usagi's "
+    "source_to_concept_map export). Every hospital of a consortium should load the same release.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -226,5 +228,101 @@ def status(db: DbOption, schema: SchemaOption = None) -> None:
         console.print("[yellow]The concept table is empty; load a vocabulary with `twinfed vocab load`.[/yellow]")
 
 
+def map_codes(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="The CSV Usagi writes with File > Export source_to_concept_map (or a file with the same columns).",
+            show_default=False,
+        ),
+    ],
+    db: DbOption,
+    schema: SchemaOption = None,
+    system: Annotated[
+        str | None,
+        typer.Option(
+            "--system",
+            help="The FHIR Coding.system URI these local codes arrive with, e.g. "
+            "http://hospital.example.org/fhir/CodeSystem/lab. Registered for the vocabulary id, so the ETL maps "
+            "codes of that system through these rows.",
+        ),
+    ] = None,
+    vocabulary_id: Annotated[
+        str | None,
+        typer.Option(
+            "--vocabulary-id",
+            help="The source_vocabulary_id of the local codes (at most 20 characters, e.g. ASTER-LAB): fills empty "
+            "source_vocabulary_id cells, and rows naming another id are rejected. Needed with --system when the "
+            "file holds several vocabularies.",
+        ),
+    ] = None,
+) -> None:
+    """Load the hospital's own code mappings (local code -> standard concept) into source_to_concept_map.
+
+    The file has the OMOP columns source_code, source_concept_id, source_vocabulary_id,
+    source_code_description, target_concept_id, target_vocabulary_id, valid_start_date, valid_end_date and
+    invalid_reason, as Usagi's "Export source_to_concept_map" writes them (only source_code,
+    source_vocabulary_id and target_concept_id are required).
+
+    Every row is checked: the fields the CDM requires, dates (YYYY-MM-DD, start before end), and, when the
+    database holds the target's vocabulary, that the target concept exists, is standard and is valid. A bad
+    row is listed with the file, the line and the rule it broke; the good rows still load, in one
+    transaction. Loading the file again replaces the earlier rows of its codes, never duplicates them.
+
+    FHIR codes of a system twinfed does not know (your lab's own code system) are mapped through these rows
+    once you name the system: --system URI --vocabulary-id ID records it in the vocabulary table
+    (vocabulary_reference). A system of at most 20 characters also works without registration when it is
+    the source_vocabulary_id itself. The next `twinfed etl` counts the events it mapped this way. Exit
+    status 1 when rows were rejected, 2 when nothing could be loaded.
+    """
+    from omop_etl.database import DatabaseUnavailable
+    from omop_etl.vocabulary.source_map import SourceMapError, load_source_to_concept_map
+
+    try:
+        report = load_source_to_concept_map(db, file, schema, vocabulary_id=vocabulary_id, system=system)
+    except (SourceMapError, DatabaseUnavailable) as exc:
+        raise _fail(f"Mappings not loaded. {exc}") from None
+    replaced = f", replacing {report.replaced:,} loaded earlier" if report.replaced else ""
+    console.print(
+        f"{escape(file.name)}: {report.rows_read:,} rows read, [bold]{report.loaded:,} loaded[/bold]{replaced}, "
+        f"{len(report.rejected):,} rejected ({escape(report.database)})."
+    )
+    if report.created_tables:
+        console.print(f"Created the table(s) {', '.join(report.created_tables)}.")
+    if report.by_vocabulary:
+        table = Table(title="Loaded per source vocabulary")
+        table.add_column("source_vocabulary_id")
+        table.add_column("rows", justify="right")
+        for name, rows in sorted(report.by_vocabulary.items()):
+            table.add_row(escape(name), f"{rows:,}")
+        console.print(table)
+    if report.registered_system:
+        console.print(
+            f"FHIR codes of {escape(report.registered_system)} are now mapped as vocabulary "
+            f"{escape(report.registered_vocabulary_id or '')} (recorded in the vocabulary table)."
+        )
+    if report.to_no_concept:
+        console.print(
+            f"{report.to_no_concept:,} row(s) map to concept 0 (no standard concept): those codes stay unmapped."
+        )
+    if report.unchecked_targets:
+        console.print(
+            f"[yellow]{report.unchecked_targets:,} target concept(s) are of vocabularies this database holds no "
+            "concepts of, so they could not be checked; load the Athena vocabulary to check them.[/yellow]"
+        )
+    if report.several_targets:
+        console.print(
+            f"{report.several_targets:,} source code(s) map to more than one concept; the ETL uses the lowest "
+            "concept id of each."
+        )
+    for rejected in report.rejected[:50]:
+        Console(stderr=True, soft_wrap=True).print(rejected.message, markup=False, highlight=False)
+    if len(report.rejected) > 50:
+        Console(stderr=True).print(f"... and {len(report.rejected) - 50:,} more rejected rows.", markup=False)
+    if report.rejected:
+        raise typer.Exit(1)
+
+
 vocab_app.command("load")(load)
 vocab_app.command("status")(status)
+vocab_app.command("map")(map_codes)

@@ -471,6 +471,8 @@ def _report(run_id, settings, options, totals, reasons, rows_by_table, ctx, unco
         excluded_by_reason=dict(reasons["excluded"].most_common()),
         rows_by_table=dict(sorted(rows_by_table.items())),
         unmapped_codes=[CodeCount(system=s, code=c, count=n) for (s, c), n in top],
+        site_mapped_codes=[CodeCount(system=s, code=c, count=n) for (s, c), n in ctx.codes.site_mapped.most_common(25)],
+        site_mapped_events=sum(ctx.codes.site_mapped.values()),
         unconverted_units=[UnitCount(code=c, unit=u, count=n) for (c, u), n in unconverted.most_common(25)],
         unlinked_visit_references=unlinked,
         files=outcomes,

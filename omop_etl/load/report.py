@@ -58,6 +58,13 @@ class EtlReport(BaseModel):
     excluded_by_reason: dict[str, int]
     rows_by_table: dict[str, int]
     unmapped_codes: list[CodeCount]
+    site_mapped_codes: list[CodeCount] = Field(
+        default_factory=list,
+        description="the most frequent codes mapped by the site's source_to_concept_map (`twinfed vocab map`)",
+    )
+    site_mapped_events: int = Field(
+        0, description="clinical events whose concept came from the site's source_to_concept_map"
+    )
     unconverted_units: list[UnitCount]
     unlinked_visit_references: int
     files: list[FileOutcome]

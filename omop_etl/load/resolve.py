@@ -472,6 +472,8 @@ class BatchResolver:
             concept = resolved[(d.code[0], d.code[1])]
             if not concept.concept_id:
                 ctx.codes.count_unmapped(d.code[0], d.code[1])
+            elif concept.by_site_map:
+                ctx.codes.count_site_mapped(d.code[0], d.code[1])
             table = R.target_table(d, concept)
             provider = self.reference("Practitioner", d.practitioner_ref)
             args = (d, concept, person.person_id, visit_id, provider)
@@ -573,6 +575,7 @@ class ResolvedEvents:
     unlinked_visits: int
     unconverted_units: Counter
     unmapped: Counter
+    site_mapped: Counter = field(default_factory=Counter)  # codes mapped by source_to_concept_map
 
 
 EVENT_DRAFTS = (EventDraft,)
@@ -587,6 +590,7 @@ def resolve_events(ctx: RunContext, connection: Connection, extracted: Extracted
     if any(not isinstance(d, EVENT_DRAFTS) for d in extracted.drafts):
         return None
     before = Counter(ctx.codes.unmapped)
+    before_site = Counter(ctx.codes.site_mapped)
     resolver = BatchResolver(ctx, connection, extracted, defer_event_ids=True)
     for index, patient in enumerate(extracted.patients):
         if patient and resolver.status[index] == PENDING:
@@ -612,6 +616,7 @@ def resolve_events(ctx: RunContext, connection: Connection, extracted: Extracted
         extracted=extracted, status=resolver.status, rule=resolver.rule, detail=resolver.detail, planned=planned,
         columns=columns, unlinked_visits=resolver.out.unlinked_visits,
         unconverted_units=resolver.out.unconverted_units, unmapped=ctx.codes.unmapped - before,
+        site_mapped=ctx.codes.site_mapped - before_site,
     )  # fmt: skip
 
 
@@ -654,5 +659,6 @@ def finalize_events(ctx: RunContext, connection: Connection, resolved: ResolvedE
     out.unlinked_visits = resolved.unlinked_visits
     out.unconverted_units = resolved.unconverted_units
     ctx.codes.unmapped.update(resolved.unmapped)
+    ctx.codes.site_mapped.update(resolved.site_mapped)
     resolver._count()
     return out

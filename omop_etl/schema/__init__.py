@@ -70,7 +70,8 @@ def field_specs() -> tuple[FieldSpec, ...]:
     return tuple(
         FieldSpec(
             table=row["table"],
-            field=row["field"],
+            # The spec quotes the reserved word "offset" (note_nlp) for its SQL templates; the column is offset.
+            field=row["field"].strip('"'),
             required=row["required"] == "Yes",
             datatype=row["datatype"],
             primary_key=row["primary_key"] == "Yes",

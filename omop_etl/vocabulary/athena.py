@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Column, Date, Integer, Numeric, String, Table, delete, text
-from sqlalchemy.engine import Engine
+from sqlalchemy import Column, Date, Integer, Numeric, String, Table, delete, insert, select, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from omop_etl.bulk import insert_rows, qualified_name
@@ -335,20 +335,33 @@ def _database_reason(exc: BaseException) -> str:
 
 
 def _load_table(
-    engine: Engine, table: Table, path: Path, notes: list[str], on_bytes: Callable[[int], None], chunk_rows: int
+    engine: Engine,
+    table: Table,
+    path: Path,
+    notes: list[str],
+    on_bytes: Callable[[int], None],
+    chunk_rows: int,
+    keep: Callable[[Connection], Callable[[Connection], None]] | None = None,
 ) -> int:
-    """Replace the rows of `table` with the rows of `path` in one transaction; returns rows written."""
+    """Replace the rows of `table` with the rows of `path` in one transaction; returns rows written.
+
+    `keep`, if given, runs before the rows are deleted and returns what to run after the file's rows are in,
+    in the same transaction (how the site's own vocabulary rows survive a reload).
+    """
     dbapi_error = engine.dialect.loaded_dbapi.Error
     source = _AthenaFile(path, table, notes)
     written = 0
     lines = "its first lines"
     try:
         with engine.begin() as connection:
+            restore = keep(connection) if keep is not None else None
             connection.execute(delete(table))
             for first, last, chunk in source.chunks(chunk_rows):
                 lines = f"lines {first}-{last}"
                 written += insert_rows(connection, table, chunk, source.columns, plain=True)
                 on_bytes(source.position())
+            if restore is not None:
+                restore(connection)
             if written == 0 and table.name == "concept":
                 raise VocabularyLoadError(
                     f"{path} holds no concepts, only a header. The concept table was left as it was: the download "
@@ -366,6 +379,39 @@ def _load_table(
         with engine.begin() as connection:
             connection.execute(text(f"ANALYZE {qualified_name(table, 'postgresql')}"))
     return written
+
+
+def _keep_local_vocabularies(metadata, notes: list[str]) -> Callable[[Connection], Callable[[Connection], None]]:
+    """The site's own vocabulary rows (`twinfed vocab map --system`) survive replacing the vocabulary table.
+
+    They say which FHIR system a local vocabulary's codes arrive with; Athena's VOCABULARY.csv cannot know
+    them. A row of the same id in the download wins (and is noted).
+    """
+    from omop_etl.vocabulary.source_map import LOCAL_VOCABULARY_VERSION
+
+    vocabulary = cdm_table(metadata, "vocabulary")
+
+    def save(connection: Connection) -> Callable[[Connection], None]:
+        kept = [dict(row._mapping) for row in connection.execute(
+            select(vocabulary).where(vocabulary.c.vocabulary_version == LOCAL_VOCABULARY_VERSION))]  # fmt: skip
+
+        def restore(connection: Connection) -> None:
+            if not kept:
+                return
+            now = set(connection.execute(select(vocabulary.c.vocabulary_id)).scalars())
+            missing = [row for row in kept if row["vocabulary_id"] not in now]
+            clashing = sorted(row["vocabulary_id"] for row in kept if row["vocabulary_id"] in now)
+            if missing:
+                connection.execute(insert(vocabulary), missing)
+            if clashing:
+                notes.append(
+                    "The download has its own VOCABULARY row for the site-local vocabulary id(s) "
+                    f"{', '.join(clashing)}; register the FHIR system again with `twinfed vocab map --system`."
+                )
+
+        return restore
+
+    return save
 
 
 def load_athena(
@@ -414,8 +460,9 @@ def load_athena(
             if on_progress is not None:
                 on_progress(offset + position, total)
 
+        keep = _keep_local_vocabularies(metadata, result.notes) if table_name == "vocabulary" else None
         result.rows[table_name] = _load_table(
-            engine, cdm_table(metadata, table_name), path, result.notes, on_bytes, chunk_rows
+            engine, cdm_table(metadata, table_name), path, result.notes, on_bytes, chunk_rows, keep
         )
         result.table_seconds[table_name] = time.perf_counter() - table_began
         done += path.stat().st_size

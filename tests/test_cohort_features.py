@@ -40,14 +40,17 @@ from federation.study.spec import (
     CategoricalCovariate,
     CohortSpec,
     CovariateSpec,
+    EvaluationSpec,
     IndexEvent,
     OccurrenceCovariate,
     OnePerPerson,
     OutcomeKind,
     OutcomeSpec,
     PrivacySpec,
+    RandomSplit,
     StudyInfo,
     StudySpec,
+    TemporalSplit,
     TimeSeriesCovariate,
     ValueCovariate,
     Window,
@@ -56,7 +59,7 @@ from omop_etl.database import open_engine
 from omop_etl.load.state import etl_metadata
 from omop_etl.schema import create_cdm
 from site_node.cohort import CohortError, StudyDataset, build_dataset, feature_names, series_names
-from site_node.cohort.keyed_hash import assign_split
+from site_node.cohort.keyed_hash import keyed_split
 
 HEART_RATE, HEART_FAILURE, HF_DESCENDANT, DIABETES = 3027018, 316139, 444031, 201826
 SMOKING, NEVER, FORMER, UNLISTED = 43054909, 45879404, 45883458, 45884037
@@ -545,15 +548,78 @@ def test_split_is_deterministic_and_subsets_carry_their_own_hash(hand_made):
     ds, again = build(hand_made), build(hand_made)
     np.testing.assert_array_equal(ds.split, again.split)
     assert ds.snapshot_hash == again.snapshot_hash and len(ds.snapshot_hash) == 64
-    np.testing.assert_array_equal(ds.split, assign_split(ds.person_ids, KEY))
+    # the example study's default split: 80/20 by the keyed hash, no validation part cut
+    np.testing.assert_array_equal(ds.split, keyed_split(ds.person_ids, KEY, (0.8, 0.0, 0.2)))
+    assert "validation" not in set(ds.split)
     for part in ("train", "validation", "test"):
         sub = ds.subset(part)
         assert (sub.split == part).all() and len(sub) == int((ds.split == part).sum())
         assert sub.feature_names == ds.feature_names and sub.cohort_size == ds.cohort_size
+        assert sub.attrition == ds.attrition  # the whole cohort's table, in every part
         if len(sub) < len(ds):
             assert sub.snapshot_hash != ds.snapshot_hash
+    uncut = ds.subset("validation")
+    assert len(uncut) == 0 and uncut.features.shape == (0, len(FEATURES)) and uncut.series.shape[0] == 0
     with pytest.raises(ValueError, match="not a split part"):
         ds.subset("holdout")
+
+
+def test_a_temporal_split_cuts_at_the_index_dates(hand_made):
+    """Index dates: 2 on 2024-01-10, 8 on 02-20, 1 on 03-01 08:00, 6 on 05-01 12:00, 10 on 07-01 00:00."""
+    spec = study().model_copy(
+        update={
+            "evaluation": EvaluationSpec(
+                split=TemporalSplit(validation_from=date(2024, 3, 1), test_from=date(2024, 5, 1))
+            )
+        }
+    )
+    ds = build(hand_made, spec)
+    parts = dict(zip(ds.person_ids.tolist(), ds.split.tolist(), strict=True))
+    # a visit starting on the cut-off day belongs to the later part, whatever its time of day
+    assert parts == {2: "train", 8: "train", 1: "validation", 6: "test", 10: "test"}
+    assert [(p.part, p.persons) for p in ds.attrition.parts] == [("train", 2), ("validation", 1), ("test", 2)]
+    # without validation_from, everything before test_from trains
+    up_to_july = EvaluationSpec(split=TemporalSplit(test_from=date(2024, 7, 1)))
+    two_parts = build(hand_made, spec.model_copy(update={"evaluation": up_to_july}))
+    assert dict(zip(two_parts.person_ids.tolist(), two_parts.split.tolist(), strict=True)) == {
+        2: "train", 8: "train", 1: "train", 6: "train", 10: "test",
+    }  # fmt: skip
+    assert [p.part for p in two_parts.attrition.parts] == ["train", "test"]
+
+
+def test_a_temporal_split_after_the_sites_data_leaves_an_empty_test_part(hand_made):
+    later = EvaluationSpec(split=TemporalSplit(test_from=date(2030, 1, 1)))
+    ds = build(hand_made, study().model_copy(update={"evaluation": later}))
+    assert set(ds.split) == {"train"} and len(ds) == 5
+    test = ds.subset("test")
+    assert len(test) == 0 and test.labels.shape == (0,) and test.attrition == ds.attrition
+    assert [(p.part, p.persons) for p in ds.attrition.parts] == [("train", 5), ("test", 0)]
+
+
+def test_the_attrition_counts_each_criterion_in_order(hand_made):
+    ds = build(hand_made)
+    rows = [(s.name, s.persons, s.examples, s.removed_persons, s.removed_examples) for s in ds.attrition.steps]
+    assert rows == [
+        ("cohort-visits", 10, 12, None, None),  # persons 1-10; 2 and 8 have two inpatient stays each
+        ("visit-ended", 10, 12, 0, 0),
+        ("age", 9, 11, 1, 1),  # 3 is 13
+        ("visit-length", 8, 10, 1, 1),  # 4 stayed 20 h
+        ("alive-at-prediction", 7, 9, 1, 1),  # 5 died 23 h after admission
+        ("one-per-person", 7, 7, 0, 2),
+        ("consent", 5, 5, 2, 2),  # 7 denied, 9 withdrew at the site
+    ]
+    assert ds.attrition.persons == len(ds) and sum(p.persons for p in ds.attrition.parts) == len(ds)
+    assert [p.part for p in ds.attrition.parts] == ["train", "test"]  # the default split cuts no validation
+    assert ds.attrition.step("age").criterion == "aged 18 to 90 at the index"
+    assert ds.attrition.step("visit-length").criterion == "the visit lasts at least 24 h"
+    # a condition requirement is its own step, after the others; it can remove visits but keep the patient
+    with_condition = build(hand_made, study(condition_concept_ids=[HEART_FAILURE]))
+    condition = with_condition.attrition.step("condition")
+    # 1 and 8 (a descendant) had it before the index; 2 only before the second stay; 6, 7, 9, 10 never
+    counts = (condition.persons, condition.examples, condition.removed_persons, condition.removed_examples)
+    assert counts == (3, 4, 4, 5)
+    assert [s.name for s in with_condition.attrition.steps][-3:] == ["condition", "one-per-person", "consent"]
+    assert with_condition.person_ids.tolist() == [1, 2, 8]
 
 
 @pytest.mark.postgres
@@ -662,11 +728,35 @@ def test_a_postgresql_schema_without_omop_tables_is_named_in_the_error(pg_url):
         build_dataset(pg_url, study(), split_key=KEY, schema="no_such_cdm_schema")
 
 
-def test_the_split_is_keyed_stable_per_person_and_close_to_70_15_15():
+@pytest.mark.parametrize("fractions", [(0.8, 0.0, 0.2), (0.7, 0.15, 0.15), (0.5, 0.3, 0.2)])
+def test_the_random_split_honours_the_fractions_and_is_keyed(fractions):
     ids = np.arange(1, 20_001, dtype=np.int64)
-    split = assign_split(ids, KEY)
-    shares = {part: float((split == part).mean()) for part in ("train", "validation", "test")}
-    assert shares == pytest.approx({"train": 0.70, "validation": 0.15, "test": 0.15}, abs=0.015)
-    # a person's part does not depend on who else is in the cohort, and another key gives another split
-    np.testing.assert_array_equal(assign_split(ids[::7], KEY), split[::7])
-    assert (assign_split(ids, b"another site") != split).mean() > 0.3
+    split = keyed_split(ids, KEY, fractions)
+    shares = tuple(float((split == part).mean()) for part in ("train", "validation", "test"))
+    assert shares == pytest.approx(fractions, abs=0.015)
+    if fractions[1] == 0:
+        assert "validation" not in set(split)  # a share of 0 cuts no part, not a sliver of one
+    # another key gives another split
+    assert (keyed_split(ids, b"another site", fractions) != split).mean() > 0.3
+
+
+def test_a_persons_part_stays_when_other_persons_are_added():
+    first_load = np.arange(1, 5_001, dtype=np.int64)
+    later = np.concatenate([np.arange(5_001, 12_001, dtype=np.int64), first_load[::-1]])  # new patients, reordered
+    before = dict(zip(first_load.tolist(), keyed_split(first_load, KEY, (0.6, 0.2, 0.2)).tolist(), strict=True))
+    after = dict(zip(later.tolist(), keyed_split(later, KEY, (0.6, 0.2, 0.2)).tolist(), strict=True))
+    assert all(after[p] == part for p, part in before.items())
+
+
+def test_split_fractions_that_do_not_add_up_are_refused():
+    with pytest.raises(ValueError, match="adding up to 1"):
+        keyed_split(np.arange(3), KEY, (0.7, 0.1, 0.1))
+
+
+def test_a_random_split_from_the_study_is_what_the_dataset_carries(hand_made):
+    spec = study().model_copy(
+        update={"evaluation": EvaluationSpec(split=RandomSplit(train=0.5, validation=0.25, test=0.25))}
+    )
+    ds = build(hand_made, spec)
+    np.testing.assert_array_equal(ds.split, keyed_split(ds.person_ids, KEY, (0.5, 0.25, 0.25)))
+    assert [p.part for p in ds.attrition.parts] == ["train", "validation", "test"]

@@ -53,7 +53,10 @@ def test_mortality_study_gives_a_sane_cohort(hospital):
     gender = ds.features[:, [ds.feature_names.index(f"gender_{g}") for g in ("male", "female", "other")]]
     assert (gender.sum(axis=1) == 1).all()
     assert ds.features[:, ds.feature_names.index("heart_rate_missing")].mean() < 0.1  # vitals on day one
-    assert {"train", "validation", "test"} == set(ds.split.tolist())
+    # the example study's default split: train and test by the keyed hash, about 80/20, no validation part
+    assert {"train", "test"} == set(ds.split.tolist())
+    assert 0.7 <= float((ds.split == "train").mean()) <= 0.9
+    assert ds.attrition.persons == len(ds) and ds.attrition.step("consent").removed_persons == ds.excluded_by_consent
     # consent: the synthetic hospital records opt-outs and withdrawals; none of them is in the data
     assert 0 < ds.excluded_by_consent <= truth["consent"]["denying_research"]
     assert set(ds.person_ids.tolist()).isdisjoint(_active_denials(url))

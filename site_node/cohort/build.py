@@ -1,4 +1,4 @@
-"""Build a study's dataset from a site's OMOP database: cohort, consent, features, labels, split."""
+"""Build a study's dataset from a site's OMOP database: cohort, consent, features, labels, split, attrition."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ from datetime import datetime
 import numpy as np
 
 from federation.study.spec import OutcomeKind, StudySpec
+from site_node.cohort.attrition import CONSENT
 from site_node.cohort.consent import denying_person_ids
 from site_node.cohort.dataset import StudyDataset, snapshot_hash
 from site_node.cohort.errors import CohortError
 from site_node.cohort.features import feature_names, series_features, series_names, static_features
-from site_node.cohort.keyed_hash import assign_split, check_key
+from site_node.cohort.keyed_hash import check_key
 from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.outcomes import labels as outcome_labels
-from site_node.cohort.selection import select_cohort
+from site_node.cohort.selection import criteria, select_cohort
+from site_node.cohort.split import SPLIT_PARTS, assign_split
 from site_node.cohort.windows import EVENT_TABLES
 
 
@@ -45,10 +47,14 @@ def build_dataset(
 ) -> StudyDataset:
     """The study's examples at this site: one per qualifying patient who has not denied research use.
 
-    `split_key` is the site's secret for the stable train/validation/test split and the random visit choice.
+    `split_key` is the site's secret for the random split and the random visit choice. The split is the
+    study's (`spec.evaluation.split`): random in its fractions, or temporal by each example's index date;
+    a part the study does not cut, or one this site has no examples for, has no rows.
     `extra_excluded_person_ids` are withdrawals the site recorded outside the OMOP database; they are counted
     in `excluded_by_consent` together with the active denials in the consent registry at `as_of` (default:
     now). A database without the registry table (an OMOP database twinfed did not load) has no denials.
+    Every build records its attrition table (`StudyDataset.attrition`): each criterion in order, consent,
+    and the size of each part.
 
     Raises CohortError when the database is not an OMOP database (no CDM tables, no person table, a table
     the study reads is missing) and DatabaseUnavailable when it cannot be reached.
@@ -64,6 +70,7 @@ def build_dataset(
         consented = ~examples["person_id"].isin(withheld).to_numpy()
         cohort_size = len(examples)
         examples = examples[consented].reset_index(drop=True)
+        attrition = cohort.attrition.then(CONSENT, criteria(spec.cohort, spec.outcome)[CONSENT], examples["person_id"])
         source.write_index(examples)
         features = static_features(source, examples, spec.covariates)
         series = series_features(source, examples, spec.covariates)
@@ -71,6 +78,9 @@ def build_dataset(
     person_ids = examples["person_id"].to_numpy(dtype=np.int64)
     if not np.isfinite(features).all():
         raise CohortError("a feature came out as NaN or infinite; the database holds a value the scaling cannot take")
+    split_spec = spec.evaluation.split
+    split = assign_split(person_ids, examples["index_s"].to_numpy(dtype=np.float64), split_spec, split_key)
+    cut = [part for part in SPLIT_PARTS if part != "validation" or split_spec.has_validation]
     return StudyDataset(
         person_ids=person_ids,
         features=features,
@@ -79,8 +89,9 @@ def build_dataset(
         event_days=event_days,
         series=series,
         series_names=series_names(spec),
-        split=assign_split(person_ids, split_key),
+        split=split,
         cohort_size=cohort_size,
         excluded_by_consent=cohort_size - len(examples),
         snapshot_hash=snapshot_hash(person_ids, features, labels, event_days, series),
+        attrition=attrition.with_parts(split, cut),
     )

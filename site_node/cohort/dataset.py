@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from site_node.cohort.attrition import Attrition
 from site_node.cohort.keyed_hash import SPLIT_PARTS
 
 
@@ -45,8 +46,10 @@ def snapshot_hash(
 class StudyDataset:
     """A study's examples at one site: one row per person (the privacy unit), sorted by person id.
 
-    `cohort_size` and `excluded_by_consent` describe the whole cohort and stay the same in a subset, so a
-    report on the training part still says how many patients qualified and how many were withheld.
+    `cohort_size`, `excluded_by_consent` and `attrition` describe the whole cohort and stay the same in a
+    subset, so a report on the training part still says how many patients qualified, how many were
+    withheld and which criterion removed whom. `attrition` defaults to an empty table only so arrays made
+    by hand (tests, benchmarks) still form a dataset; every build fills it.
     """
 
     person_ids: np.ndarray  # int64 (n,)
@@ -60,12 +63,17 @@ class StudyDataset:
     cohort_size: int  # qualifying persons before consent exclusion
     excluded_by_consent: int  # qualifying persons withheld for a denying or withdrawn consent
     snapshot_hash: str  # see `snapshot_hash`
+    attrition: Attrition = field(default_factory=Attrition)  # see site_node.cohort.attrition
 
     def __len__(self) -> int:
         return int(self.person_ids.shape[0])
 
     def subset(self, part: str) -> StudyDataset:
-        """The rows of one split part, with that part's own snapshot hash."""
+        """The rows of one split part, with that part's own snapshot hash.
+
+        A part the study does not cut (or that this site has no examples for) gives an empty dataset, not
+        an error: whoever needs the part decides what an empty one means (a refusal, with its reason).
+        """
         if part not in SPLIT_PARTS:
             raise ValueError(f"'{part}' is not a split part; use one of {', '.join(SPLIT_PARTS)}")
         rows = self.split == part
@@ -85,4 +93,5 @@ class StudyDataset:
             snapshot_hash=snapshot_hash(
                 self.person_ids[rows], self.features[rows], self.labels[rows], event_days, series
             ),
+            attrition=self.attrition,
         )

@@ -1,10 +1,12 @@
 """Per-person pseudo-random numbers from a site-held key: stable across rounds, unpredictable without the key.
 
-The split (train/validation/test) and the choice of a random visit per person must not change from one
-round to the next, or a patient would move between training and test and the privacy accounting would
-no longer describe one fixed dataset. A keyed hash gives that stability without storing any state, and
-without the key nobody can tell which part a patient is in. A site that wants a different split per study
-derives the key per study (e.g. HMAC of the study hash with its secret).
+The random split (train/validation/test, in the study's fractions) and the choice of a random visit per
+person must not change from one round to the next, or a patient would move between training and test and
+the privacy accounting would no longer describe one fixed dataset. A keyed hash gives that stability
+without storing any state, and without the key nobody can tell which part a patient is in. Each person's
+number depends on their id and the key alone, so adding patients to the database never moves anyone
+already there to another part. A site that wants a different split per study derives the key per study
+(e.g. HMAC of the study hash with its secret).
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import hmac
 
 import numpy as np
 
-SPLIT_FRACTIONS = (("train", 0.70), ("validation", 0.15), ("test", 0.15))
-SPLIT_PARTS = tuple(name for name, _ in SPLIT_FRACTIONS)
+SPLIT_PARTS = ("train", "validation", "test")
 
 
 def check_key(split_key: bytes) -> None:
@@ -40,8 +41,15 @@ def keyed_uniform(split_key: bytes, purpose: str, *ids: np.ndarray) -> np.ndarra
     return out
 
 
-def assign_split(person_ids: np.ndarray, split_key: bytes) -> np.ndarray:
-    """'train' | 'validation' | 'test' per person, 70/15/15, as a '<U10' array."""
+def keyed_split(person_ids: np.ndarray, split_key: bytes, fractions: tuple[float, float, float]) -> np.ndarray:
+    """'train' | 'validation' | 'test' per person, in the shares `fractions` (train, validation, test).
+
+    A person falls in the part whose interval of [0, 1) holds their keyed number (purpose "split"): the
+    part depends on the person and the key only. A share of 0 cuts no part (its interval is empty). The
+    fractions must add up to 1, as the study contract already checks.
+    """
+    if len(fractions) != len(SPLIT_PARTS) or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-9:
+        raise ValueError(f"split fractions are three shares (train, validation, test) adding up to 1, not {fractions}")
     u = keyed_uniform(split_key, "split", person_ids)
-    upper_bounds = np.cumsum([fraction for _, fraction in SPLIT_FRACTIONS[:-1]])
+    upper_bounds = np.cumsum(fractions[:-1])
     return np.asarray(SPLIT_PARTS, dtype="<U10")[np.searchsorted(upper_bounds, u, side="right")]

@@ -12,6 +12,9 @@ one) each person's first qualifying condition; the rules that combine them run h
 A visit without an end is still running: its outcome is unknown, so it is not in the cohort. Then one
 visit per person (the privacy unit is the patient): the first, the last, or one drawn by a keyed hash of
 the person and visit ids, so the draw is stable across rounds and new visits only change it when drawn.
+
+The rules are recorded as they are applied, in this order, in the cohort's attrition table (`attrition`):
+how many patients and visits each one keeps is what a steward reads when a cohort comes out small.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
-from federation.study.spec import CohortSpec, IndexEvent, OnePerPerson, OutcomeSpec
+from federation.study.spec import VISIT_CONCEPTS, CohortSpec, IndexEvent, OnePerPerson, OutcomeSpec
+from site_node.cohort import attrition as steps
+from site_node.cohort.attrition import Attrition
 from site_node.cohort.keyed_hash import keyed_uniform
 from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.windows import EVENT_TABLES
@@ -40,6 +45,7 @@ class Cohort:
 
     examples: pd.DataFrame
     visits: pd.DataFrame  # all visits of the cohort's kinds (readmission looks for the next one)
+    attrition: Attrition  # the criteria up to one visit per person (consent and the split come later)
 
 
 def cohort_visits(source: OmopSource, cohort: CohortSpec) -> pd.DataFrame:
@@ -122,21 +128,31 @@ def completed_years(birth_s: np.ndarray, at_s: np.ndarray) -> np.ndarray:
 
 
 def select_cohort(source: OmopSource, cohort: CohortSpec, outcome: OutcomeSpec, split_key: bytes) -> Cohort:
-    """The qualifying visits, reduced to one example per person (before any consent exclusion)."""
+    """The qualifying visits, reduced to one example per person (before any consent exclusion).
+
+    Each rule is a boolean mask over the visits; they are combined in the order of the module docstring
+    and the visits (and patients) still in after each one are counted into the attrition table.
+    """
     visits = cohort_visits(source, cohort)
     visit = source.table("visit_occurrence")
     cohort_persons = select(visit.c.person_id).where(
         visit.c.visit_concept_id.in_(sorted(set(cohort.visit_concept_ids)))
     )
     persons = _persons(source, cohort_persons)
+    labels = criteria(cohort, outcome)
     if visits.empty or persons.empty:
-        return Cohort(_empty_examples(), visits)
+        table = Attrition()
+        for name in (n for n in steps.STEP_ORDER if n in labels and n != steps.CONSENT):
+            table = table.then(name, labels[name], [])
+        return Cohort(_empty_examples(), visits, table)
     persons["birth_s"] = birth_seconds(persons)
     deaths = _first_time_per_person(source, "death", None, ("death_datetime", "death_date"), cohort_persons)
 
-    candidates = visits.dropna(subset=["end_s"]).merge(
-        persons[["person_id", "gender_concept_id", "birth_s"]], on="person_id", how="inner"
-    )
+    candidates = visits.merge(persons[["person_id", "gender_concept_id", "birth_s"]], on="person_id", how="inner")
+    table = Attrition().then(steps.COHORT_VISITS, labels[steps.COHORT_VISITS], candidates["person_id"])
+    # A visit without an end is still running (its outcome is unknown): it leaves before anything is computed.
+    candidates = candidates.dropna(subset=["end_s"]).reset_index(drop=True)
+    table = table.then(steps.VISIT_ENDED, labels[steps.VISIT_ENDED], candidates["person_id"])
     start = candidates["start_s"].to_numpy()
     end = candidates["end_s"].to_numpy()
     index_s = start if cohort.index == IndexEvent.VISIT_START else end
@@ -148,14 +164,14 @@ def select_cohort(source: OmopSource, cohort: CohortSpec, outcome: OutcomeSpec, 
     age = completed_years(candidates["birth_s"].to_numpy(), index_s)
     candidates["age_years"] = (index_s - candidates["birth_s"].to_numpy()) / (YEAR_DAYS * DAY_S)
 
-    required_hours = cohort.min_visit_hours
-    if cohort.index == IndexEvent.VISIT_START:
-        required_hours = max(required_hours, outcome.prediction_hours)
-    keep = (age >= cohort.min_age) & (end - start >= required_hours * 3600)
+    rules: list[tuple[str, np.ndarray]] = []
+    in_band = age >= cohort.min_age
     if cohort.max_age is not None:
-        keep &= age <= cohort.max_age
+        in_band &= age <= cohort.max_age
+    rules.append((steps.AGE, in_band))
+    rules.append((steps.VISIT_LENGTH, end - start >= _required_hours(cohort, outcome) * 3600))
     death = candidates["death_s"].to_numpy()
-    keep &= ~(death <= prediction_s)  # NaN (no death) compares False and is kept
+    rules.append((steps.ALIVE, ~(death <= prediction_s)))  # NaN (no death) compares False and is kept
     if cohort.condition_concept_ids:
         spec = EVENT_TABLES["condition"]
         first_condition = _first_time_per_person(
@@ -165,9 +181,58 @@ def select_cohort(source: OmopSource, cohort: CohortSpec, outcome: OutcomeSpec, 
             (spec.datetime, spec.date),
             cohort_persons,
         )
-        keep &= candidates["person_id"].map(first_condition).astype("float64").to_numpy() <= index_s
-    qualifying = candidates[keep]
-    return Cohort(_one_per_person(qualifying, cohort.one_per_person, split_key), visits)
+        rules.append(
+            (steps.CONDITION, candidates["person_id"].map(first_condition).astype("float64").to_numpy() <= index_s)
+        )
+    keep = np.ones(len(candidates), dtype=bool)
+    person_ids = candidates["person_id"].to_numpy()
+    for name, mask in rules:
+        keep &= mask
+        table = table.then(name, labels[name], person_ids[keep])
+    examples = _one_per_person(candidates[keep], cohort.one_per_person, split_key)
+    table = table.then(steps.ONE_PER_PERSON, labels[steps.ONE_PER_PERSON], examples["person_id"])
+    return Cohort(examples, visits, table)
+
+
+def _required_hours(cohort: CohortSpec, outcome: OutcomeSpec) -> float:
+    """How long a visit must last: with the admission as index, the patient is still in at the prediction time."""
+    if cohort.index == IndexEvent.VISIT_START:
+        return max(cohort.min_visit_hours, outcome.prediction_hours)
+    return cohort.min_visit_hours
+
+
+def criteria(cohort: CohortSpec, outcome: OutcomeSpec) -> dict[str, str]:
+    """Each attrition step's criterion in words, with the study's values, keyed by step name (in order)."""
+    kinds = {concept: name.replace("_", " ") for name, concept in VISIT_CONCEPTS.items()}
+    visit_kinds = ", ".join(
+        f"{concept} ({kinds[concept]})" if concept in kinds else str(concept)
+        for concept in sorted(set(cohort.visit_concept_ids))
+    )
+    plural = "kinds" if len(set(cohort.visit_concept_ids)) > 1 else "kind"
+    age = (
+        f"aged {cohort.min_age} or over at the index"
+        if cohort.max_age is None
+        else f"aged {cohort.min_age} to {cohort.max_age} at the index"
+    )
+    hours = _required_hours(cohort, outcome)
+    labels = {
+        steps.COHORT_VISITS: f"visits of {plural} {visit_kinds}",
+        steps.VISIT_ENDED: "the visit has ended (an end is recorded)",
+        steps.AGE: age,
+        steps.VISIT_LENGTH: f"the visit lasts at least {hours:g} h",
+        steps.ALIVE: f"alive at the prediction time (index + {outcome.prediction_hours:g} h)",
+    }
+    if cohort.condition_concept_ids:
+        concepts = ", ".join(str(c) for c in sorted(set(cohort.condition_concept_ids)))
+        labels[steps.CONDITION] = f"a condition {concepts} (or a descendant) on or before the index"
+    choice = {
+        OnePerPerson.FIRST: "the first",
+        OnePerPerson.LAST: "the last",
+        OnePerPerson.RANDOM: "one drawn by the site's keyed hash",
+    }[cohort.one_per_person]
+    labels[steps.ONE_PER_PERSON] = f"one visit per patient ({choice})"
+    labels[steps.CONSENT] = "not withheld by consent (research denials and withdrawals)"
+    return labels
 
 
 def _one_per_person(visits: pd.DataFrame, rule: OnePerPerson, split_key: bytes) -> pd.DataFrame:

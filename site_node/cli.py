@@ -447,3 +447,51 @@ def start(
     except SuperNodeError as exc:
         raise _fail(str(exc), 1) from None
     raise typer.Exit(code)
+
+
+@site_app.command("cohort")
+def cohort(
+    study: Annotated[Path, typer.Argument(help="A study YAML file (it need not be approved yet).")],
+    site_config: SiteFile,
+    by: Who = "",
+) -> None:
+    """Build a study's cohort at this site and show its attrition: who each criterion removed, in order.
+
+    The cohort is built exactly as a round builds it (the same split key, consent denials and recorded
+    withdrawals), so this is what the study would train and test on here. The table has full counts:
+    it is shown at the site only, nothing leaves. Below it: the split parts the study cuts, and the one
+    sentence a refusal for this cohort may send outside, under the site's cell-count floor. The look is
+    recorded in the audit log (study, who, sizes; no patient data). Spends no privacy budget.
+    """
+    from omop_etl.database import DatabaseUnavailable
+    from site_node.cohort import CohortError
+    from site_node.inspection import inspect_cohort
+
+    node = _node(site_config)
+    spec, _ = _study(study)
+    try:
+        report = inspect_cohort(node, spec, by=by or _user())
+    except (CohortError, DatabaseUnavailable) as exc:
+        raise _fail(f"The cohort of '{spec.study.id}' cannot be built at {node.config.site_id}: {exc}", 1) from None
+    table = Table(title=f"Attrition of {report.study_id} at {report.site_id} (study {report.study_hash[:12]})")
+    for column in ("#", "criterion", "patients", "visits", "patients removed", "visits removed"):
+        table.add_column(column, justify="left" if column == "criterion" else "right")
+    for number, step in enumerate(report.attrition.steps, start=1):
+        removed = "" if step.removed_persons is None else f"{step.removed_persons:,}"
+        removed_visits = "" if step.removed_examples is None else f"{step.removed_examples:,}"
+        highlight = report.most_removed is not None and step.name == report.most_removed.name
+        table.add_row(str(number), step.criterion, f"{step.persons:,}", f"{step.examples:,}", removed, removed_visits,
+                      style="bold" if highlight else None)  # fmt: skip
+    table.caption = "Full counts, shown at this site only. Bold: the criterion that removed the most patients."
+    console.print(table)
+    parts = Table(title="Split parts (one visit per patient)")
+    for column in ("part", "patients", "share", "defined by the study as"):
+        parts.add_column(column, justify="right" if column in ("patients", "share") else "left")
+    for part in report.parts:
+        share = f"{part.persons / report.examples:.1%}" if report.examples else "-"
+        parts.add_row(part.part, f"{part.persons:,}", share, part.definition)
+    console.print(parts)
+    console.print(f"Site minimum cohort: {report.min_cohort_size}; cell-count floor: {report.min_cell_count}.")
+    console.print(f"A refusal may say outside the site: {report.outside_sentence}", markup=False, highlight=False)
+    for note in report.notes:
+        console.print(f"Note: {note}", markup=False, highlight=False)

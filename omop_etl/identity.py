@@ -36,8 +36,22 @@ def secret_path(explicit: Path | None = None) -> Path:
     return Path(env) if env else DEFAULT_SECRET_FILE
 
 
-def load_or_create_secret(path: Path, *, create: bool = True) -> tuple[bytes, bool]:
-    """Read the site secret (hex) from `path`, creating a new random one when allowed. Returns (secret, created)."""
+# What to do about a missing secret, worded for whoever asks. The site node has no --secret-file option: it
+# reads the path from its site file, so its default names that setting; the ETL commands pass ETL_HINT.
+SITE_NODE_HINT = (
+    "Set secret_file in the site file (site.yaml) to the secret this site has used so far (the file `twinfed etl "
+    "--secret-file` loaded the OMOP database with, or the one `twinfed site init` created), restoring it from "
+    "backup if it was lost"
+)
+ETL_HINT = "Pass --secret-file with the file used for earlier loads, restoring it from backup if it was lost"
+
+
+def load_or_create_secret(path: Path, *, create: bool = True, hint: str = SITE_NODE_HINT) -> tuple[bytes, bool]:
+    """Read the site secret (hex) from `path`, creating a new random one when allowed. Returns (secret, created).
+
+    `hint` ends the error for a missing secret (create=False): which setting points at the secret depends on
+    the caller (the site file for the site node, --secret-file for the ETL commands).
+    """
     if path.exists():
         try:
             text = path.read_text(encoding="ascii").strip()
@@ -50,7 +64,7 @@ def load_or_create_secret(path: Path, *, create: bool = True) -> tuple[bytes, bo
             raise SecretError(f"The site secret in {path} is shorter than 32 bytes; it is not one twinfed wrote.")
         return secret, False
     if not create:
-        raise SecretError(f"No site secret at {path}. Pass --secret-file with the file used for earlier loads.")
+        raise SecretError(f"No site secret at {path}. {hint}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_bytes(32)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

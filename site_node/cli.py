@@ -84,12 +84,36 @@ def doctor(
             "--db", help="OMOP database URL to check, e.g. sqlite:///omop.sqlite or postgresql://user@host/db."
         ),
     ] = None,
+    schema: Annotated[
+        str | None, typer.Option("--schema", help="PostgreSQL schema that holds the CDM tables, e.g. cdm.")
+    ] = None,
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--secret-file",
+            dir_okay=False,
+            help="The site secret (the site file's secret_file): checked against the fingerprint twinfed etl "
+            "stored when it loaded the database.",
+        ),
+    ] = None,
+    study: Annotated[
+        Path | None,
+        typer.Option(
+            "--study",
+            dir_okay=False,
+            help="Check the vocabulary for this study's concepts (default: configs/study-inpatient-mortality.yaml).",
+        ),
+    ] = None,
 ) -> None:
-    """Check that this machine can run a site node: Python, training and FHIR libraries, Flower, database.
+    """Check that this machine can run a site node, and (with --db) that its database is a usable OMOP CDM v5.4.
 
-    With --db it also connects to the OMOP database, reports the server version and checks that tables
-    can be created (in a transaction that is rolled back, so nothing is left behind). Exits with
-    status 1 when a check fails.
+    Always: Python, training and FHIR libraries, Flower, telemetry. With --db: the connection (server
+    version, may this user create tables; nothing is left behind), then the OMOP database itself: every
+    CDM v5.4 table and column (missing ones are named), cdm_source and its CDM version, the vocabulary
+    holds the standard concepts the study uses (which are missing, and that an Athena vocabulary load
+    fixes it), row counts of person, visit_occurrence, condition_occurrence, measurement, drug_exposure,
+    observation and death, and, if twinfed etl loaded the database, whether --secret-file is the secret
+    it was loaded with. Nothing is written to the OMOP database. Exits with status 1 when a check fails.
     """
     from federation import diagnostics as d
     from site_node.environment import database_check, torch_check, warm_runtime_check
@@ -106,7 +130,12 @@ def doctor(
         d.telemetry_off(),
     ]
     if db:
-        checks.append(database_check(db))
+        connection = database_check(db)
+        checks.append(connection)
+        if connection.status != "fail":
+            from site_node.omop_check import omop_checks
+
+            checks.extend(omop_checks(db, schema, study, secret_file))
     if not d.render(checks, "Site node check"):
         raise typer.Exit(1)
 
@@ -117,8 +146,15 @@ def init(
     site_id: Annotated[str, typer.Option("--site-id", help="Short id of this hospital, e.g. aster-university.")],
     omop_url: Annotated[str, typer.Option("--omop-url", help="URL of the site's OMOP CDM v5.4 database.")],
     secret_file: Annotated[
-        Path, typer.Option("--secret-file", help="The site secret the ETL uses (twinfed etl --secret-file).")
-    ],
+        Path | None,
+        typer.Option(
+            "--secret-file",
+            dir_okay=False,
+            help="The site secret: the file `twinfed etl --secret-file` loaded the OMOP database with, if twinfed "
+            "loaded it. Created (mode 0600) when it does not exist. Default: $TWINFED_SITE_SECRET_FILE or "
+            "~/.config/twinfed/site-secret, the ETL's default.",
+        ),
+    ] = None,
     omop_schema: Annotated[str | None, typer.Option("--omop-schema", help="PostgreSQL schema of the CDM.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing site file and policy.")] = False,
 ) -> None:
@@ -126,23 +162,52 @@ def init(
 
     Creates FOLDER/site.yaml and FOLDER/policy.yaml; the governance database (approvals, privacy ledger,
     audit log) is FOLDER/governance.sqlite and is created on first use.
+
+    The site secret keys the site's train/test split (and, when twinfed etl loads the database, every
+    pseudonymous id). An existing secret file is used; when there is none, one is created and the command
+    says where: back it up with the database. If twinfed etl loaded the OMOP database, the secret must be
+    the one it used: a different secret, or a new one, is refused.
     """
     from site_node.config import write_site_folder
     from site_node.governance import SitePolicy
+    from site_node.omop_check import SiteSecretError, provide_site_secret
 
     site_file, policy_file = folder / "site.yaml", folder / "policy.yaml"
     for path in (site_file, policy_file):
         if path.exists() and not force:
             raise _fail(f"{path} exists; pass --force to overwrite it.")
+    try:
+        secret = provide_site_secret(secret_file, omop_url, omop_schema)
+    except SiteSecretError as exc:
+        raise _fail(f"Site file not written. {exc}") from None
     write_site_folder(
         folder,
         site_id,
         omop_url,
-        secret_file.resolve(),
+        secret.path,
         SitePolicy().model_dump(mode="json"),
         omop_schema=omop_schema,
     )
     console.print(f"Wrote {site_file} and {policy_file}. Next: the data steward reviews the policy.")
+    if secret.created:
+        console.print(
+            f"Created the site secret {secret.path} (mode 0600, fingerprint {secret.fingerprint[:12]}). Back it up "
+            "together with the OMOP database: without it the train/test split and the pseudonymous ids cannot be "
+            "reproduced, and every study would start over on a different split.",
+            highlight=False,
+        )
+    else:
+        matched = "; it is the one twinfed etl loaded the OMOP database with" if secret.database_fingerprint else ""
+        console.print(
+            f"Using the site secret {secret.path} (fingerprint {secret.fingerprint[:12]}){matched}.", highlight=False
+        )
+    if secret.database_note:
+        console.print(
+            f"Could not compare the secret with the OMOP database: {secret.database_note}. "
+            "Run `twinfed site doctor --db URL --secret-file FILE` once it is reachable.",
+            highlight=False,
+            markup=False,
+        )
 
 
 @site_app.command("approve")

@@ -1,11 +1,14 @@
-"""Site-node specific environment checks (training library and the OMOP database)."""
+"""Site-node specific environment checks (training library and the OMOP database connection).
+
+The checks of what the database holds (OMOP tables, vocabulary, rows, secret) are in site_node.omop_check.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 
 from federation.diagnostics import Check
-from omop_etl.database import DatabaseUnavailable, check_database
+from omop_etl.database import DatabaseUnavailable, check_database, missing_sqlite_file
 
 
 def torch_check() -> Check:
@@ -41,6 +44,16 @@ def warm_runtime_check() -> Check:
 
 
 def database_check(url: str) -> Check:
+    """The database answers and this user may create tables (a SQLite path that does not exist is named,
+    not created: connecting would leave an empty database file behind)."""
+    absent = missing_sqlite_file(url)
+    if absent is not None:
+        return Check(
+            "database",
+            "fail",
+            f"There is no database file {absent}. Check the --db URL: sqlite:///omop.sqlite is a file in the "
+            "current folder, sqlite:////srv/omop.sqlite an absolute path.",
+        )
     try:
         result = check_database(url)
     except DatabaseUnavailable as exc:

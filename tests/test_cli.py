@@ -95,9 +95,12 @@ def test_inspect_says_what_to_do_when_there_is_no_export(tmp_path):
 
 
 def test_site_doctor_checks_the_local_environment_and_a_sqlite_database(tmp_path):
+    from tests.foreign_omop import build_foreign_omop
+
+    build_foreign_omop(f"sqlite:///{tmp_path / 'omop.sqlite'}", persons=40)  # the doctor checks the OMOP content too
     result = runner.invoke(app, ["site", "doctor", "--db", f"sqlite:///{tmp_path / 'omop.sqlite'}"])
     assert result.exit_code == 0, result.output
-    for expected in ("torch", "opacus", "fhir.resources", "flwr", "warm runtime", "database", "sqlite"):
+    for expected in ("torch", "opacus", "fhir.resources", "flwr", "warm runtime", "database", "sqlite", "OMOP tables"):
         assert expected in result.output
 
 

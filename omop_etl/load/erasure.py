@@ -16,7 +16,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection
 
 from omop_etl.database import open_engine
-from omop_etl.identity import SiteKeys, load_or_create_secret, secret_path
+from omop_etl.identity import ETL_HINT, SiteKeys, load_or_create_secret, secret_path
 from omop_etl.load.state import etl_metadata, table
 from omop_etl.schema import cdm_metadata
 
@@ -55,7 +55,7 @@ def erase(
         id_map = table(etl, "twinfed_id_map")
         with engine.begin() as connection:
             if patient_id is not None:
-                secret, _ = load_or_create_secret(secret_path(secret_file), create=False)
+                secret, _ = load_or_create_secret(secret_path(secret_file), create=False, hint=ETL_HINT)
                 patient_key = SiteKeys(secret).key(f"Patient/{patient_id}")
                 person_id = _person_id(connection, id_map, patient_key)
             else:

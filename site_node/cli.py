@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -270,12 +269,26 @@ def status(site_config: SiteFile) -> None:
     node = _node(site_config)
     ledger, policy = node.governance.ledger, node.policy
     budgets = Table(title=f"Privacy budget at {node.config.site_id}")
-    for column in ("study", "rounds", "epsilon spent", "reserved (unfinished)", "ceiling"):
+    for column in (
+        "study",
+        "rounds",
+        "training epsilon",
+        "evaluation epsilon (releases)",
+        "composed, spent",
+        "reserved (unfinished)",
+        "ceiling",
+    ):
         budgets.add_column(column)
     for budget in ledger.summary():
+        if budget.non_private_rounds and not budget.evaluation_releases and budget.total_epsilon == 0:
+            not_dp = ("NOT DIFFERENTIALLY PRIVATE", "-", "-", "-", "-")
+            budgets.add_row(budget.study_hash[:12], str(budget.rounds), *not_dp)
+            continue
         budgets.add_row(
             budget.study_hash[:12],
             str(budget.rounds),
+            f"{budget.training_epsilon:.3f}",
+            f"{budget.evaluation_epsilon:.3f} ({budget.evaluation_releases})",
             f"{budget.committed_epsilon:.3f}",
             f"{budget.reserved_epsilon:.3f}",
             f"{budget.ceiling:.3g}",
@@ -297,7 +310,9 @@ def status(site_config: SiteFile) -> None:
     rounds = Table(title="Latest rounds")
     for column in ("at", "event", "round", "detail"):
         rounds.add_column(column)
-    events = [e for e in node.governance.audit.entries() if e.kind in ("round-trained", "refused", "evaluated")]
+    events = [
+        e for e in node.governance.audit.entries() if e.kind in ("round-trained", "refused", "evaluated", "scored")
+    ]
     for entry in events[-10:]:
         detail = (
             f"epsilon {entry.payload.get('epsilon_after', 0):.3f}"
@@ -407,41 +422,80 @@ def train_local(
     """Run a study at this site alone, every round, with the same DP training, ledger and audit.
 
     The reference a site compares federated results with. It spends this site's privacy budget for the
-    study like federated rounds do, so it needs the same approval.
+    study's training like federated rounds do, so it needs the same approval. Its test metrics are exact
+    and shown here only: nothing leaves the site, so no evaluation budget is spent.
     """
-    from federation.models import build_model
-    from federation.protocol import RoundInstruction, SiteStatus
+    from site_node.local_actions import LocalActionError
+    from site_node.local_actions import train_local as run_local
 
     node = _node(site_config)
     spec, _ = _study(study)
-    run_id = f"local-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    state = None
-    table = Table(title=f"{spec.study.id} at {node.config.site_id} alone (run {run_id})")
+    table = Table(title=f"{spec.study.id} at {node.config.site_id} alone (test metrics exact, kept here)")
     for column in ("round", "train loss", "epsilon", "test AUROC", "test loss"):
         table.add_column(column)
-    for server_round in range(1, spec.training.rounds + 1):
-        instruction = RoundInstruction.for_study(spec, run_id, server_round)
-        if state is None:
-            dataset_width = node.feature_count(spec)
-            state = build_model(spec.model, dataset_width, seed=spec.training.seed).state_dict()
-        trained = node.train(instruction, state)
-        if trained.answer.status != SiteStatus.TRAINED:
-            raise _fail(f"Round {server_round} refused: {trained.answer.reason}", 1)
-        state = trained.state_dict
-        evaluated = node.evaluate(instruction, state)
-        metrics = evaluated.metrics
-        table.add_row(
-            str(server_round),
-            f"{trained.local_train_loss:.4f}",
-            f"{trained.answer.epsilon_spent:.3f}",
-            f"{metrics.get('auroc', float('nan')):.3f}",
-            f"{metrics.get('loss', float('nan')):.4f}",
-        )
-        console.print(
-            f"round {server_round}/{spec.training.rounds}: epsilon {trained.answer.epsilon_spent:.3f}, "
-            f"test AUROC {metrics.get('auroc', float('nan')):.3f}"
-        )
+
+    def shown(value: float | int | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    try:
+        for row in run_local(node, spec):
+            table.add_row(
+                str(row.server_round),
+                shown(row.train_loss, 4),
+                f"{row.epsilon:.3f}",
+                shown(row.test.get("auroc"), 3),
+                shown(row.test.get("loss"), 4),
+            )
+            console.print(
+                f"round {row.server_round}/{spec.training.rounds}: epsilon {row.epsilon:.3f}, "
+                f"test AUROC {shown(row.test.get('auroc'), 3)}"
+            )
+    except LocalActionError as exc:
+        raise _fail(str(exc), 1) from None
     console.print(table)
+
+
+@site_app.command("score")
+def score(
+    study: Annotated[Path, typer.Argument(help="The study YAML file whose model is applied.")],
+    site_config: SiteFile,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", dir_okay=False, help="CSV to write (default: SITE-FOLDER/scores/<study-id>.csv)."),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            exists=True,
+            dir_okay=False,
+            help="Weights to apply (a model card's final-model.pt). Default: the latest global model of the study "
+            "the coordinator sent this site.",
+        ),
+    ] = None,
+    by: Who = "",
+) -> None:
+    """Apply a study's model to this site's own cohort, locally: one risk per patient in a CSV.
+
+    Nothing leaves the site. Columns: person_id (OMOP), split_part, risk (the predicted probability) and
+    whether it is at or above the study's threshold. Features are built and scaled exactly as in training
+    (fixed by the study, not by this site's data; see docs/data-steward.md). The file is written 0600 and
+    the action is in the audit log.
+    """
+    from site_node.local_actions import LocalActionError
+    from site_node.local_actions import score as score_cohort
+
+    node = _node(site_config)
+    spec, _ = _study(study)
+    target = out or node.config.base_dir / "scores" / f"{spec.study.id}.csv"
+    try:
+        report = score_cohort(node, spec, target, model_file=model, by=by or _user(), say=console.print)
+    except LocalActionError as exc:
+        raise _fail(str(exc), 1) from None
+    console.print(
+        f"Wrote {report.patients} risks to {report.out} ({report.at_or_above_threshold} at or above "
+        f"{report.threshold:g}); model {report.model_source}, sha256 {report.model_sha256[:16]}."
+    )
 
 
 @site_app.command("keygen")

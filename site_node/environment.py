@@ -59,11 +59,14 @@ def database_check(url: str) -> Check:
     except DatabaseUnavailable as exc:
         return Check("database", "fail", str(exc))
     if not result.can_create_tables:
+        # A site node only reads OMOP (its cohort index is a temporary table), so a read-only account on an
+        # existing OMOP database is right; loading with twinfed etl or creating the schema needs CREATE.
         return Check(
             "database",
-            "fail",
-            f"{result.url}: connected ({result.dialect} {result.server_version}) but this "
-            "user may not create tables; grant CREATE on the target schema.",
+            "warn",
+            f"{result.url}: connected ({result.dialect} {result.server_version}); this user may not create tables. "
+            "That is enough for a site node reading an existing OMOP database (it needs SELECT on the CDM tables, "
+            "and TEMPORARY on PostgreSQL); `twinfed etl` and `twinfed omop init` need CREATE on the schema.",
         )
     return Check(
         "database",

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import yaml
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from federation.study import load_study, study_hash
-from omop_etl.database import open_engine
+from omop_etl.database import normalise_url, open_engine
 from omop_etl.identity import SecretError
 from omop_etl.schema.create import init_cdm_schema
 from site_node.config import load_site_config
@@ -229,16 +230,25 @@ def test_the_foreign_database_holds_a_learnable_signal(foreign):
 
 
 @pytest.mark.postgres
-def test_a_postgresql_database_another_tool_wrote_passes_the_doctor_and_trains(pg_url, tmp_path):
-    schema = f"foreign_{uuid.uuid4().hex[:8]}"
+def test_a_postgresql_database_another_tool_wrote_trains_through_a_read_only_account(pg_url, tmp_path):
+    """Hospitals give the site node a read-only account on their OMOP schema: the doctor says that is enough."""
+    schema, role = f"foreign_{uuid.uuid4().hex[:8]}", f"twinfed_ro_{uuid.uuid4().hex[:8]}"
+    admin = open_engine(pg_url)
     try:
         build_foreign_omop(pg_url, schema, persons=300, seed=5)
-        doctor = runner.invoke(app, ["site", "doctor", "--db", pg_url, "--schema", schema])
+        with admin.begin() as connection:
+            connection.execute(text(f"CREATE ROLE {role} LOGIN PASSWORD 'read-only'"))
+            connection.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}'))
+            connection.execute(text(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO {role}'))
+        reader = make_url(normalise_url(pg_url)).set(username=role, password="read-only").render_as_string(False)
+        doctor = runner.invoke(app, ["site", "doctor", "--db", reader, "--schema", schema])
         assert doctor.exit_code == 0, doctor.output
+        assert row(doctor, "database") == "warn" and "enough for a site node reading an existing OMOP" in said(doctor)
         assert row(doctor, "vocabulary") == "ok" and "person 300" in said(doctor)
+        assert "read-only" not in doctor.output, "the password is never printed"
         site = tmp_path / "site"
         init = site_init(
-            site, pg_url, "birchwood", "--omop-schema", schema, "--secret-file", str(tmp_path / "s.secret")
+            site, reader, "birchwood", "--omop-schema", schema, "--secret-file", str(tmp_path / "s.secret")
         )
         assert init.exit_code == 0, init.output
         (site / "policy.yaml").write_text(yaml.safe_dump(TEST_POLICY), encoding="utf-8")
@@ -249,7 +259,7 @@ def test_a_postgresql_database_another_tool_wrote_passes_the_doctor_and_trains(p
         spent = SiteNode(load_site_config(site / "site.yaml")).governance.ledger.spent(study_hash(load_study(study)))
         assert spent > 0
     finally:
-        engine = open_engine(pg_url)
-        with engine.begin() as connection:
+        with admin.begin() as connection:
             connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        engine.dispose()
+            connection.execute(text(f"DROP ROLE IF EXISTS {role}"))
+        admin.dispose()

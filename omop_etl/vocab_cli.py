@@ -242,9 +242,8 @@ def map_codes(
         str | None,
         typer.Option(
             "--system",
-            help="The FHIR Coding.system URI these local codes arrive with, e.g. "
-            "http://hospital.example.org/fhir/CodeSystem/lab. Registered for the vocabulary id, so the ETL maps "
-            "codes of that system through these rows.",
+            help="The FHIR Coding.system URI these local codes arrive with (e.g. http://aster.example.org/lab). "
+            "Registered for the vocabulary id, so the ETL maps codes of that system through these rows.",
         ),
     ] = None,
     vocabulary_id: Annotated[
@@ -273,7 +272,7 @@ def map_codes(
     once you name the system: --system URI --vocabulary-id ID records it in the vocabulary table
     (vocabulary_reference). A system of at most 20 characters also works without registration when it is
     the source_vocabulary_id itself. The next `twinfed etl` counts the events it mapped this way. Exit
-    status 1 when rows were rejected, 2 when nothing could be loaded.
+    status 1 when rows were rejected, 2 when the file or the database cannot be used (nothing loaded).
     """
     from omop_etl.database import DatabaseUnavailable
     from omop_etl.vocabulary.source_map import SourceMapError, load_source_to_concept_map

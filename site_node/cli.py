@@ -176,7 +176,7 @@ def init(
         if path.exists() and not force:
             raise _fail(f"{path} exists; pass --force to overwrite it.")
     try:
-        secret = provide_site_secret(secret_file, omop_url, omop_schema)
+        secret = provide_site_secret(secret_file, omop_url, omop_schema, site_folder=folder.resolve())
     except SiteSecretError as exc:
         raise _fail(f"Site file not written. {exc}") from None
     write_site_folder(

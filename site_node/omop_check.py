@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from federation.diagnostics import Check
 from federation.study import StudyError, StudySpec, load_study
 from omop_etl.cdm_check import check_cdm, stored_secret_fingerprint
-from omop_etl.database import DatabaseUnavailable, missing_sqlite_file, open_engine, redact
+from omop_etl.database import DatabaseUnavailable, missing_sqlite_file, normalise_url, open_engine, redact
 from omop_etl.identity import SecretError, SiteKeys, load_or_create_secret, secret_path
 
 EXAMPLE_STUDY = Path(__file__).resolve().parents[1] / "configs" / "study-inpatient-mortality.yaml"
@@ -112,15 +114,31 @@ def _database_fingerprint(omop_url: str, omop_schema: str | None) -> tuple[str |
         engine.dispose()
 
 
-def provide_site_secret(secret_file: Path | None, omop_url: str, omop_schema: str | None = None) -> SiteSecret:
+def _in_folder(url: str, folder: Path | None) -> str:
+    """A relative SQLite path as the site file will read it: relative to the site folder."""
+    try:
+        parsed = make_url(normalise_url(url))
+    except ArgumentError:
+        return url
+    if folder is None or parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return url
+    path = Path(parsed.database)
+    return url if path.is_absolute() or parsed.database == ":memory:" else f"sqlite:///{(folder / path).resolve()}"
+
+
+def provide_site_secret(
+    secret_file: Path | None, omop_url: str, omop_schema: str | None = None, site_folder: Path | None = None
+) -> SiteSecret:
     """Use the secret at `secret_file` (default: $TWINFED_SITE_SECRET_FILE or ~/.config/twinfed/site-secret,
     the ETL's default too), or create it there (mode 0600) when it does not exist.
 
     When `twinfed etl` loaded the OMOP database, the database holds the fingerprint of its secret: a
     different existing secret is refused, and so is creating a new one, because the site node would then
-    split the patients differently from the secret the data was keyed with. Raises SiteSecretError.
+    split the patients differently from the secret the data was keyed with. A relative SQLite path in
+    `omop_url` is taken from `site_folder`, as the site file takes it. Raises SiteSecretError.
     """
     path = secret_path(secret_file).expanduser().resolve()
+    omop_url = _in_folder(omop_url, site_folder)
     stored, note = _database_fingerprint(omop_url, omop_schema)
     where = redact(omop_url) + (f" (schema {omop_schema})" if omop_schema else "")
     if path.exists():

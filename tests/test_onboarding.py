@@ -175,6 +175,8 @@ def test_site_init_refuses_a_secret_that_is_not_the_one_the_etl_used(tmp_path):
     other.write_text("ef" * 32)
     wrong = site_init(tmp_path / "site", url, "aster", "--secret-file", str(other))
     assert wrong.exit_code == 2 and "is not the one twinfed etl loaded" in said(wrong)
+    relative = site_init(tmp_path, "sqlite:///omop.sqlite", "aster", "--secret-file", str(other))
+    assert relative.exit_code == 2, "a relative SQLite path is the site folder's, as the site file reads it"
     right = site_init(tmp_path / "site", url, "aster", "--secret-file", str(tmp_path / "etl.secret"))
     assert right.exit_code == 0 and "it is the one twinfed etl loaded the OMOP database with" in said(right)
 

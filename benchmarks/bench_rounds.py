@@ -201,6 +201,8 @@ def prepare_hospital(patients: int) -> tuple[str, Path]:
 def study_file(folder: Path, rounds: int, secure: bool) -> Path:
     raw = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
     raw["training"]["rounds"] = rounds
+    # a test release after every round, so every round has its train and its evaluate exchange
+    raw.setdefault("evaluation", {})["every_round"] = True
     raw["federation"].update({"min_sites": len(SITES), "round_timeout_seconds": 180, "secure_aggregation": secure})
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")

@@ -30,7 +30,7 @@ from federation.protocol import (
 from federation.study import StudyError, StudySpec, study_hash
 from federation.study.features import feature_names
 from federation.study.spec import ROBUST_STRATEGIES
-from site_node.cohort import CohortError, StudyDataset
+from site_node.cohort import CohortError, StudyDataset, most_removed, render_attrition
 from site_node.cohort.cache import cached_dataset
 from site_node.config import SiteConfig
 from site_node.evaluation_release import dp_release, evaluation_noise, exact_release
@@ -288,11 +288,10 @@ class SiteNode:
                 RefusalCode.SITE_ERROR, f"the cohort cannot be built at {self.config.site_id}: {exc}"
             ) from None
         if len(dataset.person_ids) < self.policy.min_cohort_size:
-            # The size itself is not sent: a small count is exactly what the cell-count floor protects.
             raise Refusal(
                 RefusalCode.COHORT_TOO_SMALL,
                 f"the cohort at {self.config.site_id} is smaller than the site's minimum of "
-                f"{self.policy.min_cohort_size} patients.",
+                f"{self.policy.min_cohort_size} patients: {self._why_small(spec, digest, dataset)}",
             )
         # What consent state this round applied: the site's withdrawals and the count excluded by consent
         # records, hashed with the site key so the value proves the state without revealing anyone.
@@ -302,6 +301,31 @@ class SiteNode:
             hashlib.sha256,
         ).hexdigest()
         return _Plan(spec, digest, dataset, consent)
+
+    def _why_small(self, spec: StudySpec, digest: str, dataset: StudyDataset) -> str:
+        """The attrition sentence a refusal may carry: counts only as the cell-count floor allows (none below it,
+        none from which one below it follows) and only when none differs by less than the floor from what an
+        earlier refusal of this study said; otherwise just the criterion that removed the most."""
+        floor = self.policy.min_cell_count
+        top = most_removed(dataset.attrition)
+        if top is None:
+            return "no inclusion criterion removed anyone; the site has too few patients of the cohort's kind."
+        display = render_attrition(
+            dataset.attrition, floor, name_most_removed=True, cohort_below=self.policy.min_cohort_size
+        )
+        first, last = display.steps[0], display.steps[-1]
+        top_shown = display.steps[dataset.attrition.steps.index(top)].removed_persons
+        counts = {
+            frozenset({name}): int(value)
+            for name, value in (("cohort-start", first.persons), ("cohort-end", last.persons), ("top", top_shown))
+            if value.isdigit()
+        }
+        unchanged = self.governance.disclosures.check_and_record(
+            spec.study.id, digest, "attrition", f"refusal:{dataset.snapshot_hash[:16]}", counts, floor
+        )
+        if counts and unchanged is None:
+            return display.sentence
+        return f"the criterion that removed the most patients was '{top.criterion}'."
 
     def _model(self, spec: StudySpec, dataset: StudyDataset, global_state: dict[str, torch.Tensor]) -> torch.nn.Module:
         model = build_model(spec.model, dataset.features.shape[1], seed=spec.training.seed)

@@ -20,7 +20,7 @@ from federation.protocol import RefusalCode, RoundInstruction, SiteAnswer, SiteS
 from federation.study import study_hash
 from site_node.clientapp import ANSWER_KEY, INSTRUCTION_KEY
 from site_node.clientapp import app as client_app
-from site_node.cohort import build_dataset
+from site_node.cohort import build_dataset, most_removed, render_attrition
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
 from tests.site_helpers import fresh_site, initial_state, instruction, study
@@ -132,15 +132,36 @@ def test_retry_of_a_trained_round_resends_the_same_update_and_spends_nothing(pre
     assert node.governance.ledger.spent(digest) == pytest.approx(first.answer.epsilon_spent)
 
 
-def test_small_cohort_is_refused_without_revealing_its_size(prepared_site, tmp_path):
+def test_small_cohort_is_refused_naming_the_criterion_that_removed_most_under_the_floor(prepared_site, tmp_path):
     node = _node(prepared_site, tmp_path, min_cohort_size=100_000)
-    spec = study()
+    spec = study(cohort={"min_age": 80})
     _approve(node, spec)
     outcome = node.train(instruction(spec), _start(node, spec))
     assert outcome.answer.code == RefusalCode.COHORT_TOO_SMALL and "100000" in outcome.answer.reason
     cohort = build_dataset(node.config.omop.url, spec, split_key=node.config.split_key())
-    assert str(len(cohort.person_ids)) not in outcome.answer.reason
+    top = most_removed(cohort.attrition)
+    assert top.name == "age" and top.criterion in outcome.answer.reason
+    floor = node.policy.min_cell_count
+    display = render_attrition(cohort.attrition, floor, name_most_removed=True, cohort_below=100_000)
+    assert display.sentence in outcome.answer.reason
+    shown = [int(v) for step in display.steps for v in (step.persons, step.removed_persons) if v.isdigit()]
+    assert shown and all(v == 0 or v >= floor for v in shown), "no count under the floor leaves the site"
     assert node.governance.ledger.spent(study_hash(spec)) == 0
+
+
+def test_a_refusal_never_tells_a_difference_of_fewer_than_the_floor(prepared_site, tmp_path):
+    node = _node(prepared_site, tmp_path, min_cohort_size=100_000)
+    spec = study()
+    _approve(node, spec)
+    first = node.train(instruction(spec), _start(node, spec))
+    cohort = build_dataset(node.config.omop.url, spec, split_key=node.config.split_key())
+    assert f"{len(cohort)} remain" in first.answer.reason, "a count at or above the floor may be told"
+    # One patient withdraws: the next refusal would say one patient fewer, which describes that patient.
+    node.governance.withdrawals.withdraw(int(cohort.person_ids[0]), "steward", "phoned")
+    again = node.train(instruction(spec, server_round=2), _start(node, spec))
+    assert again.answer.code == RefusalCode.COHORT_TOO_SMALL
+    assert f"{len(cohort) - 1} remain" not in again.answer.reason
+    assert most_removed(cohort.attrition).criterion in again.answer.reason
 
 
 def test_exact_evaluation_under_a_floor_above_the_cohort_withholds_everything(prepared_site, tmp_path):

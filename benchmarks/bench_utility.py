@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.consortium import loaded_consortium
 from benchmarks.machine import write_section
 
 OUTPUT = Path(__file__).resolve().parent / "output" / "utility"
@@ -34,24 +35,7 @@ PATIENTS = 5000
 
 def _datasets() -> dict[str, object]:
     """Generate and load the consortium; one StudyDataset per hospital."""
-    from federation.study import load_study
-    from omop_etl.load.pipeline import EtlSettings, run_etl
-    from omop_etl.synthetic import SynthConfig, generate_consortium
-    from site_node.cohort import build_dataset
-    from site_node.config import derive_split_key
-
-    shutil.rmtree(OUTPUT, ignore_errors=True)
-    OUTPUT.mkdir(parents=True)
-    consortium = OUTPUT / "consortium"
-    generate_consortium(SynthConfig(sites=3, patients_per_site=PATIENTS, seed=7), consortium)
-    spec = load_study(Path(__file__).resolve().parents[1] / "configs" / "study-inpatient-mortality.yaml")
-    datasets = {}
-    for site_dir in sorted(p for p in consortium.iterdir() if (p / "fhir").is_dir()):
-        url = f"sqlite:///{OUTPUT / (site_dir.name + '.sqlite')}"
-        secret = OUTPUT / f"{site_dir.name}.secret"
-        run_etl([site_dir / "fhir"], EtlSettings(db_url=url, secret_file=secret))
-        datasets[site_dir.name] = build_dataset(url, spec, split_key=derive_split_key(secret))
-    return {"spec": spec, "sites": datasets}
+    return loaded_consortium(OUTPUT, PATIENTS)
 
 
 def _train(spec, model, features, labels, epsilon, rounds_done, history, global_state, seed):

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from federation.study import StudySpec, study_hash
 from federation.study.spec import RandomSplit
 from site_node.cohort.attrition import Attrition, AttritionStep, attrition_sentence, most_removed
-from site_node.cohort.cache import cached_dataset
 from site_node.cohort.split import part_boundaries
 
 if TYPE_CHECKING:
@@ -63,14 +62,7 @@ def inspect_cohort(node: SiteNode, spec: StudySpec, *, by: str) -> CohortInspect
     """
     digest = study_hash(spec)
     policy = node.policy
-    dataset = cached_dataset(
-        node.config.omop.url,
-        spec,
-        digest,
-        split_key=node.config.split_key(),
-        schema=node.config.omop.schema_name,
-        withdrawn=node.governance.withdrawals.person_ids(),
-    )
+    dataset = node.dataset(spec, digest)
     attrition = dataset.attrition
     definitions = _part_definitions(spec)
     parts = [PartSize(part=p.part, persons=p.persons, definition=definitions[p.part]) for p in attrition.parts]

@@ -39,6 +39,7 @@ from site_node.governance.ledger import EVALUATE, NON_PRIVATE, RELEASED, TRAIN, 
 from site_node.releases import Release, ReleasedUpdates, save_global_model
 from site_node.training import (
     NotPrivateError,
+    TrainResult,
     calibrate_noise,
     check_privacy_honest,
     schedule,
@@ -272,17 +273,22 @@ class SiteNode:
                 suppressed.append("num-examples")
         return kept, suppressed
 
+    def dataset(self, spec: StudySpec, digest: str, withdrawn: set[int] | None = None) -> StudyDataset:
+        """The study's dataset at this site as a round builds it (consent and withdrawals applied; reused
+        while its inputs are unchanged). Raises CohortError when the database cannot give it."""
+        return cached_dataset(
+            self.config.omop.url,
+            spec,
+            digest,
+            split_key=self.config.split_key(),
+            schema=self.config.omop.schema_name,
+            withdrawn=self.governance.withdrawals.person_ids() if withdrawn is None else withdrawn,
+        )
+
     def _data(self, spec: StudySpec, digest: str) -> _Plan:
         withdrawn = self.governance.withdrawals.person_ids()
         try:
-            dataset = cached_dataset(
-                self.config.omop.url,
-                spec,
-                digest,
-                split_key=self.config.split_key(),
-                schema=self.config.omop.schema_name,
-                withdrawn=withdrawn,
-            )
+            dataset = self.dataset(spec, digest, withdrawn)
         except CohortError as exc:
             raise Refusal(
                 RefusalCode.SITE_ERROR, f"the cohort cannot be built at {self.config.site_id}: {exc}"
@@ -488,13 +494,41 @@ class SiteNode:
         )
         ceiling = min(spec.epsilon_budget() or 0.0, self.policy.study_epsilon_ceiling)
         by_purpose = self.governance.ledger.spent_by_purpose(digest)
+        return self._release_update(
+            instruction,
+            digest,
+            plan,
+            result,
+            metrics,
+            suppressed,
+            audit={"epsilon_after": epsilon, "epsilon_ceiling": ceiling},
+            answer={
+                "epsilon_spent": epsilon,
+                "epsilon_ceiling": ceiling,
+                "epsilon_training": by_purpose[TRAIN],
+                "epsilon_evaluation": by_purpose[EVALUATE],
+            },
+        )
+
+    def _release_update(
+        self,
+        instruction: RoundInstruction,
+        digest: str,
+        plan: _Plan,
+        result: TrainResult,
+        metrics: dict[str, float | int],
+        suppressed: list[str],
+        *,
+        audit: dict[str, object],
+        answer: dict[str, object],
+    ) -> RoundOutcome:
+        """A trained round's update leaves: audited with exactly what left, kept for a retry, answered."""
         self.governance.audit.append(
             "round-trained",
             {
                 "study_hash": digest,
                 "round": instruction.round_key,
-                "epsilon_after": epsilon,
-                "epsilon_ceiling": ceiling,
+                **audit,
                 "train_loss_kept_at_site": result.train_loss,
                 "left_the_site": {
                     "tensors": {name: list(t.shape) for name, t in result.state_dict.items()},
@@ -504,24 +538,21 @@ class SiteNode:
                 },
             },
         )
-        answer = SiteAnswer(
+        reply = SiteAnswer(
             site_id=self.config.site_id,
             status=SiteStatus.TRAINED,
-            epsilon_spent=epsilon,
-            epsilon_ceiling=ceiling,
-            epsilon_training=by_purpose[TRAIN],
-            epsilon_evaluation=by_purpose[EVALUATE],
             suppressed=",".join(suppressed) or None,
             cohort_snapshot=plan.dataset.snapshot_hash,
             consent_snapshot=plan.consent_snapshot,
+            **answer,
         )
         self.releases.save(
             digest,
             instruction.round_key,
-            Release(result.state_dict, metrics, answer.model_dump(mode="json"), num_examples=result.num_examples),
+            Release(result.state_dict, metrics, reply.model_dump(mode="json"), num_examples=result.num_examples),
         )
         return RoundOutcome(
-            answer, result.state_dict, metrics, local_train_loss=result.train_loss, train_examples=result.num_examples
+            reply, result.state_dict, metrics, local_train_loss=result.train_loss, train_examples=result.num_examples
         )
 
     def _train_non_private(
@@ -574,36 +605,15 @@ class SiteNode:
         metrics, suppressed = self._counted(
             plan, instruction.round_key, {"num-examples": result.num_examples, COMPUTE_METRIC: _since(started)}
         )
-        self.governance.audit.append(
-            "round-trained",
-            {
-                "study_hash": digest,
-                "round": instruction.round_key,
-                "differentially_private": False,
-                "train_loss_kept_at_site": result.train_loss,
-                "left_the_site": {
-                    "tensors": {name: list(t.shape) for name, t in result.state_dict.items()},
-                    "update_norm": result.update_norm,
-                    "metrics": metrics,
-                    "suppressed": suppressed,
-                },
-            },
-        )
-        answer = SiteAnswer(
-            site_id=self.config.site_id,
-            status=SiteStatus.TRAINED,
-            differentially_private=False,
-            suppressed=",".join(suppressed) or None,
-            cohort_snapshot=plan.dataset.snapshot_hash,
-            consent_snapshot=plan.consent_snapshot,
-        )
-        self.releases.save(
+        return self._release_update(
+            instruction,
             digest,
-            instruction.round_key,
-            Release(result.state_dict, metrics, answer.model_dump(mode="json"), num_examples=result.num_examples),
-        )
-        return RoundOutcome(
-            answer, result.state_dict, metrics, local_train_loss=result.train_loss, train_examples=result.num_examples
+            plan,
+            result,
+            metrics,
+            suppressed,
+            audit={"differentially_private": False},
+            answer={"differentially_private": False},
         )
 
     def _resend(self, digest: str, instruction: RoundInstruction, refused: RoundAlreadyTrained) -> RoundOutcome:
@@ -654,6 +664,7 @@ class SiteNode:
         if spec.privacy.private and self.policy.evaluation_release == "dp":
             release = self._dp_evaluation(spec, digest, key, plan, data, model, part)
         else:
+            self._exact_releases_left(spec, digest, part)
             release = exact_release(
                 model,
                 data,
@@ -732,6 +743,18 @@ class SiteNode:
         ledger.commit(reservation)
         alone = ledger.epsilon([event], delta, spec.privacy.accountant)
         return release.model_copy(update={"epsilon": alone})
+
+    def _exact_releases_left(self, spec: StudySpec, digest: str, part: str) -> None:
+        """Exact releases have no epsilon to run out of, so their number is bounded by the study's plan: a
+        coordinator asking for more (each with a model of its choosing) is refused."""
+        planned = spec.evaluation_releases(part)
+        done = len(self.governance.disclosures.released(spec.study.id, digest, part))
+        if done >= planned:
+            raise Refusal(
+                RefusalCode.BUDGET,
+                f"study '{spec.study.id}' planned {planned} evaluation release(s) of its {part} part and "
+                f"{self.config.site_id} has made them; another one is refused.",
+            )
 
     def _resend_evaluation(self, digest: str, instruction: RoundInstruction, kept: Release) -> RoundOutcome:
         """The same evaluation asked again (a resumed coordinator): the release already made, at no cost."""

@@ -224,3 +224,19 @@ def test_a_non_private_study_is_refused_by_default_and_labelled_when_allowed(nod
     budget = open_site.governance.ledger.summary()[0]
     assert budget.non_private_rounds == 1 and budget.total_epsilon == 0
     assert open_site.governance.ledger.site_spent() == 0, "a non-private round never enters an epsilon figure"
+
+
+def test_exact_releases_are_limited_to_the_studys_plan(node):
+    site = node(evaluation_release="exact")
+    spec = study(training={"rounds": 2})
+    site.governance.approvals.approve(study_hash(spec), spec.study.id, "test steward")
+    state = initial_state(spec, site.feature_count(spec))
+    first = site.evaluate(instruction(spec, server_round=2), state)
+    assert first.answer.status == SiteStatus.EVALUATED and first.evaluation.mode == ReleaseMode.EXACT
+    assert first.evaluation.examples is not None and first.answer.epsilon_evaluation == 0
+    # A coordinator asking for more exact releases (each with weights of its choosing) than the study planned
+    # is refused: without an epsilon to run out of, the plan is the bound.
+    more = site.evaluate(instruction(spec, run_id="another-run", server_round=2), state)
+    assert more.answer.code == RefusalCode.BUDGET and "planned 1 evaluation release" in more.answer.reason
+    again = site.evaluate(instruction(spec, server_round=2), state)
+    assert again.evaluation == first.evaluation, "the planned release itself is re-sent as made"

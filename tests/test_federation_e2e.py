@@ -77,9 +77,15 @@ def test_study_over_tls_with_a_refusal_and_a_site_killed_mid_study(prepared_site
 
     card = json.loads((folder / "model-card.json").read_text())
     assert card["run"]["status"] == "completed" and card["study"]["hash"] == study_hash(spec)
-    assert 0 < card["sites"]["aster"]["epsilon_spent"] <= spec.privacy.target_epsilon + 1e-6
+    aster_card = card["sites"]["aster"]
+    assert 0 < aster_card["epsilon_training"] <= spec.privacy.target_epsilon + 1e-6
+    assert 0 < aster_card["epsilon_evaluation"] <= spec.evaluation.epsilon + 1e-6
+    assert aster_card["epsilon_training"] < aster_card["epsilon_spent"] <= spec.epsilon_budget() + 1e-6
+    assert aster_card["evaluation_release"] == "dp", "the default evaluation release is differentially private"
     assert card["sites"]["aster"]["rounds_trained"] == 2 and card["sites"]["birch"]["rounds_trained"] == 1
-    assert card["metrics"]["held_out_auroc"] is not None and (folder / "model-card.html").exists()
+    assert card["metrics"]["held_out_auroc_text"] and (folder / "model-card.html").exists()
+    evaluations = [r for r in receipts if r.phase == "evaluate"]
+    assert [(r.server_round, r.part) for r in evaluations] == [(2, "test")], "one test release, of the final model"
 
     for site_id, site_file in site_files.items():
         node = SiteNode(load_site_config(site_file))
@@ -129,6 +135,9 @@ def test_a_coordinator_killed_mid_study_resumes_from_its_last_round(prepared_sit
     for site_file in site_files.values():
         node = SiteNode(load_site_config(site_file))
         # every round trained once at each site: three committed rounds, nothing spent twice
-        assert node.governance.ledger.spent(study_hash(spec)) <= spec.privacy.target_epsilon + 1e-6
-        committed = [r for r in node.governance.ledger.reservations(study_hash(spec)) if r.status == "committed"]
-        assert sorted(r.round_key for r in committed)[-1].endswith(":3")
+        spent = node.governance.ledger.spent_by_purpose(study_hash(spec))
+        assert spent["train"] <= spec.privacy.target_epsilon + 1e-6
+        assert spent["total"] <= spec.epsilon_budget() + 1e-6
+        rows = [r for r in node.governance.ledger.reservations(study_hash(spec)) if r.status == "committed"]
+        assert sorted(r.round_key for r in rows if r.purpose == "train")[-1].endswith(":3")
+        assert [r.round_key.rsplit(":", 2)[-2:] for r in rows if r.purpose == "evaluate"] == [["3", "test"]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
@@ -34,9 +36,21 @@ def test_a_schema_can_be_created_written_and_dropped(pg_url):
 
 
 def test_site_doctor_against_postgresql(pg_url):
-    result = CliRunner().invoke(app, ["site", "doctor", "--db", pg_url])
-    assert result.exit_code == 0, result.output
-    assert "postgresql" in result.output
+    from tests.foreign_omop import build_foreign_omop
+
+    wide = {"COLUMNS": "300"}
+    bare = CliRunner().invoke(app, ["site", "doctor", "--db", pg_url, "--schema", "no_such_cdm_schema"], env=wide)
+    assert bare.exit_code == 1 and "there is no schema no_such_cdm_schema" in bare.output
+    schema = f"doctor_{uuid.uuid4().hex[:8]}"
+    build_foreign_omop(pg_url, schema, persons=50)
+    try:
+        result = CliRunner().invoke(app, ["site", "doctor", "--db", pg_url, "--schema", schema])
+        assert result.exit_code == 0, result.output
+    finally:
+        engine = open_engine(pg_url)
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        engine.dispose()
 
 
 def test_plain_postgresql_urls_use_psycopg3():

@@ -110,7 +110,7 @@ def test_a_site_that_requires_secure_aggregation_turns_it_on_and_the_mean_is_exa
         committed = [
             r
             for r in node.governance.ledger.reservations(digest)
-            if r.status == "committed" and r.round_key.startswith(f"{spec.study.id}:")
+            if r.status == "committed" and r.purpose == "train" and r.round_key.startswith(f"{spec.study.id}:")
         ]
         assert sorted(r.round_key.rsplit(":", 1)[1] for r in committed) == [str(n) for n in range(1, ROUNDS + 1)]
         assert node.governance.audit.verify().ok

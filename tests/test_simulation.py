@@ -1,9 +1,9 @@
 """`twinfed study simulate`: the real study in Flower's simulation engine (Ray), with simulated sites.
 
-One run of 4 simulated sites over one OMOP database, 2 rounds, end to end: every site trained and was
-evaluated in every round under its own site id, the receipts and the model card say so, each site's
-governance database recorded the approval by "simulation" and its own privacy spending, the report
-has time and memory per round, and the SuperLink the flwr CLI started is gone afterwards.
+One run of 4 simulated sites over one OMOP database, 2 rounds, end to end: every site trained in every
+round and released its evaluation of the final model under its own site id, the receipts and the model
+card say so, each site's governance database recorded the approval by "simulation" and its own privacy
+spending, the report has time and memory per round, and the SuperLink the flwr CLI started is gone afterwards.
 
 The example study runs with secure aggregation (SecAgg+), so this is also where its result is checked
 against plain aggregation: the model the coordinator ends with equals the example-weighted mean of the
@@ -48,8 +48,9 @@ def test_simulated_study_runs_the_real_apps_end_to_end(prepared_site: Path, tmp_
     run = out / "studies" / "inpatient-mortality-24h" / "simulation"
     site_ids = {f"sim-{i:03d}" for i in range(1, SITES + 1)}
     receipts = read_receipts(run / "receipts.jsonl")
-    assert [(r.server_round, r.phase) for r in receipts] == [
-        (1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")
+    # the study evaluates once, the final model on every site's test part (a DP release each)
+    assert [(r.server_round, r.phase, r.part) for r in receipts] == [
+        (1, "train", None), (2, "train", None), (2, "evaluate", "test")
     ]  # fmt: skip
     for receipt in receipts:
         expected = Participation.TRAINED if receipt.phase == "train" else Participation.EVALUATED

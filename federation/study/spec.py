@@ -438,11 +438,15 @@ class StudySpec(_Strict):
             )
         return self
 
-    def evaluation_releases(self) -> int:
-        """How many evaluation releases the study plans at each site: one validation release per round when
-        a validation part is cut, and test releases every round or once at the end."""
+    def evaluation_releases(self, part: str | None = None) -> int:
+        """How many evaluation releases the study plans at each site (of `part`, or of both parts): one
+        validation release per round when a validation part is cut, and test releases every round or once."""
         validation = self.training.rounds if self.evaluation.split.has_validation else 0
         test = self.training.rounds if self.evaluation.every_round else 1
+        if part == "validation":
+            return validation
+        if part == "test":
+            return test
         return validation + test
 
     def epsilon_budget(self) -> float | None:

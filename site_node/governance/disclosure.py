@@ -124,6 +124,14 @@ class DisclosureRegister:
                     )
         return None
 
+    def released(self, lineage: str, study_hash: str, part: str) -> set[str]:
+        """The release keys this version of the study has released for `part` (exact counts that left)."""
+        query = select(self.table.c.release_key).where(
+            self.table.c.lineage == lineage, self.table.c.study_hash == study_hash, self.table.c.part == part
+        )
+        with self.store.engine.connect() as connection:
+            return {row.release_key for row in connection.execute(query)}
+
     def check_and_record(
         self,
         lineage: str,

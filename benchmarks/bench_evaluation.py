@@ -9,7 +9,7 @@ part is released the way a site releases it, many times over, and pooled the way
 * the earlier release (per-site exact AUROC pooled by inverse-variance weights, Hanley-McNeil), which
   was not private and leaked small cells;
 * the DP release at evaluation epsilon 0.5, 1, 2 and 4 (one release at delta 1e-5, RDP): noisy
-  histograms over the default risk strata and, for comparison, 20 equal strata on the logit scale.
+  histograms over the default risk strata (6) and, for comparison, 10 finer strata.
 
 For the DP release: bias and root mean square error against the oracle, the coverage of its 95%
 interval (how often the oracle lies inside) and the interval's width. The same at "small hospitals":
@@ -131,6 +131,9 @@ def _plot(rows: list[dict]) -> None:
     axes[1].axhline(0.95, color="grey", linestyle=":")
     axes[1].set(xscale="log", xlabel="evaluation epsilon per site", ylabel="coverage", ylim=(0.5, 1.02),
                 title="How often the 95% interval holds the exact value")  # fmt: skip
+    for axis in axes:
+        axis.set_xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
+        axis.minorticks_off()
     axes[0].legend(fontsize=7)
     figure.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)
@@ -153,10 +156,8 @@ def main() -> None:
     rng = np.random.default_rng(20261201)
     keep = {site: rng.random(len(labels)) < 0.25 for site, (_, labels) in tests.items()}
     small = {site: (lg[keep[site]], lb[keep[site]]) for site, (lg, lb) in tests.items()}
-    uniform = EvaluationSpec(
-        score_edges=sorted({*(float(1 / (1 + np.exp(-x))) for x in np.linspace(-6, 3, 19)), 0.5})
-    )
-    grids = {"default strata (10)": spec.evaluation, f"{len(uniform.score_edges) + 1} equal logit strata": uniform}
+    finer = EvaluationSpec(score_edges=[0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7])
+    grids = {f"default strata ({len(spec.evaluation.score_edges) + 1})": spec.evaluation, "10 finer strata": finer}
     rows = []
     for size, data in (("full test parts", tests), ("quarter test parts", small)):
         for grid, evaluation in grids.items():

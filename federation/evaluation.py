@@ -17,9 +17,12 @@ sites added. Each is a normal interval from the spread of replicate analyses in 
 count is redrawn (Poisson around its value, plus fresh noise of the site's own level for DP counts) and
 every exact AUROC is redrawn around its value with its standard error.
 
-The point estimates use the noisy counts as released (unbiased, where clipping negative counts at zero
-would bias AUROC towards 0.5); a metric whose denominator the noise leaves at or below zero is "not
-estimable", said with its reason, never NaN.
+Before any metric is computed, each pooled histogram is replaced by the nearest one (in squared error)
+that could be true: no negative count, and the same total as released. This is post-processing of the
+releases, so it costs no privacy; it removes most of the noise's effect where counts are small (at the
+price of a slight pull of AUROC towards 0.5, measured in docs/benchmarks.md, evaluation), and the
+replicates go through the same step. A metric whose denominator is still zero is "not estimable",
+said with its reason, never NaN.
 """
 
 from __future__ import annotations
@@ -137,6 +140,19 @@ def hanley_mcneil_se(auroc: float, positives: float, negatives: float) -> float:
     return math.sqrt(max(variance, 1e-12))
 
 
+def feasible(counts: np.ndarray) -> np.ndarray:
+    """The non-negative histogram nearest to `counts` (Euclidean) with the same total (at least 1): the
+    projection onto a scaled simplex (Duchi et al., 2008)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = max(float(counts.sum()), 1.0)
+    ordered = np.sort(counts)[::-1]
+    running = np.cumsum(ordered) - total
+    index = np.arange(1, len(counts) + 1)
+    last = index[ordered - running / index > 0][-1]
+    shift = running[last - 1] / last
+    return np.maximum(counts - shift, 0.0)
+
+
 def histogram_auroc(positives: np.ndarray, negatives: np.ndarray) -> float | None:
     """P(a positive scores in a higher stratum than a negative), ties one half; None when a class is empty."""
     p_total, n_total = float(positives.sum()), float(negatives.sum())
@@ -240,8 +256,8 @@ def pool_evaluations(
             )
     positives = negatives = variance = None
     if dp:
-        positives = np.sum([np.asarray(r.positives, dtype=np.float64) for _, r in dp], axis=0)
-        negatives = np.sum([np.asarray(r.negatives, dtype=np.float64) for _, r in dp], axis=0)
+        positives = feasible(np.sum([np.asarray(r.positives, dtype=np.float64) for _, r in dp], axis=0))
+        negatives = feasible(np.sum([np.asarray(r.negatives, dtype=np.float64) for _, r in dp], axis=0))
         variance = np.full(bins, sum(float(r.noise_sd) ** 2 for _, r in dp))
     exact_values = [_exact(r) for _, r in exact]
     # Inverse-variance weights of the AUROC components, fixed from the observed values (Hanley-McNeil).
@@ -265,8 +281,8 @@ def pool_evaluations(
         rep_pos = rep_neg = None
         if positives is not None:
             noise_sd = np.sqrt(variance)
-            rep_pos = rng.poisson(np.maximum(positives, 0)) + rng.normal(0, noise_sd)
-            rep_neg = rng.poisson(np.maximum(negatives, 0)) + rng.normal(0, noise_sd)
+            rep_pos = feasible(rng.poisson(positives) + rng.normal(0, noise_sd))
+            rep_neg = feasible(rng.poisson(negatives) + rng.normal(0, noise_sd))
         rep_exact = []
         rep_auroc = []
         for site, se in zip(exact_values, exact_se, strict=True):

@@ -9,7 +9,12 @@ part is released the way a site releases it, many times over, and pooled the way
 * the earlier release (per-site exact AUROC pooled by inverse-variance weights, Hanley-McNeil), which
   was not private and leaked small cells;
 * the DP release at evaluation epsilon 0.5, 1, 2 and 4 (one release at delta 1e-5, RDP): noisy
-  histograms over the default risk strata (6) and, for comparison, 10 finer strata.
+  histograms over the study's fixed risk strata (6), or over adaptive strata placed from a first DP
+  release of the unlabelled scores (20% of the budget), as the coordinator does by default.
+
+Two models: the fitted one as it is (risks spread from under 1% to over 50%), and the same scores
+squeezed towards their mean (x 0.35 on the logit scale), as a DP-trained model's are: in `make demo`
+the federated model put 90% of test patients between 1.5% and 7% risk.
 
 For the DP release: bias and root mean square error against the oracle, the coverage of its 95%
 interval (how often the oracle lies inside) and the interval's width. The same at "small hospitals":
@@ -51,17 +56,35 @@ def _scores() -> tuple[object, dict[str, tuple[np.ndarray, np.ndarray]]]:
     return spec, tests
 
 
-def _release(logits, labels, evaluation, sd, rng):
-    from federation.protocol import EvaluationRelease, ReleaseMode
-    from federation.study.strata import stratum_count, stratum_of
+def _noisy(counts, sd, rng):
+    return list(counts + rng.normal(0, sd, len(counts)))
 
-    strata = stratum_of(logits, evaluation)
-    bins = stratum_count(evaluation)
-    positives = np.bincount(strata[labels], minlength=bins) + rng.normal(0, sd, bins)
-    negatives = np.bincount(strata[~labels], minlength=bins) + rng.normal(0, sd, bins)
-    return EvaluationRelease(
-        part="test", mode=ReleaseMode.DP, positives=list(positives), negatives=list(negatives), noise_sd=sd
-    )
+
+def _releases(tests, evaluation, strata_kind: str, sigma: float, rng) -> list:
+    """One evaluation of every site, as sites and coordinator make it (noise from `rng` for repeatability)."""
+    from federation.evaluation import pool_scores
+    from federation.protocol import EvaluationRelease, ReleaseMode
+    from federation.study.strata import Strata, adaptive_strata
+    from site_node.training.evaluation import score_distribution, score_histograms
+
+    share = evaluation.strata_budget_share
+    if strata_kind == "fixed":
+        strata, sd = Strata.fixed(evaluation), sigma
+    else:
+        scores = [
+            (site, EvaluationRelease(part="test", mode=ReleaseMode.DP, stage="scores", noise_sd=sigma / share**0.5,
+                                     scores=_noisy(score_distribution(lg), sigma / share**0.5, rng)))
+            for site, (lg, _) in tests.items()
+        ]  # fmt: skip
+        strata, sd = adaptive_strata(pool_scores(scores), evaluation), sigma / (1 - share) ** 0.5
+    releases = []
+    for site, (logits, labels) in tests.items():
+        positives, negatives = score_histograms(logits, labels, strata)
+        releases.append(
+            (site, EvaluationRelease(part="test", mode=ReleaseMode.DP, score_edges=list(strata.edges), noise_sd=sd,
+                                     positives=_noisy(positives, sd, rng), negatives=_noisy(negatives, sd, rng)))
+        )  # fmt: skip
+    return releases
 
 
 def _earlier_release(tests) -> tuple[float, float]:
@@ -71,14 +94,18 @@ def _earlier_release(tests) -> tuple[float, float]:
 
     terms = []
     for logits, labels in tests.values():
+        if labels.all() or not labels.any():
+            continue  # a hospital without deaths (or survivors) in the part had no AUROC to release
         a = auroc(labels, logits)
         se = hanley_mcneil_se(a, labels.sum(), (~labels).sum())
         terms.append((a, 1 / se**2))
+    if not terms:
+        return float("nan"), float("nan")
     weight = sum(w for _, w in terms)
     return sum(a * w for a, w in terms) / weight, 2 * Z95 / np.sqrt(weight)
 
 
-def _case(tests, evaluation, epsilon: float, rng) -> dict[str, float]:
+def _case(tests, evaluation, strata_kind: str, epsilon: float, rng) -> dict[str, float]:
     from federation.evaluation import pool_evaluations
     from site_node.training import calibrate_noise
     from site_node.training.evaluation import auroc
@@ -90,8 +117,7 @@ def _case(tests, evaluation, epsilon: float, rng) -> dict[str, float]:
     oracle_sensitivity = float((logits[labels] >= 0).mean())
     errors, sens_errors, covered, widths = [], [], 0, []
     for repeat in range(REPEATS):
-        releases = [(site, _release(lg, lb, evaluation, sd, rng)) for site, (lg, lb) in tests.items()]
-        pooled = pool_evaluations(releases, evaluation, seed=repeat)
+        pooled = pool_evaluations(_releases(tests, evaluation, strata_kind, sd, rng), evaluation, seed=repeat)
         if pooled.auroc.value is None:
             continue
         errors.append(pooled.auroc.value - oracle)
@@ -144,25 +170,32 @@ def _plot(rows: list[dict]) -> None:
 def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["size"], row["grid"]), []).append(row)
+        groups.setdefault((f"{row['model']}, {row['size']}", row["grid"]), []).append(row)
     return groups
 
 
-def main() -> None:
-    from federation.study.spec import EvaluationSpec
+def _squeezed(tests, factor: float = 0.35) -> dict:
+    centre = float(np.mean(np.concatenate([lg for lg, _ in tests.values()])))
+    return {site: (centre + factor * (lg - centre), lb) for site, (lg, lb) in tests.items()}
 
+
+def main() -> None:
     started = time.perf_counter()
     spec, tests = _scores()
     rng = np.random.default_rng(20261201)
     keep = {site: rng.random(len(labels)) < 0.25 for site, (_, labels) in tests.items()}
     small = {site: (lg[keep[site]], lb[keep[site]]) for site, (lg, lb) in tests.items()}
-    finer = EvaluationSpec(score_edges=[0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7])
-    grids = {f"default strata ({len(spec.evaluation.score_edges) + 1})": spec.evaluation, "10 finer strata": finer}
+    cases = [
+        ("spread model", "full test parts", tests),
+        ("squeezed model", "full test parts", _squeezed(tests)),
+        ("spread model", "quarter test parts", small),
+    ]
     rows = []
-    for size, data in (("full test parts", tests), ("quarter test parts", small)):
-        for grid, evaluation in grids.items():
+    for model, size, data in cases:
+        for strata_kind in ("fixed", "adaptive"):
             for epsilon in EPSILONS:
-                rows.append({"size": size, "grid": grid, **_case(data, evaluation, epsilon, rng)})
+                case = _case(data, spec.evaluation, strata_kind, epsilon, rng)
+                rows.append({"model": model, "size": size, "grid": f"{strata_kind} strata", **case})
     _plot(rows)
     sizes = (("full test parts", tests), ("quarter test parts", small))
     counts = {
@@ -174,9 +207,11 @@ def main() -> None:
         "### DP evaluation release (issue 9): pooled metrics from noisy score histograms",
         "",
         f"3 synthetic hospitals x {PATIENTS:,} patients (seed 7), the example mortality study; a logistic model "
-        "fitted on the pooled training parts (benchmark only) scores each hospital's test part. Each DP release is "
-        f"one Gaussian histogram per outcome class at delta {DELTA:g} (RDP); {REPEATS} releases per row, pooled "
-        "as the coordinator pools them. Oracle: the exact AUROC of all test patients ranked together.",
+        "fitted on the pooled training parts (benchmark only) scores each hospital's test part; the squeezed "
+        "model is the same scores pulled towards their mean (x 0.35 on the logit scale), like a DP-trained "
+        f"model's. Each DP release at delta {DELTA:g} (RDP), {REPEATS} releases per row, pooled as the "
+        "coordinator pools them (adaptive strata: 20% of the budget places them from the unlabelled scores). "
+        "Oracle: the exact AUROC of all test patients ranked together.",
         "",
     ]
     for size, (n, positives) in counts.items():
@@ -187,13 +222,13 @@ def main() -> None:
         )
     lines += [
         "",
-        "| test parts | strata | eval. epsilon | noise s.d. per count | exact AUROC | bias | RMSE | 95% CI coverage "
+        "| model | test parts | strata | eval. epsilon | exact AUROC | bias | RMSE | 95% CI coverage "
         "| mean CI width | sensitivity RMSE |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['size']} | {row['grid']} | {row['epsilon']:g} | {row['noise_sd']:.2f} | {row['oracle']:.3f} | "
+            f"| {row['model']} | {row['size']} | {row['grid']} | {row['epsilon']:g} | {row['oracle']:.3f} | "
             f"{row['bias']:+.4f} | {row['rmse']:.4f} | {row['coverage']:.2f} | {row['width']:.3f} | "
             f"{row['sensitivity_rmse']:.3f} |"
         )

@@ -274,7 +274,7 @@ def run_consortium(mode: str, rounds: int, omop_url: str, secret: Path) -> tuple
             row["round"],
             row["round_seconds"],
             slowest[(row["round"], "train")],
-            slowest[(row["round"], "evaluate")],
+            slowest[(row["round"], "evaluate")] + slowest.get((row["round"], "strata"), 0.0),
         )
         for row in card["history"]
     ]

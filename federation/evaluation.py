@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 from federation.protocol import EvaluationRelease, ReleaseMode
 from federation.study.spec import EvaluationSpec
-from federation.study.strata import representative_risks, stratum_count, stratum_labels, threshold_stratum
+from federation.study.strata import SCORE_GRID, Strata
 
 Z95 = 1.959963984540054
 REPLICATES = 400
@@ -174,18 +174,17 @@ def _metrics(
     negatives: np.ndarray | None,
     exact: Sequence[_Exact],
     exact_auroc: Sequence[float | None],
-    evaluation: EvaluationSpec,
+    strata: Strata | None,
     auroc_weights: tuple[float, list[float]],
 ) -> dict[str, float | None]:
     """Every pooled metric from one set of released values (the observed ones or a replicate)."""
-    risks = representative_risks(evaluation)
-    cut = threshold_stratum(evaluation)
     tp = fn = fp = tn = 0.0
     loss_sum = brier_sum = weight_sum = 0.0
     predicted = observed_events = 0.0
     out: dict[str, float | None] = {}
     components: list[tuple[float, float]] = []
-    if positives is not None and negatives is not None:
+    if positives is not None and negatives is not None and strata is not None:
+        risks, cut = strata.representative_risks(), strata.threshold_stratum
         tp += float(positives[cut:].sum())
         fn += float(positives[:cut].sum())
         fp += float(negatives[cut:].sum())
@@ -243,19 +242,19 @@ def _exact(release: EvaluationRelease) -> _Exact:
 def pool_evaluations(
     releases: Sequence[tuple[str, EvaluationRelease]], evaluation: EvaluationSpec, *, seed: int = 0
 ) -> PooledEvaluation:
-    """Pool the releases (site label, release) of one part after one round into every metric."""
-    bins = stratum_count(evaluation)
+    """Pool the releases (site label, release) of one part after one round into every metric.
+
+    DP histograms are added only when they share their strata (the first DP release's); a release over
+    other strata (a site that answered an earlier placement) is listed and left out, never mixed in."""
     part = releases[0][1].part if releases else "test"
     dp = [(site, r) for site, r in releases if r.mode == ReleaseMode.DP]
     exact = [(site, r) for site, r in releases if r.mode == ReleaseMode.EXACT]
-    for site, release in dp:
-        if len(release.positives or []) != bins:
-            raise ValueError(
-                f"{site} released {len(release.positives or [])} risk strata, the study has {bins}: "
-                "a site running other twinfed code? Its release cannot be pooled."
-            )
+    strata = Strata.checked(dp[0][1].score_edges, evaluation.threshold) if dp else None
+    mismatched = {site for site, r in dp if strata is not None and tuple(r.score_edges or ()) != strata.edges}
+    dp = [(site, r) for site, r in dp if site not in mismatched]
     positives = negatives = variance = None
     if dp:
+        bins = strata.count
         positives = feasible(np.sum([np.asarray(r.positives, dtype=np.float64) for _, r in dp], axis=0))
         negatives = feasible(np.sum([np.asarray(r.negatives, dtype=np.float64) for _, r in dp], axis=0))
         variance = np.full(bins, sum(float(r.noise_sd) ** 2 for _, r in dp))
@@ -273,7 +272,7 @@ def pool_evaluations(
             continue
         exact_se.append(hanley_mcneil_se(site.auroc, release.with_outcome, release.examples - release.with_outcome))
     weights = (weights_dp, [0.0 if se is None else 1 / se**2 for se in exact_se])
-    observed = _metrics(positives, negatives, exact_values, [s.auroc for s in exact_values], evaluation, weights)
+    observed = _metrics(positives, negatives, exact_values, [s.auroc for s in exact_values], strata, weights)
 
     rng = np.random.default_rng(seed)
     replicates: dict[str, list[float]] = {name: [] for name in observed}
@@ -290,7 +289,7 @@ def pool_evaluations(
             drawn = tuple(int(rng.poisson(c)) for c in cells) if cells is not None else (None,) * 4
             rep_exact.append(_Exact(site.examples, *drawn, site.auroc, site.loss, site.brier))
             rep_auroc.append(None if se is None else float(np.clip(rng.normal(site.auroc, se), 0, 1)))
-        values = _metrics(rep_pos, rep_neg, rep_exact, rep_auroc, evaluation, weights)
+        values = _metrics(rep_pos, rep_neg, rep_exact, rep_auroc, strata, weights)
         for name, value in values.items():
             if value is not None and math.isfinite(value):
                 replicates[name].append(value)
@@ -310,8 +309,8 @@ def pool_evaluations(
 
     calibration = []
     if positives is not None:
-        risks = representative_risks(evaluation)
-        for label, risk, pos, neg in zip(stratum_labels(evaluation), risks, positives, negatives, strict=True):
+        risks = strata.representative_risks()
+        for label, risk, pos, neg in zip(strata.labels(), risks, positives, negatives, strict=True):
             patients = float(pos + neg)
             # A stratum's observed rate says something only when it clearly holds patients despite the noise.
             enough = patients > 2 * Z95 * math.sqrt(2 * float(variance[0]))
@@ -345,13 +344,22 @@ def pool_evaluations(
                 epsilon=r.epsilon,
                 noise_sd=r.noise_sd,
                 cell_floor=r.cell_floor,
-                withheld=r.withheld,
-                withheld_reason=r.withheld_reason,
+                withheld="histograms" if site in mismatched else r.withheld,
+                withheld_reason="released over other strata than the pooled ones; left out"
+                if site in mismatched
+                else r.withheld_reason,
             )
             for site, r in releases
         ],
         method=_method(len(dp), len(exact), len(releases) - len(dp) - len(exact)),
     )
+
+
+def pool_scores(releases: Sequence[tuple[str, EvaluationRelease]]) -> np.ndarray | None:
+    """The sites' score distributions (stage scores) added and projected to feasible counts; None without any."""
+    grids = [np.asarray(r.scores, dtype=np.float64) for _, r in releases if r.mode == ReleaseMode.DP and r.scores]
+    grids = [g for g in grids if len(g) == len(SCORE_GRID) + 1]
+    return feasible(np.sum(grids, axis=0)) if grids else None
 
 
 def _no_value_reason(releases: Sequence[tuple[str, EvaluationRelease]]) -> str:

@@ -66,6 +66,10 @@ class RoundInstruction(_Record):
     # Which of the site's split parts an evaluation message scores ('validation' or 'test'); training uses
     # the training part whatever this says.
     part: Literal["validation", "test"] = "test"
+    # An evaluation with adaptive strata has two stages: 'scores' (the scores' distribution, no outcomes)
+    # and 'outcomes' (per outcome class and stratum), whose strata the coordinator sends in `score_edges`.
+    stage: Literal["scores", "outcomes"] = "outcomes"
+    score_edges: list[float] | None = None
 
     @classmethod
     def for_study(
@@ -76,6 +80,8 @@ class RoundInstruction(_Record):
         *,
         secure_aggregation: bool | None = None,
         part: Literal["validation", "test"] = "test",
+        stage: Literal["scores", "outcomes"] = "outcomes",
+        score_edges: list[float] | None = None,
     ) -> RoundInstruction:
         """`secure_aggregation`: whether this round runs SecAgg+ (the study's setting unless the coordinator
         turned it on because a site's policy requires it). `part`: what an evaluation message scores."""
@@ -86,6 +92,8 @@ class RoundInstruction(_Record):
             server_round=server_round,
             secure_aggregation=spec.federation.secure_aggregation if secure_aggregation is None else secure_aggregation,
             part=part,
+            stage=stage,
+            score_edges=score_edges,
         )
 
     def study(self) -> StudySpec:
@@ -103,7 +111,8 @@ class RoundInstruction(_Record):
     @property
     def evaluation_key(self) -> str:
         """Identifies one evaluation release (a part scored after a round): a retry re-sends the same release."""
-        return f"{self.run_id}:{self.server_round}:{self.part}"
+        key = f"{self.run_id}:{self.server_round}:{self.part}"
+        return key if self.stage == "outcomes" else f"{key}:{self.stage}"
 
 
 class SiteStatus(StrEnum):
@@ -142,15 +151,20 @@ class ReleaseMode(StrEnum):
 class EvaluationRelease(_Record):
     """What one site releases about a model's performance on one of its held-out parts.
 
-    `dp`: per outcome class, the number of patients in each risk stratum of the study (federation.study.
+    `dp`: per outcome class, the number of patients in each risk stratum (`score_edges`, federation.study.
     strata), each with Gaussian noise of standard deviation `noise_sd`; the coordinator adds the sites'
-    histograms. `exact`: the confusion counts at the study's threshold and the AUROC, loss and Brier score,
-    only when every cell is at or above the site's floor and no count differs from an earlier release of
-    the same study by less than it; otherwise those fields are absent and `withheld` names them.
+    histograms. At the `scores` stage of adaptive strata: the patients per cell of the fixed score grid,
+    outcomes not involved, from which the coordinator places the strata. `exact`: the confusion counts at
+    the study's threshold and the AUROC, loss and Brier score, only when every cell is at or above the
+    site's floor and no count differs from an earlier release of the same study by less than it; otherwise
+    those fields are absent and `withheld` names them.
     """
 
     part: Literal["validation", "test"]
     mode: ReleaseMode
+    stage: Literal["scores", "outcomes"] = "outcomes"
+    scores: list[float] | None = None  # stage scores: noisy patients per cell of the score grid (no outcomes)
+    score_edges: list[float] | None = None  # the strata the histograms below are cut at (DP outcome releases)
     positives: list[float] | None = None
     negatives: list[float] | None = None
     noise_sd: float | None = None
@@ -170,9 +184,12 @@ class EvaluationRelease(_Record):
 
     @model_validator(mode="after")
     def _complete(self) -> EvaluationRelease:
-        if self.mode == ReleaseMode.DP:
-            if self.positives is None or self.negatives is None or self.noise_sd is None:
-                raise ValueError("a DP release carries both histograms and its noise level")
-            if len(self.positives) != len(self.negatives):
+        if self.mode == ReleaseMode.DP and self.stage == "scores":
+            if self.scores is None or self.noise_sd is None:
+                raise ValueError("a DP score release carries its histogram and its noise level")
+        elif self.mode == ReleaseMode.DP:
+            if self.positives is None or self.negatives is None or self.noise_sd is None or not self.score_edges:
+                raise ValueError("a DP release carries both histograms, their strata and its noise level")
+            if not len(self.positives) == len(self.negatives) == len(self.score_edges) + 1:
                 raise ValueError("the two histograms of a DP release must have one count per stratum each")
         return self

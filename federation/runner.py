@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 
 from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from federation.deployment import shorten_object_pull_backoff
-from federation.evaluation import PooledEvaluation, pool_evaluations
+from federation.evaluation import PooledEvaluation, pool_evaluations, pool_scores
 from federation.models import build_model
 from federation.protocol import (
     EvaluationRelease,
@@ -41,6 +41,7 @@ from federation.strategies import AggregationError, SiteUpdate, make_aggregator
 from federation.study import StudySpec, study_hash
 from federation.study.features import feature_names
 from federation.study.spec import ROBUST_STRATEGIES, SECURE_AGGREGATION_MIN_SITES
+from federation.study.strata import Strata, adaptive_strata
 
 log = logging.getLogger("twinfed.coordinator")
 
@@ -184,13 +185,13 @@ class StudyRunner:
             row: dict[str, object] = {"round": server_round}
             receipts = [train_receipt]
             if evaluation.split.has_validation:
-                receipt, pooled = self._evaluate(server_round, self._nodes(), weights, "validation")
-                receipts.append(receipt)
+                exchanges, pooled = self._evaluate(server_round, self._nodes(), weights, "validation")
+                receipts += exchanges
                 row["validation"] = pooled.model_dump(mode="json")
                 selection.offer(server_round, weights, pooled.auroc.value)
             if evaluation.every_round:
-                receipt, pooled = self._evaluate(server_round, self._nodes(), weights, "test")
-                receipts.append(receipt)
+                exchanges, pooled = self._evaluate(server_round, self._nodes(), weights, "test")
+                receipts += exchanges
                 row["test"] = pooled.model_dump(mode="json")
             row.update(self._train_row(train_receipt))
             row["secure_aggregation"] = secure
@@ -284,17 +285,18 @@ class StudyRunner:
 
     # --- one exchange -----------------------------------------------------------------------------
 
-    def _instruction(self, server_round: int, part: str = "test") -> RoundInstruction:
+    def _instruction(self, server_round: int, **evaluation) -> RoundInstruction:
+        """The round's instruction; `evaluation`: part, stage and score_edges of an evaluation message."""
         return RoundInstruction.for_study(
-            self.spec, self.run_name, server_round, secure_aggregation=self.secure, part=part
+            self.spec, self.run_name, server_round, secure_aggregation=self.secure, **evaluation
         )
 
     def _exchange(
-        self, phase: str, server_round: int, nodes: list[int], weights: Weights | None, *, part: str = "test"
+        self, phase: str, server_round: int, nodes: list[int], weights: Weights | None, **evaluation
     ) -> tuple[dict[int, Message], dict[int, float], dt.datetime]:
         """One message per node (the instruction, and the global weights unless `weights` is None)."""
         started = dt.datetime.now(dt.UTC)
-        instruction = self._instruction(server_round, part).to_config_record()
+        instruction = self._instruction(server_round, **evaluation).to_config_record()
         timeout = self.spec.federation.round_timeout_seconds
         messages = [
             Message(
@@ -503,20 +505,54 @@ class StudyRunner:
 
     def _evaluate(
         self, server_round: int, nodes: list[int], weights: Weights, part: str
-    ) -> tuple[RoundReceipt, PooledEvaluation]:
-        """Ask every site for its release on `part` (validation or test) and pool what they released."""
-        replies, seconds, started = self._exchange("evaluate", server_round, nodes, weights, part=part)
+    ) -> tuple[list[RoundReceipt], PooledEvaluation]:
+        """Ask every site for its release on `part` (validation or test) and pool what they released.
+
+        With adaptive strata, first the scores' distribution (no outcomes) from every site: the strata are
+        cut at the pooled distribution's quantiles and sent with the outcome stage."""
+        edges, receipts = None, []
+        if self.spec.evaluation.strata == "adaptive":
+            receipt, released = self._evaluation_exchange(server_round, nodes, weights, part, "scores")
+            receipts.append(receipt)
+            pooled_scores = pool_scores(released)
+            if pooled_scores is not None:
+                strata = adaptive_strata(pooled_scores, self.spec.evaluation)
+                edges = list(strata.edges)
+                receipt.note = (
+                    f"strata placed at the pooled score distribution's quantiles: {', '.join(strata.labels())}"
+                )
+            else:
+                strata = Strata.fixed(self.spec.evaluation)
+                edges = list(strata.edges)
+                receipt.note = "no site released a score distribution: the study's fixed strata are used"
+            append_receipt(self.receipts_path, receipt)
+        receipt, released = self._evaluation_exchange(server_round, nodes, weights, part, "outcomes", edges)
+        pooled = pool_evaluations(released, self.spec.evaluation, seed=server_round)
+        receipt.note = pooled.method
+        _label_non_private(receipt)
+        append_receipt(self.receipts_path, receipt)
+        return [*receipts, receipt], pooled
+
+    def _evaluation_exchange(
+        self,
+        server_round: int,
+        nodes: list[int],
+        weights: Weights,
+        part: str,
+        stage: str,
+        edges: list[float] | None = None,
+    ) -> tuple[RoundReceipt, list[tuple[str, EvaluationRelease]]]:
+        replies, seconds, started = self._exchange(
+            "evaluate", server_round, nodes, weights, part=part, stage=stage, score_edges=edges
+        )
         receipts = self._absent(server_round, nodes)
         for node in nodes:
             receipt = self._site_receipt(node, replies.get(node), seconds.get(node))[0]
             receipts.append(receipt)
             self._remember(receipt, server_round)
         released = [(r.label, r.evaluation) for r in receipts if r.status == Participation.EVALUATED and r.evaluation]
-        pooled = pool_evaluations(released, self.spec.evaluation, seed=server_round)
-        receipt = self._round_receipt(server_round, "evaluate", started, receipts, part=part, note=pooled.method)
-        _label_non_private(receipt)
-        append_receipt(self.receipts_path, receipt)
-        return receipt, pooled
+        phase = "evaluate" if stage == "outcomes" else "strata"
+        return self._round_receipt(server_round, phase, started, receipts, part=part), released
 
     def _round_receipt(
         self,

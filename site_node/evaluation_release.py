@@ -2,12 +2,17 @@
 
 Two forms, chosen by the site's policy (`evaluation_release`), never by the coordinator:
 
-* `dp` (the default): per outcome class, the number of patients the model put in each of the study's
-  risk strata, each count with Gaussian noise. One patient changes one count by one, so the release is
-  the Gaussian mechanism with sensitivity 1; its cost is an event (noise multiplier = the noise's standard
-  deviation, sample rate 1, one step) in the same Opacus accountant as the study's training rounds, so the
-  ledger composes them. The noise is calibrated once for all the study's planned evaluation releases
-  (`StudySpec.evaluation_releases`) within `evaluation.epsilon`, like training's noise is for all its rounds.
+* `dp` (the default): per outcome class, the number of patients the model put in each risk stratum, each
+  count with Gaussian noise. One patient changes one count by one, so the release is the Gaussian
+  mechanism with sensitivity 1; its cost is an event (noise multiplier = the noise's standard deviation,
+  sample rate 1, one step) in the same Opacus accountant as the study's training rounds, so the ledger
+  composes them. The noise is calibrated once for all the study's planned evaluation releases
+  (`StudySpec.evaluation_releases`) within `evaluation.epsilon`, like training's noise is for all its
+  rounds. With adaptive strata each release has two stages, each a Gaussian mechanism: the scores'
+  distribution over a fixed grid (outcomes not involved; `strata_budget_share` of the budget), from which
+  the coordinator places the strata, then the outcome histograms over them. Gaussian mechanisms compose
+  by adding 1/sigma^2, so splitting one release's 1/sigma^2 in those shares costs exactly what one
+  release would.
 * `exact`: the exact confusion counts at the threshold with AUROC, loss and Brier score, checked as a whole
   by the disclosure register (site_node.governance.disclosure). The most revealing of four tiers that
   passes leaves: everything; or the class counts and AUROC, loss, Brier without the confusion cells; or
@@ -27,10 +32,18 @@ from torch import nn
 
 from federation.protocol import EvaluationRelease, ReleaseMode
 from federation.study.spec import StudySpec
+from federation.study.strata import Strata
 from site_node.cohort import StudyDataset
 from site_node.governance.disclosure import DisclosureRegister, Quantity
 from site_node.training import calibrate_noise
-from site_node.training.evaluation import auroc, confusion, gaussian_noise, model_logits, score_histograms
+from site_node.training.evaluation import (
+    auroc,
+    confusion,
+    gaussian_noise,
+    model_logits,
+    score_distribution,
+    score_histograms,
+)
 
 ALL = frozenset({"tp", "fn", "fp", "tn"})
 POSITIVES = frozenset({"tp", "fn"})
@@ -38,24 +51,39 @@ POSITIVES = frozenset({"tp", "fn"})
 DECIMALS = 3
 
 
-def evaluation_noise(spec: StudySpec, delta: float) -> float:
-    """The noise standard deviation of each count, for all the study's planned evaluation releases together
-    to spend `evaluation.epsilon` at `delta` (raises CalibrationError when it cannot)."""
-    return calibrate_noise(spec.evaluation.epsilon, delta, 1.0, spec.evaluation_releases(), spec.privacy.accountant)
+def evaluation_noise(spec: StudySpec, delta: float, stage: str = "outcomes") -> float:
+    """The noise standard deviation of each count of one stage, for all the study's planned evaluation
+    releases together to spend `evaluation.epsilon` at `delta` (raises CalibrationError when it cannot)."""
+    sigma = calibrate_noise(spec.evaluation.epsilon, delta, 1.0, spec.evaluation_releases(), spec.privacy.accountant)
+    if spec.evaluation.strata == "fixed":
+        return sigma
+    share = spec.evaluation.strata_budget_share if stage == "scores" else 1.0 - spec.evaluation.strata_budget_share
+    return sigma / float(np.sqrt(share))
 
 
-def dp_release(model: nn.Module, data: StudyDataset, spec: StudySpec, part: str, noise_sd: float) -> EvaluationRelease:
-    """The noisy score histograms of `data` (every patient in exactly one count)."""
-    logits = model_logits(model, data.features)
-    positives, negatives = score_histograms(logits, data.labels, spec.evaluation)
-    bins = len(positives)
-    noisy_positives = np.round(positives + gaussian_noise(bins, noise_sd), DECIMALS)
-    noisy_negatives = np.round(negatives + gaussian_noise(bins, noise_sd), DECIMALS)
+def _noisy(counts: np.ndarray, noise_sd: float) -> list[float]:
+    return [float(v) for v in np.round(counts + gaussian_noise(len(counts), noise_sd), DECIMALS)]
+
+
+def dp_score_release(model: nn.Module, data: StudyDataset, part: str, noise_sd: float) -> EvaluationRelease:
+    """The noisy distribution of the model's scores over the fixed grid (outcomes not involved)."""
+    counts = score_distribution(model_logits(model, data.features))
+    return EvaluationRelease(
+        part=part, mode=ReleaseMode.DP, stage="scores", scores=_noisy(counts, noise_sd), noise_sd=float(noise_sd)
+    )
+
+
+def dp_release(
+    model: nn.Module, data: StudyDataset, strata: Strata, part: str, noise_sd: float
+) -> EvaluationRelease:
+    """The noisy score histograms of `data` over `strata` (every patient in exactly one count)."""
+    positives, negatives = score_histograms(model_logits(model, data.features), data.labels, strata)
     return EvaluationRelease(
         part=part,
         mode=ReleaseMode.DP,
-        positives=[float(v) for v in noisy_positives],
-        negatives=[float(v) for v in noisy_negatives],
+        score_edges=list(strata.edges),
+        positives=_noisy(positives, noise_sd),
+        negatives=_noisy(negatives, noise_sd),
         noise_sd=float(noise_sd),
     )
 

@@ -23,6 +23,7 @@ from federation.protocol import (
     EvaluationRelease,
     ProtocolError,
     RefusalCode,
+    ReleaseMode,
     RoundInstruction,
     SiteAnswer,
     SiteStatus,
@@ -30,10 +31,11 @@ from federation.protocol import (
 from federation.study import StudyError, StudySpec, study_hash
 from federation.study.features import feature_names
 from federation.study.spec import ROBUST_STRATEGIES
+from federation.study.strata import Strata
 from site_node.cohort import CohortError, StudyDataset, most_removed, render_attrition
 from site_node.cohort.cache import cached_dataset
 from site_node.config import SiteConfig
-from site_node.evaluation_release import dp_release, evaluation_noise, exact_release
+from site_node.evaluation_release import dp_release, dp_score_release, evaluation_noise, exact_release
 from site_node.governance import BudgetRefused, Governance, PrivacyEvent, load_policy, suppress_small_counts
 from site_node.governance.ledger import EVALUATE, NON_PRIVATE, RELEASED, TRAIN, RoundAlreadyTrained
 from site_node.releases import Release, ReleasedUpdates, save_global_model
@@ -648,7 +650,7 @@ class SiteNode:
         self._private_enough(spec)
         part, key = instruction.part, instruction.evaluation_key
         plan = self._data(spec, digest)
-        if part == "test":
+        if part == "test" and instruction.stage == "outcomes":
             save_global_model(self.config.base_dir / "models", digest, instruction.round_key, global_state)
         kept = self.releases.load(digest, key)
         if kept is not None and kept.evaluation is not None:
@@ -662,7 +664,9 @@ class SiteNode:
             )
         model = self._model(spec, data, global_state)
         if spec.privacy.private and self.policy.evaluation_release == "dp":
-            release = self._dp_evaluation(spec, digest, key, plan, data, model, part)
+            release = self._dp_evaluation(spec, digest, instruction, plan, data, model)
+        elif instruction.stage == "scores":  # exact aggregates need no strata: nothing leaves at this stage
+            release = EvaluationRelease(part=part, mode=ReleaseMode.EXACT, stage="scores")
         else:
             self._exact_releases_left(spec, digest, part)
             release = exact_release(
@@ -708,17 +712,18 @@ class SiteNode:
         self,
         spec: StudySpec,
         digest: str,
-        key: str,
+        instruction: RoundInstruction,
         plan: _Plan,
         data: StudyDataset,
         model: torch.nn.Module,
-        part: str,
     ) -> EvaluationRelease:
         """Reserve the release's epsilon, count and noise the histograms, commit: the ledger never lags."""
+        key, part, stage = instruction.evaluation_key, instruction.part, instruction.stage
+        strata = None if stage == "scores" else self._strata(spec, instruction)
         n_train = int((plan.dataset.split == "train").sum())
         delta = self._delta(spec, max(n_train, len(data)))
         try:
-            sigma = evaluation_noise(spec, delta)
+            sigma = evaluation_noise(spec, delta, stage)
             check_privacy_honest(sigma, 1.0, delta, len(data), self.policy.min_noise_multiplier)
         except NotPrivateError as exc:
             raise Refusal(RefusalCode.NOT_PRIVATE, f"the evaluation release: {exc}") from None
@@ -739,10 +744,28 @@ class SiteNode:
             raise Refusal(RefusalCode.ALREADY_TRAINED, str(exc)) from None
         except BudgetRefused as exc:
             raise Refusal(RefusalCode.BUDGET, exc.reason) from None
-        release = dp_release(model, data, spec, part, sigma)
+        if strata is None:
+            release = dp_score_release(model, data, part, sigma)
+        else:
+            release = dp_release(model, data, strata, part, sigma)
         ledger.commit(reservation)
         alone = ledger.epsilon([event], delta, spec.privacy.accountant)
         return release.model_copy(update={"epsilon": alone})
+
+    def _strata(self, spec: StudySpec, instruction: RoundInstruction) -> Strata:
+        """The study's fixed strata, or the adaptive ones the coordinator placed (checked: they cannot change
+        the release's guarantee, which holds for any strata, but they must be strata of this study)."""
+        if spec.evaluation.strata == "fixed":
+            return Strata.fixed(spec.evaluation)
+        if instruction.score_edges is None:
+            raise Refusal(
+                RefusalCode.POLICY,
+                "the study's strata are adaptive and the coordinator sent none with this evaluation message.",
+            )
+        try:
+            return Strata.checked(instruction.score_edges, spec.evaluation.threshold)
+        except ValueError as exc:
+            raise Refusal(RefusalCode.POLICY, f"the strata the coordinator sent are not usable: {exc}.") from None
 
     def _exact_releases_left(self, spec: StudySpec, digest: str, part: str) -> None:
         """Exact releases have no epsilon to run out of, so their number is bounded by the study's plan: a

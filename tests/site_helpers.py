@@ -64,5 +64,22 @@ def initial_state(spec: StudySpec, n_features: int) -> dict:
     return build_model(spec.model, n_features, seed=spec.training.seed).state_dict()
 
 
-def instruction(spec: StudySpec, run_id: str = "run-1", server_round: int = 1) -> RoundInstruction:
-    return RoundInstruction.for_study(spec, run_id, server_round)
+def instruction(spec: StudySpec, run_id: str = "run-1", server_round: int = 1, **evaluation) -> RoundInstruction:
+    return RoundInstruction.for_study(spec, run_id, server_round, **evaluation)
+
+
+def evaluate_like_the_coordinator(node, spec: StudySpec, state: dict, run_id: str = "run-1", server_round: int = 1,
+                                  part: str = "test"):  # fmt: skip
+    """An evaluation as the coordinator asks for it: with adaptive strata, the score stage first, the strata
+    placed from what it released (federation's own functions), then the outcome stage. Returns its outcome."""
+    from federation.evaluation import pool_scores
+    from federation.study.strata import adaptive_strata
+
+    edges = None
+    if spec.evaluation.strata == "adaptive":
+        scores = node.evaluate(instruction(spec, run_id, server_round, part=part, stage="scores"), state)
+        if scores.evaluation is None:
+            return scores
+        pooled = pool_scores([(node.config.site_id, scores.evaluation)])
+        edges = list(adaptive_strata(pooled, spec.evaluation).edges) if pooled is not None else None
+    return node.evaluate(instruction(spec, run_id, server_round, part=part, score_edges=edges), state)

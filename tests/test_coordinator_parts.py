@@ -94,8 +94,9 @@ def _pooled_test(spec) -> dict:
     positives = np.linspace(2, 40, bins) + rng.normal(0, 2, bins)
     negatives = np.linspace(300, 5, bins) + rng.normal(0, 2, bins)
     release = EvaluationRelease(
-        part="test", mode=ReleaseMode.DP, positives=list(positives), negatives=list(negatives), noise_sd=2.0
-    )
+        part="test", mode=ReleaseMode.DP, positives=list(positives), negatives=list(negatives), noise_sd=2.0,
+        score_edges=list(spec.evaluation.score_edges),
+    )  # fmt: skip
     return pool_evaluations([("a", release)], spec.evaluation).model_dump(mode="json")
 
 

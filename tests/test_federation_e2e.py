@@ -100,6 +100,8 @@ def test_a_coordinator_killed_mid_study_resumes_from_its_last_round(prepared_sit
     init_consortium(root, ["localhost", "127.0.0.1"], ["aster", "birch"])
     raw = yaml.safe_load(EXAMPLE_STUDY.read_text())
     raw["training"].update({"rounds": 3, "local_epochs": 1})
+    # A validation part chooses the study's model: a DP validation release every round, one test release.
+    raw["evaluation"] = {"split": {"kind": "random", "train": 0.6, "validation": 0.2, "test": 0.2}}
     # A site that was waiting for the dead coordinator reconnects within its reconnect wait (5 s) of the
     # restart; the round timeout leaves room for that on a loaded CI host.
     raw["federation"].update({"min_sites": 2, "secure_aggregation": False, "round_timeout_seconds": 150})
@@ -132,6 +134,14 @@ def test_a_coordinator_killed_mid_study_resumes_from_its_last_round(prepared_sit
     assert train_rounds[0] == 1 and train_rounds[-2:] == [2, 3] and set(train_rounds) == {1, 2, 3}
     card = json.loads((folder / "model-card.json").read_text())
     assert card["run"]["status"] == "completed" and card["run"]["completed_rounds"] == 3
+    evaluations = [(r.server_round, r.part) for r in read_receipts(folder / "receipts.jsonl") if r.phase == "evaluate"]
+    validations = sorted({n for n, part in evaluations if part == "validation"})
+    assert validations == [1, 2, 3], "every round's model was scored on the validation part, across the restart"
+    # The study's model is the round with the best pooled validation AUROC, and only it was tested.
+    scores = {row["round"]: (row["validation"]["auroc"]["value"] or -1) for row in card["history"]}
+    chosen = card["model"]["selected_round"]
+    assert scores[chosen] == max(scores.values()) and "validation AUROC" in card["model"]["selection"]
+    assert [n for n, part in evaluations if part == "test"] == [chosen]
     for site_file in site_files.values():
         node = SiteNode(load_site_config(site_file))
         # every round trained once at each site: three committed rounds, nothing spent twice
@@ -140,4 +150,6 @@ def test_a_coordinator_killed_mid_study_resumes_from_its_last_round(prepared_sit
         assert spent["total"] <= spec.epsilon_budget() + 1e-6
         rows = [r for r in node.governance.ledger.reservations(study_hash(spec)) if r.status == "committed"]
         assert sorted(r.round_key for r in rows if r.purpose == "train")[-1].endswith(":3")
-        assert [r.round_key.rsplit(":", 2)[-2:] for r in rows if r.purpose == "evaluate"] == [["3", "test"]]
+        released = sorted(tuple(r.round_key.rsplit(":", 2)[-2:]) for r in rows if r.purpose == "evaluate")
+        expected = [("1", "validation"), ("2", "validation"), ("3", "validation"), (str(chosen), "test")]
+        assert released == sorted(expected)

@@ -15,7 +15,7 @@ from omop_etl.database import open_engine
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
 from tests.etl_helpers import load
-from tests.site_helpers import TEST_POLICY, initial_state, instruction, study
+from tests.site_helpers import TEST_POLICY, evaluate_like_the_coordinator, initial_state, instruction, study
 
 pytestmark = pytest.mark.postgres
 
@@ -56,8 +56,9 @@ def test_round_on_postgresql(small_consortium, pg_url, pg_schemas, tmp_path):
     trained = node.train(instruction(spec), state)
     assert trained.answer.status == SiteStatus.TRAINED, trained.answer.reason
     assert 0 < node.governance.ledger.spent(study_hash(spec)) == pytest.approx(trained.answer.epsilon_spent)
-    evaluated = node.evaluate(instruction(spec), trained.state_dict)
+    evaluated = evaluate_like_the_coordinator(node, spec, trained.state_dict)
     assert evaluated.answer.status == SiteStatus.EVALUATED, evaluated.answer.reason
-    assert [e.kind for e in node.governance.audit.entries()] == ["round-started", "round-trained", "evaluated"]
+    kinds = [e.kind for e in node.governance.audit.entries()]
+    assert kinds == ["round-started", "round-trained", "evaluated", "evaluated"], "scores, then outcomes"
     assert node.governance.audit.verify().ok
     node.governance.close()

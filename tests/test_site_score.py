@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from federation.study import study_hash
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
-from tests.site_helpers import fresh_site, initial_state, instruction, study
+from tests.site_helpers import evaluate_like_the_coordinator, fresh_site, initial_state, instruction, study
 from twinfed.cli import app
 
 runner = CliRunner()
@@ -34,7 +34,7 @@ def test_score_applies_the_latest_global_model_to_every_patient_and_is_audited(p
     assert nothing_yet.exit_code == 1 and "--model" in nothing_yet.output
 
     trained = node.train(instruction(spec), initial_state(spec, node.feature_count(spec)))
-    node.evaluate(instruction(spec), trained.state_dict)  # the coordinator's evaluation: the site keeps the model
+    evaluate_like_the_coordinator(node, spec, trained.state_dict)  # the site keeps the model it evaluated
     out = tmp_path / "scores.csv"
     result = runner.invoke(app, ["site", "score", str(study_file), "-s", str(site_file), "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -310,10 +310,9 @@ class TemporalSplit(_Strict):
 
 SplitSpec = Annotated[RandomSplit | TemporalSplit, Field(discriminator="kind")]
 
-# Risk strata the score histograms are cut at (predicted probability). Every stratum's count carries its
-# own noise, so few strata keep the noise on the pooled figures small; these six are fine where risk
-# models of uncommon outcomes put most patients. Measured against ten strata in docs/benchmarks.md
-# (evaluation): less noise outweighs the coarser ranking at the sizes hospitals have.
+# Fixed risk strata (strata: fixed), as predicted probabilities. Every stratum's count carries its own
+# noise, so few strata keep the noise on the pooled figures small; these six suit well-calibrated models
+# of uncommon outcomes. Measured against ten strata and against adaptive strata in docs/benchmarks.md.
 DEFAULT_SCORE_EDGES = (0.02, 0.05, 0.1, 0.2, 0.5)
 
 
@@ -321,10 +320,12 @@ class EvaluationSpec(_Strict):
     """How the study is evaluated: the split, the release every site makes, and which model is reported.
 
     What leaves a site is, by default, a differentially private release: per outcome class, how many held-out
-    patients the model scored in each risk stratum (`score_edges`), with Gaussian noise. The coordinator
-    adds the sites' histograms and computes the pooled AUROC, calibration and the threshold metrics from
-    the sum. `epsilon` is each site's budget for all of the study's evaluation releases together. A site
-    whose policy says `evaluation_release: exact` sends exact aggregates under its cell-count floor instead.
+    patients the model scored in each risk stratum, with Gaussian noise. The coordinator adds the sites'
+    histograms and computes the pooled AUROC, calibration and the threshold metrics from the sum. The
+    strata are `adaptive` (cut at the quantiles of a first DP release of the same scores without outcomes,
+    which takes `strata_budget_share` of each release's budget) or `fixed` at `score_edges`. `epsilon` is
+    each site's budget for all of the study's evaluation releases together. A site whose policy says
+    `evaluation_release: exact` sends exact aggregates under its cell-count floor instead.
 
     A validation part, when the split cuts one, is used: every round's model is scored on it, the round
     with the best pooled validation AUROC is the study's model, and `early_stopping_patience` (if set)
@@ -334,6 +335,11 @@ class EvaluationSpec(_Strict):
 
     split: SplitSpec = RandomSplit()
     threshold: float = Field(0.5, gt=0, lt=1, description="Risk at or above which a patient counts as positive.")
+    strata: Literal["adaptive", "fixed"] = "adaptive"
+    adaptive_strata: int = Field(6, ge=2, le=20, description="adaptive: strata of about equal size (+ threshold).")
+    strata_budget_share: float = Field(
+        0.2, gt=0, lt=1, description="adaptive: the share of each release's budget spent on placing the strata."
+    )
     score_edges: list[float] = Field(default=list(DEFAULT_SCORE_EDGES), min_length=1, max_length=63)
     epsilon: float = Field(1.0, gt=0, le=20, description="Per site, for all evaluation releases of the study.")
     every_round: bool = Field(False, description="Release test metrics after every round, not only at the end.")

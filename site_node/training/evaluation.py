@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from federation.study.spec import EvaluationSpec
-from federation.study.strata import stratum_count, stratum_of
+from federation.study.strata import SCORE_GRID, Strata, score_grid_cell
 
 _ENTROPY = random.SystemRandom()
 
@@ -57,14 +56,16 @@ def model_logits(model: nn.Module, features: np.ndarray) -> np.ndarray:
         model.train(was_training)
 
 
-def score_histograms(
-    logits: np.ndarray, labels: np.ndarray, evaluation: EvaluationSpec
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per risk stratum of the study, how many patients with the outcome and how many without it."""
+def score_histograms(logits: np.ndarray, labels: np.ndarray, strata: Strata) -> tuple[np.ndarray, np.ndarray]:
+    """Per risk stratum, how many patients with the outcome and how many without it."""
     y = np.asarray(labels).astype(bool)
-    strata = stratum_of(logits, evaluation)
-    bins = stratum_count(evaluation)
-    return np.bincount(strata[y], minlength=bins), np.bincount(strata[~y], minlength=bins)
+    cells = strata.of(logits)
+    return np.bincount(cells[y], minlength=strata.count), np.bincount(cells[~y], minlength=strata.count)
+
+
+def score_distribution(logits: np.ndarray) -> np.ndarray:
+    """How many patients per cell of the fixed score grid (outcomes not involved)."""
+    return np.bincount(score_grid_cell(logits), minlength=len(SCORE_GRID) + 1)
 
 
 def gaussian_noise(count: int, sd: float) -> np.ndarray:

@@ -150,6 +150,8 @@ def test_a_coordinator_killed_mid_study_resumes_from_its_last_round(prepared_sit
         assert spent["total"] <= spec.epsilon_budget() + 1e-6
         rows = [r for r in node.governance.ledger.reservations(study_hash(spec)) if r.status == "committed"]
         assert sorted(r.round_key for r in rows if r.purpose == "train")[-1].endswith(":3")
-        released = sorted(tuple(r.round_key.rsplit(":", 2)[-2:]) for r in rows if r.purpose == "evaluate")
+        outcomes = [r.round_key for r in rows if r.purpose == "evaluate" and not r.round_key.endswith(":scores")]
+        released = sorted(tuple(key.rsplit(":", 2)[-2:]) for key in outcomes)
+        assert len(outcomes) * 2 == sum(r.purpose == "evaluate" for r in rows), "each release has its score stage"
         expected = [("1", "validation"), ("2", "validation"), ("3", "validation"), (str(chosen), "test")]
         assert released == sorted(expected)

@@ -48,9 +48,10 @@ def test_simulated_study_runs_the_real_apps_end_to_end(prepared_site: Path, tmp_
     run = out / "studies" / "inpatient-mortality-24h" / "simulation"
     site_ids = {f"sim-{i:03d}" for i in range(1, SITES + 1)}
     receipts = read_receipts(run / "receipts.jsonl")
-    # the study evaluates once, the final model on every site's test part (a DP release each)
+    # the study evaluates once, the final model on every site's test part: a DP release of the scores places
+    # the strata, then a DP release of the outcome histograms over them
     assert [(r.server_round, r.phase, r.part) for r in receipts] == [
-        (1, "train", None), (2, "train", None), (2, "evaluate", "test")
+        (1, "train", None), (2, "train", None), (2, "strata", "test"), (2, "evaluate", "test")
     ]  # fmt: skip
     for receipt in receipts:
         expected = Participation.TRAINED if receipt.phase == "train" else Participation.EVALUATED

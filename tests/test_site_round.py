@@ -16,7 +16,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
-from federation.protocol import RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
+from federation.protocol import EvaluationRelease, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
 from federation.study import study_hash
 from site_node.clientapp import ANSWER_KEY, INSTRUCTION_KEY
 from site_node.clientapp import app as client_app
@@ -247,7 +247,9 @@ def test_clientapp_answers_through_flower_messages(prepared_site, tmp_path):
             ttl=3600.0,
             message_type=message_type,
         )
-        content = RecordDict({"arrays": ArrayRecord(state), INSTRUCTION_KEY: instruction(spec).to_config_record()})
+        # an evaluation's first stage (adaptive strata): the scores' distribution, as a DP release record
+        sent = instruction(spec) if message_type == "train" else instruction(spec, stage="scores")
+        content = RecordDict({"arrays": ArrayRecord(state), INSTRUCTION_KEY: sent.to_config_record()})
         context = Context(run_id=1, node_id=7, node_config={"site-config": str(site_file)}, state=RecordDict(),
                           run_config={})  # fmt: skip
         reply = client_app(Message(content, metadata=metadata), context)
@@ -257,6 +259,9 @@ def test_clientapp_answers_through_flower_messages(prepared_site, tmp_path):
             returned = reply.content.array_records["arrays"].to_torch_state_dict()
             assert not torch.equal(returned["0.weight"], state["0.weight"])
             assert reply.content.metric_records["metrics"]["num-examples"] > 0
+        else:
+            release = EvaluationRelease.from_config_record(reply.content.config_records["evaluation"], "evaluation")
+            assert release.stage == "scores" and release.mode == "dp" and len(release.scores) > 10
 
 
 _KILL_MID_TRAINING = textwrap.dedent(

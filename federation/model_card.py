@@ -154,7 +154,7 @@ def _legend(axis) -> None:
         axis.legend(fontsize=7)
 
 
-def _figure_png(history: list[dict], test: PooledEvaluation | None) -> str:
+def _figure_png(history: list[dict], test: PooledEvaluation | None, selected: int | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,13 +168,19 @@ def _figure_png(history: list[dict], test: PooledEvaluation | None) -> str:
             axes[0].plot(rounds, value, marker="o", color=colour, label=f"pooled {part} AUROC")
             axes[0].fill_between(rounds, low, high, alpha=0.2, color=colour)
     if test is not None and test.auroc.value is not None:
-        axes[0].axhline(test.auroc.value, color="tab:green", linestyle="--", label="study model, test")
-    axes[0].set(title="Held-out AUROC (95% interval)", xlabel="round", ylabel="AUROC")
+        at = selected if selected is not None else (rounds[-1] if rounds else 1)
+        low, high = test.auroc.low, test.auroc.high
+        error = [[test.auroc.value - low], [high - test.auroc.value]] if low is not None else None
+        axes[0].errorbar([at], [test.auroc.value], yerr=error, fmt="s", color="tab:green", capsize=4,
+                         label=f"study model (round {at}), test")  # fmt: skip
+    if rounds:
+        axes[0].set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
+    axes[0].set(title="Held-out AUROC (95% interval)", xlabel="round", ylabel="AUROC", ylim=(0.4, 1.0))
     _legend(axes[0])
     sites = sorted({s for row in history for s in row.get("epsilon", {})})
     for site in sites:
         axes[1].plot(rounds, [row.get("epsilon", {}).get(site, np.nan) for row in history], marker="o", label=site)
-    axes[1].set(title="Epsilon spent per site (composed)", xlabel="round", ylabel="epsilon (cumulative)")
+    axes[1].set(title="Epsilon per site after each round", xlabel="round", ylabel="epsilon (cumulative, composed)")
     if sites:
         axes[1].legend(fontsize=7)
     statuses = [p.value for p in Participation if p != Participation.EVALUATED]
@@ -193,7 +199,7 @@ def _figure_png(history: list[dict], test: PooledEvaluation | None) -> str:
         top = max([c.risk for c in shown] + [c.observed for c in shown] + [0.1])
         axes[3].set_xlim(0, min(1.0, top * 1.15))
         axes[3].set_ylim(0, min(1.0, top * 1.15))
-    axes[3].set(title="Calibration (test)", xlabel="predicted risk", ylabel="observed rate")
+    axes[3].set(title="Calibration (test)", xlabel="predicted risk (stratum's middle)", ylabel="observed rate")
     axes[3].legend(fontsize=7)
     figure.tight_layout()
     buffer = io.BytesIO()
@@ -266,7 +272,7 @@ def _html(card: dict) -> str:
     pooled = card["evaluation"]["pooled"]
     test = PooledEvaluation.model_validate(pooled) if pooled else None
     rows = "".join(_site_row(name, site) for name, site in sorted(card["sites"].items()))
-    image = _figure_png(card["history"], test) if card["history"] else ""
+    image = _figure_png(card["history"], test, card["model"].get("selected_round")) if card["history"] else ""
     figure = f'<img alt="rounds" src="data:image/png;base64,{image}" style="width:100%">' if image else ""
     banner = (
         f'<p style="background:#fdd;padding:8px;font-weight:bold">{esc(privacy["statement"])}</p>'

@@ -165,3 +165,16 @@ def test_model_card_of_a_non_private_study_says_so_first(tmp_path):
     page = write_model_card(tmp_path, spec, result).read_text()
     assert page.index("NOT DIFFERENTIALLY PRIVATE") < page.index("<h1>")
     assert not json.loads((tmp_path / "model-card.json").read_text())["privacy"]["differentially_private"]
+
+
+def test_selection_keeps_the_best_validation_round_and_counts_rounds_without_improvement():
+    from federation.runner import Selection
+
+    selection, weights = Selection(), {"w": np.zeros(1)}
+    for server_round, score in enumerate([0.70, 0.74, None, 0.73, 0.74], start=1):
+        selection.offer(server_round, {"w": np.full(1, server_round)}, score)
+    # round 2 stays the best: a tie later is no improvement, and a round without an estimate is none either
+    assert selection.round == 2 and selection.score == 0.74 and selection.weights["w"][0] == 2
+    assert selection.stale_rounds == 3, "early stopping with patience 3 ends training after round 5"
+    selection.offer(6, weights, 0.80)
+    assert selection.round == 6 and selection.stale_rounds == 0

@@ -47,6 +47,11 @@ class SiteConfig(BaseModel):
     audit_head_file: Path | None = Field(
         None, description="Where the audit log's head is mirrored, outside the database (detects truncation)."
     )
+    audit_key_file: Path | None = Field(
+        None,
+        description="The Ed25519 key that signs the audit chain, outside the database (default: beside the head "
+        "file, with the suffix .key). Keep it where the database's users cannot read it, and back it up.",
+    )
     base_dir: Path = Field(Path("."), exclude=True)
 
     def split_key(self) -> bytes:
@@ -55,6 +60,10 @@ class SiteConfig(BaseModel):
     @property
     def audit_head(self) -> Path:
         return self.audit_head_file or self.policy.parent / f"{self.site_id}-audit.head"
+
+    @property
+    def audit_key(self) -> Path:
+        return self.audit_key_file or self.audit_head.with_suffix(".key")
 
 
 SITE_FILE_HEADER = "# twinfed site node (see docs/hospital-it.md). Relative paths are taken from this folder.\n"
@@ -139,6 +148,7 @@ def load_site_config(path: Path) -> SiteConfig:
                 "policy": local(config.policy),
                 "secret_file": local(config.secret_file),
                 "audit_head_file": local(config.audit_head_file),
+                "audit_key_file": local(config.audit_key_file),
                 "base_dir": base,
             }
         )

@@ -34,6 +34,8 @@ class RefusalCode(StrEnum):
     BUDGET = "budget"
     COHORT_TOO_SMALL = "cohort-too-small"
     ALREADY_TRAINED = "already-trained"
+    IN_PROGRESS = "round-in-progress"  # another process at the site is running this very round now
+    GOVERNANCE_INCONSISTENT = "governance-inconsistent"  # ledger and audit chain disagree: nothing runs
     SITE_ERROR = "site-error"
 
 
@@ -138,6 +140,10 @@ class SiteAnswer(_Record):
     epsilon_training: float | None = None
     epsilon_evaluation: float | None = None
     differentially_private: bool = True  # False: a non-private study (privacy mode none) the site allowed
+    # The site's audit head as it answered (its newest entry's seq and hash): the consortium keeps it in the
+    # receipts, a witness outside the site against which `twinfed site audit verify --receipts` checks the chain.
+    audit_seq: int | None = None
+    audit_hash: str | None = None
 
 
 class ReleaseMode(StrEnum):

@@ -389,6 +389,8 @@ class StudyRunner:
             metrics=values,
             cohort_snapshot=answer.cohort_snapshot,
             consent_snapshot=answer.consent_snapshot,
+            audit_seq=answer.audit_seq,
+            audit_hash=answer.audit_hash,
             seconds=seconds,
         )
         return receipt, reply

@@ -233,10 +233,20 @@ def approve(
         approval = node.governance.approvals.approve(digest, spec.study.id, by or _user(), note)
     except ApprovalError as exc:
         raise _fail(str(exc)) from None
+    inherits = node.inheritance(spec, digest)
     node.governance.audit.append(
-        "approved", {"study_hash": digest, "study_id": spec.study.id, "by": approval.approved_by, "note": note}
+        "approved",
+        {
+            "study_hash": digest,
+            "study_id": spec.study.id,
+            "by": approval.approved_by,
+            "note": note,
+            **({"inherits": inherits.model_dump(mode="json")} if inherits else {}),
+        },
     )
     console.print(f"Approved {spec.study.id} at {node.config.site_id}: hash {digest}")
+    if inherits is not None:
+        console.print(f"Inherits: {inherits.sentence()}", markup=False, highlight=False)
     for note in node.policy_notes(spec):
         console.print(f"Note: {note}.")
 
@@ -280,12 +290,14 @@ def status(site_config: SiteFile) -> None:
     ):
         budgets.add_column(column)
     for budget in ledger.summary():
+        versions = f" ({len(budget.versions)} versions)" if len(budget.versions) > 1 else ""
+        name = f"{budget.lineage}{versions}" if budget.lineage != budget.study_hash else budget.study_hash[:12]
         if budget.non_private_rounds and not budget.evaluation_releases and budget.total_epsilon == 0:
             not_dp = ("NOT DIFFERENTIALLY PRIVATE", "-", "-", "-", "-")
-            budgets.add_row(budget.study_hash[:12], str(budget.rounds), *not_dp)
+            budgets.add_row(name, str(budget.rounds), *not_dp)
             continue
         budgets.add_row(
-            budget.study_hash[:12],
+            name,
             str(budget.rounds),
             f"{budget.training_epsilon:.3f}",
             f"{budget.evaluation_epsilon:.3f} ({budget.evaluation_releases})",
@@ -314,29 +326,76 @@ def status(site_config: SiteFile) -> None:
         e for e in node.governance.audit.entries() if e.kind in ("round-trained", "refused", "evaluated", "scored")
     ]
     for entry in events[-10:]:
+        epsilon = entry.payload.get("epsilon_after")
         detail = (
-            f"epsilon {entry.payload.get('epsilon_after', 0):.3f}"
-            if entry.kind == "round-trained"
+            f"epsilon {epsilon:.3f}"
+            if entry.kind == "round-trained" and isinstance(epsilon, int | float)
             else entry.payload.get("reason", "")
         )
-        rounds.add_row(entry.at.isoformat(timespec="seconds"), entry.kind, entry.payload.get("round", ""), detail)
+        rounds.add_row(entry.when, entry.kind, str(entry.payload.get("round", "")), str(detail))
     console.print(rounds)
+    integrity = node.governance.integrity()
+    if not integrity.ok:
+        Console(stderr=True, soft_wrap=True).print(
+            f"WARNING: {integrity.sentence()}", markup=False, highlight=False, style="bold red"
+        )
 
 
 @audit_app.command("verify")
-def audit_verify(site_config: SiteFile) -> None:
-    """Check the audit log's hash chain: any edited, deleted, reordered or cut-off entry is named.
+def audit_verify(
+    site_config: SiteFile,
+    receipts: Annotated[
+        Path | None,
+        typer.Option(
+            "--receipts",
+            dir_okay=False,
+            help="A run's receipts.jsonl from the coordinator: check the chain against the audit heads the "
+            "consortium saw in this site's answers (a witness outside the site).",
+        ),
+    ] = None,
+) -> None:
+    """Check the audit chain and the ledger against it: any edited, deleted, reordered, forged or cut-off
+    entry, and any ledger row deleted or edited behind the site node's back, is named.
 
-    Exits with status 1 when the log has been tampered with.
+    The chain's links, its signatures (the site's audit key) and the head file outside the database are
+    checked, then the ledger is compared with the ledger changes the chain records. Exits with status 1
+    when anything disagrees.
     """
+    from site_node.governance.witness import ReceiptsError, check_against_receipts
+
     node = _node(site_config)
-    result = node.governance.audit.verify()
-    if result.ok:
-        console.print(f"Audit log of {node.config.site_id} verified: {result.entries} entries, chain intact.")
-        return
-    for problem in result.problems:
-        Console(stderr=True).print(f"- {problem}", markup=False, highlight=False)
-    raise typer.Exit(1)
+    report = node.governance.integrity()
+    problems = list(report.problems)
+    witness = None
+    if receipts is not None:
+        try:
+            witness = check_against_receipts(node.governance.audit, node.config.site_id, receipts)
+        except ReceiptsError as exc:
+            raise _fail(str(exc)) from None
+        problems.extend(witness.problems)
+    chain = report.chain
+    for note in chain.notes:
+        console.print(f"Note: {note}", markup=False, highlight=False)
+    if problems:
+        err = Console(stderr=True, soft_wrap=True)
+        err.print(f"Audit of {node.config.site_id} FAILED: {len(problems)} finding(s).", markup=False, highlight=False)
+        for problem in problems:
+            err.print(f"- {problem}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    signed = f"signed since entry {chain.signed_from}" if chain.signed else "not signed"
+    console.print(
+        f"Audit log of {node.config.site_id} verified: {chain.entries} entries, chain intact ({signed}, head file "
+        f"{'checked' if chain.head_checked else 'not configured'}); the ledger's {report.ledger_rows_checked} rows "
+        "agree with it.",
+        markup=False,
+        highlight=False,
+    )
+    if witness is not None:
+        console.print(
+            f"Receipts {receipts}: the chain holds all {witness.heads_seen} audit heads the consortium saw.",
+            markup=False,
+            highlight=False,
+        )
 
 
 @audit_app.command("show")
@@ -352,7 +411,7 @@ def audit_show(
     for column in ("seq", "at", "event", "details"):
         table.add_column(column, overflow="fold")
     for entry in node.governance.audit.entries()[-last:]:
-        table.add_row(str(entry.seq), entry.at.isoformat(timespec="seconds"), entry.kind,
+        table.add_row(str(entry.seq), entry.when, entry.kind,
                       json.dumps(entry.payload, sort_keys=True))  # fmt: skip
     console.print(table)
 

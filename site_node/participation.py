@@ -36,8 +36,24 @@ from site_node.cohort import CohortError, StudyDataset, most_removed, render_att
 from site_node.cohort.cache import cached_dataset
 from site_node.config import SiteConfig
 from site_node.evaluation_release import dp_release, dp_score_release, evaluation_noise, exact_release
-from site_node.governance import BudgetRefused, Governance, PrivacyEvent, load_policy, suppress_small_counts
-from site_node.governance.ledger import EVALUATE, NON_PRIVATE, RELEASED, TRAIN, RoundAlreadyTrained
+from site_node.governance import (
+    BudgetRefused,
+    Governance,
+    GovernanceInconsistent,
+    PrivacyEvent,
+    load_policy,
+    suppress_small_counts,
+)
+from site_node.governance.ledger import (
+    EVALUATE,
+    NON_PRIVATE,
+    RELEASED,
+    TRAIN,
+    Inheritance,
+    Reservation,
+    RoundAlreadyTrained,
+    RoundInProgress,
+)
 from site_node.releases import Release, ReleasedUpdates, save_global_model
 from site_node.training import (
     NotPrivateError,
@@ -102,7 +118,11 @@ class SiteNode:
         self.policy = load_policy(config.policy)
         self.releases = ReleasedUpdates(config.base_dir / "released")
         self.governance = Governance(
-            config.governance_db, self.policy, audit_head_file=config.audit_head, schema=config.governance_schema
+            config.governance_db,
+            self.policy,
+            audit_head_file=config.audit_head,
+            schema=config.governance_schema,
+            audit_key_file=config.audit_key,
         )
 
     # --- the two things a coordinator may ask -------------------------------------------------------
@@ -111,7 +131,8 @@ class SiteNode:
         """Train one round with DP-SGD on this site's training split, if every rule allows it."""
         started = time.perf_counter()
         try:
-            return self._train(instruction, global_state, started)
+            self._intact()
+            return self._witnessed(self._train(instruction, global_state, started))
         except Refusal as refusal:
             return self._refused("train", instruction, refusal)
         except Exception as exc:  # a site fault (database down, bad weights): the coordinator must hear why
@@ -124,7 +145,8 @@ class SiteNode:
         histograms whose epsilon the ledger accounts, or exact aggregates under the cell-count floor."""
         started = time.perf_counter()
         try:
-            return self._evaluate(instruction, global_state, started)
+            self._intact()
+            return self._witnessed(self._evaluate(instruction, global_state, started))
         except Refusal as refusal:
             return self._refused("evaluate", instruction, refusal)
         except Exception as exc:
@@ -139,6 +161,7 @@ class SiteNode:
         """
         started = time.perf_counter()
         try:
+            self._intact()
             spec, digest = self._recognise(instruction)
             self._private_enough(spec)
             self._secure_enough(instruction)
@@ -152,7 +175,9 @@ class SiteNode:
         metrics, suppressed = self._counted(
             plan, instruction.round_key, {"num-examples": n_train, COMPUTE_METRIC: _since(started)}
         )
-        return self._metrics_only("round-admitted", SiteStatus.READY, instruction, plan, metrics, suppressed)
+        return self._witnessed(
+            self._metrics_only("round-admitted", SiteStatus.READY, instruction, plan, metrics, suppressed)
+        )
 
     def policy_conflicts(self, spec: StudySpec) -> list[str]:
         """What in a study this site's policy would refuse whatever the data (checked when approving)."""
@@ -211,11 +236,33 @@ class SiteNode:
             )
         return notes
 
+    def inheritance(self, spec: StudySpec, digest: str) -> Inheritance | None:
+        """What this version of a study takes over from earlier versions that ran here (its budget follows
+        the study id, not the hash): told to the steward when approving it."""
+        ceiling = spec.epsilon_budget() if spec.privacy.private else self.policy.study_epsilon_ceiling
+        return self.governance.ledger.inherited(spec.study.id, digest, ceiling or self.policy.study_epsilon_ceiling)
+
     def feature_count(self, spec: StudySpec) -> int:
         """How many inputs the study's model has (the same at every site)."""
         return len(feature_names(spec))
 
     # --- steps --------------------------------------------------------------------------------------
+
+    def _intact(self) -> None:
+        """No round runs while the governance database and the audit chain disagree (ledger rows deleted or
+        edited, the database replaced, entries forged past the head): the budget could not be trusted."""
+        try:
+            self.governance.require_intact()
+        except GovernanceInconsistent as exc:
+            raise Refusal(RefusalCode.GOVERNANCE_INCONSISTENT, f"{self.config.site_id}: {exc}") from None
+
+    def _witnessed(self, outcome: RoundOutcome) -> RoundOutcome:
+        """The answer names the site's audit head as it stands after the round's entries: the consortium keeps
+        it, so a chain later rewritten (even by someone with the site's key) no longer matches what it saw."""
+        head = self.governance.audit.latest()
+        if head is not None:
+            outcome.answer = outcome.answer.model_copy(update={"audit_seq": head.seq, "audit_hash": head.hash})
+        return outcome
 
     def _recognise(self, instruction: RoundInstruction) -> tuple[StudySpec, str]:
         """The study as sent, its hash as computed here, and this site's approval of exactly that hash."""
@@ -371,11 +418,14 @@ class SiteNode:
         if not spec.privacy.private:
             return
         ledger = self.governance.ledger
-        reservations = [r for r in ledger.reservations(digest) if r.status != RELEASED and r.purpose != NON_PRIVATE]
-        if any(r.round_key == round_key for r in reservations):
+        lineage = spec.study.id
+        reservations = [
+            r for r in ledger.reservations(lineage=lineage) if r.status != RELEASED and r.purpose != NON_PRIVATE
+        ]
+        if any(r.study_hash == digest and r.round_key == round_key for r in reservations):
             return  # held (reserved) or spent (committed: the kept update is re-sent at no cost)
         study_ceiling = min(spec.epsilon_budget() or 0.0, self.policy.study_epsilon_ceiling)
-        spent, site_spent = ledger.spent(digest), ledger.site_spent()
+        spent, site_spent = ledger.spent(lineage), ledger.site_spent()
         trained = [r for r in reservations if r.purpose == TRAIN]
         if trained:
             last = trained[-1]
@@ -386,7 +436,8 @@ class SiteNode:
             if training_alone > float(spec.privacy.target_epsilon):
                 raise Refusal(
                     RefusalCode.BUDGET,
-                    f"study '{spec.study.id}' has spent its training budget at {self.config.site_id}: another "
+                    f"study '{spec.study.id}' has spent its training budget at {self.config.site_id} (every "
+                    "version of it approved here shares one budget): another "
                     f"round like the last would take training to epsilon {training_alone:.3f}, above its "
                     f"{spec.privacy.target_epsilon:g}.",
                 )
@@ -443,16 +494,40 @@ class SiteNode:
                 spec.epsilon_budget(),
                 TRAIN,
                 purpose_ceiling=spec.privacy.target_epsilon,
+                lineage=spec.study.id,
             )
         except RoundAlreadyTrained as exc:
             return self._resend(digest, instruction, exc)
+        except RoundInProgress as exc:
+            raise Refusal(RefusalCode.IN_PROGRESS, exc.reason) from None
         except BudgetRefused as exc:
             raise Refusal(RefusalCode.BUDGET, exc.reason) from None
+        with self.governance.ledger.holding(reservation):
+            return self._train_reserved(
+                instruction, spec, digest, plan, train, model, global_state, reservation, started
+            )
+
+    def _train_reserved(
+        self,
+        instruction: RoundInstruction,
+        spec: StudySpec,
+        digest: str,
+        plan: _Plan,
+        train: StudyDataset,
+        model: torch.nn.Module,
+        global_state: dict[str, torch.Tensor],
+        reservation: Reservation,
+        started: float,
+    ) -> RoundOutcome:
+        """The round once its budget is reserved and its lease held: train, commit, release the update."""
+        sigma, delta = reservation.event.noise_multiplier, reservation.delta
+        sample_rate, steps_per_round = reservation.event.sample_rate, reservation.event.steps
+        n_train = len(train.person_ids)
         # The accountant restored for training: every other round of this study that counts (committed, or
         # reserved by a crashed attempt); this round's own reservation is the one being trained now.
         prior_history = [
             r.event
-            for r in self.governance.ledger.reservations(digest)
+            for r in self.governance.ledger.reservations(lineage=spec.study.id)
             if r.id != reservation.id and r.status != RELEASED and r.purpose != NON_PRIVATE
         ]
         self.governance.membership.record(digest, instruction.round_key, (int(p) for p in train.person_ids))
@@ -495,7 +570,7 @@ class SiteNode:
             {"num-examples": result.num_examples, "epsilon": epsilon, COMPUTE_METRIC: _since(started)},
         )
         ceiling = min(spec.epsilon_budget() or 0.0, self.policy.study_epsilon_ceiling)
-        by_purpose = self.governance.ledger.spent_by_purpose(digest)
+        by_purpose = self.governance.ledger.spent_by_purpose(spec.study.id)
         return self._release_update(
             instruction,
             digest,
@@ -578,10 +653,37 @@ class SiteNode:
         delta = spec.privacy.target_delta or self.policy.max_delta
         try:
             reservation = self.governance.ledger.reserve(
-                digest, instruction.round_key, event, delta, spec.privacy.accountant, 1.0, NON_PRIVATE
+                digest,
+                instruction.round_key,
+                event,
+                delta,
+                spec.privacy.accountant,
+                1.0,
+                NON_PRIVATE,
+                lineage=spec.study.id,
             )
         except RoundAlreadyTrained as exc:
             return self._resend(digest, instruction, exc)
+        except RoundInProgress as exc:
+            raise Refusal(RefusalCode.IN_PROGRESS, exc.reason) from None
+        with self.governance.ledger.holding(reservation):
+            return self._train_plain_reserved(
+                instruction, spec, digest, plan, train, model, global_state, reservation, started
+            )
+
+    def _train_plain_reserved(
+        self,
+        instruction: RoundInstruction,
+        spec: StudySpec,
+        digest: str,
+        plan: _Plan,
+        train: StudyDataset,
+        model: torch.nn.Module,
+        global_state: dict[str, torch.Tensor],
+        reservation: Reservation,
+        started: float,
+    ) -> RoundOutcome:
+        """A non-private round once reserved and leased: plain training, commit, release the update."""
         self.governance.membership.record(digest, instruction.round_key, (int(p) for p in train.person_ids))
         self.governance.audit.append(
             "round-started",
@@ -679,7 +781,7 @@ class SiteNode:
                 study_hash=digest,
                 release_key=key,
             )
-        by_purpose = self.governance.ledger.spent_by_purpose(digest) if spec.privacy.private else None
+        by_purpose = self.governance.ledger.spent_by_purpose(spec.study.id) if spec.privacy.private else None
         answer = SiteAnswer(
             site_id=self.config.site_id,
             status=SiteStatus.EVALUATED,
@@ -739,16 +841,20 @@ class SiteNode:
                 spec.epsilon_budget(),
                 EVALUATE,
                 purpose_ceiling=spec.evaluation.epsilon,
+                lineage=spec.study.id,
             )
         except RoundAlreadyTrained as exc:  # committed, but its copy was lost: never released twice
             raise Refusal(RefusalCode.ALREADY_TRAINED, str(exc)) from None
+        except RoundInProgress as exc:
+            raise Refusal(RefusalCode.IN_PROGRESS, exc.reason) from None
         except BudgetRefused as exc:
             raise Refusal(RefusalCode.BUDGET, exc.reason) from None
-        if strata is None:
-            release = dp_score_release(model, data, part, sigma)
-        else:
-            release = dp_release(model, data, strata, part, sigma)
-        ledger.commit(reservation)
+        with ledger.holding(reservation):
+            if strata is None:
+                release = dp_score_release(model, data, part, sigma)
+            else:
+                release = dp_release(model, data, strata, part, sigma)
+            ledger.commit(reservation)
         alone = ledger.epsilon([event], delta, spec.privacy.accountant)
         return release.model_copy(update={"epsilon": alone})
 
@@ -832,20 +938,22 @@ class SiteNode:
         return Refusal(RefusalCode.SITE_ERROR, f"site {self.config.site_id} failed{where}: {exc}")
 
     def _refused(self, action: str, instruction: RoundInstruction, refusal: Refusal) -> RoundOutcome:
-        self.governance.audit.append(
-            "refused",
-            {
-                "action": action,
-                "claimed_study_hash": instruction.study_hash,
-                "round": instruction.round_key,
-                "code": refusal.code.value,
-                "reason": refusal.reason,
-            },
-        )
-        answer = SiteAnswer(
-            site_id=self.config.site_id, status=SiteStatus.REFUSED, code=refusal.code, reason=refusal.reason
-        )
-        return RoundOutcome(answer)
+        reason = refusal.reason
+        try:
+            self.governance.audit.append(
+                "refused",
+                {
+                    "action": action,
+                    "claimed_study_hash": instruction.study_hash,
+                    "round": instruction.round_key,
+                    "code": refusal.code.value,
+                    "reason": refusal.reason,
+                },
+            )
+        except Exception as exc:  # the audit log itself is broken (its key gone, its database down): still answer
+            reason = f"{reason} (the refusal could not be written to the site's audit log: {exc})"
+        answer = SiteAnswer(site_id=self.config.site_id, status=SiteStatus.REFUSED, code=refusal.code, reason=reason)
+        return self._witnessed(RoundOutcome(answer))
 
 
 def _since(started: float) -> float:

@@ -127,6 +127,7 @@ def prepare_launch(
     except (SiteKeyError, ProvisionError) as exc:
         raise SuperNodeError(f"Not starting: {exc}") from None
     node_config_arg(Path(site_config).resolve())  # a path Flower's --node-config parser cannot carry
+    check_governance(config)
     site_folder = config.base_dir
     return SiteLaunch(
         site_id=config.site_id,
@@ -140,6 +141,31 @@ def prepare_launch(
         log_file=Path(log_file).resolve() if log_file else site_folder / "supernode.log",
         isolation=isolation,
     )
+
+
+def check_governance(config) -> None:
+    """Refuse to connect a site whose governance state and audit chain disagree (ledger rows deleted or
+    edited, the governance database replaced by an empty one, entries forged past the audit head): every
+    round would be refused anyway, and the steward must know before the consortium does."""
+    from site_node.governance import Governance, GovernanceInconsistent, PolicyError
+    from site_node.governance.audit_key import AuditKeyError
+
+    try:
+        governance = Governance(
+            config.governance_db,
+            config.policy,
+            audit_head_file=config.audit_head,
+            schema=config.governance_schema,
+            audit_key_file=config.audit_key,
+        )
+    except (PolicyError, AuditKeyError, ValueError, RuntimeError) as exc:
+        raise SuperNodeError(f"Not starting: {exc}") from None
+    try:
+        governance.require_intact()
+    except GovernanceInconsistent as exc:
+        raise SuperNodeError(f"Not starting: {exc}") from None
+    finally:
+        governance.close()
 
 
 def supernode_process(launch: SiteLaunch) -> ProcessSpec:

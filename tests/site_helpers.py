@@ -45,7 +45,7 @@ def write_site(folder: Path, site_id: str, omop_url: str, secret: Path, **policy
 def fresh_site(template: Path, folder: Path, **policy) -> Path:
     """A copy of a prepared site with its own governance state (and optionally another policy)."""
     shutil.copytree(template, folder)
-    for stale in ("governance.sqlite", "audit.head"):
+    for stale in ("governance.sqlite", "audit.head", "audit.key"):
         (folder / stale).unlink(missing_ok=True)
     if policy:
         current = yaml.safe_load((folder / "policy.yaml").read_text())

@@ -68,7 +68,10 @@ def test_an_untouched_log_verifies_and_reads_back(log, tmp_path):
     assert entries[0].hash == entry_hash(
         "0" * 64, 1, entries[0].at.isoformat(timespec="microseconds"), "study-approved", entries[0].payload
     )
-    assert json.loads((tmp_path / "audit.head").read_text()) == {"seq": 5, "hash": entries[-1].hash}
+    head = json.loads((tmp_path / "audit.head").read_text())
+    assert (head["seq"], head["hash"], head["signed_from"]) == (5, entries[-1].hash, 1)
+    assert result.signed and all(e.signature for e in entries)  # signed with the key beside the head file
+    assert (tmp_path / "audit.key").stat().st_mode & 0o777 == 0o600
     assert [e.seq for e in log.entries(kind="round-started")] == [2]
 
 
@@ -88,7 +91,10 @@ def test_an_edit_with_its_hash_recomputed_breaks_the_next_link(log, store):
     digest = entry_hash(original.prev_hash, 3, original.at.isoformat(timespec="microseconds"), original.kind, forged)
     _tamper(store, update(table).where(table.c.seq == 3).values(payload=json.dumps(forged), hash=digest))
     result = log.verify()
-    assert result.problems == ["entry 4 does not follow entry 3: entry 3 was replaced or its hash rewritten."]
+    assert result.problems[0] == "entry 4 does not follow entry 3: entry 3 was replaced or its hash rewritten."
+    # and the rewritten entry cannot carry the site's signature of its new hash without the audit key
+    assert result.problems[1].startswith("entry 3 (round-trained") and "no valid signature" in result.problems[1]
+    assert len(result.problems) == 2
 
 
 def test_a_deleted_middle_entry_is_named(log, store):
@@ -139,7 +145,8 @@ def test_a_missing_head_file_is_reported(log, tmp_path):
 
 def test_the_log_has_no_way_to_change_history():
     public = {name for name in dir(AuditLog) if not name.startswith("_")}
-    assert public == {"append", "count", "entries", "read_head", "verify"}
+    writers = {"append", "appending", "flush_heads", "discard_pending"}  # appending only, never changing
+    assert public == writers | {"count", "entries", "head", "key", "latest", "read_head", "verify"}
 
 
 def test_a_payload_that_is_not_json_is_refused_before_writing(log):

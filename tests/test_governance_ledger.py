@@ -242,10 +242,12 @@ def test_kill_9_mid_round_never_under_counts_and_a_retry_counts_once(backend, st
 def test_a_retry_with_other_parameters_keeps_the_reservation_and_rechecks_the_budget(store):
     ledger = PrivacyLedger(store, SitePolicy())
     first = ledger.reserve("study-a", "r0", ROUND, DELTA, "rdp", 10.0)
+    ledger.end_lease(first)  # the attempt that held it is gone (a crash); the retry may take it over
     bigger = PrivacyEvent(noise_multiplier=1.0, sample_rate=0.05, steps=60)
     again = ledger.reserve("study-a", "r0", bigger, DELTA, "rdp", 10.0)
     assert again.id == first.id and again.event == bigger
     assert ledger.spent("study-a") == pytest.approx(opacus_epsilon([(1.0, 0.05, 60)]))
+    ledger.end_lease(again)
     with pytest.raises(BudgetRefused, match="study privacy ceiling"):
         ledger.reserve("study-a", "r0", PrivacyEvent(0.6, 0.5, 2000), DELTA, "rdp", 10.0)
     assert ledger.history("study-a") == [bigger]

@@ -73,7 +73,11 @@ def test_trained_round_spends_budget_and_audits_what_left(prepared_site, tmp_pat
     assert set(outcome.state_dict) == set(_start(node, spec))
     assert outcome.metrics["num-examples"] >= 50 and outcome.metrics["epsilon"] == outcome.answer.epsilon_spent
     entries = node.governance.audit.entries()
-    assert [e.kind for e in entries] == ["round-started", "round-trained"]
+    # the budget is reserved and committed in the chain, in the same transactions as the ledger's rows
+    assert [e.kind for e in entries] == ["ledger-reserved", "round-started", "ledger-committed", "round-trained"]
+    assert entries[2].payload["row"]["status"] == "committed" and entries[2].payload["row"]["lineage"] == spec.study.id
+    assert (outcome.answer.audit_seq, outcome.answer.audit_hash) == (4, entries[-1].hash)  # the witness
+    entries = [e for e in entries if not e.kind.startswith("ledger-")]
     left = entries[-1].payload["left_the_site"]
     assert left["tensors"] == {name: list(t.shape) for name, t in outcome.state_dict.items()}
     assert left["update_norm"] > 0 and left["metrics"] == outcome.metrics

@@ -9,12 +9,14 @@ from site_node.governance.accounting import PrivacyEvent
 from site_node.governance.approvals import Approval, ApprovalError, Approvals
 from site_node.governance.audit import AuditEntry, AuditLog, AuditVerification
 from site_node.governance.disclosure import DisclosureRegister
+from site_node.governance.integrity import GovernanceInconsistent, IntegrityReport
 from site_node.governance.ledger import (
     BudgetRefused,
     LedgerError,
     PrivacyLedger,
     Reservation,
     RoundAlreadyTrained,
+    RoundInProgress,
     StudyBudget,
 )
 from site_node.governance.policy import PolicyError, SitePolicy, load_policy, parse_policy, suppress_small_counts
@@ -33,13 +35,16 @@ __all__ = [
     "ConsentWithdrawals",
     "DisclosureRegister",
     "Governance",
+    "GovernanceInconsistent",
     "GovernanceStore",
+    "IntegrityReport",
     "LedgerError",
     "PolicyError",
     "PrivacyEvent",
     "PrivacyLedger",
     "Reservation",
     "RoundAlreadyTrained",
+    "RoundInProgress",
     "RoundMembership",
     "SitePolicy",
     "StudyBudget",

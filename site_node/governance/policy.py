@@ -1,8 +1,11 @@
 """The site policy: the rules one hospital's data steward sets, in one YAML file, binding on every study.
 
 Unknown settings are refused rather than ignored: a misspelt `site_epsilon_ceilng` must never fall back
-silently to the default, because the default is not what the steward decided. Errors name the file
-and the setting so the steward can fix the file without reading code.
+silently to the default, because the default is not what the steward decided. For the same reason a
+setting written twice, an infinite or NaN number (`.inf` as a ceiling would mean no ceiling at all) and
+a file far larger or deeper than a policy can be are refused when the file is read
+(federation.common.yaml_files). Errors name the file and the setting so the steward can fix the file
+without reading code.
 """
 
 from __future__ import annotations
@@ -12,8 +15,20 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from federation.common.yaml_files import YamlLimits, read_yaml_file, short_repr
+
+# A policy is a dozen settings with comments: 1 KB. 64 KiB leaves room for any commentary and refuses
+# a wrong file (a data export, a log) at once.
+POLICY_FILE = YamlLimits(
+    what="a policy file",
+    max_bytes=64 * 2**10,
+    max_depth=20,
+    max_values=5_000,
+    hint="a policy is a dozen settings (see configs/policy-example.yaml); is it the right file?",
+)
+MAX_PROBLEMS_SHOWN = 20
 
 
 class PolicyError(ValueError):
@@ -23,7 +38,7 @@ class PolicyError(ValueError):
 class SitePolicy(BaseModel):
     """What this hospital allows. Defaults are the conservative choice, not the convenient one."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     require_dp: bool = Field(True, description="Refuse any training round that is not differentially private.")
     min_noise_multiplier: float = Field(
@@ -63,7 +78,7 @@ def _describe(error: dict) -> str:
     if error["type"] == "extra_forbidden":
         known = ", ".join(SitePolicy.model_fields)
         return f"'{field}' is not a policy setting (a misspelling?); the settings are: {known}"
-    return f"{field}: {error['msg']} (got {error.get('input')!r})"
+    return f"{field}: {error['msg']} (got {short_repr(error.get('input'))})"
 
 
 def parse_policy(data: object, source: str = "<policy>") -> SitePolicy:
@@ -75,21 +90,16 @@ def parse_policy(data: object, source: str = "<policy>") -> SitePolicy:
     try:
         return SitePolicy.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(err) for err in exc.errors()]
+        problems = [_describe(err) for err in exc.errors()[:MAX_PROBLEMS_SHOWN]]
+        if exc.error_count() > MAX_PROBLEMS_SHOWN:
+            problems.append(f"... and {exc.error_count() - MAX_PROBLEMS_SHOWN:,} more problems")
         raise PolicyError(f"{source}: the site policy is not valid:\n  - " + "\n  - ".join(problems)) from None
 
 
 def load_policy(path: Path) -> SitePolicy:
-    """Read and validate the data steward's policy file."""
+    """Read and validate the data steward's policy file (bounded in size and depth before it is parsed)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PolicyError(f"{path}: no such policy file; the data steward writes it (see configs/)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"{path}: cannot read the policy file: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml_file(path, POLICY_FILE, PolicyError, missing_hint="the data steward writes it (see configs/)")
     return parse_policy(data, str(path))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from site_node.governance.approvals import Approvals
 from site_node.governance.audit import AuditLog
 from site_node.governance.disclosure import DisclosureRegister
+from site_node.governance.integrity import GovernanceInconsistent, IntegrityReport, check_integrity
 from site_node.governance.ledger import PrivacyLedger
 from site_node.governance.policy import SitePolicy, load_policy
 from site_node.governance.store import GovernanceStore
@@ -27,15 +28,28 @@ class Governance:
         policy: SitePolicy | Path,
         audit_head_file: Path | None = None,
         schema: str | None = None,
+        audit_key_file: Path | None = None,
     ) -> None:
         self.policy = policy if isinstance(policy, SitePolicy) else load_policy(Path(policy))
         self.store = GovernanceStore(url, schema=schema)
         self.approvals = Approvals(self.store)
-        self.ledger = PrivacyLedger(self.store, self.policy)
-        self.audit = AuditLog(self.store, audit_head_file)
+        self.audit = AuditLog(self.store, audit_head_file, audit_key_file)
+        self.ledger = PrivacyLedger(self.store, self.policy, self.audit)
+        self.ledger.adopt_into_chain()  # a ledger from before its changes were chained: recorded once, here
         self.withdrawals = ConsentWithdrawals(self.store)
         self.membership = RoundMembership(self.store)
         self.disclosures = DisclosureRegister(self.store)
+
+    def integrity(self) -> IntegrityReport:
+        """The audit chain verified and the ledger compared with it (site_node.governance.integrity)."""
+        return check_integrity(self.ledger, self.audit)
+
+    def require_intact(self) -> IntegrityReport:
+        """The integrity report, or `GovernanceInconsistent` when governance state and chain disagree."""
+        report = self.integrity()
+        if not report.ok:
+            raise GovernanceInconsistent(report)
+        return report
 
     def close(self) -> None:
         """Release database connections."""

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    func,
     insert,
     inspect,
     select,
@@ -43,7 +44,13 @@ from omop_etl.database import DatabaseUnavailable, open_engine, redact
 LOCK_NAMES = ("ledger", "audit", "approvals", "withdrawals", "membership", "disclosures")
 # Columns added after a table was first created: (table key, column, DDL type and default). A database made by
 # an earlier twinfed gets them on first use, with the default that describes every row it already holds.
-ADDED_COLUMNS = (("ledger", "purpose", "VARCHAR(16) NOT NULL DEFAULT 'train'"),)
+ADDED_COLUMNS = (
+    ("ledger", "purpose", "VARCHAR(16) NOT NULL DEFAULT 'train'"),
+    ("ledger", "lineage", "VARCHAR(128) NOT NULL DEFAULT ''"),
+    ("ledger", "holder", "VARCHAR(200)"),
+    ("ledger", "lease_until", "VARCHAR(40)"),
+    ("audit", "signature", "VARCHAR(200)"),
+)
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # a concurrent reservation holds the lock for at most an accountant call
 
 
@@ -101,6 +108,13 @@ def _tables(metadata: MetaData) -> dict[str, Table]:
             # what spent it: train (DP-SGD), evaluate (a Gaussian score-histogram release), non-private (a round
             # of a study with privacy mode none: no epsilon, kept so the ledger says it happened)
             Column("purpose", String(16), nullable=False, server_default="train"),
+            # whose budget it is: the study id at this site, shared by every version (hash) of that study, so a
+            # re-approved edit or a twinfed upgrade (new hashes) inherits what earlier versions spent
+            Column("lineage", String(128), nullable=False, server_default="", index=True),
+            # the live training that holds a reservation, and until when (renewed while it runs): a second
+            # taker is refused while the lease is live; a crashed holder's lease lapses so a retry can take it
+            Column("holder", String(200)),
+            Column("lease_until", String(40)),
             UniqueConstraint("study_hash", "round_key", "attempt", name="uq_gov_ledger_round_attempt"),
         ),
         "disclosures": Table(
@@ -123,6 +137,9 @@ def _tables(metadata: MetaData) -> dict[str, Table]:
             Column("payload", Text, nullable=False),
             Column("prev_hash", String(64), nullable=False),
             Column("hash", String(64), nullable=False),
+            # Ed25519 signature of `hash` with the site's audit key (kept outside this database): a forged or
+            # rewritten entry cannot carry one. NULL only for entries written before the site signed its chain.
+            Column("signature", String(200)),
         ),
         "withdrawals": Table(
             "gov_consent_withdrawals",
@@ -205,6 +222,22 @@ class GovernanceStore:
             if column not in present:
                 name = f'"{self.schema}"."{table.name}"' if self.schema else f'"{table.name}"'
                 connection.execute(text(f'ALTER TABLE {name} ADD COLUMN "{column}" {ddl}'))
+        self._backfill_lineage(connection)
+
+    def _backfill_lineage(self, connection: Connection) -> None:
+        """Rows written before budgets followed the study's lineage get it from their approval (the study id);
+        a row whose study was never approved here keeps its own hash as its lineage."""
+        ledger, approvals = self.tables["ledger"], self.tables["approvals"]
+        study_id = (
+            select(approvals.c.study_id)
+            .where(approvals.c.study_hash == ledger.c.study_hash)
+            .order_by(approvals.c.id)
+            .limit(1)
+            .scalar_subquery()
+        )
+        connection.execute(
+            update(ledger).where(ledger.c.lineage == "").values(lineage=func.coalesce(study_id, ledger.c.study_hash))
+        )
 
     def _ensure_lock_rows(self) -> None:
         locks = self.tables["locks"]
@@ -219,15 +252,19 @@ class GovernanceStore:
     @contextmanager
     def locked(self, name: str) -> Iterator[Connection]:
         """A transaction that holds the named lock until it commits (on leaving the block) or rolls back."""
-        locks = self.tables["locks"]
         with self.engine.begin() as connection:
-            result = connection.execute(update(locks).where(locks.c.name == name).values(counter=locks.c.counter + 1))
-            if result.rowcount != 1:
-                raise RuntimeError(
-                    f"The governance lock row '{name}' is missing from {redact(self.url)}; someone removed rows "
-                    "from gov_locks. Restart the site node so the rows are recreated."
-                )
+            self.take_lock(connection, name)
             yield connection
+
+    def take_lock(self, connection: Connection, name: str) -> None:
+        """Take the named lock inside a transaction already open on `connection` (held until it ends)."""
+        locks = self.tables["locks"]
+        result = connection.execute(update(locks).where(locks.c.name == name).values(counter=locks.c.counter + 1))
+        if result.rowcount != 1:
+            raise RuntimeError(
+                f"The governance lock row '{name}' is missing from {redact(self.url)}; someone removed rows "
+                "from gov_locks. Restart the site node so the rows are recreated."
+            )
 
     def dispose(self) -> None:
         """Close pooled connections (tests and short-lived commands)."""

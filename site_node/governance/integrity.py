@@ -1,0 +1,138 @@
+"""Whether a site's governance state still agrees with its audit chain.
+
+The ledger decides what may still be spent, so it is what someone would edit to get budget back: delete
+its rows (every budget back to 0), mark a committed round released, lower a round's steps, or replace the
+whole governance database with a new empty one. Each ledger change is chained in the same transaction
+(entries 'ledger-*' carry the row as it then stood), so replaying the chain gives the ledger as the site
+node left it; any difference from the table is an edit made behind the node's back. Together with the
+chain's own verification (links, signatures, the head file outside the database) this is what the node
+checks before it starts and before every round, and what `twinfed site audit verify` reports.
+
+What it cannot see: someone holding the site's audit key and the database may rewrite both consistently.
+The consortium's receipts (each answer names the site's audit head) are the witness for that case.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from site_node.governance.accounting import PrivacyEvent, epsilon_of
+from site_node.governance.audit import AuditLog, AuditVerification
+from site_node.governance.ledger import NON_PRIVATE, RELEASED, PrivacyLedger, row_state
+
+
+class GovernanceInconsistent(RuntimeError):
+    """The governance database and the audit chain disagree: the site node does not run rounds."""
+
+    def __init__(self, report: IntegrityReport) -> None:
+        super().__init__(report.sentence())
+        self.report = report
+
+
+@dataclass
+class IntegrityReport:
+    """The chain's verification and the ledger's comparison with it; `ok` only when both hold."""
+
+    chain: AuditVerification
+    ledger_problems: list[str] = field(default_factory=list)
+    ledger_rows_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.chain.ok and not self.ledger_problems
+
+    @property
+    def problems(self) -> list[str]:
+        return [*self.chain.problems, *self.ledger_problems]
+
+    def sentence(self) -> str:
+        first = self.problems[0] if self.problems else ""
+        more = f" (and {len(self.problems) - 1} more finding(s))" if len(self.problems) > 1 else ""
+        return (
+            f"the site's governance state does not agree with its audit chain: {first}{more}. The site node runs "
+            "no round until the data steward has restored the governance database and the audit files from a "
+            "backup; `twinfed site audit verify` lists every finding."
+        )
+
+
+def _epsilon(states: list[dict[str, Any]]) -> float:
+    """A lineage's epsilon from row states, as the ledger computes it from its rows."""
+    private = [s for s in states if s["purpose"] != NON_PRIVATE and s["status"] != RELEASED]
+    if not private:
+        return 0.0
+    delta = min(s["delta"] for s in private)
+    events = [PrivacyEvent(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in private]
+    return max(epsilon_of(events, delta, name) for name in {s["accountant"] for s in private})
+
+
+def chained_ledger(audit: AuditLog) -> tuple[dict[int, dict[str, Any]], dict[int, int]]:
+    """The ledger as the chain recorded it: each row's last state, and the entry that recorded it."""
+    states: dict[int, dict[str, Any]] = {}
+    where: dict[int, int] = {}
+    for entry in audit.entries(kind="ledger-*"):
+        rows = entry.payload.get("rows") if entry.kind == "ledger-adopted" else [entry.payload.get("row")]
+        for state in rows or []:
+            if isinstance(state, dict) and "id" in state:
+                states[int(state["id"])] = state
+                where[int(state["id"])] = entry.seq
+    return states, where
+
+
+def ledger_problems(ledger: PrivacyLedger, audit: AuditLog) -> tuple[list[str], int]:
+    """Every difference between the ledger table and the ledger the chain records, in sentences."""
+    expected, where = chained_ledger(audit)
+    with ledger.store.engine.connect() as connection:
+        actual = {row.id: row_state(row) for row in connection.execute(select(ledger.table))}
+    problems: list[str] = []
+    for row_id, state in sorted(expected.items()):
+        label = f"ledger row #{row_id} (round '{state['round_key']}' of study '{state['lineage']}', {state['purpose']})"
+        if row_id not in actual:
+            problems.append(
+                f"{label}, recorded in audit entry {where[row_id]}, is missing from the ledger: rows were deleted, "
+                "which gives back budget that was spent."
+            )
+            continue
+        changed = [name for name in state if state[name] != actual[row_id].get(name)]
+        if changed:
+            diffs = ", ".join(
+                f"{name} {state[name]!r} in the chain, {actual[row_id].get(name)!r} in the ledger" for name in changed
+            )
+            problems.append(f"{label} was edited after audit entry {where[row_id]} recorded it: {diffs}.")
+    for row_id in sorted(set(actual) - set(expected)):
+        state = actual[row_id]
+        problems.append(
+            f"ledger row #{row_id} (round '{state['round_key']}' of study '{state['lineage']}') is not in the audit "
+            "chain: it was written to the database by something other than the site node."
+        )
+    if problems:
+        problems.extend(_spending_differences(expected, actual))
+    return problems, len(actual)
+
+
+def _spending_differences(expected: dict[int, dict[str, Any]], actual: dict[int, dict[str, Any]]) -> list[str]:
+    """Per study, the epsilon the chain's rounds spent where the ledger now shows less."""
+    chain_by, table_by = defaultdict(list), defaultdict(list)
+    for state in expected.values():
+        chain_by[state["lineage"]].append(state)
+    for state in actual.values():
+        table_by[state["lineage"]].append(state)
+    found = []
+    for lineage in sorted(chain_by):
+        in_chain, in_table = _epsilon(chain_by[lineage]), _epsilon(table_by.get(lineage, []))
+        if in_chain > in_table + 1e-9:
+            found.append(
+                f"study '{lineage}' has spent epsilon {in_chain:.3f} here by the audit chain's record of its rounds, "
+                f"but the ledger shows {in_table:.3f}."
+            )
+    return found
+
+
+def check_integrity(ledger: PrivacyLedger, audit: AuditLog) -> IntegrityReport:
+    """Verify the chain (links, signatures, head file) and compare the ledger with it."""
+    chain = audit.verify()
+    problems, rows = ledger_problems(ledger, audit)
+    return IntegrityReport(chain=chain, ledger_problems=problems, ledger_rows_checked=rows)

@@ -28,6 +28,7 @@ from omop_etl.database import open_engine, redact
 from omop_etl.fhir.extract import Batch, Extracted, extract_batch
 from omop_etl.identity import SecretError, SiteKeys, load_or_create_secret, secret_path
 from omop_etl.load import derived
+from omop_etl.load.erasure import ERASED_REASON, ErasedIdentifiers, erased_identifiers, quarantine_keys
 from omop_etl.load.indexes import defer_indexes, ensure_indexes, restore_indexes
 from omop_etl.load.report import CodeCount, EtlReport, FileOutcome, Tally, UnitCount
 from omop_etl.load.resolve import (
@@ -189,6 +190,44 @@ def _raw(batch: Batch, extracted: Extracted, index: int) -> str | None:
         if 0 <= offset < len(batch.lines):
             raw = batch.lines[offset]
     return raw.decode("utf-8", errors="replace").rstrip("\n")[:200_000] if raw else None
+
+
+def _keep_erased_out(
+    write: BatchWrite, batch: Batch, ex: Extracted, ctx: RunContext, erased: ErasedIdentifiers
+) -> None:
+    """Count a defective record of an erased patient as excluded instead of storing its raw form.
+
+    The resolver excludes an erased patient's records by the patient they refer to, but a record
+    quarantined before its patient was resolved (not JSON, a bad code, a Patient record failing
+    validation) has none: only the identifiers inside its raw form tie it to the patient. Those are
+    checked here, just before the quarantine would store the raw record again.
+    """
+    if not erased or not write.quarantined:
+        return
+    kept = []
+    for index in write.quarantined:
+        resource_type, resource_id, patient = ex.types[index], ex.ids[index], ex.patients[index]
+        found = quarantine_keys(
+            ctx.keys,
+            resource_type,
+            ctx.keys.key(f"{resource_type}/{resource_id}") if resource_id else None,
+            ctx.patient_key(patient) if patient else None,
+            _raw(batch, ex, index),
+            write.detail[index],
+        )
+        if not erased.names(found):
+            kept.append(index)
+            continue
+        quarantined = write.counts["quarantined"]
+        quarantined[resource_type] -= 1
+        if quarantined[resource_type] <= 0:
+            del quarantined[resource_type]
+        if not quarantined:
+            del write.counts["quarantined"]
+        write.counts["excluded"][resource_type] += 1
+        write.status[index], write.rule[index], write.detail[index] = "excluded", "consent", ERASED_REASON
+        write.excluded_reasons[ERASED_REASON] += 1
+    write.quarantined = kept
 
 
 def _write(connection: Connection, cdm, etl, write: BatchWrite, batch: Batch, ex: Extracted, ctx: RunContext) -> None:
@@ -355,10 +394,7 @@ def run_etl(inputs: list[Path], settings: EtlSettings, on_progress: ProgressCall
             run_id = (c.execute(select(func.max(run_table.c.run_id))).scalar() or 0) + 1
             c.execute(insert(run_table).values(run_id=run_id, started_at=dt.datetime.now(), status="running"))
             sequences = _sequences(c, cdm, etl)
-            erased = {
-                bytes(k): "erased on request (right to erasure)"
-                for k in c.execute(select(table(etl, "twinfed_erasure").c.patient_key)).scalars()
-            }
+            erased = erased_identifiers(c, etl)
         ledger = _Ledger(engine, etl, run_id)
         plan = []
         first_copy: dict[str, Path] = {}
@@ -368,7 +404,7 @@ def run_etl(inputs: list[Path], settings: EtlSettings, on_progress: ProgressCall
                 status = "duplicate"
             first_copy.setdefault(source.fingerprint, source.path)
             plan.append((source, status, file_id, committed))
-        excluded = dict(erased)
+        excluded = erased.exclusions()
         if settings.exclude_opted_out:
             for patient in consent_denials([s for s, status, _, _ in plan if status in ("new", "resumed")]):
                 excluded.setdefault(keys.key(f"Patient/{patient}"), "patient denies research use (--exclude-opted-out)")
@@ -409,6 +445,7 @@ def run_etl(inputs: list[Path], settings: EtlSettings, on_progress: ProgressCall
                     else:
                         extracted = result
                         write = BatchResolver(ctx, connection, extracted).resolve()
+                    _keep_erased_out(write, batch, extracted, ctx, erased)
                     _write(connection, cdm, etl, write, batch, extracted, ctx)
                 file_records[source.file_id] += len(extracted)
                 for status_name, by_type in write.counts.items():

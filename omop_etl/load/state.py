@@ -12,6 +12,10 @@ They make loads safe to repeat and to interrupt:
   record, so a person can fix it and re-run.
 * `twinfed_consent`: the research-consent registry the site node reads to exclude patients.
 * `twinfed_erasure`: patients erased under the right to erasure (hash only), never loaded again.
+* `twinfed_erased_identifier`: the keyed hash of every identifier form of an erased patient (their
+  Patient id, their medical record numbers, their encounters' ids), so that a later load recognises
+  their records, even broken ones that never name the patient in a resolvable way, and keeps them out
+  of OMOP and out of the quarantine.
 * `twinfed_site`, `twinfed_run`: the secret fingerprint and the report of every run.
 
 OHDSI tools ignore tables they do not know. None of these tables holds a source identifier in clear.
@@ -126,6 +130,14 @@ def etl_metadata(schema: str | None = None) -> MetaData:
         metadata,
         Column("patient_key", LargeBinary(16), primary_key=True),
         Column("erased_at", DateTime, nullable=False),
+    )
+    # Added after twinfed_erasure: `twinfed erase` creates it in a database loaded by an earlier twinfed.
+    Table(
+        "twinfed_erased_identifier",
+        metadata,
+        Column("identifier_key", LargeBinary(16), primary_key=True),  # keyed hash, as SiteKeys.key makes it
+        Column("patient_key", LargeBinary(16), nullable=False),  # the twinfed_erasure row it belongs to
+        Column("form", String(20), nullable=False),  # patient | mrn | encounter
     )
     return metadata
 

@@ -10,6 +10,7 @@ the study goes on while `min_sites` are left; every site's audit log verifies af
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -89,9 +90,36 @@ def test_study_over_tls_with_a_refusal_and_a_site_killed_mid_study(prepared_site
 
     for site_id, site_file in site_files.items():
         node = SiteNode(load_site_config(site_file))
-        assert node.governance.audit.verify().ok, site_id
+        assert node.governance.integrity().ok, site_id
+        # the consortium's receipts witness each site's chain: every head a site named is still in it
+        assert train[1][site_id].audit_seq and train[1][site_id].audit_hash, site_id
+        witnessed = subprocess.run(
+            [TWINFED, "site", "audit", "verify", "--site-config", str(site_file),
+             "--receipts", str(folder / "receipts.jsonl")],
+            env=FLOWER_ENV, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert witnessed.returncode == 0 and "audit heads the consortium saw" in witnessed.stdout, witnessed.stderr
     aster = SiteNode(load_site_config(site_files["aster"]))
     assert aster.governance.ledger.spent(study_hash(spec)) == pytest.approx(card["sites"]["aster"]["epsilon_spent"])
+    # someone with the site's key and database rewrites aster's history (a chain of its first entry, the ledger
+    # emptied, the head re-signed): it verifies on its own, and not against what the consortium saw
+    aster_file = site_files["aster"]
+    aster_db = load_site_config(aster_file).governance_db.removeprefix("sqlite:///")
+    with sqlite3.connect(aster_db) as connection:
+        connection.execute("DELETE FROM gov_audit_log WHERE seq > 1")
+        connection.execute("DELETE FROM gov_privacy_ledger")
+    aster_node = SiteNode(load_site_config(aster_file))
+    first = aster_node.governance.audit.entries()[0]
+    aster_node.governance.audit.head_file.unlink()
+    aster_node.governance.audit._write_head(first, 1)  # the key holder re-signs a head for the shorter chain
+    assert aster_node.governance.integrity().ok, "the rewrite is consistent on its own"
+    rewritten = subprocess.run(
+        [TWINFED, "site", "audit", "verify", "--site-config", str(aster_file),
+         "--receipts", str(folder / "receipts.jsonl")],
+        env=FLOWER_ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert rewritten.returncode == 1 and "the consortium saw this site's audit head" in rewritten.stderr
+
 
 
 @pytest.mark.timeout(600)

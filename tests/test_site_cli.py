@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -116,3 +117,62 @@ def test_train_local_runs_every_round_and_spends_the_study_budget(prepared_site,
 def test_missing_site_file_is_a_sentence(tmp_path):
     result = _run("site", "status", "--site-config", str(tmp_path / "nope.yaml"))
     assert result.exit_code == 2 and "no such site configuration file" in result.output
+
+
+def _governance_db(site: Path) -> str:
+    return load_site_config(site).governance_db.removeprefix("sqlite:///")
+
+
+def test_deleted_ledger_rows_fail_verify_status_warns_and_the_node_refuses(prepared_site, tmp_path):
+    """Deleting the ledger's rows reset every budget to 0 while `audit verify` said 'chain intact'."""
+    site = fresh_site(prepared_site, tmp_path / "site")
+    study = _study_file(tmp_path, rounds=2)
+    assert _run("site", "approve", str(study), "--site-config", str(site), "--by", "s").exit_code == 0
+    spec = load_study(study)
+    node = SiteNode(load_site_config(site))
+    assert node.train(instruction(spec), initial_state(spec, node.feature_count(spec))).answer.status == "trained"
+    assert "chain intact" in _run("site", "audit", "verify", "--site-config", str(site)).output
+    with sqlite3.connect(_governance_db(site)) as connection:
+        connection.execute("DELETE FROM gov_privacy_ledger")
+    result = _run("site", "audit", "verify", "--site-config", str(site))
+    assert result.exit_code == 1 and "FAILED" in result.output and "missing from the ledger" in result.output
+    status = _run("site", "status", "--site-config", str(site))
+    assert status.exit_code == 0 and "does not agree with its audit chain" in status.output
+    again = SiteNode(load_site_config(site)).train(
+        instruction(spec, server_round=2), initial_state(spec, node.feature_count(spec))
+    )
+    assert again.answer.status == "refused" and again.answer.code == "governance-inconsistent"
+
+
+def test_an_edited_audit_time_and_a_garbled_head_never_show_a_traceback(prepared_site, tmp_path):
+    site = fresh_site(prepared_site, tmp_path / "site")
+    assert _run("site", "approve", str(_study_file(tmp_path)), "--site-config", str(site), "--by", "s").exit_code == 0
+    with sqlite3.connect(_governance_db(site)) as connection:
+        connection.execute("UPDATE gov_audit_log SET at = 'last tuesday'")
+    status = _run("site", "status", "--site-config", str(site))
+    assert status.exit_code == 0 and "Traceback" not in status.output, status.output
+    shown = _run("site", "audit", "show", "--site-config", str(site))
+    assert shown.exit_code == 0 and "(time edited)" in shown.output
+    load_site_config(site).audit_head.write_text("{garbled")
+    verified = _run("site", "audit", "verify", "--site-config", str(site))
+    assert verified.exit_code == 1 and "audit head file is unreadable" in verified.output
+    assert "Traceback" not in verified.output
+
+
+def test_a_new_version_of_an_approved_study_is_told_what_it_inherits(prepared_site, tmp_path):
+    site = fresh_site(prepared_site, tmp_path / "site")
+    first = _study_file(tmp_path, rounds=2)
+    assert _run("site", "approve", str(first), "--site-config", str(site), "--by", "s").exit_code == 0
+    spec = load_study(first)
+    node = SiteNode(load_site_config(site))
+    assert node.train(instruction(spec), initial_state(spec, node.feature_count(spec))).answer.status == "trained"
+    spent = node.governance.ledger.spent(spec.study.id)
+    raw = yaml.safe_load(first.read_text())
+    raw["study"]["title"] = raw["study"].get("title", "") + " (retitled)"
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump(raw))
+    result = _run("site", "approve", str(second), "--site-config", str(site), "--by", "s")
+    assert result.exit_code == 0, result.output
+    assert "Inherits" in result.output and f"{spent:.3f}" in result.output
+    [entry] = [e for e in node.governance.audit.entries(kind="approved") if "inherits" in e.payload]
+    assert entry.payload["inherits"]["spent_epsilon"] == pytest.approx(spent)

@@ -302,3 +302,32 @@ def test_kill_9_during_training_never_under_counts(prepared_site, tmp_path):
     retry = node.train(instruction(spec), _start(node, spec))
     assert retry.answer.status == SiteStatus.TRAINED, retry.answer.reason
     assert node.governance.ledger.spent(digest) == pytest.approx(reserved), "the retry reused the reservation"
+
+
+def test_a_second_train_message_for_a_round_in_training_is_refused(prepared_site, tmp_path):
+    """Two train messages for the same round, arriving together: one trains, the other is refused while the
+    first holds the reservation's lease; one charge, one update."""
+    site_file = fresh_site(prepared_site, tmp_path / "site")
+    node = SiteNode(load_site_config(site_file))
+    spec = study(training={"rounds": 2, "local_epochs": 40, "batch_size": 4})
+    digest = _approve(node, spec)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([sys.executable, "-c", _KILL_MID_TRAINING, str(site_file)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(e.kind == "round-started" for e in node.governance.audit.entries()):
+            assert child.poll() is None, "the first training ended before the second message arrived"
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        second = node.train(instruction(spec), _start(node, spec))
+        assert child.poll() is None, "the first training must still be running for this test to mean anything"
+        assert second.answer.status == SiteStatus.REFUSED and second.answer.code == RefusalCode.IN_PROGRESS
+        assert second.state_dict is None
+        assert child.wait(timeout=600) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+    [row] = node.governance.ledger.reservations(digest)
+    assert row.status == "committed"
+    assert [e.kind for e in node.governance.audit.entries()].count("round-trained") == 1
+    assert node.governance.integrity().ok

@@ -166,6 +166,36 @@ def test_erase_of_an_unknown_patient_is_recorded_and_says_so(tmp_path):
     assert result.exit_code == 2 and "No person with person_id 999" in result.output
 
 
+def test_erase_with_another_secret_than_the_loads_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'omop.sqlite'}"
+    load([S.write_ndjson(tmp_path / "export", S.ALL)], url, tmp_path / "secret")
+    load_or_create_secret(tmp_path / "other")
+    result = CliRunner().invoke(
+        app, ["erase", "--db", url, "--person-id", "1", "--secret-file", str(tmp_path / "other")]
+    )
+    assert result.exit_code == 2 and "loaded with a different site secret" in result.output
+    assert count(url, "person") == 1 and count(url, "twinfed_erasure") == 0
+
+
+def test_erase_by_person_id_of_a_patient_with_an_mrn(tmp_path):
+    """The id map holds a person's Patient key and MRN alias alike; erasure by person_id takes them all."""
+    url, secret = f"sqlite:///{tmp_path / 'omop.sqlite'}", tmp_path / "secret"
+    for source in _export(tmp_path):
+        load([source], url, secret)
+    engine = open_engine(url)
+    with engine.connect() as connection:
+        person_id = connection.execute(text("SELECT person_id FROM person WHERE year_of_birth = 1950")).scalar_one()
+    engine.dispose()
+    result = CliRunner().invoke(
+        app, ["erase", "--db", url, "--person-id", str(person_id), "--secret-file", str(secret)]
+    )
+    assert result.exit_code == 0, result.output
+    assert count(url, "person") == 1 and _naming(_quarantine(url, None), "Patient/p1", "MRN998877") == []
+    (tmp_path / "warehouse" / "labs.csv").write_text(LATER_LABS)
+    report = load([tmp_path / "warehouse"], url, secret)
+    assert report.excluded_by_reason == {ERASED_REASON: 3} and report.quarantined.total == 0
+
+
 def test_erase_removes_quarantined_raw_records_with_and_without_a_patient_key(omop_db, tmp_path):
     url, schema = omop_db
     secret = tmp_path / "secret"

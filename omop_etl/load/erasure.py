@@ -180,7 +180,7 @@ def _person_id(connection: Connection, id_map, patient_key: bytes) -> int | None
 
 
 def _identifier_forms(
-    connection: Connection, etl: MetaData, keys: SiteKeys, patient_key: bytes, person_id: int | None
+    connection: Connection, etl: MetaData, keys: SiteKeys, patient_keys: list[bytes], person_id: int | None
 ) -> dict[bytes, str]:
     """The patient's identifier forms, read before their id-map rows are deleted.
 
@@ -188,9 +188,9 @@ def _identifier_forms(
     extracts) and of their encounters; a Patient record that only reached the quarantine gives its MRNs,
     and a quarantined Encounter that names the patient gives its own id.
     """
-    forms = {patient_key: PATIENT}
+    forms = dict.fromkeys(patient_keys, PATIENT)
     identifiers = table(etl, "twinfed_erased_identifier")
-    stored = select(identifiers.c.identifier_key, identifiers.c.form).where(identifiers.c.patient_key == patient_key)
+    stored = select(identifiers.c.identifier_key, identifiers.c.form).where(identifiers.c.patient_key.in_(patient_keys))
     for key, form in connection.execute(stored):
         forms[bytes(key)] = form
     if person_id is not None:
@@ -206,7 +206,7 @@ def _identifier_forms(
     quarantine = table(etl, "twinfed_quarantine")
     own = select(quarantine.c.raw).where(
         quarantine.c.resource_type == "Patient",
-        or_(quarantine.c.source_key == patient_key, quarantine.c.patient_key == patient_key),
+        or_(quarantine.c.source_key.in_(patient_keys), quarantine.c.patient_key.in_(patient_keys)),
     )
     for raw in connection.execute(own).scalars():
         try:
@@ -301,22 +301,27 @@ def erase(
         with engine.begin() as connection:
             table(etl, "twinfed_erased_identifier").create(connection, checkfirst=True)  # an earlier twinfed's load
             if person_id is not None:
-                patient_key = connection.execute(
-                    select(id_map.c.source_key).where(id_map.c.omop_table == "person", id_map.c.omop_id == person_id)
-                ).scalar_one_or_none()
-                if patient_key is None:
+                # The person's Patient key and their MRN aliases: the id map does not say which is which, so
+                # every one of them is recorded as an erased patient key.
+                patient_keys = [
+                    bytes(key)
+                    for key in connection.execute(
+                        select(id_map.c.source_key).where(
+                            id_map.c.omop_table == "person", id_map.c.omop_id == person_id
+                        )
+                    ).scalars()
+                ]
+                if not patient_keys:
                     raise PersonNotFound(f"No person with person_id {person_id} was loaded by twinfed.")
             secret, _ = load_or_create_secret(secret_path(secret_file), create=False, hint=ETL_HINT)
             keys = SiteKeys(secret)
             _check_secret(connection, etl, keys)
             if patient_id is not None:
-                patient_key = keys.key(f"Patient/{patient_id}")
-                person_id = _person_id(connection, id_map, patient_key)
-            else:
-                patient_key = bytes(patient_key)
+                patient_keys = [keys.key(f"Patient/{patient_id}")]
+                person_id = _person_id(connection, id_map, patient_keys[0])
             result = ErasureResult(person_id=person_id)
             earlier = erased_identifiers(connection, etl)
-            forms = _identifier_forms(connection, etl, keys, patient_key, person_id)
+            forms = _identifier_forms(connection, etl, keys, patient_keys, person_id)
             if person_id is not None:
                 for cdm_table in cdm.tables.values():
                     if "person_id" in cdm_table.c:
@@ -338,14 +343,17 @@ def erase(
             if missed:
                 result.removed[EARLIER] = missed
             consent = table(etl, "twinfed_consent")
-            connection.execute(update(consent).where(consent.c.patient_key == patient_key).values(person_id=None))
+            linked = consent.c.patient_key.in_(patient_keys)
+            if person_id is not None:
+                linked = or_(linked, consent.c.person_id == person_id)
+            connection.execute(update(consent).where(linked).values(person_id=None))
             erasure = table(etl, "twinfed_erasure")
-            if (
-                connection.execute(select(erasure.c.patient_key).where(erasure.c.patient_key == patient_key)).first()
-                is None
-            ):
-                connection.execute(insert(erasure).values(patient_key=patient_key, erased_at=dt.datetime.now()))
-            _record_identifiers(connection, etl, patient_key, forms)
+            query = select(erasure.c.patient_key).where(erasure.c.patient_key.in_(patient_keys))
+            recorded = {bytes(key) for key in connection.execute(query).scalars()}
+            for patient_key in patient_keys:
+                if patient_key not in recorded:
+                    connection.execute(insert(erasure).values(patient_key=patient_key, erased_at=dt.datetime.now()))
+            _record_identifiers(connection, etl, patient_keys[0], forms)
             result.identifiers = len(forms)
         return result
     finally:

@@ -11,7 +11,8 @@ They make loads safe to repeat and to interrupt:
 * `twinfed_quarantine`: every record that could not be loaded, with file, position, rule and the raw
   record, so a person can fix it and re-run.
 * `twinfed_consent`: the research-consent registry the site node reads to exclude patients.
-* `twinfed_erasure`: patients erased under the right to erasure (hash only), never loaded again.
+* `twinfed_erasure`: patients erased under the right to erasure (hash only), never loaded again (an
+  erasure by person_id records the hash of each MRN too: the id map does not tell them from the id).
 * `twinfed_erased_identifier`: the keyed hash of every identifier form of an erased patient (their
   Patient id, their medical record numbers, their encounters' ids), so that a later load recognises
   their records, even broken ones that never name the patient in a resolvable way, and keeps them out

@@ -67,7 +67,17 @@ class ConsentWithdrawals:
 
 
 class RoundMembership:
-    """For each round of each study, the person ids whose data it trained on."""
+    """For each round of each study, the person ids whose data it trained on.
+
+    Erasure (`twinfed erase`) leaves these rows on purpose: what a person contributed to a model that
+    was already trained cannot be taken out of it (DP-SGD bounds it), so after an erasure the site must
+    still be able to say which models carry it. What is kept is the OMOP person_id only, and with
+    twinfed's ETL that is a number handed out in sequence, not derived from any source identifier
+    (person_source_value, the keyed hash of the Patient id, goes with the person row). Erasure deletes
+    the person row and the id map, the only links from the number to the patient, and the number is
+    never handed out again, so a row here names no one once the person is erased and cannot come to
+    name someone else. docs/data-steward.md (erasure) says what a steward checks.
+    """
 
     def __init__(self, store: GovernanceStore) -> None:
         self.store = store

@@ -35,6 +35,8 @@ from federation.deployment import (
     write_cli_connection,
 )
 from federation.provision import ConsortiumLayout, add_site, init_consortium
+from site_node.config import load_site_config
+from site_node.governance import Governance
 from site_node.keys import generate_site_keys
 from site_node.supernode import (
     SuperNodeError,
@@ -58,6 +60,7 @@ def write_site_config(folder: Path, site_id: str) -> Path:
         "secret_file": "site.secret",
     }
     path.write_text(yaml.safe_dump(site), encoding="utf-8")
+    (folder / "policy.yaml").write_text("min_cell_count: 10\n", encoding="utf-8")  # the node checks its governance
     return path
 
 
@@ -203,6 +206,15 @@ def test_site_start_refuses_what_would_fail_later(consortium: Path, tmp_path: Pa
         with pytest.raises(SuperNodeError, match=message):
             prepare_launch(*args)
     assert split_address("[::1]:9092") == ("::1", 9092)
+    # the governance database replaced by an empty one (its head file still records the chain): not started
+    prepare_launch(site_file, "localhost:9092", ca, key)  # a new site: its governance is created, and consistent
+    config = load_site_config(site_file)
+    governance = Governance(config.governance_db, config.policy, audit_head_file=config.audit_head)
+    governance.audit.append("approved", {"study_id": "s"})
+    governance.close()
+    (tmp_path / "aster" / "governance.sqlite").unlink()
+    with pytest.raises(SuperNodeError, match=r"does not agree with its audit chain.*governance database was replaced"):
+        prepare_launch(site_file, "localhost:9092", ca, key)
 
 
 # ------------------------------------------------------------------------------------- real processes

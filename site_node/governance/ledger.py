@@ -304,6 +304,16 @@ class PrivacyLedger:
         if self.audit is None:
             return 0
         audit_table = self.store.tables["audit"]
+
+        def needed(connection: Connection) -> bool:
+            chained = connection.execute(
+                select(audit_table.c.seq).where(audit_table.c.kind.startswith("ledger-")).limit(1)
+            ).first()
+            return chained is None and connection.execute(select(self.table.c.id).limit(1)).first() is not None
+
+        with self.store.engine.connect() as connection:
+            if not needed(connection):  # the usual case, read without taking the lock (or writing anything)
+                return 0
         with self._transaction() as (connection, add):
             chained = connection.execute(
                 select(audit_table.c.seq).where(audit_table.c.kind.startswith("ledger-")).limit(1)

@@ -381,7 +381,9 @@ def erase(
     patient: Annotated[
         str | None, typer.Option("--patient", help="The FHIR Patient id of the person to erase.")
     ] = None,
-    person_id: Annotated[int | None, typer.Option("--person-id", help="Or the OMOP person_id.")] = None,
+    person_id: Annotated[
+        int | None, typer.Option("--person-id", help="Or the OMOP person_id (needs the site secret too).")
+    ] = None,
     schema: Annotated[str | None, typer.Option("--schema", help=SCHEMA_HELP)] = None,
     secret_file: Annotated[Path | None, typer.Option("--secret-file", help=SECRET_HELP)] = None,
 ) -> None:
@@ -401,13 +403,15 @@ def erase(
         console.print(f"[red]Cannot erase:[/red] {exc}")
         raise typer.Exit(2) from None
     who = f"Patient/{patient}" if patient else f"person_id {person_id}"
-    if result.person_id is None:
+    removed = {name: count for name, count in result.removed.items() if count}
+    if result.person_id is None and not removed:
         console.print(f"{who} was not loaded; nothing to remove. It is recorded as erased: later loads exclude it.")
         return
-    table = Table(title=f"Erased {who} (person_id {result.person_id})")
+    loaded = f" (person_id {result.person_id})" if result.person_id is not None else " (never loaded)"
+    table = Table(title=f"Erased {who}{loaded}")
     table.add_column("table")
     table.add_column("rows removed", justify="right")
-    for name, count in sorted(result.removed.items()):
+    for name, count in sorted(removed.items()):
         table.add_row(name, f"{count:,}")
     console.print(table)
     console.print("Recorded as erased: later loads exclude this patient.")

@@ -107,8 +107,11 @@ def load_mapping(path: Path) -> tuple[CsvMapping, Path]:
     csv_path = (path.parent / mapping.file).resolve()
     if not csv_path.is_file():
         raise MappingError(f"{path}: the CSV file {csv_path} it describes does not exist")
-    with csv_path.open(encoding="utf-8-sig", newline="") as handle:
-        header = next(csv.reader(handle, delimiter=mapping.delimiter), [])
+    try:
+        with csv_path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+            header = next(csv.reader(handle, delimiter=mapping.delimiter), [])
+    except (OSError, csv.Error) as exc:
+        raise MappingError(f"{csv_path}: cannot read the header row of the CSV {path.name} describes: {exc}") from None
     missing = sorted(mapping.columns() - set(header))
     if missing:
         raise MappingError(f"{csv_path}: columns {', '.join(missing)} named in {path.name} are not in the header")
@@ -124,6 +127,20 @@ def is_mapping_file(path: Path) -> bool:
     return isinstance(data, dict) and "file" in data and "kind" in data
 
 
+def _not_utf8(header: list[str], values: list[str]) -> str | None:
+    """The first column holding bytes that are not UTF-8 (read as surrogate escapes), or None.
+
+    The CSV is decoded with errors="surrogateescape" so that one badly encoded row is one quarantined
+    record instead of an error that loses the rows decoded with it.
+    """
+    for number, value in enumerate(values):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return header[number] if number < len(header) else f"#{number + 1}"
+    return None
+
+
 def extract_csv(batch: Batch, mapping: CsvMapping) -> Extracted:
     """Rows of a CSV batch (already split by the csv module, header in batch.header) -> drafts."""
     out = Extracted(batch.file_id, batch.file_name, batch.batch_no, "row")
@@ -132,10 +149,17 @@ def extract_csv(batch: Batch, mapping: CsvMapping) -> Extracted:
     resource_type = f"CSV:{mapping.kind}"
     for offset, row in enumerate(rows):
         position = batch.first_position + offset
-        raw = mapping.delimiter.join(batch.rows[offset]).encode()
-        record_id = (row.get(mapping.id) or "").strip()
+        raw = mapping.delimiter.join(batch.rows[offset]).encode("utf-8", "surrogateescape")
+        bad_column = _not_utf8(header, batch.rows[offset])
+        record_id = (row.get(mapping.id) or "").strip() if bad_column is None else ""
         index = out.add(position, resource_type, record_id or None, raw)
         try:
+            if bad_column is not None:
+                raise Reject(
+                    "invalid_encoding",
+                    f"row {position} of {Path(batch.file_name).name} is not UTF-8 text (column {bad_column}); "
+                    "save the extract as UTF-8 and re-run the load",
+                )
             if not record_id:
                 raise Reject("missing_value", f"column {mapping.id} (the record id) is empty")
             patient = (row.get(mapping.patient) or "").strip()
@@ -182,6 +206,15 @@ def extract_csv(batch: Batch, mapping: CsvMapping) -> Extracted:
                 unit_code=unit,
             )
         )
+    if batch.damage is not None:
+        rule, reason = batch.damage
+        position = batch.first_position + len(batch.rows)
+        index = out.add(position, resource_type, None, b"")
+        detail = (
+            f"{Path(batch.file_name).name} cannot be read from data row {position} on: {reason}. The rows before "
+            "were read; save the extract again as UTF-8 CSV and re-run the load."
+        )
+        out.quarantine(index, rule, detail)
     for index, status in enumerate(out.status):
         if status == "skipped":
             out.raw.pop(index, None)

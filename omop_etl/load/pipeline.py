@@ -177,7 +177,7 @@ def _batch_bytes(batch: Batch) -> int:
         return sum(len(line) for line in batch.lines)
     if batch.kind == "csv":
         return sum(len(",".join(row)) + 1 for row in batch.rows)
-    return len(batch.bundle or b"")
+    return batch.size or len(batch.bundle or b"")  # a Bundle is read by the worker: its file size stands in
 
 
 def _raw(batch: Batch, extracted: Extracted, index: int) -> str | None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 study_app = typer.Typer(
     help="Write and check a study: cohort, covariates, outcome, twin model, privacy.", no_args_is_help=True
@@ -38,6 +39,13 @@ def hash_(study: StudyFile) -> None:
     typer.echo(study_hash(_load(study)))
 
 
+class _PlainTable(Table):
+    """A table whose cells are plain text: values that come from a study file are printed, not interpreted."""
+
+    def add_row(self, *cells: str | None, **kwargs) -> None:
+        super().add_row(*(None if cell is None else Text(cell) for cell in cells), **kwargs)
+
+
 @study_app.command("check")
 def check(study: StudyFile) -> None:
     """Validate a study file and summarise what it asks every site to compute.
@@ -48,7 +56,9 @@ def check(study: StudyFile) -> None:
 
     spec = _load(study)
     covariates = spec.covariates
-    table = Table(title=f"{spec.study.id}: {spec.study.title}", show_header=False)
+    # The title is free text from the study's author: shown as written, never read as rich markup ("[/x]"
+    # in a title made rich raise MarkupError instead of printing the summary).
+    table = _PlainTable(title=Text(f"{spec.study.id}: {spec.study.title}"), show_header=False)
     table.add_column("part")
     table.add_column("setting", overflow="fold")
     visits = ", ".join(str(c) for c in spec.cohort.visit_concept_ids)

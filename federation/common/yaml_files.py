@@ -93,9 +93,8 @@ def _read_text(path: Path, limits: YamlLimits, error: type[ValueError], missing_
     try:
         with path.open("rb") as handle:
             info = os.fstat(handle.fileno())
-            if stat.S_ISREG(info.st_mode) and info.st_size > limits.max_bytes:
-                raise error(_too_large(str(path), info.st_size, limits))
-            data = handle.read(limits.max_bytes + 1)
+            regular = stat.S_ISREG(info.st_mode)
+            data = b"" if regular and info.st_size > limits.max_bytes else handle.read(limits.max_bytes + 1)
     except FileNotFoundError:
         hint = f"; {missing_hint}" if missing_hint else ""
         raise error(f"{path}: no such {limits.what.removeprefix('a ')}{hint}") from None
@@ -103,7 +102,9 @@ def _read_text(path: Path, limits: YamlLimits, error: type[ValueError], missing_
         raise error(f"{path} is a folder, not {limits.what}") from None
     except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
         raise error(f"{path}: cannot read {limits.what}: {exc}") from None
-    if len(data) > limits.max_bytes:
+    if regular and info.st_size > limits.max_bytes:
+        raise error(_too_large(str(path), info.st_size, limits))
+    if len(data) > limits.max_bytes:  # not a regular file (a pipe, a device): its size is what it gave
         raise error(_too_large(str(path), None, limits))
     try:
         return data.decode("utf-8-sig")

@@ -16,14 +16,65 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 # OMOP standard visit concepts (Visit domain) a cohort may start from.
 VISIT_CONCEPTS = {"inpatient": 9201, "outpatient": 9202, "emergency": 9203, "emergency_inpatient": 262}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown fields refused; no float may be infinite or NaN.
+
+    Every float in a study is a time, a rate, a fraction or a bound the sites compute with: `.inf` or `.nan`
+    was accepted by `study check` and approval and then refused every round (max_grad_norm: .inf), so it is
+    refused here, at load, with the field named.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# OMOP CDM v5.4 concept_id is an INTEGER: 1 to 2^31 - 1 (0 is "no matching concept", which selects nothing
+# meaningful). Larger numbers cannot be bound as query parameters at the sites and would fail there.
+MAX_CONCEPT_ID = 2**31 - 1
+# A concept list names what to select, not every code: occurrence and condition lists take in the
+# descendants of each concept, so even a wide phenotype needs far fewer. The bound keeps a study a file a
+# person can review and every site's query a query (a 2-million-id list took a minute just to check).
+MAX_CONCEPT_IDS = 10_000
+# Each value concept of a categorical covariate is a model input column of its own.
+MAX_VALUE_CONCEPTS = 100
+# Covariates of one kind: each is one or more model inputs the coordinator sizes the model for.
+MAX_COVARIATES = 1_000
+
+
+def _concept_id(value: int) -> int:
+    if not 1 <= value <= MAX_CONCEPT_ID:
+        raise ValueError(
+            f"{value} is not an OMOP concept id: concept ids are whole numbers from 1 to {MAX_CONCEPT_ID:,} (the "
+            "CDM's concept_id is an INTEGER)"
+        )
+    return value
+
+
+def _at_most(limit: int, noun: str, why: str):
+    """A check of a list's length that runs before its items are validated (so a huge list costs nothing)."""
+
+    def check(value: object) -> object:
+        if isinstance(value, list | tuple) and len(value) > limit:
+            raise ValueError(f"a study lists at most {limit:,} {noun} here, and this list has {len(value):,}: {why}")
+        return value
+
+    return BeforeValidator(check)
+
+
+ConceptId = Annotated[int, AfterValidator(_concept_id)]
+ConceptIds = Annotated[
+    list[ConceptId],
+    _at_most(
+        MAX_CONCEPT_IDS,
+        "concept ids",
+        "list the ancestor concepts of a large concept set (occurrences and conditions include their descendants)",
+    ),
+]
 
 
 class IndexEvent(StrEnum):
@@ -48,10 +99,10 @@ class CohortSpec(_Strict):
     would already be known when the model is asked.
     """
 
-    visit_concept_ids: list[int] = Field(default=[VISIT_CONCEPTS["inpatient"]], min_length=1)
+    visit_concept_ids: ConceptIds = Field(default=[VISIT_CONCEPTS["inpatient"]], min_length=1)
     min_age: int = Field(18, ge=0, le=120)
     max_age: int | None = Field(None, ge=0, le=120)
-    condition_concept_ids: list[int] = Field(
+    condition_concept_ids: ConceptIds = Field(
         default=[], description="If given, the patient must have one of these conditions on or before the index."
     )
     min_visit_hours: float = Field(
@@ -99,7 +150,7 @@ class OccurrenceCovariate(_Strict):
 
     name: str
     domain: OccurrenceDomain
-    concept_ids: list[int] = Field(min_length=1)
+    concept_ids: ConceptIds = Field(min_length=1)
     window: Window = Window(start_hours=-365 * 24, end_hours=0)
 
     _name = field_validator("name")(_check_name)
@@ -110,10 +161,17 @@ class ValueCovariate(_Strict):
     each with a missing-value indicator."""
 
     name: str
-    concept_ids: list[int] = Field(min_length=1)
+    concept_ids: ConceptIds = Field(min_length=1)
     domain: Literal["measurement", "observation"] = "measurement"
     window: Window = Window(start_hours=0, end_hours=24)
-    statistics: list[Statistic] = Field(default=["latest"], min_length=1)
+    statistics: list[Statistic] = Field(default=["latest"], min_length=1, max_length=5)
+
+    @field_validator("statistics")
+    @classmethod
+    def _distinct_statistics(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each statistic is one feature column: name each at most once")
+        return value
 
     _name = field_validator("name")(_check_name)
 
@@ -123,8 +181,11 @@ class CategoricalCovariate(_Strict):
     (anything else and 'not recorded' get their own columns)."""
 
     name: str
-    concept_ids: list[int] = Field(min_length=1)
-    value_concept_ids: list[int] = Field(min_length=1)
+    concept_ids: ConceptIds = Field(min_length=1)
+    value_concept_ids: Annotated[
+        list[ConceptId],
+        _at_most(MAX_VALUE_CONCEPTS, "value concepts", "each one is a model input column; group rare values"),
+    ] = Field(min_length=1)
     window: Window = Window(start_hours=-365 * 24, end_hours=24)
 
     _name = field_validator("name")(_check_name)
@@ -135,7 +196,7 @@ class TimeSeriesCovariate(_Strict):
     a mask (observed in this bin) and the hours since the last observation."""
 
     name: str
-    concept_ids: list[int] = Field(min_length=1)
+    concept_ids: ConceptIds = Field(min_length=1)
     window: Window = Window(start_hours=0, end_hours=24)
     bin_hours: float = Field(4.0, gt=0)
 
@@ -149,12 +210,22 @@ class TimeSeriesCovariate(_Strict):
         return self
 
 
+_COVARIATES_WHY = "each covariate is at least one model input; a model of this many is not a study sites can review"
+
+
 class CovariateSpec(_Strict):
-    demographics: list[Demographic] = ["age", "gender"]
-    occurrences: list[OccurrenceCovariate] = []
-    values: list[ValueCovariate] = []
-    categorical: list[CategoricalCovariate] = []
-    time_series: list[TimeSeriesCovariate] = []
+    demographics: list[Demographic] = Field(default=["age", "gender"], max_length=2)
+    occurrences: Annotated[list[OccurrenceCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
+    values: Annotated[list[ValueCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
+    categorical: Annotated[list[CategoricalCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
+    time_series: Annotated[list[TimeSeriesCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
+
+    @field_validator("demographics")
+    @classmethod
+    def _distinct_demographics(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each demographic is a feature of its own: name age and gender at most once each")
+        return value
 
     @model_validator(mode="after")
     def _unique_names(self) -> CovariateSpec:
@@ -189,7 +260,7 @@ class OutcomeSpec(_Strict):
     prediction_hours: float = Field(24.0, ge=0, description="Features stop here; the outcome is counted after it.")
     window_days: float | None = Field(None, gt=0)
     threshold_days: float | None = Field(None, gt=0)
-    concept_ids: list[int] = []
+    concept_ids: ConceptIds = []
 
     @model_validator(mode="after")
     def _complete(self) -> OutcomeSpec:
@@ -224,7 +295,7 @@ class TrainingSpec(_Strict):
     learning_rate: float = Field(0.05, gt=0, le=10)
     optimizer: Literal["sgd", "adam"] = "sgd"
     proximal_mu: float = Field(0.0, ge=0, description="FedProx proximal term; 0 is plain local training.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Model initialisation and shuffling (0 to 2^32 - 1).")
 
 
 class PrivacySpec(_Strict):
@@ -243,7 +314,13 @@ class PrivacySpec(_Strict):
     mode: Literal["dp", "none"] = "dp"
     target_epsilon: float | None = Field(None, gt=0, le=100)
     target_delta: float | None = Field(None, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="Per-patient clipping bound C; the noise is proportional to it. Usual values are 0.1 to 10; above "
+        "1000 no gradient is clipped and the noise is all there is.",
+    )
     accountant: Literal["rdp", "prv"] = "rdp"
 
     @model_validator(mode="after")

@@ -3,6 +3,11 @@
 The SuperNode is started with `--node-config site-config=/path/site.yaml`, so this file is the one place
 that ties a Flower node to a hospital's data and rules. Relative paths (and relative SQLite paths) are
 resolved against the file's own folder, so a site folder can be moved or mounted anywhere.
+
+The file is read through federation.common.yaml_files: at most 64 KiB and 20 levels deep, no key twice,
+so a wrong file (a data export, a truncated copy, a loop of aliases) is a sentence, not a crash or a hang.
+Database URLs are parsed and paths checked when the file loads, so a typo is named with its field here
+rather than met later as an exception inside a command.
 """
 
 from __future__ import annotations
@@ -13,16 +18,46 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from federation.common.yaml_files import YamlLimits, read_yaml_file
 from omop_etl.database import normalise_url
 from omop_etl.identity import load_or_create_secret
+
+# A site file is ten lines; 64 KiB leaves room for any comments and refuses a wrong file at once.
+SITE_FILE = YamlLimits(
+    what="a site configuration file",
+    max_bytes=64 * 2**10,
+    max_depth=20,
+    max_values=5_000,
+    hint="a site file is a dozen settings (see configs/site-example.yaml); is it the right file?",
+)
+MAX_PROBLEMS_SHOWN = 20
 
 
 class SiteConfigError(ValueError):
     """The site configuration cannot be read or is invalid; the message names the file and field."""
+
+
+def _database_url(value: str) -> str:
+    """A URL SQLAlchemy can open. The message does not repeat the URL: it may carry a password."""
+    try:
+        make_url(normalise_url(value))
+    except ArgumentError:
+        raise ValueError(
+            "is not a database URL (write it as sqlite:///omop.sqlite or postgresql://user@host:5432/omop)"
+        ) from None
+    if "\0" in value:
+        raise ValueError("a database URL cannot hold a NUL character")
+    return value
+
+
+def _plain_path(value: Path | None) -> Path | None:
+    if value is not None and "\0" in str(value):
+        raise ValueError("a path cannot hold a NUL character")
+    return value
 
 
 class OmopSource(BaseModel):
@@ -30,6 +65,8 @@ class OmopSource(BaseModel):
 
     url: str = Field(description="SQLAlchemy URL of the site's OMOP CDM v5.4 database.")
     schema_name: str | None = Field(None, alias="schema", description="PostgreSQL schema holding the CDM tables.")
+
+    _url = field_validator("url")(_database_url)
 
 
 class SiteConfig(BaseModel):
@@ -53,6 +90,9 @@ class SiteConfig(BaseModel):
         "file, with the suffix .key). Keep it where the database's users cannot read it, and back it up.",
     )
     base_dir: Path = Field(Path("."), exclude=True)
+
+    _url = field_validator("governance_db")(_database_url)
+    _paths = field_validator("policy", "secret_file", "audit_head_file", "audit_key_file")(_plain_path)
 
     def split_key(self) -> bytes:
         return derive_split_key(self.secret_file)
@@ -120,22 +160,29 @@ def _resolve_url(url: str, base: Path) -> str:
 
 
 def load_site_config(path: Path) -> SiteConfig:
-    """Read and validate a site file; relative paths are taken from the file's folder."""
+    """Read and validate a site file; relative paths are taken from the file's folder.
+
+    Every problem is a `SiteConfigError` naming the file and the field; the values given are not repeated
+    (a database URL may carry a password).
+    """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SiteConfigError(f"{path}: no such site configuration file") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise SiteConfigError(f"{path}: cannot read the site configuration: {exc}") from None
+    raw = read_yaml_file(path, SITE_FILE, SiteConfigError)
     if not isinstance(raw, dict):
         raise SiteConfigError(f"{path}: a site configuration is a mapping (site_id, omop, governance_db, policy, ...)")
     try:
         config = SiteConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
+        shown = exc.errors()[:MAX_PROBLEMS_SHOWN]
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg'].removeprefix('Value error, ')}" for e in shown
+        )
+        if exc.error_count() > MAX_PROBLEMS_SHOWN:
+            problems += f"; and {exc.error_count() - MAX_PROBLEMS_SHOWN:,} more problems"
         raise SiteConfigError(f"{path}: the site configuration is not valid: {problems}") from None
-    base = path.resolve().parent
+    try:
+        base = path.resolve().parent
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python 3.11)
+        raise SiteConfigError(f"{path}: cannot find the site file's folder: {exc}") from None
 
     def local(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (base / p).resolve())
@@ -152,5 +199,5 @@ def load_site_config(path: Path) -> SiteConfig:
                 "base_dir": base,
             }
         )
-    except ArgumentError as exc:  # an unparseable URL
-        raise SiteConfigError(f"{path}: {exc}") from None
+    except (ArgumentError, OSError, RuntimeError, ValueError) as exc:  # a path that cannot be resolved
+        raise SiteConfigError(f"{path}: a path in the site file cannot be resolved: {type(exc).__name__}") from None

@@ -444,24 +444,38 @@ def consent_list(site_config: SiteFile) -> None:
 
 @consent_app.command("withdraw")
 def consent_withdraw(
-    person_id: Annotated[int, typer.Argument(help="The OMOP person_id of the patient who withdrew.")],
+    person_id: Annotated[
+        int, typer.Argument(help="The patient's OMOP person_id (the person table's id, not the hospital's number).")
+    ],
     site_config: SiteFile,
     by: Who = "",
     reason: Annotated[str, typer.Option("--reason", help="Free text kept with the withdrawal.")] = "",
 ) -> None:
     """Record a patient's withdrawal of research consent: they are out of the next round of every study.
 
-    Also lists the earlier rounds that included the patient (their contribution to models already
-    trained cannot be taken back, but it is on record).
+    The person must be in the site's OMOP database: an id that is not (a typo) is refused and nothing is
+    recorded, so the patient who withdrew is never left in by mistake. Also lists the earlier rounds that
+    included the patient (their contribution to models already trained cannot be taken back, but it is on
+    record). Exits with status 2 when nothing was recorded.
     """
+    from site_node.consent_withdrawal import WithdrawalRefused, withdraw_consent
+
     node = _node(site_config)
-    node.governance.withdrawals.withdraw(person_id, by or _user(), reason)
-    earlier = node.governance.membership.rounds_including(person_id)
-    node.governance.audit.append(
-        "consent-withdrawn",
-        {"person_id": person_id, "by": by or _user(), "earlier_rounds": [r[1] for r in earlier]},
-    )
-    console.print(f"Recorded: person {person_id} is excluded from the next round of every study.")
+    try:
+        outcome = withdraw_consent(node.config, node.governance, person_id, by or _user(), reason)
+    except WithdrawalRefused as exc:
+        raise _fail(str(exc)) from None
+    earlier = outcome.earlier_rounds
+    if outcome.already_recorded:
+        first = outcome.withdrawal
+        when = first.recorded_at.isoformat(timespec="seconds")
+        console.print(
+            f"Person {person_id}'s withdrawal was already recorded on {when} by {first.recorded_by}; it stands "
+            "unchanged, and they are excluded from every study's next round.",
+            markup=False,
+        )
+    else:
+        console.print(f"Recorded: person {person_id} is excluded from the next round of every study.")
     if earlier:
         table = Table(title="Earlier rounds that included this patient")
         for column in ("study", "round", "at"):

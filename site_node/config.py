@@ -35,6 +35,8 @@ SITE_FILE = YamlLimits(
     hint="a site file is a dozen settings (see configs/site-example.yaml); is it the right file?",
 )
 MAX_PROBLEMS_SHOWN = 20
+# A schema name goes into SQL as an identifier (CREATE SCHEMA, search paths): a plain PostgreSQL name only.
+SCHEMA_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 
 
 class SiteConfigError(ValueError):
@@ -64,7 +66,9 @@ class OmopSource(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     url: str = Field(description="SQLAlchemy URL of the site's OMOP CDM v5.4 database.")
-    schema_name: str | None = Field(None, alias="schema", description="PostgreSQL schema holding the CDM tables.")
+    schema_name: str | None = Field(
+        None, alias="schema", pattern=SCHEMA_NAME, description="PostgreSQL schema holding the CDM tables."
+    )
 
     _url = field_validator("url")(_database_url)
 
@@ -78,7 +82,9 @@ class SiteConfig(BaseModel):
     name: str = ""
     omop: OmopSource
     governance_db: str = Field(description="SQLAlchemy URL of the site's governance database (ledger, audit).")
-    governance_schema: str | None = Field(None, description="PostgreSQL schema for the governance tables.")
+    governance_schema: str | None = Field(
+        None, pattern=SCHEMA_NAME, description="PostgreSQL schema for the governance tables."
+    )
     policy: Path = Field(description="The data steward's policy file.")
     secret_file: Path = Field(description="The site secret (the one the ETL uses); keys the train/test split.")
     audit_head_file: Path | None = Field(

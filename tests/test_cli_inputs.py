@@ -226,6 +226,7 @@ def test_a_schema_name_that_is_not_a_plain_identifier_is_refused(tmp_path):
     """Schema names go into SQL as identifiers (CREATE SCHEMA): the site file may not smuggle SQL in."""
     with pytest.raises(SiteConfigError, match=r"site.yaml.*governance_schema"):
         load_site_config(_site_file(tmp_path, governance_schema='gov"; DROP TABLE person; --'))
+    (tmp_path / "ok").mkdir()
     assert load_site_config(_site_file(tmp_path / "ok", governance_schema="site_gov")).governance_schema == "site_gov"
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from omop_etl.database import open_engine
 from omop_etl.fhir.extract import Batch, extract_bundle, extract_ndjson
 from omop_etl.fhir.json_input import MAX_LINE_BYTES, duplicate_keys
+from omop_etl.load.sources import InputFile, batches
 from tests import fhir_samples as S
 from tests.etl_helpers import count, load
 
@@ -134,6 +135,21 @@ def test_a_truncated_gzip_bundle_keeps_the_entries_before_the_damage(tmp_path):
     assert report.loaded.by_resource_type["Patient"] == count(url, "person")
 
 
+def test_json_that_breaks_part_way_keeps_the_bundle_entries_before_and_no_part_of_a_single_resource(tmp_path):
+    bundle = _bundle({"resource": S.PATIENT}, {"resource": {**S.PATIENT, "id": "p2"}})
+    broken = bundle[: bundle.index(b'"p2"')] + b"!" + bundle[bundle.index(b'"p2"') :]
+    single = orjson.dumps(S.PATIENT)
+    report, url = _load(tmp_path, {"a.json": broken, "b.json": single[: len(single) // 2]})
+    _reconciles(report)
+    assert report.input.total == 3 and count(url, "person") == 1
+    rows = {Path(r.file).name: r for r in _quarantine(url)}
+    assert (rows["a.json"].position, rows["a.json"].rule) == (2, "malformed_json")
+    assert "a.json cannot be read from entry 2 on" in rows["a.json"].detail
+    assert "entries before were read" in rows["a.json"].detail
+    assert (rows["b.json"].position, rows["b.json"].rule) == (1, "malformed_json")
+    assert "ends in the middle" in rows["b.json"].detail
+
+
 def test_a_file_that_is_not_gzip_at_all_is_reported_and_the_load_goes_on(tmp_path):
     files = {"Patient.ndjson.gz": _ndjson(S.PATIENT), "Organization.ndjson": _ndjson(S.ORG)}
     report, url = _load(tmp_path, files)
@@ -159,6 +175,19 @@ def test_a_csv_row_that_is_not_utf8_is_quarantined_alone(tmp_path):
     (row,) = _quarantine(url)
     assert (Path(row.file).name, row.position, row.rule) == ("labs.csv", 3, "invalid_encoding")
     assert "UTF-8" in row.detail and "column t" in row.detail
+
+
+def test_a_file_that_cannot_be_opened_becomes_one_record_naming_the_file(tmp_path):
+    # The suite runs as root, which can open any file; the state discover() records for a file it could not
+    # open (InputFile.unreadable) is set directly here, and the rest of the path is the real one.
+    path = tmp_path / "Patient.ndjson"
+    path.write_bytes(_ndjson(S.PATIENT))
+    source = InputFile(path, "ndjson", "Patient", path.stat().st_size, path.stat().st_mtime_ns)
+    source.unreadable = "it cannot be read (Permission denied)"
+    (batch,) = batches(source, 1, 100, set())
+    out = extract_ndjson(batch)
+    assert (out.positions, out.status, out.rule) == ([1], ["quarantined"], ["damaged_file"])
+    assert "Patient.ndjson cannot be read from line 1 on: it cannot be read (Permission denied)" in out.detail[0]
 
 
 # Finding 3: a Bundle whose `entry` is a string was counted as one record per character.

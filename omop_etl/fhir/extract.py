@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -400,6 +401,7 @@ def extract_bundle(batch: Batch) -> Extracted:
     not_array: Any = None
     has_entry_array = False
     damage: JsonDamage | None = None
+    entries_read = 0
     try:
         with _open_bundle(batch) as handle:
             for item in read_bundle(handle):
@@ -414,6 +416,7 @@ def extract_bundle(batch: Batch) -> Extracted:
                     not_array = (item.value,)
                 else:
                     entries.append(_entry_of(len(entries) + 1, item.value, item.duplicates, targets))
+                    entries_read = len(entries)
     except JsonDamage as error:
         damage = error
     except IO_ERRORS as error:  # opening the file
@@ -435,18 +438,21 @@ def extract_bundle(batch: Batch) -> Extracted:
             ambiguous = (
                 _duplicate_detail(keys, f" at the top of the Bundle {name}") + " Nothing of this Bundle is loaded."
             )
-        for entry in entries:
-            _bundle_entry(out, entry, targets, ambiguous)
-    elif damage is None or members:
+        pending = deque(entries)
+        entries_read = len(entries)
+        entries.clear()  # each entry's bytes go once it is extracted (pending records keep their resource's own)
+        while pending:
+            _bundle_entry(out, pending.popleft(), targets, ambiguous)
+    elif damage is None:  # a single resource cut off part-way is not loaded in part: the damage record stands for it
         resource = dict(members)
         if has_entry_array:  # e.g. a List resource: its entries were read one by one, put them back
             resource["entry"] = [orjson.loads(e.raw) if e.problem is None else None for e in entries]
         single = _entry_of(1, {"resource": resource}, member_duplicates, {})
         _bundle_entry(out, single, {}, _duplicate_detail(repeated, f" of {name}") if repeated else None)
     if damage is not None:
-        position = len(entries) + 1
+        position = entries_read + 1
         index = out.add(position, "Bundle", None, b"")
-        before = f"; the {len(entries):,} entries before were read" if entries else ""
+        before = f"; the {entries_read:,} entries before were read" if entries_read else ""
         out.quarantine(
             index,
             damage.rule,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from sqlalchemy import text
 from omop_etl.database import open_engine
 from omop_etl.fhir.extract import Batch, extract_bundle, extract_ndjson
 from omop_etl.fhir.json_input import MAX_LINE_BYTES, duplicate_keys
+from omop_etl.load.pipeline import EtlSettings, run_etl
 from omop_etl.load.sources import InputFile, batches
 from tests import fhir_samples as S
 from tests.etl_helpers import count, load
@@ -329,3 +331,65 @@ def test_fuzz_a_whole_load_never_raises_and_reconciles(tmp_path_factory, lines, 
     _reconciles(report)
     non_blank = sum(1 for line in ndjson.splitlines() if line.strip())
     assert report.input.total == 2 * non_blank + 1 + len(entries)
+
+
+def test_worker_processes_read_damaged_files_the_same_way(tmp_path):
+    patients = [{**S.PATIENT, "id": f"p{i}"} for i in range(200)]
+    whole = gzip.compress(_bundle(*({"fullUrl": f"Patient/{p['id']}", "resource": p} for p in patients)))
+    lines = gzip.compress(_ndjson(*({**S.GLUCOSE_MMOL, "id": f"g{i}", "subject": {"reference": f"Patient/p{i}"}}
+                                    for i in range(200))))  # fmt: skip
+    files = {"site.json.gz": whole[: len(whole) * 2 // 3], "Observation.ndjson.gz": lines[: len(lines) // 2],
+             "dup.json": _bundle({"resource": orjson.loads(DUPLICATE_GENDER.replace(b'"p1"', b'"p9"'))})}  # fmt: skip
+    one, _ = _load(tmp_path / "one", files)
+    export = tmp_path / "one" / "export"
+    two = run_etl([export], EtlSettings(db_url=f"sqlite:///{tmp_path / 'two.sqlite'}", secret_file=tmp_path / "s",
+                                        workers=2))  # fmt: skip
+    _reconciles(two)
+    for part in ("input", "loaded", "quarantined", "skipped", "excluded"):
+        assert getattr(two, part) == getattr(one, part), part
+    assert two.quarantine_by_rule == one.quarantine_by_rule and one.quarantine_by_rule["damaged_file"] == 2
+
+
+def _sample_bundle() -> bytes:
+    """The sample resources as one Synthea-style Bundle (urn:uuid references), as bytes."""
+    with tempfile.TemporaryDirectory() as folder:
+        return S.write_bundle(Path(folder) / "b.json", S.ALL).read_bytes()
+
+
+_CUT_BUNDLE = _sample_bundle()
+
+
+@settings(max_examples=200, deadline=None)
+@given(cut=st.integers(0, len(_CUT_BUNDLE)), pretty=st.booleans())
+def test_fuzz_a_bundle_cut_at_any_byte_keeps_the_entries_before_and_one_damage_record(tmp_path_factory, cut, pretty):
+    data = orjson.dumps(orjson.loads(_CUT_BUNDLE), option=orjson.OPT_INDENT_2) if pretty else _CUT_BUNDLE
+    cut = min(cut, len(data))
+    path = tmp_path_factory.mktemp("cut") / "b.json"
+    path.write_bytes(data[:cut])
+    out = extract_bundle(Batch(1, str(path), 0, "bundle", 1))
+    damaged = [i for i, rule in enumerate(out.rule) if rule == "malformed_json"]
+    if cut == len(data):
+        assert sorted(out.positions) == list(range(1, len(S.ALL) + 1)) and not damaged
+    else:
+        assert len(damaged) == 1
+        assert sorted(out.positions) == list(range(1, out.positions[damaged[0]] + 1))
+        assert "b.json cannot be read from entry" in (out.detail[damaged[0]] or "")
+
+
+_GZ_LINES = gzip.compress(_ndjson(*({**S.PATIENT, "id": f"p{i}"} for i in range(40))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(cut=st.integers(0, len(_GZ_LINES)), batch_size=st.sampled_from([7, 100]))
+def test_fuzz_a_gzip_ndjson_cut_at_any_byte_accounts_for_every_line_read(tmp_path_factory, cut, batch_size):
+    path = tmp_path_factory.mktemp("cut") / "Patient.ndjson.gz"
+    path.write_bytes(_GZ_LINES[:cut])
+    source = InputFile(path, "ndjson", "Patient", cut, path.stat().st_mtime_ns)
+    outs = [extract_ndjson(batch) for batch in batches(source, 1, batch_size, set())]
+    positions = sorted(p for out in outs for p in out.positions)
+    rules = [rule for out in outs for rule in out.rule]
+    assert positions == list(range(1, len(positions) + 1))
+    if cut == len(_GZ_LINES):
+        assert len(positions) == 40 and rules.count("damaged_file") == 0
+    else:
+        assert rules.count("damaged_file") == 1 and rules[-1] == "damaged_file" and len(positions) <= 41

@@ -193,6 +193,8 @@ def batches(source: InputFile, file_id: int, batch_size: int, committed: set[int
     try:
         if source.unreadable:
             raise JsonDamage("damaged_file", source.unreadable)
+        if source.size == 0 and source.path.name.lower().endswith(".gz"):  # gzip reads 0 bytes as an empty stream
+            raise JsonDamage("damaged_file", "it is empty (0 bytes), not a gzip file (the copy probably failed)")
         with _open(source.path) as handle:
             for line, length in read_lines(handle):
                 if length is not None:  # kept apart: the line itself is no record to store or export

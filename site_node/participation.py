@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,32 @@ class _Plan:
     study_hash: str
     dataset: StudyDataset
     consent_snapshot: str
+
+
+@dataclass(frozen=True)
+class _Round:
+    """A training round past its checks, as the reserved part of it needs it."""
+
+    instruction: RoundInstruction
+    spec: StudySpec
+    digest: str
+    plan: _Plan
+    train: StudyDataset
+    model: torch.nn.Module
+    global_state: dict[str, torch.Tensor]
+    started: float
+
+    def parts(self) -> tuple:
+        return (
+            self.instruction,
+            self.spec,
+            self.digest,
+            self.plan,
+            self.train,
+            self.model,
+            self.global_state,
+            self.started,
+        )
 
 
 class SiteNode:
@@ -484,8 +511,10 @@ class SiteNode:
         except NotPrivateError as exc:
             raise Refusal(RefusalCode.NOT_PRIVATE, str(exc)) from None
         event = PrivacyEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps_per_round)
-        try:
-            reservation = self.governance.ledger.reserve(
+        job = _Round(instruction, spec, digest, plan, train, model, global_state, started)
+        return self._leased(
+            job,
+            lambda: self.governance.ledger.reserve(
                 digest,
                 instruction.round_key,
                 event,
@@ -495,31 +524,29 @@ class SiteNode:
                 TRAIN,
                 purpose_ceiling=spec.privacy.target_epsilon,
                 lineage=spec.study.id,
-            )
+            ),
+            self._train_reserved,
+        )
+
+    def _leased(
+        self, job: _Round, reserve: Callable[[], Reservation], body: Callable[[_Round, Reservation], RoundOutcome]
+    ) -> RoundOutcome:
+        """Reserve the round's budget, then run `body` holding the reservation's lease (renewed while it runs,
+        let go of when it ends): a second message for the same round meanwhile is refused, not trained."""
+        try:
+            reservation = reserve()
         except RoundAlreadyTrained as exc:
-            return self._resend(digest, instruction, exc)
+            return self._resend(job.digest, job.instruction, exc)
         except RoundInProgress as exc:
             raise Refusal(RefusalCode.IN_PROGRESS, exc.reason) from None
         except BudgetRefused as exc:
             raise Refusal(RefusalCode.BUDGET, exc.reason) from None
         with self.governance.ledger.holding(reservation):
-            return self._train_reserved(
-                instruction, spec, digest, plan, train, model, global_state, reservation, started
-            )
+            return body(job, reservation)
 
-    def _train_reserved(
-        self,
-        instruction: RoundInstruction,
-        spec: StudySpec,
-        digest: str,
-        plan: _Plan,
-        train: StudyDataset,
-        model: torch.nn.Module,
-        global_state: dict[str, torch.Tensor],
-        reservation: Reservation,
-        started: float,
-    ) -> RoundOutcome:
+    def _train_reserved(self, job: _Round, reservation: Reservation) -> RoundOutcome:
         """The round once its budget is reserved and its lease held: train, commit, release the update."""
+        instruction, spec, digest, plan, train, model, global_state, started = job.parts()
         sigma, delta = reservation.event.noise_multiplier, reservation.delta
         sample_rate, steps_per_round = reservation.event.sample_rate, reservation.event.steps
         n_train = len(train.person_ids)
@@ -651,8 +678,10 @@ class SiteNode:
         steps = schedule(len(train), spec.training)[1]
         event = PrivacyEvent(noise_multiplier=0.0, sample_rate=1.0, steps=steps)
         delta = spec.privacy.target_delta or self.policy.max_delta
-        try:
-            reservation = self.governance.ledger.reserve(
+        job = _Round(instruction, spec, digest, plan, train, model, global_state, started)
+        return self._leased(
+            job,
+            lambda: self.governance.ledger.reserve(
                 digest,
                 instruction.round_key,
                 event,
@@ -661,29 +690,13 @@ class SiteNode:
                 1.0,
                 NON_PRIVATE,
                 lineage=spec.study.id,
-            )
-        except RoundAlreadyTrained as exc:
-            return self._resend(digest, instruction, exc)
-        except RoundInProgress as exc:
-            raise Refusal(RefusalCode.IN_PROGRESS, exc.reason) from None
-        with self.governance.ledger.holding(reservation):
-            return self._train_plain_reserved(
-                instruction, spec, digest, plan, train, model, global_state, reservation, started
-            )
+            ),
+            self._train_plain_reserved,
+        )
 
-    def _train_plain_reserved(
-        self,
-        instruction: RoundInstruction,
-        spec: StudySpec,
-        digest: str,
-        plan: _Plan,
-        train: StudyDataset,
-        model: torch.nn.Module,
-        global_state: dict[str, torch.Tensor],
-        reservation: Reservation,
-        started: float,
-    ) -> RoundOutcome:
+    def _train_plain_reserved(self, job: _Round, reservation: Reservation) -> RoundOutcome:
         """A non-private round once reserved and leased: plain training, commit, release the update."""
+        instruction, spec, digest, plan, train, model, global_state, started = job.parts()
         self.governance.membership.record(digest, instruction.round_key, (int(p) for p in train.person_ids))
         self.governance.audit.append(
             "round-started",

@@ -282,7 +282,8 @@ _KILL_MID_TRAINING = textwrap.dedent(
 )
 
 
-def test_kill_9_during_training_never_under_counts(prepared_site, tmp_path):
+def _training_in_another_process(prepared_site: Path, tmp_path: Path):
+    """A site node and a second process of the same site that is training a long round of a study."""
     site_file = fresh_site(prepared_site, tmp_path / "site")
     node = SiteNode(load_site_config(site_file))
     spec = study(training={"rounds": 2, "local_epochs": 40, "batch_size": 4})
@@ -291,9 +292,14 @@ def test_kill_9_during_training_never_under_counts(prepared_site, tmp_path):
     child = subprocess.Popen([sys.executable, "-c", _KILL_MID_TRAINING, str(site_file)], env=env)
     deadline = time.monotonic() + 120
     while not any(e.kind == "round-started" for e in node.governance.audit.entries()):
-        assert child.poll() is None, "the training process ended before it could be killed"
+        assert child.poll() is None, "the training process ended before the test could act"
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.2)
+    return node, spec, digest, child
+
+
+def test_kill_9_during_training_never_under_counts(prepared_site, tmp_path):
+    node, spec, digest, child = _training_in_another_process(prepared_site, tmp_path)
     time.sleep(0.5)  # inside the DP-SGD loop now
     child.send_signal(signal.SIGKILL)
     child.wait()
@@ -307,18 +313,8 @@ def test_kill_9_during_training_never_under_counts(prepared_site, tmp_path):
 def test_a_second_train_message_for_a_round_in_training_is_refused(prepared_site, tmp_path):
     """Two train messages for the same round, arriving together: one trains, the other is refused while the
     first holds the reservation's lease; one charge, one update."""
-    site_file = fresh_site(prepared_site, tmp_path / "site")
-    node = SiteNode(load_site_config(site_file))
-    spec = study(training={"rounds": 2, "local_epochs": 40, "batch_size": 4})
-    digest = _approve(node, spec)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    child = subprocess.Popen([sys.executable, "-c", _KILL_MID_TRAINING, str(site_file)], env=env)
+    node, spec, digest, child = _training_in_another_process(prepared_site, tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not any(e.kind == "round-started" for e in node.governance.audit.entries()):
-            assert child.poll() is None, "the first training ended before the second message arrived"
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.2)
         second = node.train(instruction(spec), _start(node, spec))
         assert child.poll() is None, "the first training must still be running for this test to mean anything"
         assert second.answer.status == SiteStatus.REFUSED and second.answer.code == RefusalCode.IN_PROGRESS

@@ -26,9 +26,10 @@ from omop_etl.load.erasure import ERASED_REASON, erase, quarantine_keys
 from site_node.governance import GovernanceStore, RoundMembership
 from tests import fhir_samples as S
 from tests.etl_helpers import CLINICAL_TABLES, count, load
+from tests.shared_data import require, shared_path
 from twinfed.cli import app
 
-SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-r4" / "bundles"
+SYNTHEA = shared_path("data", "synthea-r4", "bundles")
 COLEMAN = SYNTHEA / "Coleman_Ortiz_70e00093-a3d5-42bc-8186-eface8432c02.json.gz"  # 3 Procedures with a bad code
 
 STRANGER = str(uuid.UUID("0b8e4e5c-6a55-4e7a-9c39-2f1d3c1a7e01"))  # a patient whose own Patient record is broken
@@ -263,7 +264,7 @@ def test_a_later_load_counts_an_erased_patients_defective_records_and_stores_not
 
 def test_erasing_a_real_synthea_patient_removes_their_quarantined_records(tmp_path):
     url, secret = f"sqlite:///{tmp_path / 'omop.sqlite'}", tmp_path / "secret"
-    bundle = orjson.loads(gzip.decompress(COLEMAN.read_bytes()))
+    bundle = orjson.loads(gzip.decompress(require(COLEMAN).read_bytes()))
     patient_id = next(e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
     first = load([COLEMAN], url, secret)
     assert first.reconciles and first.quarantine_by_rule == {"invalid_code": 3}
@@ -288,7 +289,7 @@ def test_erasing_a_real_synthea_patient_removes_their_quarantined_records(tmp_pa
 def test_every_patient_reference_of_real_synthea_bundles_is_recognised(tmp_path):
     keys = SiteKeys(load_or_create_secret(tmp_path / "secret")[0])
     checked = unrecognised = 0
-    for path in sorted(SYNTHEA.glob("*.json.gz")):
+    for path in sorted(require(SYNTHEA).glob("*.json.gz")):
         bundle = orjson.loads(gzip.decompress(path.read_bytes()))
         patients = [e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
         if not patients:  # the shared hospital and practitioner bundles

@@ -25,6 +25,7 @@ from omop_etl.dq_cli import dq
 from omop_etl.quality import DqReport, Status, render_html, run_checks, write_html
 from omop_etl.quality import thresholds as th
 from omop_etl.schema import cdm_metadata, create_cdm
+from tests.shared_data import require, shared_path
 
 D = dt.date
 TODAY = dt.date.today()
@@ -725,9 +726,8 @@ def test_twinfed_measurement_ranges_match_the_etl_quarantine_limits():
 
 
 def test_bundled_files_are_the_extraction_of_the_dqd_csvs(tmp_path):
-    dqd = Path(__file__).resolve().parents[2] / "shared" / "omop" / "dqd"
-    if not (dqd / "OMOP_CDMv5.4_Field_Level.csv").is_file():
-        pytest.skip(f"the DQD CSVs are not at {dqd}")
+    dqd = shared_path("omop", "dqd")
+    require(dqd / "OMOP_CDMv5.4_Field_Level.csv")
     th.build_from_dqd(dqd, tmp_path)
     bundled = Path(th.__file__).parent
     for name in (th.CHECK_TYPES_FILE, th.TABLE_THRESHOLDS_FILE, th.FIELD_THRESHOLDS_FILE, th.CONCEPT_THRESHOLDS_FILE):

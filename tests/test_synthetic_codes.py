@@ -12,6 +12,7 @@ import orjson
 
 from omop_etl.vocabulary import FHIR_SYSTEM_BY_VOCABULARY, bundled_catalog, is_valid_loinc, is_valid_snomed
 from tests.fhir_export import defect_keys, lines, sites
+from tests.shared_data import shared_path
 
 CODED = {
     "Observation": ("Measurement",),
@@ -85,7 +86,7 @@ def test_invalid_codes_break_their_code_system_rule(medium_consortium):
 
 def test_bundled_core_concepts_are_the_shared_reference_file():
     """The package ships the team's core_concepts.csv unchanged (when the reference copy is available)."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "omop" / "core_concepts.csv"
+    shared = shared_path("omop", "core_concepts.csv")
     bundled = Path(__file__).resolve().parents[1] / "omop_etl" / "vocabulary" / "core_concepts.csv"
     rows = list(csv.DictReader(bundled.open(encoding="utf-8")))
     assert len(rows) == 171

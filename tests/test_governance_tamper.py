@@ -22,6 +22,7 @@ from site_node.governance import (
     Governance,
     GovernanceStore,
     PrivacyEvent,
+    PrivacyLedger,
     RoundInProgress,
     SitePolicy,
 )
@@ -290,3 +291,22 @@ def test_an_upgraded_chain_is_signed_from_its_next_entry(backend, tmp_path):
     assert result.ok and result.signed_from == 3
     assert any("entries 1-2 were written before this site signed" in n for n in result.notes)
     store.dispose()
+
+
+def test_rows_deleted_before_an_upgrade_are_found_through_the_rounds_the_chain_records(backend, tmp_path):
+    """An earlier twinfed did not chain its ledger: the round entries still say which rounds read data."""
+    url, schema = backend
+    store = GovernanceStore(url, schema=schema)
+    old_ledger = PrivacyLedger(store, SitePolicy())  # an earlier twinfed: ledger changes not chained
+    old_audit = AuditLog(store, tmp_path / "audit.head")
+    reservation = old_ledger.reserve("h" * 64, "run-1:1", ROUND, DELTA, "rdp", 10.0)
+    old_audit.append("round-started", {"study_hash": "h" * 64, "round": "run-1:1", "noise_multiplier": 1.0})
+    old_ledger.commit(reservation)
+    _tamper(store, delete(store.tables["ledger"]))
+    store.dispose()
+    governance = Governance(url, SitePolicy(), audit_head_file=tmp_path / "audit.head", schema=schema)
+    try:
+        problems = governance.integrity().problems
+        assert any("records training round 'run-1:1'" in p and "budget was given back" in p for p in problems)
+    finally:
+        governance.close()

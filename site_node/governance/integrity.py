@@ -108,9 +108,33 @@ def ledger_problems(ledger: PrivacyLedger, audit: AuditLog) -> tuple[list[str], 
             f"ledger row #{row_id} (round '{state['round_key']}' of study '{state['lineage']}') is not in the audit "
             "chain: it was written to the database by something other than the site node."
         )
+    problems.extend(_rounds_without_a_row(audit, actual))
     if problems:
         problems.extend(_spending_differences(expected, actual))
     return problems, len(actual)
+
+
+def _rounds_without_a_row(audit: AuditLog, actual: dict[int, dict[str, Any]]) -> list[str]:
+    """Rounds the chain says read patient data (a training round started, a DP evaluation released) whose
+    ledger row is missing or was given back. This holds for chains written before the ledger's changes
+    were chained too, so rows deleted before an upgrade are found as well."""
+    counted = {(s["study_hash"], s["round_key"]) for s in actual.values() if s["status"] != RELEASED}
+    found = []
+    for entry in [*audit.entries(kind="round-started"), *audit.entries(kind="evaluated")]:
+        payload = entry.payload
+        if entry.kind == "evaluated":
+            release = (payload.get("left_the_site") or {}).get("evaluation") or {}
+            if release.get("mode") != "dp":
+                continue  # an exact release spends no epsilon: it has no ledger row
+        key = (payload.get("study_hash"), payload.get("round"))
+        if None not in key and key not in counted:
+            what = "training round" if entry.kind == "round-started" else "DP evaluation release"
+            found.append(
+                f"audit entry {entry.seq} records {what} '{key[1]}' of study {str(key[0])[:12]}, but the ledger has no "
+                "row that counts it (deleted, or marked released after it read patient data): its budget was given "
+                "back."
+            )
+    return found
 
 
 def _spending_differences(expected: dict[int, dict[str, Any]], actual: dict[int, dict[str, Any]]) -> list[str]:

@@ -121,7 +121,7 @@ def _drop_schema(schema: str) -> None:
 
 
 def main() -> None:
-    from omop_etl.synthetic import SynthConfig, generate_consortium
+    from synthetic import SynthConfig, generate_consortium
 
     shutil.rmtree(OUTPUT, ignore_errors=True)
     OUTPUT.mkdir(parents=True)

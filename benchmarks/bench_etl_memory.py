@@ -82,7 +82,7 @@ def _patient_of(resource: dict) -> str | None:
 
 
 def _inputs(work: Path) -> dict[str, Path]:
-    from omop_etl.synthetic import SynthConfig, generate_consortium
+    from synthetic import SynthConfig, generate_consortium
 
     consortium = work / "consortium"
     generate_consortium(SynthConfig(sites=1, patients_per_site=120, seed=7), consortium, workers=1)

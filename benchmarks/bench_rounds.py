@@ -184,7 +184,7 @@ class CpuSampler(threading.Thread):
 def prepare_hospital(patients: int) -> tuple[str, Path]:
     """One synthetic hospital loaded by the ETL into SQLite (kept between runs); (OMOP URL, secret file)."""
     from omop_etl.load.pipeline import EtlSettings, run_etl
-    from omop_etl.synthetic import SynthConfig, generate_consortium
+    from synthetic import SynthConfig, generate_consortium
 
     data = OUTPUT / f"hospital-{patients}"
     database, secret = data / "omop.sqlite", data / "site.secret"

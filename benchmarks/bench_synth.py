@@ -22,7 +22,7 @@ _RUNNER = textwrap.dedent(
     """
     import json, resource, sys, time
     from pathlib import Path
-    from omop_etl.synthetic import SynthConfig, generate_consortium
+    from synthetic import SynthConfig, generate_consortium
     sites, patients, workers, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     began = time.perf_counter()
     result = generate_consortium(SynthConfig(sites=sites, patients_per_site=patients, seed=7), out, workers=workers)

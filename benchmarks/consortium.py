@@ -12,9 +12,9 @@ def loaded_consortium(output: Path, patients: int, seed: int = 7, sites: int = 3
     """{"spec": the example study, "sites": {site: StudyDataset}} for a fresh consortium under `output`."""
     from federation.study import load_study
     from omop_etl.load.pipeline import EtlSettings, run_etl
-    from omop_etl.synthetic import SynthConfig, generate_consortium
     from site_node.cohort import build_dataset
     from site_node.config import derive_split_key
+    from synthetic import SynthConfig, generate_consortium
 
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from omop_etl.database import DatabaseUnavailable, check_database, open_engine, redact
-from omop_etl.synthetic import SynthConfig, generate_consortium
+from synthetic import SynthConfig, generate_consortium
 
 PG_URL = os.environ.get("TWINFED_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 
-from omop_etl.synthetic.writer import EXPORT_TYPES
+from synthetic.writer import EXPORT_TYPES
 
 TYPES = EXPORT_TYPES  # the ten resource types of a Bulk Data export, as the writer names them
 

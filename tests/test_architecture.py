@@ -1,5 +1,7 @@
 """Imports run one way (DESIGN.md): site_node -> omop_etl, federation; federation -/-> site_node;
-omop_etl imports neither. A violation would let coordinator code reach site data."""
+omop_etl imports neither; the synthetic generator imports only omop_etl's vocabulary and units, and no
+product package imports the generator. A violation would let coordinator code reach site data, or make
+a site's behaviour depend on the stand-in for its EHR."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "omop_etl": {"site_node", "federation", "twinfed"},
-    "federation": {"site_node", "twinfed"},
-    "site_node": {"twinfed"},
+    "omop_etl": {"site_node", "federation", "twinfed", "synthetic"},
+    "federation": {"site_node", "twinfed", "synthetic"},
+    "site_node": {"twinfed", "synthetic"},
+    "synthetic": {"site_node", "federation", "twinfed"},
 }
+SYNTHETIC_MAY_IMPORT = ("omop_etl.vocabulary", "omop_etl.units")
 
 
 def _imports(path: Path) -> set[str]:
@@ -33,5 +37,28 @@ def test_imports_run_one_way(package):
         f"{path.relative_to(ROOT)} imports {sorted(_imports(path) & FORBIDDEN[package])}"
         for path in sorted((ROOT / package).rglob("*.py"))
         if _imports(path) & FORBIDDEN[package]
+    ]
+    assert not offenders, offenders
+
+
+def _modules(path: Path) -> set[str]:
+    """Every absolute module a file imports, whole (omop_etl.vocabulary.check_digits, not omop_etl)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def test_the_generator_takes_only_vocabulary_and_units_from_the_data_layer():
+    offenders = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in sorted((ROOT / "synthetic").rglob("*.py"))
+        for module in sorted(_modules(path))
+        if module.startswith("omop_etl")
+        and not any(module == allowed or module.startswith(allowed + ".") for allowed in SYNTHETIC_MAY_IMPORT)
     ]
     assert not offenders, offenders

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from omop_etl.synthetic.ground_truth import expected_auroc, realized_auroc
+from synthetic.ground_truth import expected_auroc, realized_auroc
 
 
 def test_expected_auroc_of_uninformative_and_perfect_probabilities():

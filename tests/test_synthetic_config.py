@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from omop_etl.synthetic.config import BUILTIN_PROFILES, SynthConfig, load_profiles
+from synthetic.config import BUILTIN_PROFILES, SynthConfig, load_profiles
 
 ROOT = Path(__file__).resolve().parents[1]
 

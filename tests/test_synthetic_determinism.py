@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from omop_etl.synthetic import SynthConfig, generate_consortium
-from omop_etl.synthetic.consortium import OutputDirectoryNotEmpty
+from synthetic import SynthConfig, generate_consortium
+from synthetic.consortium import OutputDirectoryNotEmpty
 
 
 def _digest(folder) -> dict[str, str]:

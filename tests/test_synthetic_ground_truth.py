@@ -10,9 +10,9 @@ import math
 import numpy as np
 import orjson
 
-from omop_etl.synthetic.defects import MEASUREMENT_KEY_BY_LOINC, plausible_limits
-from omop_etl.synthetic.ground_truth import expected_auroc, realized_auroc
 from omop_etl.vocabulary import is_valid_loinc, is_valid_snomed
+from synthetic.defects import MEASUREMENT_KEY_BY_LOINC, plausible_limits
+from synthetic.ground_truth import expected_auroc, realized_auroc
 from tests.fhir_export import TYPES, index, lines, resources, sites
 
 REQUIRED = {

@@ -1,6 +1,7 @@
 """The `twinfed` command: one place that gathers each package's command group.
 
-* data (omop_etl): `twinfed synth`, `twinfed inspect`
+* synthetic data (synthetic): `twinfed synth`
+* data (omop_etl): `twinfed inspect`, `etl`, `erase`, `quarantine`, `dq`, `vocab`, `omop`
 * site node (site_node): `twinfed site ...`
 * coordinator (federation): `twinfed coordinator ...`, `twinfed provision ...`, `twinfed study ...`
 
@@ -30,6 +31,7 @@ from federation.demo_cli import demo
 from federation.study_cli import study_app
 from omop_etl.cli import register as register_data_commands
 from site_node.cli import site_app
+from synthetic.cli import register as register_synthetic_commands
 
 # Third-party telemetry is off unless the operator explicitly turns it on (DESIGN: nothing phones home).
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -50,6 +52,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
 )
+register_synthetic_commands(app)
 register_data_commands(app)
 app.add_typer(site_app, name="site", rich_help_panel="Hospital site node")
 app.add_typer(coordinator_app, name="coordinator", rich_help_panel="Consortium coordinator")

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from omop_etl.synthetic.config import AdmissionReason, SiteProfile
-from omop_etl.synthetic.inpatient import Admissions, StayOutcomes, simulate_stays
-from omop_etl.synthetic.population import Population
+from synthetic.config import AdmissionReason, SiteProfile
+from synthetic.inpatient import Admissions, StayOutcomes, simulate_stays
+from synthetic.population import Population
 
 DAY = 86400.0
 READMISSION_WINDOW = 30 * DAY

@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import orjson
 
-from omop_etl.synthetic.defects import DefectInjector, DefectRecord, RecordContext
+from synthetic.defects import DefectInjector, DefectRecord, RecordContext
 
 EXPORT_TYPES = (
     "Organization",

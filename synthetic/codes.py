@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omop_etl.synthetic.config import AdmissionReason, SiteProfile
 from omop_etl.vocabulary import Concept, bundled_catalog
+from synthetic.config import AdmissionReason, SiteProfile
 
 _CATALOG = bundled_catalog()
 

@@ -31,10 +31,10 @@ import numpy as np
 import orjson
 from pydantic import BaseModel
 
-from omop_etl.synthetic.codes import MEASUREMENTS, SITE_UNIT_CONVERSIONS
-from omop_etl.synthetic.config import DefectRates
 from omop_etl.units import plausible_range
 from omop_etl.vocabulary.check_digits import loinc_check_digit
+from synthetic.codes import MEASUREMENTS, SITE_UNIT_CONVERSIONS
+from synthetic.config import DefectRates
 
 
 class DefectKind(StrEnum):

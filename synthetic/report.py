@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from omop_etl.synthetic.consortium import INDEX_FILE
+from synthetic.consortium import INDEX_FILE
 
 GLUCOSE_CODES = {"2345-7", "2339-0"}
 SBP_CODE = "8480-6"

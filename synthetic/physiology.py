@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from omop_etl.synthetic.config import AdmissionReason
+from synthetic.config import AdmissionReason
 
 PREDICTION_HOUR = 24
 MIN_STAY_HOURS = 25  # one hour past the prediction time, so every discharge follows it

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import orjson
 
-from omop_etl.synthetic.config import SynthConfig
-from omop_etl.synthetic.site import ProgressSink, SiteResult, generate_site
+from synthetic.config import SynthConfig
+from synthetic.site import ProgressSink, SiteResult, generate_site
 
 INDEX_FILE = "consortium.json"
 GENERATOR_VERSION = "1"

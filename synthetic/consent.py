@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from omop_etl.synthetic.config import ConsentSettings
+from synthetic.config import ConsentSettings
 
 DAY = 86400.0
 

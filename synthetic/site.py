@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from omop_etl.synthetic.codes import (
+from synthetic.codes import (
     ADMISSION_DIAGNOSES,
     CHRONIC_CONDITIONS,
     CHRONIC_MEDICATION,
@@ -22,11 +22,11 @@ from omop_etl.synthetic.codes import (
     SITE_UNIT_DECIMALS,
     site_unit,
 )
-from omop_etl.synthetic.config import SiteProfile, SynthConfig
-from omop_etl.synthetic.consent import ConsentPlan, plan_consents
-from omop_etl.synthetic.defects import DefectInjector, RecordContext
-from omop_etl.synthetic.fhir_resources import ResourceFactory
-from omop_etl.synthetic.ground_truth import (
+from synthetic.config import SiteProfile, SynthConfig
+from synthetic.consent import ConsentPlan, plan_consents
+from synthetic.defects import DefectInjector, RecordContext
+from synthetic.fhir_resources import ResourceFactory
+from synthetic.ground_truth import (
     ConsentSummary,
     DefectSummary,
     MissingnessTruth,
@@ -35,7 +35,7 @@ from omop_etl.synthetic.ground_truth import (
     SiteGroundTruth,
     StayTruth,
 )
-from omop_etl.synthetic.inpatient import (
+from synthetic.inpatient import (
     COMPLICATION_EVENTS,
     DRUG_EVENTS,
     ITEMS,
@@ -43,10 +43,10 @@ from omop_etl.synthetic.inpatient import (
     PROCEDURE_EVENTS,
     StayOutcomes,
 )
-from omop_etl.synthetic.physiology import PREDICTION_HOUR
-from omop_etl.synthetic.population import Population, generate_population
-from omop_etl.synthetic.timeline import READMISSION_WINDOW, StayRef, Timeline, Visit, build_timeline, to_seconds
-from omop_etl.synthetic.writer import BulkExportWriter
+from synthetic.physiology import PREDICTION_HOUR
+from synthetic.population import Population, generate_population
+from synthetic.timeline import READMISSION_WINDOW, StayRef, Timeline, Visit, build_timeline, to_seconds
+from synthetic.writer import BulkExportWriter
 
 MONTE_CARLO_REPLICATES = 64
 _DOSES_PER_DAY = {

@@ -17,7 +17,7 @@ import datetime as dt
 import numpy as np
 from pydantic import BaseModel, Field
 
-from omop_etl.synthetic.defects import DefectRecord
+from synthetic.defects import DefectRecord
 
 
 def expected_auroc(probabilities: np.ndarray) -> float:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from omop_etl.synthetic.codes import US_CORE_RACE
-from omop_etl.synthetic.config import SiteProfile
+from synthetic.codes import US_CORE_RACE
+from synthetic.config import SiteProfile
 
 # condition -> (intercept, per decade over 60, per frailty SD, {parent condition: log-odds})
 PREVALENCE_MODEL: dict[str, tuple[float, float, float, dict[str, float]]] = {

@@ -13,7 +13,8 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from omop_etl.synthetic.codes import (
+from omop_etl.vocabulary import Concept
+from synthetic.codes import (
     ADMISSION_DIAGNOSES,
     BP_PANEL_CONCEPT_ID,
     MEASUREMENTS,
@@ -22,8 +23,7 @@ from omop_etl.synthetic.codes import (
     DrugCode,
     concept,
 )
-from omop_etl.synthetic.config import AdmissionReason, SiteProfile
-from omop_etl.vocabulary import Concept
+from synthetic.config import AdmissionReason, SiteProfile
 
 UCUM = "http://unitsofmeasure.org"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from omop_etl.synthetic.config import AdmissionReason, SiteProfile
-from omop_etl.synthetic.physiology import (
+from synthetic.config import AdmissionReason, SiteProfile
+from synthetic.physiology import (
     DAYTIME_DISCHARGE_RATE,
     MAX_STAY_HOURS,
     PREDICTION_HOUR,
@@ -38,7 +38,7 @@ from omop_etl.synthetic.physiology import (
     step_severity,
     update_stable_hours,
 )
-from omop_etl.synthetic.population import Population
+from synthetic.population import Population
 
 # Measurement items the ward records. "bp" is one item (a panel) carrying systolic and diastolic.
 VITAL_ITEMS = ("heart_rate", "bp", "resp_rate", "temperature", "spo2")

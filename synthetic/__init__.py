@@ -5,7 +5,7 @@ Front door: `generate_consortium(config, out_dir)` writes, per hospital, a FHIR 
 (`<out>/ground-truth/<site>.json`) that no real hospital could have. See docs/synthetic-data.md.
 """
 
-from omop_etl.synthetic.config import SiteProfile, SynthConfig, load_profiles
-from omop_etl.synthetic.consortium import ConsortiumResult, generate_consortium
+from synthetic.config import SiteProfile, SynthConfig, load_profiles
+from synthetic.consortium import ConsortiumResult, generate_consortium
 
 __all__ = ["ConsortiumResult", "SiteProfile", "SynthConfig", "generate_consortium", "load_profiles"]

@@ -30,8 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.machine import write_section
-from federation.models import build_model
-from federation.study.spec import LogisticRegressionSpec, MlpSpec, PrivacySpec, TrainingSpec
+from federation.contract.spec import LogisticRegressionSpec, MlpSpec, PrivacySpec, TrainingSpec
+from federation.twins import build_model
 from site_node.training import epsilon_of, train_dp, train_plain
 
 REPEATS = 5

@@ -211,9 +211,9 @@ def study_file(folder: Path, rounds: int, secure: bool) -> Path:
 
 def run_consortium(mode: str, rounds: int, omop_url: str, secret: Path) -> tuple[list[RoundTiming], dict[str, float]]:
     """One study of `rounds` rounds over a fresh consortium in `mode` (isolation, optionally +secagg)."""
-    from federation.provision import ConsortiumLayout, init_consortium
-    from federation.receipts import read_receipts
-    from federation.study import load_study, study_hash
+    from federation.contract import load_study, study_hash
+    from federation.contract.receipts import read_receipts
+    from federation.deploy.provision import ConsortiumLayout, init_consortium
     from site_node.config import load_site_config, write_site_folder
     from site_node.participation import SiteNode
 
@@ -355,7 +355,7 @@ def report(results: list[ModeResult], patients: int, rounds: int) -> str:
         "last work (the wait growing by 2% of the quiet time, up to 1 s), checks for replies every 20 ms, "
         "asks for tasks 20 ms after the last one ended (growing the same way), and everyone retries "
         "missing arrays after 20 ms (site_node/warm_executor.py, site_node/flower_runtime.py, "
-        "federation/deployment.py).",
+        "federation/deploy/deployment.py).",
         "",
         "What is left is Flower's transport on a shared host: per exchange, about ten HTTPS requests per "
         "site to pull the message and ten to push the reply, the ServerApp pushing the messages' arrays "

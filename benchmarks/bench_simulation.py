@@ -2,7 +2,7 @@
 
 Question: how long does a round take, and how much memory does the whole simulation hold, as the
 consortium grows to tens of sites, on one small machine? Each configuration is one run of
-`federation.simulation` (the same path as the command): N approved site folders over the hospitals of
+`federation.local.simulation` (the same path as the command): N approved site folders over the hospitals of
 `make demo` (demo-output/omop, assigned round-robin), the real ServerApp and ClientApp, Ray with one
 CPU per ClientApp. The simulated sites share three OMOP databases, so the AUROC is not the point.
 
@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.machine import write_section
-from federation.simulation import (
+from federation.contract import load_study
+from federation.local.simulation import (
     SHARED_DATA_NOTE,
     SimulationLayout,
     SimulationSettings,
@@ -27,7 +28,6 @@ from federation.simulation import (
     run_simulation,
     write_study,
 )
-from federation.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "configs" / "study-inpatient-mortality.yaml"

@@ -54,7 +54,7 @@ def _train(spec, model, features, labels, epsilon, rounds_done, history, global_
 
 
 def _auroc_per_site(spec, state, sites) -> list[float]:
-    from federation.models import build_model
+    from federation.twins import build_model
     from site_node.training import evaluate
 
     scores = []
@@ -68,7 +68,7 @@ def _auroc_per_site(spec, state, sites) -> list[float]:
 
 def _run(spec, sites, mode: str, epsilon: float | None, seed: int) -> list[float]:
     """Train `spec.training.rounds` rounds in one mode; returns test AUROC per hospital."""
-    from federation.models import build_model
+    from federation.twins import build_model
 
     width = next(iter(sites.values())).features.shape[1]
     initial = build_model(spec.model, width, seed=seed).state_dict()

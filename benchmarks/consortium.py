@@ -10,7 +10,7 @@ EXAMPLE_STUDY = Path(__file__).resolve().parents[1] / "configs" / "study-inpatie
 
 def loaded_consortium(output: Path, patients: int, seed: int = 7, sites: int = 3) -> dict[str, object]:
     """{"spec": the example study, "sites": {site: StudyDataset}} for a fresh consortium under `output`."""
-    from federation.study import load_study
+    from federation.contract import load_study
     from omop_etl.load.pipeline import EtlSettings, run_etl
     from site_node.cohort import build_dataset
     from site_node.config import derive_split_key

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from federation.provision import Consortium
+    from federation.deploy.provision import Consortium
 
 coordinator_app = typer.Typer(
     help="Run a consortium's coordinator (Flower SuperLink) and check its host.",
@@ -30,7 +30,7 @@ def doctor(
 
     Exits with status 1 when a check fails, so it can gate a deployment script.
     """
-    from federation import diagnostics as d
+    from federation.common import diagnostics as d
 
     checks = [
         d.python_version(),
@@ -87,7 +87,8 @@ def provision_init(
     secure channel. A hospital that prefers to keep its private key in-house runs `twinfed site keygen`
     and is added with `twinfed provision add-site FOLDER SITE --public-key SITE.pub` instead.
     """
-    from federation.provision import ConsortiumLayout, ProvisionError, init_consortium
+    from federation.common.keys import ProvisionError
+    from federation.deploy.provision import ConsortiumLayout, init_consortium
 
     try:
         consortium = init_consortium(folder, hosts, sites or [], name=name)
@@ -119,7 +120,8 @@ def provision_add_site(
     Only that site's files are written. If the coordinator is running, also run
     `twinfed coordinator register-site FOLDER SITE` (a restart registers every site anyway).
     """
-    from federation.provision import ProvisionError, add_site
+    from federation.common.keys import ProvisionError
+    from federation.deploy.provision import add_site
 
     try:
         issued = add_site(folder, site_id, public_key)
@@ -136,7 +138,8 @@ def provision_add_site(
 @provision_app.command("show")
 def provision_show(folder: ConsortiumDir) -> None:
     """List the consortium's sites with their key fingerprints (compare them with each hospital's)."""
-    from federation.provision import ProvisionError, load_consortium
+    from federation.common.keys import ProvisionError
+    from federation.deploy.provision import load_consortium
 
     try:
         consortium = load_consortium(folder)
@@ -185,8 +188,9 @@ def start(
     under DIR/studies/ (the ServerApp finds DIR in $TWINFED_COORDINATOR_DIR). Ctrl-C or SIGTERM stops the
     SuperLink and everything it started.
     """
-    from federation.deployment import DeploymentError, run_coordinator
-    from federation.provision import ProvisionError
+    from federation.common.keys import ProvisionError
+    from federation.common.processes import DeploymentError
+    from federation.deploy.deployment import run_coordinator
 
     try:
         code = run_coordinator(folder, host, port, say=typer.echo)
@@ -205,9 +209,9 @@ def register_site(
     For a site added while the coordinator runs; `coordinator start` registers every site itself.
     Registering a key twice is harmless.
     """
-    from federation.deployment import DeploymentError
-    from federation.deployment import register_site as register
-    from federation.provision import ProvisionError
+    from federation.common.keys import ProvisionError
+    from federation.common.processes import DeploymentError
+    from federation.deploy.deployment import register_site as register
 
     try:
         registration = register(folder, site_id)

@@ -19,7 +19,7 @@ StudyFile = Annotated[Path, typer.Argument(help="The study YAML file (see config
 
 
 def _load(path: Path):
-    from federation.study import StudyError, load_study
+    from federation.contract import StudyError, load_study
 
     try:
         return load_study(path)
@@ -34,7 +34,7 @@ def hash_(study: StudyFile) -> None:
     The hash covers every setting (defaults written out) and the version of the twin code, so a changed
     study, or the same study run by different code, needs a new approval.
     """
-    from federation.study import study_hash
+    from federation.contract import study_hash
 
     typer.echo(study_hash(_load(study)))
 
@@ -52,7 +52,7 @@ def check(study: StudyFile) -> None:
 
     Exits with status 2 and a list of the fields that are wrong when the file is not a valid study.
     """
-    from federation.study import study_hash
+    from federation.contract import study_hash
 
     spec = _load(study)
     covariates = spec.covariates
@@ -147,8 +147,8 @@ def run(
     import json
     import time
 
-    from federation.deployment import CoordinatorLayout
-    from federation.submission import submit
+    from federation.deploy.deployment import CoordinatorLayout
+    from federation.deploy.submission import submit
 
     spec = _load(study)
     layout = CoordinatorLayout(coordinator_dir.resolve())
@@ -218,7 +218,7 @@ def simulate(
     see the same patients: the simulation measures coordination time and memory, not model quality.
     Writes simulation-report.json next to the model card (OUT/studies/<study-id>/simulation/).
     """
-    from federation.simulation import (
+    from federation.local.simulation import (
         SimulationError,
         SimulationLayout,
         SimulationSettings,

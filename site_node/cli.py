@@ -59,7 +59,7 @@ def _node(site_config: Path):
 
 
 def _study(path: Path):
-    from federation.study import StudyError, load_study, study_hash
+    from federation.contract import StudyError, load_study, study_hash
 
     try:
         spec = load_study(path)
@@ -114,7 +114,7 @@ def doctor(
     observation and death, and, if twinfed etl loaded the database, whether --secret-file is the secret
     it was loaded with. Nothing is written to the OMOP database. Exits with status 1 when a check fails.
     """
-    from federation import diagnostics as d
+    from federation.common import diagnostics as d
     from site_node.environment import database_check, torch_check, warm_runtime_check
 
     checks = [

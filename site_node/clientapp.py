@@ -20,8 +20,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from federation.protocol import RoundInstruction, SiteStatus
-from federation.secure_aggregation import (
+from federation.contract.protocol import RoundInstruction, SiteStatus
+from federation.contract.secure_aggregation import (
     clipping_range,
     fitres_content,
     global_weights_from_fitins,

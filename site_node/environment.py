@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from federation.diagnostics import Check
+from federation.common.diagnostics import Check
 from omop_etl.database import DatabaseUnavailable, check_database, missing_sqlite_file
 
 

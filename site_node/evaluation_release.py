@@ -30,9 +30,9 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from federation.protocol import EvaluationRelease, ReleaseMode
-from federation.study.spec import StudySpec
-from federation.study.strata import Strata
+from federation.contract.protocol import EvaluationRelease, ReleaseMode
+from federation.contract.spec import StudySpec
+from federation.contract.strata import Strata
 from site_node.cohort import StudyDataset
 from site_node.governance.disclosure import DisclosureRegister, Quantity
 from site_node.training import calibrate_noise

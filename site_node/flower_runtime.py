@@ -14,7 +14,7 @@ that keeps the imports warm. So `twinfed site start` (default `--isolation proce
   `run_clientapp` for each task in a forked child (`run_clientapp_task`).
 
 Both, like the coordinator, also retry a message's arrays sooner than Flower's 1 s
-(`federation.deployment.shorten_object_pull_backoff`, which keeps its own check).
+(`federation.deploy.deployment.shorten_object_pull_backoff`, which keeps its own check).
 
 What is used beyond Flower's documented CLI (tested with flwr 1.41 and 1.42, where it is identical):
 `flwr.supernode.cli.flower_supernode.flower_supernode`; `flwr.supernode.start_client_internal`'s module
@@ -40,7 +40,7 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from federation.deployment import shorten_object_pull_backoff
+from federation.common.flower import shorten_object_pull_backoff
 
 TESTED_FLOWER = ("1.41", "1.42")
 SUPERNODE_NO_MESSAGE_WAIT_S = 3.0  # start_client_internal: time.sleep(3) after a pull that found nothing

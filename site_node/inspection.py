@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from federation.study import StudySpec, study_hash
-from federation.study.spec import RandomSplit
+from federation.contract import StudySpec, study_hash
+from federation.contract.spec import RandomSplit
 from site_node.cohort.attrition import Attrition, AttritionStep, attrition_sentence, most_removed
 from site_node.cohort.split import part_boundaries
 

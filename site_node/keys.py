@@ -16,7 +16,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from federation.provision import (
+from federation.common.keys import (
     NIST_CURVES,
     ProvisionError,
     new_node_key,

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from federation.models import build_model
-from federation.protocol import RoundInstruction, SiteStatus
-from federation.study import StudySpec, study_hash
+from federation.contract import StudySpec, study_hash
+from federation.contract.protocol import RoundInstruction, SiteStatus
+from federation.twins import build_model
 from site_node.participation import Refusal, SiteNode
 from site_node.releases import load_global_model
 from site_node.training.evaluation import evaluate, model_logits

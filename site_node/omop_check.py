@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from federation.diagnostics import Check
-from federation.study import StudyError, StudySpec, load_study
+from federation.common.diagnostics import Check
+from federation.contract import StudyError, StudySpec, load_study
 from omop_etl.cdm_check import check_cdm, stored_secret_fingerprint
 from omop_etl.database import DatabaseUnavailable, missing_sqlite_file, normalise_url, open_engine, redact
 from omop_etl.identity import SecretError, SiteKeys, load_or_create_secret, secret_path

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from federation.models import build_model
-from federation.protocol import (
+from federation.contract import StudyError, StudySpec, study_hash
+from federation.contract.features import feature_names
+from federation.contract.protocol import (
     EvaluationRelease,
     ProtocolError,
     RefusalCode,
@@ -29,10 +30,9 @@ from federation.protocol import (
     SiteAnswer,
     SiteStatus,
 )
-from federation.study import StudyError, StudySpec, study_hash
-from federation.study.features import feature_names
-from federation.study.spec import ROBUST_STRATEGIES
-from federation.study.strata import Strata
+from federation.contract.spec import ROBUST_STRATEGIES
+from federation.contract.strata import Strata
+from federation.twins import build_model
 from site_node.cohort import CohortError, StudyDataset, most_removed, render_attrition
 from site_node.cohort.cache import cached_dataset
 from site_node.config import SiteConfig

@@ -22,7 +22,7 @@ class Release:
     metrics: dict[str, float | int]
     answer: dict[str, object]  # the SiteAnswer fields sent with it
     num_examples: int | None = None  # the exact count it was trained on (a secure round weighs it by that)
-    evaluation: dict[str, object] | None = None  # an evaluation release (federation.protocol.EvaluationRelease)
+    evaluation: dict[str, object] | None = None  # an evaluation release (contract.protocol.EvaluationRelease)
 
 
 class ReleasedUpdates:

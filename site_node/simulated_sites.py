@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from federation.study import load_study, study_hash
+from federation.contract import load_study, study_hash
 from omop_etl.identity import load_or_create_secret
 from site_node.config import load_site_config, write_site_folder
 from site_node.governance import SitePolicy, load_policy

@@ -33,20 +33,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from federation.deployment import (
+from federation.common.flower import flower_env, flower_executable, format_address, probe_superlink, split_address
+from federation.common.keys import ProvisionError, load_certificate
+from federation.common.processes import (
     DeploymentError,
     ProcessSpec,
     StopRequested,
     Supervised,
     check_port_free,
-    flower_env,
-    flower_executable,
-    format_address,
-    probe_superlink,
-    split_address,
     stop_signals,
 )
-from federation.provision import ProvisionError, load_certificate
 from site_node.config import SiteConfigError, load_site_config
 from site_node.flower_runtime import FlowerInternalsError, check_flower
 from site_node.keys import SiteKeyError, fingerprint_of, load_site_private_key

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from federation.provision import ConsortiumLayout
+from federation.deploy.provision import ConsortiumLayout
 from tests.process_helpers import TWINFED, Running, free_port
 from tests.site_helpers import fresh_site
 

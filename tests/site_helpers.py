@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from federation.models import build_model
-from federation.protocol import RoundInstruction
-from federation.study import StudySpec, load_study
+from federation.contract import StudySpec, load_study
+from federation.contract.protocol import RoundInstruction
+from federation.twins import build_model
 from site_node.config import write_site_folder
 from tests.etl_helpers import load
 
@@ -72,8 +72,8 @@ def evaluate_like_the_coordinator(node, spec: StudySpec, state: dict, run_id: st
                                   part: str = "test"):  # fmt: skip
     """An evaluation as the coordinator asks for it: with adaptive strata, the score stage first, the strata
     placed from what it released (federation's own functions), then the outcome stage. Returns its outcome."""
-    from federation.evaluation import pool_scores
-    from federation.study.strata import adaptive_strata
+    from federation.contract.strata import adaptive_strata
+    from federation.coordinator.evaluation import pool_scores
 
     edges = None
     if spec.evaluation.strata == "adaptive":

@@ -62,3 +62,32 @@ def test_the_generator_takes_only_vocabulary_and_units_from_the_data_layer():
         and not any(module == allowed or module.startswith(allowed + ".") for allowed in SYNTHETIC_MAY_IMPORT)
     ]
     assert not offenders, offenders
+
+
+SITE_MAY_IMPORT = ("federation.contract", "federation.twins", "federation.common")
+SHARED_LAYERS = ("contract", "twins", "common")  # what both sides import must not pull the coordinator in
+
+
+def _federation_offenders(package_root: Path, allowed: tuple[str, ...]) -> list[str]:
+    return [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in sorted(package_root.rglob("*.py"))
+        for module in sorted(_modules(path))
+        if (module == "federation" or module.startswith("federation."))
+        and not any(module == a or module.startswith(a + ".") for a in allowed)
+    ]
+
+
+def test_a_site_imports_only_the_contract_the_twin_kinds_and_the_common_layer():
+    """A site node never imports the coordinator, the deployment or the local consortium."""
+    offenders = _federation_offenders(ROOT / "site_node", SITE_MAY_IMPORT)
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("layer", SHARED_LAYERS)
+def test_the_shared_layers_stay_below_the_coordinator(layer):
+    allowed = {"contract": ("federation.contract", "federation.common"),
+               "twins": ("federation.contract", "federation.twins", "federation.common"),
+               "common": ("federation.common",)}[layer]  # fmt: skip
+    offenders = _federation_offenders(ROOT / "federation" / layer, allowed)
+    assert not offenders, offenders

@@ -17,7 +17,7 @@ import yaml
 from sqlalchemy import func, insert, select
 from typer.testing import CliRunner
 
-from federation.study import StudyError, load_study
+from federation.contract import StudyError, load_study
 from omop_etl.database import open_engine
 from omop_etl.schema import create_cdm
 from site_node.config import SiteConfigError, load_site_config, write_site_folder
@@ -320,9 +320,9 @@ def _explode(*args, **kwargs):
 
 
 def _main(monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
-    import federation.study
+    import federation.contract
 
-    monkeypatch.setattr(federation.study, "load_study", _explode)
+    monkeypatch.setattr(federation.contract, "load_study", _explode)
     monkeypatch.setattr(sys, "argv", ["twinfed", *argv])
     with pytest.raises(SystemExit) as caught:
         cli.main()

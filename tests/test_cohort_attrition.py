@@ -21,8 +21,8 @@ import yaml
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from federation.study import study_hash
-from federation.study.spec import EvaluationSpec, RandomSplit, TemporalSplit
+from federation.contract import study_hash
+from federation.contract.spec import EvaluationSpec, RandomSplit, TemporalSplit
 from omop_etl.database import open_engine
 from site_node.cohort import StudyDataset, build_dataset
 from site_node.cohort.attrition import (

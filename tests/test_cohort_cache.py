@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, insert, text
 
-from federation.study import study_hash
+from federation.contract import study_hash
 from omop_etl.load.state import etl_metadata, table
 from site_node.cohort import build_dataset
 from site_node.cohort.cache import CohortCache, cached_dataset

@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from federation.study.spec import (
+from federation.contract.spec import (
     CategoricalCovariate,
     CohortSpec,
     CovariateSpec,

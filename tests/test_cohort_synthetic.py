@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from federation.study import load_study
+from federation.contract import load_study
 from omop_etl.database import open_engine
 from site_node.cohort import build_dataset, feature_names
 from tests.etl_helpers import load

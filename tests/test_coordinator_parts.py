@@ -12,13 +12,13 @@ import re
 import numpy as np
 import pytest
 
-from federation.checkpoint import Checkpoint, CheckpointMismatch, load_checkpoint, save_checkpoint
-from federation.evaluation import hanley_mcneil_se, pool_evaluations
-from federation.model_card import write_model_card
-from federation.protocol import EvaluationRelease, ReleaseMode
-from federation.receipts import Participation, RoundReceipt, SiteReceipt, append_receipt, read_receipts
-from federation.runner import RunResult, initial_weights
-from federation.study import study_hash
+from federation.contract import study_hash
+from federation.contract.protocol import EvaluationRelease, ReleaseMode
+from federation.contract.receipts import Participation, RoundReceipt, SiteReceipt, append_receipt, read_receipts
+from federation.coordinator.checkpoint import Checkpoint, CheckpointMismatch, load_checkpoint, save_checkpoint
+from federation.coordinator.evaluation import hanley_mcneil_se, pool_evaluations
+from federation.coordinator.model_card import write_model_card
+from federation.coordinator.runner import RunResult, initial_weights
 from tests.site_helpers import study
 
 
@@ -168,7 +168,7 @@ def test_model_card_of_a_non_private_study_says_so_first(tmp_path):
 
 
 def test_selection_keeps_the_best_validation_round_and_counts_rounds_without_improvement():
-    from federation.runner import Selection
+    from federation.coordinator.runner import Selection
 
     selection, weights = Selection(), {"w": np.zeros(1)}
     for server_round, score in enumerate([0.70, 0.74, None, 0.73, 0.74], start=1):

@@ -22,19 +22,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from federation.deployment import (
+from federation.common.flower import flower_bin_dir, split_address
+from federation.common.processes import DeploymentError, check_port_free
+from federation.deploy.deployment import (
     CONNECTION_NAME,
     COORDINATOR_DIR_ENV,
     CoordinatorLayout,
-    DeploymentError,
-    check_port_free,
-    flower_bin_dir,
     register_site,
-    split_address,
     superlink_process,
     write_cli_connection,
 )
-from federation.provision import ConsortiumLayout, add_site, init_consortium
+from federation.deploy.provision import ConsortiumLayout, add_site, init_consortium
 from site_node.config import load_site_config
 from site_node.governance import Governance
 from site_node.keys import generate_site_keys

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from federation.provision import init_consortium
-from federation.receipts import Participation, read_receipts
-from federation.study import load_study, study_hash
+from federation.contract import load_study, study_hash
+from federation.contract.receipts import Participation, read_receipts
+from federation.deploy.provision import init_consortium
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
 from tests.consortium_helpers import coordinator_command, live_consortium

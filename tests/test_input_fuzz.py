@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from federation.study import StudyError, StudySpec, load_study
+from federation.contract import StudyError, StudySpec, load_study
 from site_node.config import SiteConfig, SiteConfigError, load_site_config, write_site_folder
 from site_node.governance import PolicyError, SitePolicy, load_policy
 from twinfed.cli import app

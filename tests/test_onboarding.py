@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
-from federation.study import load_study, study_hash
+from federation.contract import load_study, study_hash
 from omop_etl.database import normalise_url, open_engine
 from omop_etl.identity import SecretError
 from omop_etl.schema.create import init_cdm_schema

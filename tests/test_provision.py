@@ -15,14 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from flwr.cli.supernode.register import try_load_public_key
 from typer.testing import CliRunner
 
-from federation.provision import (
-    ConsortiumLayout,
-    ProvisionError,
-    add_site,
-    init_consortium,
-    load_consortium,
-    ssh_fingerprint,
-)
+from federation.common.keys import ProvisionError, ssh_fingerprint
+from federation.deploy.provision import ConsortiumLayout, add_site, init_consortium, load_consortium
 from site_node.keys import SiteKeyError, generate_site_keys, load_site_private_key
 from twinfed.cli import app
 

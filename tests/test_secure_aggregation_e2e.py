@@ -24,10 +24,10 @@ import pytest
 import torch
 import yaml
 
-from federation.protocol import RefusalCode
-from federation.provision import init_consortium
-from federation.receipts import Participation, read_receipts
-from federation.study import load_study, study_hash
+from federation.contract import load_study, study_hash
+from federation.contract.protocol import RefusalCode
+from federation.contract.receipts import Participation, read_receipts
+from federation.deploy.provision import init_consortium
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
 from tests.consortium_helpers import live_consortium, site_folder

@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
-from federation.receipts import Participation, read_receipts
-from federation.simulation import REPORT_FILE
+from federation.contract.receipts import Participation, read_receipts
+from federation.local.simulation import REPORT_FILE
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
 from tests.process_helpers import FLOWER_ENV, TWINFED, processes_mentioning

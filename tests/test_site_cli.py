@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from federation.study import load_study, study_hash
+from federation.contract import load_study, study_hash
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
 from tests.site_helpers import EXAMPLE_STUDY, fresh_site, initial_state, instruction

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from sqlalchemy import text
 
-from federation.protocol import SiteStatus
-from federation.study import study_hash
+from federation.contract import study_hash
+from federation.contract.protocol import SiteStatus
 from omop_etl.database import open_engine
 from site_node.config import load_site_config
 from site_node.participation import SiteNode

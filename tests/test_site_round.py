@@ -16,8 +16,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
-from federation.protocol import EvaluationRelease, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
-from federation.study import study_hash
+from federation.contract import study_hash
+from federation.contract.protocol import EvaluationRelease, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
 from site_node.clientapp import ANSWER_KEY, INSTRUCTION_KEY
 from site_node.clientapp import app as client_app
 from site_node.cohort import build_dataset, most_removed, render_attrition

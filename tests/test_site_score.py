@@ -8,7 +8,7 @@ import stat
 import torch
 from typer.testing import CliRunner
 
-from federation.study import study_hash
+from federation.contract import study_hash
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
 from tests.site_helpers import evaluate_like_the_coordinator, fresh_site, initial_state, instruction, study

@@ -1,4 +1,4 @@
-"""Server-side aggregation (federation.strategies): the arithmetic of every rule against hand computations
+"""Server-side aggregation (federation.coordinator.strategies): the arithmetic of every rule against hand computations
 and Flower's own strategies, robustness to one poisoned site, rejection of bad updates by name, and exact
 resumption from a saved state."""
 
@@ -16,7 +16,8 @@ from flwr.serverapp.strategy import FedYogi as FlowerFedYogi
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean as flower_trim_mean
 from pydantic import ValidationError
 
-from federation.strategies import (
+from federation.contract.spec import FederationSpec
+from federation.coordinator.strategies import (
     STRATEGIES,
     AggregationError,
     Aggregator,
@@ -24,7 +25,6 @@ from federation.strategies import (
     UpdateRejected,
     make_aggregator,
 )
-from federation.study.spec import FederationSpec
 
 ALL_STRATEGIES = list(get_args(FederationSpec.model_fields["strategy"].annotation))
 ETA, BETA1, BETA2, TAU = 0.1, 0.9, 0.99, 1e-3

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from federation.protocol import ProtocolError, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
-from federation.study import StudyError, load_study, parse_study, study_hash
+from federation.contract import StudyError, load_study, parse_study, study_hash
+from federation.contract.protocol import ProtocolError, RefusalCode, RoundInstruction, SiteAnswer, SiteStatus
 from twinfed.cli import app
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "study-inpatient-mortality.yaml"

@@ -21,8 +21,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from federation.models import build_model
-from federation.study.spec import LogisticRegressionSpec, MlpSpec, PrivacySpec, TrainingSpec
+from federation.contract.spec import LogisticRegressionSpec, MlpSpec, PrivacySpec, TrainingSpec
+from federation.twins import build_model
 from site_node.training import (
     NEGLIGIBLE_NOISE_MULTIPLIER,
     CalibrationError,

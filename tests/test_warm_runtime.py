@@ -14,9 +14,9 @@ import time
 import pytest
 import yaml
 
-from federation.provision import ConsortiumLayout, init_consortium
-from federation.receipts import Participation, read_receipts
-from federation.study import load_study, study_hash
+from federation.contract import load_study, study_hash
+from federation.contract.receipts import Participation, read_receipts
+from federation.deploy.provision import ConsortiumLayout, init_consortium
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
 from site_node.warm_executor import READY_TEXT

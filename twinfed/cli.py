@@ -27,7 +27,7 @@ import typer
 from rich.console import Console
 
 from federation.cli import coordinator_app, provision_app
-from federation.demo_cli import demo
+from federation.local.demo_cli import demo
 from federation.study_cli import study_app
 from omop_etl.cli import register as register_data_commands
 from site_node.cli import site_app

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import numpy as np
 
-from federation.study.spec import OutcomeKind, StudySpec
+from federation.contract.spec import OutcomeKind, StudySpec
 from site_node.cohort.attrition import CONSENT
 from site_node.cohort.consent import denying_person_ids
 from site_node.cohort.dataset import StudyDataset, snapshot_hash

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from federation.study import StudySpec
+from federation.contract import StudySpec
 from site_node.cohort.build import build_dataset
 from site_node.cohort.consent import denying_person_ids
 from site_node.cohort.dataset import StudyDataset

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import func, select
 
-from federation.study.spec import OutcomeKind, OutcomeSpec
+from federation.contract.spec import OutcomeKind, OutcomeSpec
 from site_node.cohort.features.rows import row_positions
 from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.windows import SecondsWindow, events_in_window

@@ -28,7 +28,7 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
-from federation.study.spec import VISIT_CONCEPTS, CohortSpec, IndexEvent, OnePerPerson, OutcomeSpec
+from federation.contract.spec import VISIT_CONCEPTS, CohortSpec, IndexEvent, OnePerPerson, OutcomeSpec
 from site_node.cohort import attrition as steps
 from site_node.cohort.attrition import Attrition
 from site_node.cohort.keyed_hash import keyed_uniform

@@ -21,7 +21,7 @@ import datetime as dt
 import numpy as np
 import pandas as pd
 
-from federation.study.spec import RandomSplit, SplitSpec, TemporalSplit
+from federation.contract.spec import RandomSplit, SplitSpec, TemporalSplit
 from site_node.cohort.keyed_hash import SPLIT_PARTS, keyed_split
 
 __all__ = ["SPLIT_PARTS", "assign_split", "temporal_split"]

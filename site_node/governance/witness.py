@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from federation.receipts import read_receipts
+from federation.contract.receipts import read_receipts
 from site_node.governance.audit import AuditLog
 
 

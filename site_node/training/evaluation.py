@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from federation.study.strata import SCORE_GRID, Strata, score_grid_cell
+from federation.contract.strata import SCORE_GRID, Strata, score_grid_cell
 
 _ENTROPY = random.SystemRandom()
 

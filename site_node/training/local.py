@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from federation.study.spec import PrivacySpec, TrainingSpec
+from federation.contract.spec import PrivacySpec, TrainingSpec
 from site_node.training.engines import make_step
 from site_node.training.privacy import check_privacy_honest, restore_accountant, schedule
 from site_node.training.sampling import PoissonBatches, shuffled_batches

@@ -22,7 +22,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from federation.study.spec import TrainingSpec
+from federation.contract.spec import TrainingSpec
 
 # One entry per run of identical steps: (noise multiplier, sample rate, number of steps), Opacus' own format.
 AccountantHistory = list[tuple[float, float, int]]

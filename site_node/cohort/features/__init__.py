@@ -2,7 +2,7 @@
 
 Static features are demographics, then occurrences, then values, then categorical covariates, each group in
 the spec's order; time series are separate (`series`). The column names come from the study contract
-(`federation.study.features`), so every site produces the same columns even without data for one; each
+(`federation.contract.features`), so every site produces the same columns even without data for one; each
 group module here has `compute` (rows = the examples, columns in the contract's order).
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from federation.study.features import feature_names, series_names
-from federation.study.spec import CovariateSpec
+from federation.contract.features import feature_names, series_names
+from federation.contract.spec import CovariateSpec
 from site_node.cohort.features import categorical, demographics, occurrences, time_series, values
 from site_node.cohort.omop_source import OmopSource
 

@@ -11,14 +11,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from federation.study.spec import CategoricalCovariate
+from federation.contract.spec import CategoricalCovariate
 from site_node.cohort.features.rows import row_positions, stack
 from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.windows import events_in_window, hours_window
 
 
 def compute(source: OmopSource, examples: pd.DataFrame, covariates: Sequence[CategoricalCovariate]) -> np.ndarray:
-    """(n, k) in the order of `federation.study.features.feature_names`."""
+    """(n, k) in the order of `federation.contract.features.feature_names`."""
     n = len(examples)
     columns: list[np.ndarray] = []
     for covariate in covariates:

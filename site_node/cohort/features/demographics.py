@@ -14,7 +14,7 @@ MALE, FEMALE = 8507, 8532  # OMOP gender concepts; anything else (incl. 0, unkno
 
 
 def compute(examples: pd.DataFrame, demographics: Sequence[str]) -> np.ndarray:
-    """(n, k) in the order of `federation.study.features.feature_names`: age / 100, and gender one-hot."""
+    """(n, k) in the order of `federation.contract.features.feature_names`: age / 100, and gender one-hot."""
     columns: list[np.ndarray] = []
     gender = examples["gender_concept_id"].to_numpy(dtype=np.float64)
     for item in demographics:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from federation.study.spec import OccurrenceCovariate
+from federation.contract.spec import OccurrenceCovariate
 from site_node.cohort.features.rows import row_positions, stack
 from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.windows import events_in_window, hours_window

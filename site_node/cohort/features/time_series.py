@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from federation.study.spec import TimeSeriesCovariate
+from federation.contract.spec import TimeSeriesCovariate
 from site_node.cohort.features.rows import row_positions
 from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.scaling import scale_hours_since, value_scale

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from federation.study.spec import ValueCovariate
+from federation.contract.spec import ValueCovariate
 from site_node.cohort.features.rows import row_positions, stack
 from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.scaling import scale_count, value_scale
@@ -36,7 +36,7 @@ def summarise(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def compute(source: OmopSource, examples: pd.DataFrame, covariates: Sequence[ValueCovariate]) -> np.ndarray:
-    """(n, k) in the order of `federation.study.features.feature_names`."""
+    """(n, k) in the order of `federation.contract.features.feature_names`."""
     n = len(examples)
     columns: list[np.ndarray] = []
     for covariate in covariates:

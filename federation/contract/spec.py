@@ -1,0 +1,540 @@
+"""The study contract: what a consortium asks every site to compute, as one validated document.
+
+A study names its cohort, covariates, outcome, twin sub-model, training schedule and privacy target in
+OMOP terms (concept ids and time windows, the way OHDSI FeatureExtraction declares covariates), so the
+same file means the same thing at every hospital. Sites approve a study by its hash (see `hashing`), so
+every field here is part of what a data steward signs off; unknown fields are refused rather than
+ignored, because a misspelt privacy setting must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import math
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+# OMOP standard visit concepts (Visit domain) a cohort may start from.
+VISIT_CONCEPTS = {"inpatient": 9201, "outpatient": 9202, "emergency": 9203, "emergency_inpatient": 262}
+
+
+class _Strict(BaseModel):
+    """Unknown fields refused; no float may be infinite or NaN.
+
+    Every float in a study is a time, a rate, a fraction or a bound the sites compute with: `.inf` or `.nan`
+    was accepted by `study check` and approval and then refused every round (max_grad_norm: .inf), so it is
+    refused here, at load, with the field named.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# OMOP CDM v5.4 concept_id is an INTEGER: 1 to 2^31 - 1 (0 is "no matching concept", which selects nothing
+# meaningful). Larger numbers cannot be bound as query parameters at the sites and would fail there.
+MAX_CONCEPT_ID = 2**31 - 1
+# A concept list names what to select, not every code: occurrence and condition lists take in the
+# descendants of each concept, so even a wide phenotype needs far fewer. The bound keeps a study a file a
+# person can review and every site's query a query (a 2-million-id list took a minute just to check).
+MAX_CONCEPT_IDS = 10_000
+# Each value concept of a categorical covariate is a model input column of its own.
+MAX_VALUE_CONCEPTS = 100
+# Covariates of one kind: each is one or more model inputs the coordinator sizes the model for.
+MAX_COVARIATES = 1_000
+
+
+def _concept_id(value: int) -> int:
+    if not 1 <= value <= MAX_CONCEPT_ID:
+        raise ValueError(
+            f"{value} is not an OMOP concept id: concept ids are whole numbers from 1 to {MAX_CONCEPT_ID:,} (the "
+            "CDM's concept_id is an INTEGER)"
+        )
+    return value
+
+
+def _at_most(limit: int, noun: str, why: str):
+    """A check of a list's length that runs before its items are validated (so a huge list costs nothing)."""
+
+    def check(value: object) -> object:
+        if isinstance(value, list | tuple) and len(value) > limit:
+            raise ValueError(f"a study lists at most {limit:,} {noun} here, and this list has {len(value):,}: {why}")
+        return value
+
+    return BeforeValidator(check)
+
+
+ConceptId = Annotated[int, AfterValidator(_concept_id)]
+ConceptIds = Annotated[
+    list[ConceptId],
+    _at_most(
+        MAX_CONCEPT_IDS,
+        "concept ids",
+        "list the ancestor concepts of a large concept set (occurrences and conditions include their descendants)",
+    ),
+]
+
+
+class IndexEvent(StrEnum):
+    """Where time zero of each example lies."""
+
+    VISIT_START = "visit_start"
+    VISIT_END = "visit_end"
+
+
+class OnePerPerson(StrEnum):
+    """Which qualifying visit represents a patient: the privacy unit is the patient, so one example each."""
+
+    FIRST = "first"
+    LAST = "last"
+    RANDOM = "random"  # a keyed hash of the person picks one visit, stable across rounds
+
+
+class CohortSpec(_Strict):
+    """The target cohort: visits of a kind, of patients in an age band, optionally with a condition.
+
+    A visit that ends, or whose patient dies, before the prediction time is not in the cohort: its outcome
+    would already be known when the model is asked.
+    """
+
+    visit_concept_ids: ConceptIds = Field(default=[VISIT_CONCEPTS["inpatient"]], min_length=1)
+    min_age: int = Field(18, ge=0, le=120)
+    max_age: int | None = Field(None, ge=0, le=120)
+    condition_concept_ids: ConceptIds = Field(
+        default=[], description="If given, the patient must have one of these conditions on or before the index."
+    )
+    min_visit_hours: float = Field(
+        0.0, ge=0, description="Only visits lasting at least this long (e.g. the prediction time) qualify."
+    )
+    index: IndexEvent = IndexEvent.VISIT_START
+    one_per_person: OnePerPerson = OnePerPerson.FIRST
+
+    @model_validator(mode="after")
+    def _age_band(self) -> CohortSpec:
+        if self.max_age is not None and self.max_age < self.min_age:
+            raise ValueError(f"max_age {self.max_age} is below min_age {self.min_age}")
+        return self
+
+
+class Window(_Strict):
+    """A time window relative to the index, in hours; start <= end. Negative hours lie before the index."""
+
+    start_hours: float
+    end_hours: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if self.end_hours < self.start_hours:
+            raise ValueError(f"window ends ({self.end_hours} h) before it starts ({self.start_hours} h)")
+        return self
+
+
+Statistic = Literal["latest", "mean", "min", "max", "count"]
+Demographic = Literal["age", "gender"]
+OccurrenceDomain = Literal["condition", "drug", "procedure"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"'{value}' is not a feature name: use lower case letters, digits and '_'")
+    return value
+
+
+class OccurrenceCovariate(_Strict):
+    """1 if the patient has any of the concepts (or their descendants, when the vocabulary has them)
+    in the window, else 0. One feature per covariate, e.g. 'prior heart failure'."""
+
+    name: str
+    domain: OccurrenceDomain
+    concept_ids: ConceptIds = Field(min_length=1)
+    window: Window = Window(start_hours=-365 * 24, end_hours=0)
+
+    _name = field_validator("name")(_check_name)
+
+
+class ValueCovariate(_Strict):
+    """Summary statistics of a measurement (or numeric observation) in a window: one feature per statistic,
+    each with a missing-value indicator."""
+
+    name: str
+    concept_ids: ConceptIds = Field(min_length=1)
+    domain: Literal["measurement", "observation"] = "measurement"
+    window: Window = Window(start_hours=0, end_hours=24)
+    statistics: list[Statistic] = Field(default=["latest"], min_length=1, max_length=5)
+
+    @field_validator("statistics")
+    @classmethod
+    def _distinct_statistics(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each statistic is one feature column: name each at most once")
+        return value
+
+    _name = field_validator("name")(_check_name)
+
+
+class CategoricalCovariate(_Strict):
+    """The latest coded value of an observation in the window, one-hot over the listed value concepts
+    (anything else and 'not recorded' get their own columns)."""
+
+    name: str
+    concept_ids: ConceptIds = Field(min_length=1)
+    value_concept_ids: Annotated[
+        list[ConceptId],
+        _at_most(MAX_VALUE_CONCEPTS, "value concepts", "each one is a model input column; group rare values"),
+    ] = Field(min_length=1)
+    window: Window = Window(start_hours=-365 * 24, end_hours=24)
+
+    _name = field_validator("name")(_check_name)
+
+
+class TimeSeriesCovariate(_Strict):
+    """Measurements binned on the study's grid over the window (for sequence models): per bin the mean,
+    a mask (observed in this bin) and the hours since the last observation."""
+
+    name: str
+    concept_ids: ConceptIds = Field(min_length=1)
+    window: Window = Window(start_hours=0, end_hours=24)
+    bin_hours: float = Field(4.0, gt=0)
+
+    _name = field_validator("name")(_check_name)
+
+    @model_validator(mode="after")
+    def _bins(self) -> TimeSeriesCovariate:
+        span = self.window.end_hours - self.window.start_hours
+        if span <= 0 or abs(span / self.bin_hours - round(span / self.bin_hours)) > 1e-9:
+            raise ValueError(f"the window ({span} h) must be a whole, positive number of {self.bin_hours} h bins")
+        return self
+
+
+_COVARIATES_WHY = "each covariate is at least one model input; a model of this many is not a study sites can review"
+
+
+class CovariateSpec(_Strict):
+    demographics: list[Demographic] = Field(default=["age", "gender"], max_length=2)
+    occurrences: Annotated[list[OccurrenceCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
+    values: Annotated[list[ValueCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
+    categorical: Annotated[list[CategoricalCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
+    time_series: Annotated[list[TimeSeriesCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
+
+    @field_validator("demographics")
+    @classmethod
+    def _distinct_demographics(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each demographic is a feature of its own: name age and gender at most once each")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CovariateSpec:
+        names = [c.name for group in (self.occurrences, self.values, self.categorical, self.time_series) for c in group]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"covariate names must be unique; repeated: {', '.join(duplicates)}")
+        if not names and not self.demographics:
+            raise ValueError("a study needs at least one covariate")
+        return self
+
+
+class OutcomeKind(StrEnum):
+    DEATH = "death"
+    CONDITION = "condition"
+    LONG_STAY = "long_stay"
+    READMISSION = "readmission"
+    TIME_TO_EVENT = "time_to_event"
+
+
+class OutcomeSpec(_Strict):
+    """What is predicted, measured from the prediction time (index + `prediction_hours`).
+
+    * death: death within `window_days` after the prediction time (or during the visit if window_days is None);
+    * condition: one of `concept_ids` recorded within `window_days` after the prediction time;
+    * long_stay: the visit lasts longer than `threshold_days`;
+    * readmission: a new visit of the cohort's kind starts within `window_days` after discharge;
+    * time_to_event: days from the prediction time to death (censored at the end of observation or `window_days`).
+    """
+
+    kind: OutcomeKind
+    prediction_hours: float = Field(24.0, ge=0, description="Features stop here; the outcome is counted after it.")
+    window_days: float | None = Field(None, gt=0)
+    threshold_days: float | None = Field(None, gt=0)
+    concept_ids: ConceptIds = []
+
+    @model_validator(mode="after")
+    def _complete(self) -> OutcomeSpec:
+        if self.kind == OutcomeKind.CONDITION and not self.concept_ids:
+            raise ValueError("a 'condition' outcome needs concept_ids")
+        if self.kind == OutcomeKind.LONG_STAY and self.threshold_days is None:
+            raise ValueError("a 'long_stay' outcome needs threshold_days")
+        if self.kind in (OutcomeKind.READMISSION, OutcomeKind.CONDITION) and self.window_days is None:
+            raise ValueError(f"a '{self.kind}' outcome needs window_days")
+        if self.kind != OutcomeKind.CONDITION and self.concept_ids:
+            raise ValueError(f"concept_ids only apply to a 'condition' outcome, not '{self.kind}'")
+        return self
+
+
+class LogisticRegressionSpec(_Strict):
+    kind: Literal["logistic_regression"] = "logistic_regression"
+
+
+class MlpSpec(_Strict):
+    kind: Literal["mlp"] = "mlp"
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[64, 32], min_length=1, max_length=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+ModelSpec = Annotated[LogisticRegressionSpec | MlpSpec, Field(discriminator="kind")]
+
+
+class TrainingSpec(_Strict):
+    rounds: int = Field(5, ge=1, le=1000)
+    local_epochs: int = Field(1, ge=1, le=100)
+    batch_size: int = Field(64, ge=1, description="Expected batch size; with Poisson sampling batches vary around it.")
+    learning_rate: float = Field(0.05, gt=0, le=10)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx proximal term; 0 is plain local training.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Model initialisation and shuffling (0 to 2^32 - 1).")
+
+
+class PrivacySpec(_Strict):
+    """Record-level DP-SGD at each site, where the record is the patient (one example per patient).
+
+    `target_epsilon` is the study's training total at one site over every round; the noise is calibrated
+    once for the whole schedule. The evaluation releases have their own budget (`evaluation.epsilon`),
+    accounted in the same ledger and composed with training. `target_delta` defaults to 1/(10 n) of each
+    site's training-set size n.
+
+    `mode: none` is a non-private study (a baseline under a data-sharing agreement): no noise, no epsilon,
+    and only sites whose policy says `allow_non_private: true` take part; everything it releases is
+    labelled "not differentially private".
+    """
+
+    mode: Literal["dp", "none"] = "dp"
+    target_epsilon: float | None = Field(None, gt=0, le=100)
+    target_delta: float | None = Field(None, gt=0, lt=1)
+    max_grad_norm: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="Per-patient clipping bound C; the noise is proportional to it. Usual values are 0.1 to 10; above "
+        "1000 no gradient is clipped and the noise is all there is.",
+    )
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _mode_fits(self) -> PrivacySpec:
+        if self.mode == "dp" and self.target_epsilon is None:
+            raise ValueError(
+                "a differentially private study needs target_epsilon (its training budget per site); a study "
+                "without DP says 'mode: none', which only sites whose policy allows it will run"
+            )
+        if self.mode == "none" and (self.target_epsilon is not None or self.target_delta is not None):
+            raise ValueError(
+                "a non-private study (mode: none) has no epsilon or delta: remove target_epsilon and target_delta, "
+                "or use mode: dp"
+            )
+        return self
+
+    @property
+    def private(self) -> bool:
+        return self.mode == "dp"
+
+
+class RandomSplit(_Strict):
+    """Each patient falls in one part by a keyed hash of their person id and the site's secret: stable
+    across rounds, unknowable outside the site. A validation share of 0 does not cut a validation part."""
+
+    kind: Literal["random"] = "random"
+    train: float = Field(0.8, gt=0, lt=1)
+    validation: float = Field(0.0, ge=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _whole(self) -> RandomSplit:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"the split fractions must add up to 1 (train + validation + test = {total:g})")
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation > 0
+
+
+class TemporalSplit(_Strict):
+    """Temporal validation (TRIPOD type 2b): examples whose index date is before `test_from` train, on or
+    after it test. With `validation_from`, the examples from that date up to `test_from` are validation."""
+
+    kind: Literal["temporal"] = "temporal"
+    test_from: dt.date
+    validation_from: dt.date | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TemporalSplit:
+        if self.validation_from is not None and self.validation_from >= self.test_from:
+            raise ValueError(
+                f"validation_from ({self.validation_from}) must come before test_from ({self.test_from}): the "
+                "validation period lies between training and test"
+            )
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation_from is not None
+
+
+SplitSpec = Annotated[RandomSplit | TemporalSplit, Field(discriminator="kind")]
+
+# Fixed risk strata (strata: fixed), as predicted probabilities. Every stratum's count carries its own
+# noise, so few strata keep the noise on the pooled figures small; these six suit well-calibrated models
+# of uncommon outcomes. Measured against ten strata and against adaptive strata in docs/benchmarks.md.
+DEFAULT_SCORE_EDGES = (0.02, 0.05, 0.1, 0.2, 0.5)
+
+
+class EvaluationSpec(_Strict):
+    """How the study is evaluated: the split, the release every site makes, and which model is reported.
+
+    What leaves a site is, by default, a differentially private release: per outcome class, how many held-out
+    patients the model scored in each risk stratum, with Gaussian noise. The coordinator adds the sites'
+    histograms and computes the pooled AUROC, calibration and the threshold metrics from the sum. The
+    strata are `adaptive` (cut at the quantiles of a first DP release of the same scores without outcomes,
+    which takes `strata_budget_share` of each release's budget) or `fixed` at `score_edges`. `epsilon` is
+    each site's budget for all of the study's evaluation releases together. A site whose policy says
+    `evaluation_release: exact` sends exact aggregates under its cell-count floor instead.
+
+    A validation part, when the split cuts one, is used: every round's model is scored on it, the round
+    with the best pooled validation AUROC is the study's model, and `early_stopping_patience` (if set)
+    ends training after that many rounds without improvement. Without a validation part the last round's
+    model is reported.
+    """
+
+    split: SplitSpec = RandomSplit()
+    threshold: float = Field(0.5, gt=0, lt=1, description="Risk at or above which a patient counts as positive.")
+    strata: Literal["adaptive", "fixed"] = "adaptive"
+    adaptive_strata: int = Field(6, ge=2, le=20, description="adaptive: strata of about equal size (+ threshold).")
+    strata_budget_share: float = Field(
+        0.2, gt=0, lt=1, description="adaptive: the share of each release's budget spent on placing the strata."
+    )
+    score_edges: list[float] = Field(default=list(DEFAULT_SCORE_EDGES), min_length=1, max_length=63)
+    epsilon: float = Field(1.0, gt=0, le=20, description="Per site, for all evaluation releases of the study.")
+    every_round: bool = Field(False, description="Release test metrics after every round, not only at the end.")
+    early_stopping_patience: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> EvaluationSpec:
+        edges = self.score_edges
+        if any(not 0 < e < 1 for e in edges) or any(b <= a for a, b in itertools.pairwise(edges)):
+            raise ValueError("score_edges are predicted risks strictly between 0 and 1, in increasing order")
+        if not any(math.isclose(e, self.threshold, abs_tol=1e-12) for e in edges):
+            raise ValueError(
+                f"the threshold {self.threshold:g} must be one of the score_edges (the threshold metrics are read "
+                "off the histograms at a stratum boundary): add it to score_edges"
+            )
+        if self.early_stopping_patience is not None and not self.split.has_validation:
+            raise ValueError(
+                "early_stopping_patience needs a validation part: give the split a validation share (random) or "
+                "validation_from (temporal)"
+            )
+        return self
+
+
+# Strategies that look at each site's update separately: impossible when only the sum is revealed.
+ROBUST_STRATEGIES = ("trimmed_mean", "median")
+SECURE_AGGREGATION_MIN_SITES = 3
+
+
+class FederationSpec(_Strict):
+    """How the coordinator runs the rounds (used by the coordinator; sites see and approve it too)."""
+
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "trimmed_mean", "median"] = "fedavg"
+    min_sites: int = Field(2, ge=1)
+    secure_aggregation: bool = False
+    round_timeout_seconds: float = Field(600.0, gt=0)
+
+    # Server-side aggregation settings (federation.coordinator.strategies). They are part of the hash because
+    # they change the global model as much as the sites' training does.
+    # fedadam / fedyogi: the server optimiser of Reddi et al., "Adaptive Federated Optimization" (ICLR 2021).
+    server_learning_rate: float = Field(
+        0.1, gt=0, le=10, description="fedadam/fedyogi: eta, the server step on the pseudo-gradient."
+    )
+    server_beta1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi: first-moment (momentum) decay.")
+    server_beta2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay.")
+    server_tau: float = Field(
+        1e-3, gt=0, le=1, description="fedadam/fedyogi: floor added to sqrt(v); > 0 so a zero v never divides."
+    )
+    # trimmed_mean: share of the updates dropped from each end of every coordinate (at least one each end).
+    trim_fraction: float = Field(0.2, gt=0, lt=0.5, description="trimmed_mean: fraction cut from each end.")
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> FederationSpec:
+        """SecAgg+ gives the coordinator only the weighted sum of the sites' updates, which fixes two things."""
+        if not self.secure_aggregation:
+            return self
+        if self.strategy in ROBUST_STRATEGIES:
+            raise ValueError(
+                f"strategy '{self.strategy}' needs every site's own update, and secure aggregation reveals only "
+                "their sum: use fedavg, fedprox, fedadam or fedyogi with secure aggregation"
+            )
+        if self.min_sites < SECURE_AGGREGATION_MIN_SITES:
+            raise ValueError(
+                f"secure aggregation needs at least {SECURE_AGGREGATION_MIN_SITES} sites in every round (SecAgg+ "
+                "shares each site's mask key among the others, and with two sites the sum tells each site the "
+                f"other's update anyway); set min_sites >= {SECURE_AGGREGATION_MIN_SITES}"
+            )
+        return self
+
+
+class StudyInfo(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{1,63}$")
+    title: str = Field(min_length=1)
+    description: str = ""
+    sponsor: str = ""
+
+
+class StudySpec(_Strict):
+    """A whole study file."""
+
+    study: StudyInfo
+    cohort: CohortSpec = CohortSpec()
+    covariates: CovariateSpec
+    outcome: OutcomeSpec
+    model: ModelSpec = LogisticRegressionSpec()
+    training: TrainingSpec = TrainingSpec()
+    privacy: PrivacySpec
+    evaluation: EvaluationSpec = EvaluationSpec()
+    federation: FederationSpec = FederationSpec()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> StudySpec:
+        features_end = max(
+            [c.window.end_hours for c in self.covariates.values]
+            + [c.window.end_hours for c in self.covariates.occurrences]
+            + [c.window.end_hours for c in self.covariates.categorical]
+            + [c.window.end_hours for c in self.covariates.time_series]
+            + [0.0]
+        )
+        if features_end > self.outcome.prediction_hours:
+            raise ValueError(
+                f"a covariate window ends {features_end} h after the index, after the prediction time "
+                f"({self.outcome.prediction_hours} h): the model would see data from after the moment it predicts"
+            )
+        return self
+
+    def evaluation_releases(self, part: str | None = None) -> int:
+        """How many evaluation releases the study plans at each site (of `part`, or of both parts): one
+        validation release per round when a validation part is cut, and test releases every round or once."""
+        validation = self.training.rounds if self.evaluation.split.has_validation else 0
+        test = self.training.rounds if self.evaluation.every_round else 1
+        if part == "validation":
+            return validation
+        if part == "test":
+            return test
+        return validation + test
+
+    def epsilon_budget(self) -> float | None:
+        """The study's whole budget per site (training plus evaluation); None for a non-private study."""
+        if not self.privacy.private:
+            return None
+        return float(self.privacy.target_epsilon) + self.evaluation.epsilon

@@ -1,0 +1,238 @@
+"""The federated part of `make demo`: a whole consortium on this machine, started the way users start it.
+
+Given hospitals already loaded into OMOP (one SQLite database and site secret each, as `make demo`'s ETL
+step leaves them), it provisions the consortium's keys, writes each hospital's site file and policy,
+has each hospital's data steward approve the study, starts the coordinator and one site node per
+hospital as separate `twinfed` processes talking TLS on loopback, runs the study to its model card,
+verifies every site's audit log, and writes a report folder. Every process is stopped at the end, on
+error and on Ctrl-C; a second run starts from fresh governance state (the OMOP databases are kept).
+
+It only ever runs `twinfed` commands, so it exercises exactly what hospital IT and a consortium run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+TWINFED = str(Path(sys.executable).parent / "twinfed")
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message says which and where its log is."""
+
+
+@dataclass(frozen=True)
+class Hospital:
+    site_id: str
+    omop_db: Path
+    secret: Path
+
+
+def find_hospitals(omop_dir: Path) -> list[Hospital]:
+    """Hospitals whose OMOP database and site secret `make demo`'s ETL step wrote (<site>.sqlite, <site>.secret)."""
+    hospitals = [
+        Hospital(db.stem, db.resolve(), db.with_suffix(".secret").resolve())
+        for db in sorted(omop_dir.glob("*.sqlite"))
+        if db.with_suffix(".secret").exists()
+    ]
+    if not hospitals:
+        raise DemoError(
+            f"{omop_dir} holds no <site>.sqlite with its <site>.secret: run the ETL step of `make demo` first."
+        )
+    return hospitals
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment() -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+def _run(args: list[str], what: str, log: Path) -> str:
+    """Run one `twinfed` command to completion; its output goes to `log`; a failure stops the demo."""
+    done = subprocess.run([TWINFED, *args], env=_environment(), capture_output=True, text=True, check=False)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as handle:
+        handle.write(f"$ twinfed {' '.join(args)}\n{done.stdout}{done.stderr}\n")
+    if done.returncode != 0:
+        raise DemoError(f"{what} failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}")
+    return done.stdout
+
+
+class Processes:
+    """Long-running `twinfed` processes of the demo, each in its own process group, all stopped together."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str]) -> Path:
+        log = self.logs / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        handle = log.open("w", encoding="utf-8")
+        process = subprocess.Popen(
+            [TWINFED, *args], env=_environment(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.running.append((name, process))
+        return log
+
+    def wait_for(self, log: Path, text: str, timeout: float, name: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if log.exists() and text in log.read_text(encoding="utf-8", errors="replace"):
+                return
+            for other, process in self.running:
+                if other == name and process.poll() is not None:
+                    raise DemoError(f"{name} exited ({process.returncode}) before it was ready; see {log}")
+            time.sleep(0.2)
+        raise DemoError(f"{name} was not ready within {timeout:.0f} s; see {log}")
+
+    def stop(self) -> None:
+        """SIGTERM every process (they stop their Flower children), then kill what is left of each group."""
+        for _, process in reversed(self.running):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+        for _, process in reversed(self.running):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=20)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+        self.running.clear()
+
+
+@contextlib.contextmanager
+def _stopped_on_signals(processes: Processes) -> Iterator[None]:
+    """Ctrl-C or SIGTERM: stop every demo process before leaving."""
+
+    def handler(signum: int, _frame) -> None:
+        processes.stop()
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        processes.stop()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_demo(omop_dir: Path, out: Path, study: Path, say: Callable[[str], None] = print) -> Path:
+    """Run the federated demo; returns the report's index.html."""
+    hospitals = find_hospitals(omop_dir)
+    root = out / "consortium"
+    for stale in (root, out / "sites", out / "logs", out / "report"):
+        shutil.rmtree(stale, ignore_errors=True)
+    logs = out / "logs"
+    steps = logs / "commands.log"
+    ids = [h.site_id for h in hospitals]
+    say(f"Provisioning keys for {len(ids)} hospitals: {', '.join(ids)}")
+    _run(["provision", "init", str(root), "--host", "127.0.0.1", "--host", "localhost",
+          *[arg for site in ids for arg in ("--site", site)]], "provisioning", steps)  # fmt: skip
+    site_files: dict[str, Path] = {}
+    for hospital in hospitals:
+        folder = out / "sites" / hospital.site_id
+        _run(["site", "init", str(folder), "--site-id", hospital.site_id, "--omop-url", f"sqlite:///{hospital.omop_db}",
+              "--secret-file", str(hospital.secret)], f"site init at {hospital.site_id}", steps)  # fmt: skip
+        site_files[hospital.site_id] = folder / "site.yaml"
+        _run(["site", "approve", str(study), "--site-config", str(folder / "site.yaml"),
+              "--by", f"{hospital.site_id} data steward", "--note", "make demo"],
+             f"approval at {hospital.site_id}", steps)  # fmt: skip
+    say("Each hospital's data steward approved the study by its hash.")
+    processes = Processes(logs)
+    port = _free_port()
+    with _stopped_on_signals(processes):
+        log = processes.start("coordinator", ["coordinator", "start", "--dir", str(root), "--port", str(port)])
+        processes.wait_for(log, "Coordinator running", 90, "coordinator")
+        say(f"Coordinator running on 127.0.0.1:{port} (TLS, SuperNode authentication); log {log}")
+        for site_id, site_file in site_files.items():
+            bundle = root / "sites" / site_id
+            command = ["site", "start", "--site-config", str(site_file), "--superlink", f"127.0.0.1:{port}",
+                       "--ca", str(bundle / "ca.crt"), "--key", str(bundle / f"{site_id}.key"),
+                       "--runtime-port", str(_free_port())]  # fmt: skip
+            site_log = processes.start(f"site-{site_id}", command)
+            processes.wait_for(site_log, "Connected to the SuperLink as node", 90, f"site-{site_id}")
+            say(f"Site node {site_id} connected (outbound only); log {site_log}")
+        say("Running the study (progress per round below):")
+        command = [TWINFED, "study", "run", str(study), "--coordinator-dir", str(root), "--wait-for-sites", "60"]
+        run = subprocess.run(command, env=_environment(), check=False)
+        if run.returncode != 0:
+            raise DemoError(f"the study did not complete (exit {run.returncode}); see {logs}")
+    say("All processes stopped.")
+    audits = {
+        site_id: subprocess.run(
+            [TWINFED, "site", "audit", "verify", "--site-config", str(site_file)],
+            env=_environment(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        for site_id, site_file in site_files.items()
+    }
+    return write_report(out / "report", root, study, audits, say)
+
+
+def write_report(
+    report: Path, root: Path, study: Path, audits: dict[str, subprocess.CompletedProcess], say: Callable[[str], None]
+) -> Path:
+    """The demo's report folder: the model card (with its plots), receipts and each site's audit result."""
+    from federation.contract import load_study
+    from federation.coordinator.model_card import aggregation_text
+
+    spec = load_study(study)
+    run_folder = root / "studies" / spec.study.id / spec.study.id
+    report.mkdir(parents=True, exist_ok=True)
+    for name in ("model-card.html", "model-card.json", "receipts.jsonl", "final-model.pt"):
+        shutil.copy2(run_folder / name, report / name)
+    card = json.loads((report / "model-card.json").read_text(encoding="utf-8"))
+    rows = "".join(
+        f"<tr><td>{html.escape(site)}</td><td>{'verified' if done.returncode == 0 else 'FAILED'}</td>"
+        f"<td>{html.escape((done.stdout or done.stderr).strip())}</td></tr>"
+        for site, done in sorted(audits.items())
+    )
+    summary = f"pooled held-out AUROC {card['metrics']['held_out_auroc_text']}"
+    privacy = card["privacy"]["statement"]
+    index = report / "index.html"
+    index.write_text(
+        f"""<!doctype html><html><head><meta charset="utf-8"><title>twinfed demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+table{{border-collapse:collapse}}</style></head><body><h1>twinfed demo: {html.escape(spec.study.title)}</h1>
+<p><b>{html.escape(privacy)}</b></p>
+<p>Run {html.escape(card["run"]["status"])}: {html.escape(card["run"]["reason"])}; {html.escape(summary)}.</p>
+<p>{html.escape(aggregation_text(card.get("aggregation", {})))}</p>
+<p><a href="model-card.html">Model card</a> (loss and AUROC per round, epsilon per site per round, participation,
+study hash, per-site epsilon and snapshot hashes) &middot; <a href="model-card.json">JSON</a> &middot;
+<a href="receipts.jsonl">participation receipts</a></p>
+<h2>Audit log verification at each site</h2><table><tr><th>site</th><th>result</th><th>detail</th></tr>{rows}</table>
+</body></html>""",
+        encoding="utf-8",
+    )
+    for site, done in sorted(audits.items()):
+        say(f"Audit log at {site}: {'verified' if done.returncode == 0 else 'FAILED: ' + done.stdout + done.stderr}")
+    say(f"Study {card['run']['status']}: {summary}. Report: {index}")
+    return index

@@ -1,0 +1,41 @@
+"""`twinfed demo`: the federated half of `make demo` (a consortium of local processes on loopback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console(soft_wrap=True, highlight=False)
+
+
+def demo(
+    omop: Annotated[
+        Path, typer.Option("--omop", file_okay=False, help="Folder of <site>.sqlite OMOP databases and <site>.secret.")
+    ] = Path("demo-output/omop"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for keys, site files, logs and the report.")] = Path(
+        "demo-output/federation"
+    ),
+    study: Annotated[Path, typer.Option("--study", dir_okay=False, help="The study to run.")] = Path(
+        "configs/study-inpatient-mortality.yaml"
+    ),
+) -> None:
+    """Run a whole consortium on this machine: keys, coordinator, one site node per hospital, the study.
+
+    Every part runs as its own `twinfed` process talking TLS on loopback, exactly as hospital IT and a
+    consortium start them: `provision init`, `site init`, `site approve` (each hospital's data steward),
+    `coordinator start`, `site start`, `study run`, then `site audit verify` at every hospital. Writes
+    OUT/report/index.html (model card with plots, receipts, audit results). Ctrl-C stops every process.
+    """
+    from federation.local.demo import DemoError, run_demo
+
+    try:
+        run_demo(omop.resolve(), out.resolve(), study.resolve(), say=console.print)
+    except DemoError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"Demo failed: {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        Console(stderr=True).print("Interrupted: every demo process was stopped.")
+        raise typer.Exit(130) from None

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 import yaml
 
 from benchmarks.machine import write_section
+from federation.common.flower import flower_env
+from federation.common.processes import free_loopback_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = Path(__file__).resolve().parent / "output" / "rounds"
@@ -78,10 +79,8 @@ class Process:
     def __init__(self, argv: list[str], log: Path) -> None:
         self.log = log
         self._handle = log.open("wb")
-        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         self.process = subprocess.Popen(
-            argv, stdout=self._handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            argv, stdout=self._handle, stderr=subprocess.STDOUT, env=flower_env(), start_new_session=True
         )
 
     def text(self) -> str:
@@ -106,12 +105,6 @@ class Process:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
         self._handle.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class CpuSampler(threading.Thread):
@@ -232,12 +225,12 @@ def run_consortium(mode: str, rounds: int, omop_url: str, secret: Path) -> tuple
         node.governance.approvals.approve(study_hash(spec), spec.study.id, f"{site_id} steward")
         node.governance.close()
 
-    port = free_port()
+    port = free_loopback_port()
     coordinator = Process([TWINFED, "coordinator", "start", "--dir", str(root), "--port", str(port)], folder / "c.log")
     running = [coordinator]
     try:
         coordinator.wait_for("Coordinator running", 90)
-        runtime_ports = [free_port() for _ in sites]
+        runtime_ports = [free_loopback_port() for _ in sites]
         for (site_id, path), runtime_port in zip(sites.items(), runtime_ports, strict=True):
             argv = [
                 TWINFED, "site", "start", "--site-config", str(path), "--superlink", f"127.0.0.1:{port}",

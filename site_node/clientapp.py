@@ -8,7 +8,6 @@ waiting for a reply that will never come.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from federation.common.flower import quiet_by_default
 from federation.contract.protocol import RoundInstruction, SiteStatus
 from federation.contract.secure_aggregation import (
     clipping_range,
@@ -30,7 +30,7 @@ from federation.contract.secure_aggregation import (
 from site_node.config import load_site_config
 from site_node.participation import RoundOutcome, SiteNode
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+quiet_by_default()
 
 SITE_CONFIG_KEY = "site-config"
 INSTRUCTION_KEY = "instruction"

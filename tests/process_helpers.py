@@ -6,29 +6,21 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from federation.common.flower import flower_env
+from federation.common.processes import free_loopback_port
+
 BIN = Path(sys.executable).parent
 TWINFED = str(BIN / "twinfed")
 # Flower starts its helpers (flower-superexec, flwr-clientapp) by bare name: without this environment's bin
 # folder on PATH a plain flower-supernode dies with FileNotFoundError and then hangs (seen with Flower 1.42).
-FLOWER_ENV = {
-    **os.environ,
-    "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+FLOWER_ENV = flower_env()
+free_port = free_loopback_port
 
 
 class Running:

@@ -27,6 +27,7 @@ import typer
 from rich.console import Console
 
 from federation.cli import coordinator_app, provision_app
+from federation.common.flower import quiet_by_default
 from federation.local.demo_cli import demo
 from federation.study_cli import study_app
 from omop_etl.cli import register as register_data_commands
@@ -34,8 +35,7 @@ from site_node.cli import site_app
 from synthetic.cli import register as register_synthetic_commands
 
 # Third-party telemetry is off unless the operator explicitly turns it on (DESIGN: nothing phones home).
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+quiet_by_default()
 
 DEBUG_ENV = "TWINFED_DEBUG"
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h): 1 and 2 keep their meanings (failed, refused input)

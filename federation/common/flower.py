@@ -34,18 +34,36 @@ def flower_executable(name: str) -> str:
     return str(path)
 
 
-def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
-    """The environment for a Flower process: its own FLWR_HOME, our bin folder first on PATH, telemetry off.
+# Third-party reporting that stays off unless the operator explicitly set it (DESIGN: nothing phones home by
+# default; an operator who wants Flower's telemetry sets FLWR_TELEMETRY_ENABLED=1 and every process keeps it).
+QUIET_BY_DEFAULT = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",  # Ray's own usage reporting (Flower's simulation engine)
+}
 
-    Telemetry and the update check stay off unless the operator set them explicitly (DESIGN: nothing
-    phones home by default).
+
+def quiet_by_default() -> None:
+    """Apply QUIET_BY_DEFAULT to this process (the `twinfed` command, a ClientApp, the ServerApp): what the
+    operator set stays as set."""
+    for name, value in QUIET_BY_DEFAULT.items():
+        os.environ.setdefault(name, value)
+
+
+def flower_env(flwr_home: Path | None = None, **extra: str) -> dict[str, str]:
+    """The one environment every process twinfed starts gets (Flower's, and `twinfed` itself as a child).
+
+    Our bin folder first on PATH (Flower starts its helpers by bare name), its own FLWR_HOME when given,
+    third-party telemetry and update checks off unless the operator set them, unbuffered output so log
+    lines reach the log file as they happen; `extra` last (what a caller requires, not a default).
     """
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(flower_bin_dir()), env.get("PATH", "")]).rstrip(os.pathsep)
-    env["FLWR_HOME"] = str(flwr_home)
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log file as they happen
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    for name, value in QUIET_BY_DEFAULT.items():
+        env.setdefault(name, value)
+    env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
 

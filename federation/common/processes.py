@@ -9,6 +9,7 @@ import ctypes
 import datetime as dt
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,6 +147,13 @@ def _group_alive(group: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the kernel's pick), for a process about to listen on it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def check_port_free(host: str, port: int, purpose: str) -> None:

@@ -18,12 +18,13 @@ import orjson
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from federation.common.flower import quiet_by_default
 from federation.contract import parse_study
 from federation.coordinator.model_card import write_model_card
 from federation.coordinator.runner import StudyRunner, StudyStopped
 from federation.deploy.deployment import COORDINATOR_DIR_ENV
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+quiet_by_default()
 DEFAULT_COORDINATOR_DIR = Path.home() / ".local" / "share" / "twinfed" / "coordinator"
 
 log = logging.getLogger("twinfed.coordinator")

@@ -9,7 +9,6 @@ canonical JSON, from which every site recomputes the hash it approved.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+from federation.common.flower import flower_env
 from federation.contract import StudySpec, canonical_json
 from federation.coordinator.serverapp import encode_study
 from federation.deploy.deployment import CONNECTION_NAME
@@ -102,12 +102,7 @@ def submit(
 
     With `stream`, the run's log (the coordinator's progress lines) is followed until the run ends.
     """
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
+    env = flower_env(flwr_home)
     with study_app() as app:
         settings = run_config_args(spec, run_name, resume, node_wait_seconds)
         command = [flwr_executable(), "run", str(app), CONNECTION_NAME, *settings]

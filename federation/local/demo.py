@@ -15,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import html
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +24,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from federation.common.flower import flower_env
+from federation.common.processes import ProcessSpec, Supervised, free_loopback_port
+
 TWINFED = str(Path(sys.executable).parent / "twinfed")
+DEMO_STOP_GRACE_S = 20.0  # a site node finishing its round, a coordinator writing its last receipt
 
 
 class DemoError(RuntimeError):
@@ -54,25 +56,9 @@ def find_hospitals(omop_dir: Path) -> list[Hospital]:
     return hospitals
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _environment() -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    return {
-        **os.environ,
-        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
-
-
 def _run(args: list[str], what: str, log: Path) -> str:
     """Run one `twinfed` command to completion; its output goes to `log`; a failure stops the demo."""
-    done = subprocess.run([TWINFED, *args], env=_environment(), capture_output=True, text=True, check=False)
+    done = subprocess.run([TWINFED, *args], env=flower_env(), capture_output=True, text=True, check=False)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as handle:
         handle.write(f"$ twinfed {' '.join(args)}\n{done.stdout}{done.stderr}\n")
@@ -82,20 +68,18 @@ def _run(args: list[str], what: str, log: Path) -> str:
 
 
 class Processes:
-    """Long-running `twinfed` processes of the demo, each in its own process group, all stopped together."""
+    """Long-running `twinfed` processes of the demo, each supervised in its own process group, stopped together."""
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
-        self.running: list[tuple[str, subprocess.Popen]] = []
+        self.running: list[tuple[str, Supervised]] = []
 
     def start(self, name: str, args: list[str]) -> Path:
         log = self.logs / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        handle = log.open("w", encoding="utf-8")
-        process = subprocess.Popen(
-            [TWINFED, *args], env=_environment(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.running.append((name, process))
+        log.unlink(missing_ok=True)  # this run's output only: readiness is read from the log
+        child = Supervised(ProcessSpec(argv=[TWINFED, *args], env=flower_env(), log_file=log))
+        child.start()
+        self.running.append((name, child))
         return log
 
     def wait_for(self, log: Path, text: str, timeout: float, name: str) -> None:
@@ -103,25 +87,17 @@ class Processes:
         while time.monotonic() < deadline:
             if log.exists() and text in log.read_text(encoding="utf-8", errors="replace"):
                 return
-            for other, process in self.running:
-                if other == name and process.poll() is not None:
-                    raise DemoError(f"{name} exited ({process.returncode}) before it was ready; see {log}")
+            for other, child in self.running:
+                if other == name and child.exit_code() is not None:
+                    raise DemoError(f"{name} exited ({child.exit_code()}) before it was ready; see {log}")
             time.sleep(0.2)
         raise DemoError(f"{name} was not ready within {timeout:.0f} s; see {log}")
 
     def stop(self) -> None:
-        """SIGTERM every process (they stop their Flower children), then kill what is left of each group."""
-        for _, process in reversed(self.running):
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-        for _, process in reversed(self.running):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=20)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
+        """Stop every process, newest first: SIGTERM to its group (it stops its Flower children), SIGKILL
+        to what is left after the grace."""
+        for _, child in reversed(self.running):
+            child.stop(grace=DEMO_STOP_GRACE_S)
         self.running.clear()
 
 
@@ -165,7 +141,7 @@ def run_demo(omop_dir: Path, out: Path, study: Path, say: Callable[[str], None] 
              f"approval at {hospital.site_id}", steps)  # fmt: skip
     say("Each hospital's data steward approved the study by its hash.")
     processes = Processes(logs)
-    port = _free_port()
+    port = free_loopback_port()
     with _stopped_on_signals(processes):
         log = processes.start("coordinator", ["coordinator", "start", "--dir", str(root), "--port", str(port)])
         processes.wait_for(log, "Coordinator running", 90, "coordinator")
@@ -174,20 +150,20 @@ def run_demo(omop_dir: Path, out: Path, study: Path, say: Callable[[str], None] 
             bundle = root / "sites" / site_id
             command = ["site", "start", "--site-config", str(site_file), "--superlink", f"127.0.0.1:{port}",
                        "--ca", str(bundle / "ca.crt"), "--key", str(bundle / f"{site_id}.key"),
-                       "--runtime-port", str(_free_port())]  # fmt: skip
+                       "--runtime-port", str(free_loopback_port())]  # fmt: skip
             site_log = processes.start(f"site-{site_id}", command)
             processes.wait_for(site_log, "Connected to the SuperLink as node", 90, f"site-{site_id}")
             say(f"Site node {site_id} connected (outbound only); log {site_log}")
         say("Running the study (progress per round below):")
         command = [TWINFED, "study", "run", str(study), "--coordinator-dir", str(root), "--wait-for-sites", "60"]
-        run = subprocess.run(command, env=_environment(), check=False)
+        run = subprocess.run(command, env=flower_env(), check=False)
         if run.returncode != 0:
             raise DemoError(f"the study did not complete (exit {run.returncode}); see {logs}")
     say("All processes stopped.")
     audits = {
         site_id: subprocess.run(
             [TWINFED, "site", "audit", "verify", "--site-config", str(site_file)],
-            env=_environment(),
+            env=flower_env(),
             capture_output=True,
             text=True,
             check=False,

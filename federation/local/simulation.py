@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from federation.common.flower import flower_env
+from federation.common.processes import free_loopback_port
 from federation.contract import StudySpec, canonical_json, load_study, study_hash
 from federation.contract.receipts import read_receipts
 from federation.deploy.deployment import COORDINATOR_DIR_ENV
@@ -131,16 +132,8 @@ def write_study(spec: StudySpec, path: Path) -> Path:
 
 
 def _environment(**extra: str) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    return {
-        **os.environ,
-        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",  # Ray's own usage reporting
-        **extra,
-    }
+    """The common environment, plus what a simulation requires: Flower may not install dependencies at runtime."""
+    return flower_env(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", **extra)
 
 
 def prepare_sites(layout: SimulationLayout, count: int, hospitals: list[HospitalSource], policy: Path | None) -> Path:
@@ -157,12 +150,6 @@ def prepare_sites(layout: SimulationLayout, count: int, hospitals: list[Hospital
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class LocalSimulationLink:
     """The simulation SuperLink the flwr CLI starts for a `:local-in-memory:` connection, on our own ports.
 
@@ -172,8 +159,8 @@ class LocalSimulationLink:
 
     def __init__(self, flwr_home: Path) -> None:
         self.flwr_home = flwr_home
-        self.http_port = _free_port()
-        self.control_port = _free_port()
+        self.http_port = free_loopback_port()
+        self.control_port = free_loopback_port()
         flwr_home.mkdir(parents=True, exist_ok=True)
         (flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = ":local-in-memory:"\n',

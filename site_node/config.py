@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from federation.common.validation import describe
 from federation.common.yaml_files import YamlLimits, read_yaml_file
 from omop_etl.database import normalise_url
 from omop_etl.identity import load_or_create_secret
@@ -34,7 +35,6 @@ SITE_FILE = YamlLimits(
     max_values=5_000,
     hint="a site file is a dozen settings (see configs/site-example.yaml); is it the right file?",
 )
-MAX_PROBLEMS_SHOWN = 20
 # A schema name goes into SQL as an identifier (CREATE SCHEMA, search paths): a plain PostgreSQL name only.
 SCHEMA_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 
@@ -178,12 +178,7 @@ def load_site_config(path: Path) -> SiteConfig:
     try:
         config = SiteConfig.model_validate(raw)
     except ValidationError as exc:
-        shown = exc.errors()[:MAX_PROBLEMS_SHOWN]
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg'].removeprefix('Value error, ')}" for e in shown
-        )
-        if exc.error_count() > MAX_PROBLEMS_SHOWN:
-            problems += f"; and {exc.error_count() - MAX_PROBLEMS_SHOWN:,} more problems"
+        problems = "; ".join(describe(exc, SiteConfig, "site file", show_values=False))
         raise SiteConfigError(f"{path}: the site configuration is not valid: {problems}") from None
     try:
         base = path.resolve().parent

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from federation.common.yaml_files import YamlLimits, read_yaml_file, short_repr
+from federation.common.validation import describe
+from federation.common.yaml_files import YamlLimits, read_yaml_file
 from federation.contract.spec import StudySpec
 
 STUDY_FILE = YamlLimits(
@@ -24,31 +25,10 @@ STUDY_FILE = YamlLimits(
     "(occurrence and condition concepts take in their descendants when the vocabulary has them)",
 )
 # A study with many wrong fields shows this many, then says how many more: the first ones are the fix.
-MAX_PROBLEMS_SHOWN = 20
 
 
 class StudyError(ValueError):
     """A study file cannot be read or is not a valid study; the message says where and why."""
-
-
-def _location(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
-
-
-def describe_validation_error(exc: ValidationError) -> list[str]:
-    """One line per problem: the field's dotted path, the rule, and (for a plain value) what was given.
-
-    The value is shortened: a wrong list of two million ids is named, not printed.
-    """
-    problems = []
-    for err in exc.errors()[:MAX_PROBLEMS_SHOWN]:
-        message = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else err["msg"]
-        given = err.get("input")
-        shown = f" (got {short_repr(given)})" if isinstance(given, int | float | str | bool) else ""
-        problems.append(f"{_location(err['loc'])}: {message}{shown}")
-    if exc.error_count() > MAX_PROBLEMS_SHOWN:
-        problems.append(f"... and {exc.error_count() - MAX_PROBLEMS_SHOWN:,} more problems")
-    return problems
 
 
 def parse_study(data: object, source: str = "<study>") -> StudySpec:
@@ -58,7 +38,7 @@ def parse_study(data: object, source: str = "<study>") -> StudySpec:
     try:
         return StudySpec.model_validate(data)
     except ValidationError as exc:
-        problems = describe_validation_error(exc)
+        problems = describe(exc, StudySpec, "study")
         raise StudyError(f"{source}: the study is not valid:\n  - " + "\n  - ".join(problems)) from None
 
 

@@ -17,7 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from federation.common.yaml_files import YamlLimits, read_yaml_file, short_repr
+from federation.common.validation import describe
+from federation.common.yaml_files import YamlLimits, read_yaml_file
 
 # A policy is a dozen settings with comments: 1 KB. 64 KiB leaves room for any commentary and refuses
 # a wrong file (a data export, a log) at once.
@@ -28,7 +29,6 @@ POLICY_FILE = YamlLimits(
     max_values=5_000,
     hint="a policy is a dozen settings (see configs/policy-example.yaml); is it the right file?",
 )
-MAX_PROBLEMS_SHOWN = 20
 
 
 class PolicyError(ValueError):
@@ -73,14 +73,6 @@ class SitePolicy(BaseModel):
         return self
 
 
-def _describe(error: dict) -> str:
-    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        known = ", ".join(SitePolicy.model_fields)
-        return f"'{field}' is not a policy setting (a misspelling?); the settings are: {known}"
-    return f"{field}: {error['msg']} (got {short_repr(error.get('input'))})"
-
-
 def parse_policy(data: object, source: str = "<policy>") -> SitePolicy:
     """Validate already-parsed YAML; an empty file means every default."""
     if data is None:
@@ -90,9 +82,7 @@ def parse_policy(data: object, source: str = "<policy>") -> SitePolicy:
     try:
         return SitePolicy.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(err) for err in exc.errors()[:MAX_PROBLEMS_SHOWN]]
-        if exc.error_count() > MAX_PROBLEMS_SHOWN:
-            problems.append(f"... and {exc.error_count() - MAX_PROBLEMS_SHOWN:,} more problems")
+        problems = describe(exc, SitePolicy, "policy")
         raise PolicyError(f"{source}: the site policy is not valid:\n  - " + "\n  - ".join(problems)) from None
 
 

@@ -1,6 +1,6 @@
 """The lowest shared layer (federation.common): one error style for the files people write, one environment
-for every process twinfed starts, and one free-port helper, so the demo, the simulation, the coordinator and the site node agree on one rule:
-third-party telemetry is off unless the operator explicitly turned it on."""
+for every process twinfed starts and one free-port helper, so the demo, the simulation, the coordinator and
+the site node agree on one rule: third-party telemetry is off unless the operator explicitly turned it on."""
 
 from __future__ import annotations
 

@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from omop_etl.database import open_engine
-from omop_etl.fhir.extract import Batch, extract_bundle, extract_ndjson
+from omop_etl.fhir.extract import extract_bundle, extract_ndjson
 from omop_etl.fhir.json_input import MAX_LINE_BYTES, duplicate_keys
+from omop_etl.load.batches import Batch
 from omop_etl.load.pipeline import EtlSettings, run_etl
 from omop_etl.load.sources import InputFile, batches
 from tests import fhir_samples as S

@@ -13,7 +13,7 @@ import io
 import json
 import re
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,73 +33,7 @@ from omop_etl.fhir.json_input import (
     sniff_prefix,
 )
 from omop_etl.fhir.mappers import MAPPERS, Reject, Skip
-
-PENDING, QUARANTINED, SKIPPED = "pending", "quarantined", "skipped"
-
-
-@dataclass
-class Batch:
-    """Raw records of one input file: NDJSON lines, or one Bundle's bytes."""
-
-    file_id: int
-    file_name: str
-    batch_no: int
-    kind: str  # "ndjson" | "bundle" | "csv"
-    first_position: int
-    lines: list[bytes] = field(default_factory=list)
-    overlong: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # NDJSON: line too long -> (length, prefix)
-    damage: tuple[str, str] | None = None  # NDJSON: (rule, reason) when the file cannot be read past these lines
-    bundle: bytes | None = None  # a Bundle's bytes; None: the worker reads the file (file_name) itself, entry by entry
-    size: int = 0  # bytes of input this batch stands for (progress)
-    type_hint: str | None = None
-    header: list[str] | None = None  # CSV extracts: the header row ...
-    rows: list[list[str]] = field(default_factory=list)  # ... and the data rows of this batch
-    mapping: Any = None  # ... and their column mapping (omop_etl.load.csv_extract.CsvMapping)
-    first_of_file: bool = False  # the first batch of its file still to load in this run
-
-
-@dataclass
-class Extracted:
-    """The outcome of every record of a batch, and the drafts of the records still pending."""
-
-    file_id: int
-    file_name: str
-    batch_no: int
-    position_kind: str  # "line" | "entry" | "row"
-    positions: list[int] = field(default_factory=list)
-    types: list[str] = field(default_factory=list)
-    ids: list[str | None] = field(default_factory=list)
-    patients: list[str | None] = field(default_factory=list)
-    status: list[str] = field(default_factory=list)
-    rule: list[str | None] = field(default_factory=list)
-    detail: list[str | None] = field(default_factory=list)
-    raw: dict[int, bytes] = field(default_factory=dict)
-    drafts: list[Any] = field(default_factory=list)
-
-    def add(self, position: int, resource_type: str, resource_id: str | None, raw: bytes) -> int:
-        self.positions.append(position)
-        self.types.append(resource_type)
-        self.ids.append(resource_id)
-        self.patients.append(None)
-        self.status.append(PENDING)
-        self.rule.append(None)
-        self.detail.append(None)
-        index = len(self.positions) - 1
-        self.raw[index] = raw
-        return index
-
-    def quarantine(self, index: int, rule: str, detail: str) -> None:
-        self.status[index] = QUARANTINED
-        self.rule[index] = rule
-        self.detail[index] = detail
-
-    def skip(self, index: int, reason: str) -> None:
-        self.status[index] = SKIPPED
-        self.rule[index] = "not_mapped"
-        self.detail[index] = reason
-
-    def __len__(self) -> int:
-        return len(self.positions)
+from omop_etl.load.batches import QUARANTINED, SKIPPED, Batch, Extracted
 
 
 def _describe(error: ValidationError, limit: int = 3) -> tuple[str, str]:
@@ -465,10 +399,3 @@ def extract_bundle(batch: Batch) -> Extracted:
     return out
 
 
-def extract_batch(batch: Batch) -> Extracted:
-    """Worker entry point."""
-    if batch.kind == "csv":
-        from omop_etl.load.csv_extract import extract_csv
-
-        return extract_csv(batch, batch.mapping)
-    return extract_bundle(batch) if batch.kind == "bundle" else extract_ndjson(batch)

@@ -28,8 +28,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from omop_etl.fhir.drafts import EventDraft
-from omop_etl.fhir.extract import Batch, Extracted
 from omop_etl.fhir.mappers.base import Reject, check_code_format, date_parts
+from omop_etl.load.batches import Batch, Extracted
 
 KIND_TO_DRAFT = {
     "measurement": "observation",

@@ -25,10 +25,11 @@ from sqlalchemy.engine import Connection, Engine
 
 from omop_etl.bulk import insert_rows
 from omop_etl.database import open_engine, redact
-from omop_etl.fhir.extract import Batch, Extracted, extract_batch
 from omop_etl.identity import SecretError, SiteKeys, load_or_create_secret, secret_path
 from omop_etl.load import derived
+from omop_etl.load.batches import Batch, Extracted
 from omop_etl.load.erasure import ERASED_REASON, ErasedIdentifiers, erased_identifiers, quarantine_keys
+from omop_etl.load.extraction import extract_batch
 from omop_etl.load.indexes import defer_indexes, ensure_indexes, restore_indexes
 from omop_etl.load.report import CodeCount, EtlReport, FileOutcome, Tally, UnitCount
 from omop_etl.load.resolve import (

@@ -16,9 +16,9 @@ from sqlalchemy import MetaData, select
 from sqlalchemy.engine import Connection
 
 from omop_etl.fhir.drafts import CareSiteDraft, ConsentDraft, EventDraft, PersonDraft, ProviderDraft, VisitDraft
-from omop_etl.fhir.extract import PENDING, QUARANTINED, SKIPPED, Extracted
 from omop_etl.identity import SiteKeys
 from omop_etl.load import rows as R
+from omop_etl.load.batches import PENDING, QUARANTINED, SKIPPED, Extracted
 from omop_etl.load.codes import CodeResolver
 from omop_etl.units import CANONICAL, UCUM_SYSTEM, normalise_unit, plausible_range, to_canonical
 

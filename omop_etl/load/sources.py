@@ -20,8 +20,8 @@ from pathlib import Path
 
 import orjson
 
-from omop_etl.fhir.extract import Batch
 from omop_etl.fhir.json_input import IO_ERRORS, JsonDamage, describe_io_error, read_bundle, read_lines
+from omop_etl.load.batches import Batch
 from omop_etl.load.csv_extract import is_mapping_file, load_mapping
 
 TYPE_ORDER = (

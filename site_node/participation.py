@@ -280,15 +280,23 @@ class SiteNode:
         edited, the database replaced, entries forged past the head): the budget could not be trusted."""
         try:
             self.governance.require_intact()
-        except GovernanceInconsistent as exc:
-            raise Refusal(RefusalCode.GOVERNANCE_INCONSISTENT, f"{self.config.site_id}: {exc}") from None
+        except GovernanceInconsistent:
+            # What disagrees (which ledger rows, which audit entries and their kinds) stays at the site, where
+            # `site audit verify` lists it: the coordinator only learns that this site runs nothing until then.
+            raise Refusal(
+                RefusalCode.GOVERNANCE_INCONSISTENT,
+                f"site {self.config.site_id}'s governance database does not agree with its audit chain; it runs no "
+                "round until its data steward has restored them (`twinfed site audit verify` at the site lists why).",
+            ) from None
 
     def _witnessed(self, outcome: RoundOutcome) -> RoundOutcome:
-        """The answer names the site's audit head as it stands after the round's entries: the consortium keeps
-        it, so a chain later rewritten (even by someone with the site's key) no longer matches what it saw."""
+        """The answer names the site's audit head (its hash) as it stands after the round's entries: the
+        consortium keeps it, so a chain later rewritten (even by someone with the site's key) no longer matches
+        what it saw. Not its number: the difference between two rounds' numbers would count the events between
+        them, consent withdrawals included, however few."""
         head = self.governance.audit.latest()
         if head is not None:
-            outcome.answer = outcome.answer.model_copy(update={"audit_seq": head.seq, "audit_hash": head.hash})
+            outcome.answer = outcome.answer.model_copy(update={"audit_hash": head.hash})
         return outcome
 
     def _recognise(self, instruction: RoundInstruction) -> tuple[StudySpec, str]:

@@ -76,7 +76,8 @@ def test_trained_round_spends_budget_and_audits_what_left(prepared_site, tmp_pat
     # the budget is reserved and committed in the chain, in the same transactions as the ledger's rows
     assert [e.kind for e in entries] == ["ledger-reserved", "round-started", "ledger-committed", "round-trained"]
     assert entries[2].payload["row"]["status"] == "committed" and entries[2].payload["row"]["lineage"] == spec.study.id
-    assert (outcome.answer.audit_seq, outcome.answer.audit_hash) == (4, entries[-1].hash)  # the witness
+    assert outcome.answer.audit_hash == entries[-1].hash  # the witness: the hash, never the entry's number
+    assert "audit_seq" not in outcome.answer.model_dump()
     entries = [e for e in entries if not e.kind.startswith("ledger-")]
     left = entries[-1].payload["left_the_site"]
     assert left["tensors"] == {name: list(t.shape) for name, t in outcome.state_dict.items()}
@@ -327,3 +328,26 @@ def test_a_second_train_message_for_a_round_in_training_is_refused(prepared_site
     assert row.status == "committed"
     assert [e.kind for e in node.governance.audit.entries()].count("round-trained") == 1
     assert node.governance.integrity().ok
+
+
+def test_answers_never_count_what_happened_at_the_site_between_rounds(prepared_site, tmp_path):
+    """The attack: a coordinator compares two answers' audit heads to count the events between them (three
+    consent withdrawals here). The answer names the head by its hash only, and a governance refusal says
+    nothing of which entries or rows disagree."""
+    node = _node(prepared_site, tmp_path)
+    spec = study(training={"rounds": 2})
+    before = node.train(instruction(spec), _start(node, spec)).answer  # unapproved: refused, audited
+    for person_id in (1, 2, 3):
+        node.governance.withdrawals.withdraw(person_id, "steward")
+        node.governance.audit.append("consent-withdrawn", {"person_id": person_id})
+    after = node.train(instruction(spec, server_round=2), _start(node, spec)).answer
+    for answer in (before, after):
+        assert answer.audit_hash and set(answer.model_dump()) >= {"audit_hash"}
+        assert not any(isinstance(v, int) and not isinstance(v, bool) for v in answer.model_dump().values())
+    assert before.audit_hash != after.audit_hash
+    table = node.governance.store.tables["audit"]
+    with node.governance.store.engine.begin() as connection:
+        connection.execute(table.update().where(table.c.kind == "consent-withdrawn").values(payload="{}"))
+    refused = node.train(instruction(spec, server_round=3), _start(node, spec)).answer
+    assert refused.code == RefusalCode.GOVERNANCE_INCONSISTENT
+    assert "consent" not in refused.reason and "entry" not in refused.reason

@@ -140,9 +140,9 @@ class SiteAnswer(_Record):
     epsilon_training: float | None = None
     epsilon_evaluation: float | None = None
     differentially_private: bool = True  # False: a non-private study (privacy mode none) the site allowed
-    # The site's audit head as it answered (its newest entry's seq and hash): the consortium keeps it in the
-    # receipts, a witness outside the site against which `twinfed site audit verify --receipts` checks the chain.
-    audit_seq: int | None = None
+    # The site's audit head as it answered (its newest entry's hash): the consortium keeps it in the receipts, a
+    # witness outside the site against which `twinfed site audit verify --receipts` checks the chain. The hash
+    # only: the entry's number would tell how many events (consent withdrawals among them) happened in between.
     audit_hash: str | None = None
 
 

@@ -49,9 +49,8 @@ class SiteReceipt(BaseModel):
     metrics: dict[str, float] = {}
     cohort_snapshot: str | None = None
     consent_snapshot: str | None = None
-    # The site's audit head as it answered: a witness, kept outside the site, of what its chain held then
+    # The site's audit head (its hash) as it answered: a witness, kept outside the site, of what its chain held then
     # (`twinfed site audit verify --receipts` checks the site's chain against it).
-    audit_seq: int | None = None
     audit_hash: str | None = None
     seconds: float | None = None
     evaluation: EvaluationRelease | None = None  # what the site released for an evaluation

@@ -389,7 +389,6 @@ class StudyRunner:
             metrics=values,
             cohort_snapshot=answer.cohort_snapshot,
             consent_snapshot=answer.consent_snapshot,
-            audit_seq=answer.audit_seq,
             audit_hash=answer.audit_hash,
             seconds=seconds,
         )

@@ -144,13 +144,7 @@ class SiteNode:
         self.config = config
         self.policy = load_policy(config.policy)
         self.releases = ReleasedUpdates(config.base_dir / "released")
-        self.governance = Governance(
-            config.governance_db,
-            self.policy,
-            audit_head_file=config.audit_head,
-            schema=config.governance_schema,
-            audit_key_file=config.audit_key,
-        )
+        self.governance = Governance.of_site(config, self.policy)
 
     # --- the two things a coordinator may ask -------------------------------------------------------
 

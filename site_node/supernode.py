@@ -43,7 +43,7 @@ from federation.common.processes import (
     check_port_free,
     stop_signals,
 )
-from site_node.config import SiteConfigError, load_site_config
+from site_node.config import SiteConfig, SiteConfigError, load_site_config
 from site_node.flower_runtime import FlowerInternalsError, check_flower
 from site_node.keys import SiteKeyError, fingerprint_of, load_site_private_key
 from site_node.warm_executor import READY_TEXT
@@ -139,7 +139,7 @@ def prepare_launch(
     )
 
 
-def check_governance(config) -> None:
+def check_governance(config: SiteConfig) -> None:
     """Refuse to connect a site whose governance state and audit chain disagree (ledger rows deleted or
     edited, the governance database replaced by an empty one, entries forged past the audit head): every
     round would be refused anyway, and the steward must know before the consortium does."""
@@ -147,13 +147,7 @@ def check_governance(config) -> None:
     from site_node.governance.audit_key import AuditKeyError
 
     try:
-        governance = Governance(
-            config.governance_db,
-            config.policy,
-            audit_head_file=config.audit_head,
-            schema=config.governance_schema,
-            audit_key_file=config.audit_key,
-        )
+        governance = Governance.of_site(config)
     except (PolicyError, AuditKeyError, ValueError, RuntimeError) as exc:
         raise SuperNodeError(f"Not starting: {exc}") from None
     try:

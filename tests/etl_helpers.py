@@ -11,6 +11,20 @@ from sqlalchemy import text
 from omop_etl.database import open_engine
 from omop_etl.load.pipeline import EtlSettings, run_etl
 
+# The column mapping of a laboratory CSV extract keyed by MRN (see docs/etl.md, CSV extracts).
+LAB_MAPPING = """\
+file: labs.csv
+kind: measurement
+id: lab_id
+patient: mrn
+patient_id_is: mrn
+code: loinc
+code_system: http://loinc.org
+value: result
+unit: unit
+time: taken_at
+"""
+
 CLINICAL_TABLES = (
     "person",
     "death",

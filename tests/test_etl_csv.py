@@ -6,21 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tests import fhir_samples as S
-from tests.etl_helpers import count, frame, load
+from tests.etl_helpers import LAB_MAPPING, count, frame, load
 from twinfed.cli import app
 
-MAPPING = """\
-file: labs.csv
-kind: measurement
-id: lab_id
-patient: mrn
-patient_id_is: mrn
-code: loinc
-code_system: http://loinc.org
-value: result
-unit: unit
-time: taken_at
-"""
 LABS = """\
 lab_id,mrn,loinc,result,unit,taken_at
 L1,MRN998877,2345-7,6.1,mmol/L,2024-03-02T07:00:00
@@ -37,7 +25,7 @@ def test_a_lab_extract_joins_patients_by_mrn_and_quarantines_bad_rows(tmp_path):
     extract = tmp_path / "warehouse"
     extract.mkdir()
     (extract / "labs.csv").write_text(LABS)
-    (extract / "labs.yaml").write_text(MAPPING)
+    (extract / "labs.yaml").write_text(LAB_MAPPING)
     url = f"sqlite:///{tmp_path / 'omop.sqlite'}"
     load([tmp_path / "export"], url, tmp_path / "secret")
     report = load([extract], url, tmp_path / "secret")
@@ -60,7 +48,7 @@ def test_a_lab_extract_joins_patients_by_mrn_and_quarantines_bad_rows(tmp_path):
 
 def test_a_broken_mapping_names_the_file_and_the_problem(tmp_path):
     (tmp_path / "labs.csv").write_text("lab_id,mrn\nL1,M1\n")
-    (tmp_path / "labs.yaml").write_text(MAPPING)
+    (tmp_path / "labs.yaml").write_text(LAB_MAPPING)
     result = CliRunner().invoke(
         app,
         [

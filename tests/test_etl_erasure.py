@@ -25,7 +25,7 @@ from omop_etl.identity import SiteKeys, load_or_create_secret
 from omop_etl.load.erasure import ERASED_REASON, erase, quarantine_keys
 from site_node.governance import GovernanceStore, RoundMembership
 from tests import fhir_samples as S
-from tests.etl_helpers import CLINICAL_TABLES, count, load
+from tests.etl_helpers import CLINICAL_TABLES, LAB_MAPPING, count, load
 from tests.shared_data import require, shared_path
 from twinfed.cli import app
 
@@ -51,18 +51,6 @@ STRANGER_PATIENT = {k: v for k, v in P2.items() if k != "birthDate"} | {"id": ST
 STRANGER_OBSERVATION = {**UNLINKED, "id": "g-stranger", "subject": {"reference": f"urn:uuid:{STRANGER}"}}
 STRANGER_ENCOUNTER = {**S.ENCOUNTER, "id": "e-stranger", "subject": {"reference": f"Patient/{STRANGER}"}}
 
-LAB_MAPPING = """\
-file: labs.csv
-kind: measurement
-id: lab_id
-patient: mrn
-patient_id_is: mrn
-code: loinc
-code_system: http://loinc.org
-value: result
-unit: unit
-time: taken_at
-"""
 LABS = """\
 lab_id,mrn,loinc,result,unit,taken_at
 L1,MRN998877,2345-7,6.1,mmol/L,2024-03-02T07:00:00

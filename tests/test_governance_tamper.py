@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, insert, update
+from sqlalchemy import delete, insert, text, update
 
 from site_node.governance import (
     AuditLog,
@@ -153,9 +153,14 @@ def test_an_old_ledger_gets_its_lineage_from_the_approvals_and_is_adopted_into_t
         projected_study_epsilon=1.0, projected_site_epsilon=1.0, reserved_at="2026-01-01T00:00:00+00:00",
         purpose="train", lineage="",
     )  # fmt: skip
-    _tamper(store, insert(ledger).values(**old_row))  # as an earlier twinfed wrote it: no lineage
+    _tamper(store, insert(ledger).values(**old_row))
     _tamper(store, insert(approvals).values(study_hash="h1" * 32, study_id="old-study", approved_by="s", note="",
                                             approved_at="2026-01-01T00:00:00+00:00"))  # fmt: skip
+    # as an earlier twinfed's database: its ledger has no lineage column at all
+    name = f'"{schema}"."{ledger.name}"' if schema else f'"{ledger.name}"'
+    index = f'"{schema}"."ix_gov_privacy_ledger_lineage"' if schema else '"ix_gov_privacy_ledger_lineage"'
+    _tamper(store, text(f"DROP INDEX IF EXISTS {index}"))  # PostgreSQL drops it with the column
+    _tamper(store, text(f'ALTER TABLE {name} DROP COLUMN "lineage"'))
     store.dispose()
     governance = Governance(url, SitePolicy(), audit_head_file=tmp_path / "audit.head", schema=schema)
     try:

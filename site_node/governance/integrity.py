@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import select
 
-from site_node.governance.accounting import PrivacyEvent, epsilon_of
-from site_node.governance.audit import AuditLog, AuditVerification
-from site_node.governance.ledger import NON_PRIVATE, RELEASED, PrivacyLedger, row_state
+from site_node.governance.audit import AuditEntry, AuditLog, AuditVerification
+from site_node.governance.ledger import RELEASED, PrivacyLedger, row_state, study_epsilon
 
 
 class GovernanceInconsistent(RuntimeError):
@@ -60,20 +60,15 @@ class IntegrityReport:
 
 
 def _epsilon(states: list[dict[str, Any]]) -> float:
-    """A lineage's epsilon from row states, as the ledger computes it from its rows."""
-    private = [s for s in states if s["purpose"] != NON_PRIVATE and s["status"] != RELEASED]
-    if not private:
-        return 0.0
-    delta = min(s["delta"] for s in private)
-    events = [PrivacyEvent(s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in private]
-    return max(epsilon_of(events, delta, name) for name in {s["accountant"] for s in private})
+    """A lineage's epsilon from row states, by the ledger's own computation."""
+    return study_epsilon([SimpleNamespace(**s) for s in states if s["status"] != RELEASED])
 
 
-def chained_ledger(audit: AuditLog) -> tuple[dict[int, dict[str, Any]], dict[int, int]]:
+def chained_ledger(entries: list[AuditEntry]) -> tuple[dict[int, dict[str, Any]], dict[int, int]]:
     """The ledger as the chain recorded it: each row's last state, and the entry that recorded it."""
     states: dict[int, dict[str, Any]] = {}
     where: dict[int, int] = {}
-    for entry in audit.entries(kind="ledger-*"):
+    for entry in (e for e in entries if e.kind.startswith("ledger-")):
         rows = entry.payload.get("rows") if entry.kind == "ledger-adopted" else [entry.payload.get("row")]
         for state in rows or []:
             if isinstance(state, dict) and "id" in state:
@@ -84,7 +79,8 @@ def chained_ledger(audit: AuditLog) -> tuple[dict[int, dict[str, Any]], dict[int
 
 def ledger_problems(ledger: PrivacyLedger, audit: AuditLog) -> tuple[list[str], int]:
     """Every difference between the ledger table and the ledger the chain records, in sentences."""
-    expected, where = chained_ledger(audit)
+    entries = audit.entries()  # read once for both replays
+    expected, where = chained_ledger(entries)
     with ledger.store.engine.connect() as connection:
         actual = {row.id: row_state(row) for row in connection.execute(select(ledger.table))}
     problems: list[str] = []
@@ -108,19 +104,19 @@ def ledger_problems(ledger: PrivacyLedger, audit: AuditLog) -> tuple[list[str], 
             f"ledger row #{row_id} (round '{state['round_key']}' of study '{state['lineage']}') is not in the audit "
             "chain: it was written to the database by something other than the site node."
         )
-    problems.extend(_rounds_without_a_row(audit, actual))
+    problems.extend(_rounds_without_a_row(entries, actual))
     if problems:
         problems.extend(_spending_differences(expected, actual))
     return problems, len(actual)
 
 
-def _rounds_without_a_row(audit: AuditLog, actual: dict[int, dict[str, Any]]) -> list[str]:
+def _rounds_without_a_row(entries: list[AuditEntry], actual: dict[int, dict[str, Any]]) -> list[str]:
     """Rounds the chain says read patient data (a training round started, a DP evaluation released) whose
     ledger row is missing or was given back. This holds for chains written before the ledger's changes
     were chained too, so rows deleted before an upgrade are found as well."""
     counted = {(s["study_hash"], s["round_key"]) for s in actual.values() if s["status"] != RELEASED}
     found = []
-    for entry in [*audit.entries(kind="round-started"), *audit.entries(kind="evaluated")]:
+    for entry in (e for e in entries if e.kind in ("round-started", "evaluated")):
         payload = entry.payload
         if entry.kind == "evaluated":
             release = (payload.get("left_the_site") or {}).get("evaluation") or {}

@@ -207,6 +207,18 @@ def _reservation(row: Row) -> Reservation:
     )
 
 
+def study_epsilon(rows: list[Any]) -> float:
+    """A study's epsilon over its active rows (ledger Rows, or anything with their attributes), at its smallest
+    delta; the larger figure if accountants differ. Non-private rows have no epsilon and are left out (the
+    summary counts them apart)."""
+    rows = [r for r in rows if r.purpose != NON_PRIVATE]
+    if not rows:
+        return 0.0
+    delta = min(r.delta for r in rows)
+    events = [_event(r) for r in rows]
+    return max(epsilon_of(events, delta, name) for name in {r.accountant for r in rows})
+
+
 def row_state(row: Any) -> dict[str, Any]:
     """What a row spent, as the audit chain records it (a Row or a mapping with the STATE_FIELDS)."""
     get = row.get if isinstance(row, dict) else row._mapping.get
@@ -337,16 +349,6 @@ class PrivacyLedger:
         """Epsilon of `history` at `delta` by the Opacus accountant named ('rdp' or 'prv')."""
         return epsilon_of(history, delta, accountant)
 
-    def _study_epsilon(self, rows: list[Row]) -> float:
-        """A study's epsilon over its active rows, at its smallest delta; the larger figure if accountants differ.
-
-        Non-private rows have no epsilon and are left out (the summary counts them apart)."""
-        rows = [r for r in rows if r.purpose != NON_PRIVATE]
-        if not rows:
-            return 0.0
-        delta = min(r.delta for r in rows)
-        events = [_event(r) for r in rows]
-        return max(epsilon_of(events, delta, name) for name in {r.accountant for r in rows})
 
     def _active_rows(self, connection: Connection, study: str | None = None) -> list[Row]:
         """Rows that count (not released), of every study or of one study's lineage."""
@@ -494,14 +496,14 @@ class PrivacyLedger:
                 f"and this round asks for '{accountant}'; one study keeps one accountant so its epsilon stays "
                 "comparable. Give the study a new id (a new study, with its own budget) if the accountant must change."
             )
-        spent_study = self._study_epsilon(earlier)
+        spent_study = study_epsilon(earlier)
         private = [r for r in earlier if r.purpose != NON_PRIVATE]
         study_delta = min([delta, *(r.delta for r in private)])
         if purpose == NON_PRIVATE:
             projected_study = spent_study
         else:
             projected_study = epsilon_of([*(_event(r) for r in private), event], study_delta, accountant)
-        others = sum(self._study_epsilon(group) for group in by_lineage.values())
+        others = sum(study_epsilon(group) for group in by_lineage.values())
         projected_site = others + projected_study
         ceiling = min(study_ceiling, self.policy.study_epsilon_ceiling)
         if purpose != NON_PRIVATE and purpose_ceiling is not None:
@@ -719,7 +721,7 @@ class PrivacyLedger:
         """The study's epsilon here, every version of it, counting unresolved reservations (a crash never
         under-counts)."""
         with self.store.engine.connect() as connection:
-            return self._study_epsilon(self._active_rows(connection, study))
+            return study_epsilon(self._active_rows(connection, study))
 
     def spent_by_purpose(self, study: str) -> dict[str, float]:
         """The study's epsilon here from its training rounds alone, its evaluation releases alone, and both
@@ -727,16 +729,16 @@ class PrivacyLedger:
         with self.store.engine.connect() as connection:
             rows = self._active_rows(connection, study)
         return {
-            TRAIN: self._study_epsilon([r for r in rows if r.purpose == TRAIN]),
-            EVALUATE: self._study_epsilon([r for r in rows if r.purpose == EVALUATE]),
-            "total": self._study_epsilon(rows),
+            TRAIN: study_epsilon([r for r in rows if r.purpose == TRAIN]),
+            EVALUATE: study_epsilon([r for r in rows if r.purpose == EVALUATE]),
+            "total": study_epsilon(rows),
         }
 
     def site_spent(self) -> float:
         """Sum of every study's epsilon at this site (basic composition across studies)."""
         with self.store.engine.connect() as connection:
             grouped = self._by_lineage(self._active_rows(connection))
-        return sum(self._study_epsilon(rows) for rows in grouped.values())
+        return sum(study_epsilon(rows) for rows in grouped.values())
 
     def reservations(self, study_hash: str | None = None, lineage: str | None = None) -> list[Reservation]:
         """Every reservation, released ones included, for a steward who wants the round-by-round record: of one
@@ -774,8 +776,8 @@ class PrivacyLedger:
             active = [r for r in group if r.status != RELEASED]
             committed = [r for r in group if r.status == COMMITTED]
             private = [r for r in active if r.purpose != NON_PRIVATE]
-            total = self._study_epsilon(active)
-            committed_epsilon = self._study_epsilon(committed)
+            total = study_epsilon(active)
+            committed_epsilon = study_epsilon(committed)
             latest = group[-1]
             budgets.append(
                 StudyBudget(
@@ -789,8 +791,8 @@ class PrivacyLedger:
                     committed_rounds=sum(r.purpose != EVALUATE for r in committed),
                     reserved_rounds=sum(r.status == RESERVED and r.purpose != EVALUATE for r in group),
                     released_rounds=sum(r.status == RELEASED for r in group),
-                    training_epsilon=self._study_epsilon([r for r in active if r.purpose == TRAIN]),
-                    evaluation_epsilon=self._study_epsilon([r for r in active if r.purpose == EVALUATE]),
+                    training_epsilon=study_epsilon([r for r in active if r.purpose == TRAIN]),
+                    evaluation_epsilon=study_epsilon([r for r in active if r.purpose == EVALUATE]),
                     evaluation_releases=sum(r.purpose == EVALUATE for r in active),
                     non_private_rounds=sum(r.purpose == NON_PRIVATE for r in active),
                     lineage=lineage,

@@ -7,6 +7,7 @@ they share nothing but the store and the policy.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from site_node.governance.approvals import Approvals
 from site_node.governance.audit import AuditLog
@@ -16,6 +17,9 @@ from site_node.governance.ledger import PrivacyLedger
 from site_node.governance.policy import SitePolicy, load_policy
 from site_node.governance.store import GovernanceStore
 from site_node.governance.withdrawals import ConsentWithdrawals, RoundMembership
+
+if TYPE_CHECKING:
+    from site_node.config import SiteConfig
 
 
 class Governance:
@@ -39,6 +43,17 @@ class Governance:
         self.withdrawals = ConsentWithdrawals(self.store)
         self.membership = RoundMembership(self.store)
         self.disclosures = DisclosureRegister(self.store)
+
+    @classmethod
+    def of_site(cls, config: SiteConfig, policy: SitePolicy | None = None) -> Governance:
+        """A site's governance as its site file places it (database, schema, head file, audit key)."""
+        return cls(
+            config.governance_db,
+            policy if policy is not None else config.policy,
+            audit_head_file=config.audit_head,
+            schema=config.governance_schema,
+            audit_key_file=config.audit_key,
+        )
 
     def integrity(self) -> IntegrityReport:
         """The audit chain verified and the ledger compared with it (site_node.governance.integrity)."""

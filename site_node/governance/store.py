@@ -216,13 +216,16 @@ class GovernanceStore:
 
     def _add_missing_columns(self, connection: Connection) -> None:
         inspector = inspect(connection)
+        added = set()
         for key, column, ddl in ADDED_COLUMNS:
             table = self.tables[key]
             present = {c["name"] for c in inspector.get_columns(table.name, schema=self.schema)}
             if column not in present:
                 name = f'"{self.schema}"."{table.name}"' if self.schema else f'"{table.name}"'
                 connection.execute(text(f'ALTER TABLE {name} ADD COLUMN "{column}" {ddl}'))
-        self._backfill_lineage(connection)
+                added.add((key, column))
+        if ("ledger", "lineage") in added:  # rows written since always carry it: a write only on the upgrade
+            self._backfill_lineage(connection)
 
     def _backfill_lineage(self, connection: Connection) -> None:
         """Rows written before budgets followed the study's lineage get it from their approval (the study id);

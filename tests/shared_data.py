@@ -3,7 +3,8 @@ that check twinfed against data it did not generate.
 
 The data sit beside the checkout (`../shared`), or at `TWINFED_SHARED_DIR`; a clean clone elsewhere (CI
 clones into a temporary folder) finds them at the workplace's fixed place. A test whose data are nowhere
-skips and says where it looked.
+skips and says where it looked, except under CI=true, where it fails: CI must run them, as it must run the
+PostgreSQL tests.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def shared_path(*parts: str) -> Path:
 
 
 def require(path: Path) -> Path:
-    """Skip the calling test, naming the path, when the shared data are not on this machine."""
+    """The path, when the shared data are on this machine; otherwise skip the calling test naming the path
+    (a developer's machine without them), or fail it under CI=true (CI must check twinfed on them)."""
     if not path.exists():
-        pytest.skip(f"the shared reference data are not at {path} (set TWINFED_SHARED_DIR to their folder)")
+        reason = f"the shared reference data are not at {path} (set TWINFED_SHARED_DIR to their folder)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true requires the tests on shared reference data to run, but {reason}")
+        pytest.skip(reason)
     return path

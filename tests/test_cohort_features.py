@@ -40,8 +40,10 @@ from federation.contract.spec import (
     CategoricalCovariate,
     CohortSpec,
     CovariateSpec,
+    DiscreteTimeSurvivalSpec,
     EvaluationSpec,
     IndexEvent,
+    LogisticRegressionSpec,
     OccurrenceCovariate,
     OnePerPerson,
     OutcomeKind,
@@ -82,7 +84,9 @@ def age(index: datetime, born: datetime) -> float:
 
 
 def study(outcome: OutcomeSpec | None = None, **cohort) -> StudySpec:
+    survival = outcome is not None and outcome.kind == OutcomeKind.TIME_TO_EVENT
     return StudySpec(
+        model=DiscreteTimeSurvivalSpec(interval_days=[7, 30]) if survival else LogisticRegressionSpec(),
         study=StudyInfo(id="cohort-test", title="hand-made cohort"),
         cohort=CohortSpec(visit_concept_ids=[9201], min_age=18, max_age=90, **cohort),
         covariates=CovariateSpec(

@@ -16,21 +16,19 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+
+from federation.contract.strict import Strict as _Strict
+from federation.contract.twin_specs import (  # noqa: F401 (the study contract names them too)
+    TIME_TO_EVENT,
+    DiscreteTimeSurvivalSpec,
+    LogisticRegressionSpec,
+    MlpSpec,
+    ModelSpec,
+)
 
 # OMOP standard visit concepts (Visit domain) a cohort may start from.
 VISIT_CONCEPTS = {"inpatient": 9201, "outpatient": 9202, "emergency": 9203, "emergency_inpatient": 262}
-
-
-class _Strict(BaseModel):
-    """Unknown fields refused; no float may be infinite or NaN.
-
-    Every float in a study is a time, a rate, a fraction or a bound the sites compute with: `.inf` or `.nan`
-    was accepted by `study check` and approval and then refused every round (max_grad_norm: .inf), so it is
-    refused here, at load, with the field named.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # OMOP CDM v5.4 concept_id is an INTEGER: 1 to 2^31 - 1 (0 is "no matching concept", which selects nothing
@@ -213,12 +211,15 @@ class TimeSeriesCovariate(_Strict):
 _COVARIATES_WHY = "each covariate is at least one model input; a model of this many is not a study sites can review"
 
 
+_COVARIATES_LIMIT = _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)
+
+
 class CovariateSpec(_Strict):
     demographics: list[Demographic] = Field(default=["age", "gender"], max_length=2)
-    occurrences: Annotated[list[OccurrenceCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
-    values: Annotated[list[ValueCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
-    categorical: Annotated[list[CategoricalCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
-    time_series: Annotated[list[TimeSeriesCovariate], _at_most(MAX_COVARIATES, "covariates", _COVARIATES_WHY)] = []
+    occurrences: Annotated[list[OccurrenceCovariate], _COVARIATES_LIMIT] = Field(default_factory=list)
+    values: Annotated[list[ValueCovariate], _COVARIATES_LIMIT] = Field(default_factory=list)
+    categorical: Annotated[list[CategoricalCovariate], _COVARIATES_LIMIT] = Field(default_factory=list)
+    time_series: Annotated[list[TimeSeriesCovariate], _COVARIATES_LIMIT] = Field(default_factory=list)
 
     @field_validator("demographics")
     @classmethod
@@ -260,7 +261,7 @@ class OutcomeSpec(_Strict):
     prediction_hours: float = Field(24.0, ge=0, description="Features stop here; the outcome is counted after it.")
     window_days: float | None = Field(None, gt=0)
     threshold_days: float | None = Field(None, gt=0)
-    concept_ids: ConceptIds = []
+    concept_ids: ConceptIds = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _complete(self) -> OutcomeSpec:
@@ -273,19 +274,6 @@ class OutcomeSpec(_Strict):
         if self.kind != OutcomeKind.CONDITION and self.concept_ids:
             raise ValueError(f"concept_ids only apply to a 'condition' outcome, not '{self.kind}'")
         return self
-
-
-class LogisticRegressionSpec(_Strict):
-    kind: Literal["logistic_regression"] = "logistic_regression"
-
-
-class MlpSpec(_Strict):
-    kind: Literal["mlp"] = "mlp"
-    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[64, 32], min_length=1, max_length=8)
-    dropout: float = Field(0.0, ge=0, lt=1)
-
-
-ModelSpec = Annotated[LogisticRegressionSpec | MlpSpec, Field(discriminator="kind")]
 
 
 class TrainingSpec(_Strict):
@@ -508,6 +496,7 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _coherent(self) -> StudySpec:
+        self._model_fits_outcome()
         features_end = max(
             [c.window.end_hours for c in self.covariates.values]
             + [c.window.end_hours for c in self.covariates.occurrences]
@@ -521,6 +510,26 @@ class StudySpec(_Strict):
                 f"({self.outcome.prediction_hours} h): the model would see data from after the moment it predicts"
             )
         return self
+
+    def _model_fits_outcome(self) -> None:
+        """The twin kind learns from what the outcome gives: a yes/no label, or a time with censoring."""
+        targets, kind = self.model.targets, self.model.kind
+        if self.outcome.kind == OutcomeKind.TIME_TO_EVENT and targets != TIME_TO_EVENT:
+            raise ValueError(
+                f"a 'time_to_event' outcome is censored, and model '{kind}' learns a yes/no label (it would count "
+                "every censored patient as having no event): use model kind 'discrete_time_survival'"
+            )
+        if targets == TIME_TO_EVENT and self.outcome.kind != OutcomeKind.TIME_TO_EVENT:
+            raise ValueError(
+                f"model '{kind}' learns a time to an event: the outcome must be 'time_to_event', not "
+                f"'{self.outcome.kind}'"
+            )
+        window = self.outcome.window_days
+        if targets == TIME_TO_EVENT and window is not None and self.model.interval_days[-1] > window:
+            raise ValueError(
+                f"the survival grid reaches {self.model.interval_days[-1]:g} days, beyond the outcome's window of "
+                f"{window:g} days, after which everyone is censored: end the grid at or before the window"
+            )
 
     def evaluation_releases(self, part: str | None = None) -> int:
         """How many evaluation releases the study plans at each site (of `part`, or of both parts): one

@@ -75,26 +75,196 @@ ConceptIds = Annotated[
 ]
 
 
+class Window(_Strict):
+    """A time window relative to the index, in hours; start <= end. Negative hours lie before the index.
+
+    Both ends may be written in days instead (`start_days`, `end_days`: 24 hours each); the study keeps
+    them as hours, so `{start_days: -365, end_days: 0}` and `{start_hours: -8760, end_hours: 0}` are the
+    same window and the same hash. A window holds both of its ends unless said otherwise where it is used.
+    """
+
+    start_hours: float
+    end_hours: float
+
+    @model_validator(mode="before")
+    @classmethod
+    def _days(cls, data: object) -> object:
+        if not isinstance(data, dict) or not ({"start_days", "end_days"} & set(data)):
+            return data
+        data = dict(data)
+        for end in ("start", "end"):
+            if f"{end}_days" not in data:
+                continue
+            if f"{end}_hours" in data:
+                raise ValueError(f"give the window's {end} as {end}_hours or as {end}_days, not both")
+            days = data.pop(f"{end}_days")
+            if isinstance(days, bool) or not isinstance(days, int | float):
+                raise ValueError(f"{end}_days is a number of days relative to the index, not {days!r}")
+            data[f"{end}_hours"] = days * 24
+        return data
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if self.end_hours < self.start_hours:
+            raise ValueError(f"window ends ({self.end_hours} h) before it starts ({self.start_hours} h)")
+        return self
+
+
+class ValueRange(_Strict):
+    """A range of `value_as_number`, both ends included, in the concept's canonical unit (the one the ETL
+    converts every value to, as value covariates read them); give `min`, `max` or both."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ValueRange:
+        if self.min is None and self.max is None:
+            raise ValueError("a value range needs min, max or both (each end is included)")
+        if self.min is not None and self.max is not None and self.max < self.min:
+            raise ValueError(f"the value range's max ({self.max:g}) is below its min ({self.min:g})")
+        return self
+
+
 class IndexEvent(StrEnum):
-    """Where time zero of each example lies."""
+    """Where time zero of each example lies.
+
+    A visit start or end makes a visit-level cohort (each example is a visit of the cohort's kinds); every
+    other index makes a person-level cohort (each example is a patient at the time of an event).
+    """
 
     VISIT_START = "visit_start"
     VISIT_END = "visit_end"
+    CONDITION = "condition"  # a condition_occurrence of the concepts (or a descendant) starts
+    DRUG = "drug"  # a drug_exposure starts
+    PROCEDURE = "procedure"
+    MEASUREMENT = "measurement"  # optionally with its value in a range
+    PANEL = "panel"  # the first moment (00:00) of a day on which every measurement of a panel was taken
+    DATE = "date"  # a calendar date (00:00): everyone in observation on that date
+
+
+VISIT_INDEXES = (IndexEvent.VISIT_START, IndexEvent.VISIT_END)
+EVENT_INDEXES = (IndexEvent.CONDITION, IndexEvent.DRUG, IndexEvent.PROCEDURE, IndexEvent.MEASUREMENT)
+
+
+class Occurrence(StrEnum):
+    """Which occurrences of the index event are candidate examples."""
+
+    FIRST = "first"  # the patient's first occurrence in the database (criteria are checked at that one)
+    EACH = "each"  # every occurrence; `one_per_person` then picks one of those that meet the criteria
+
+
+class IndexSpec(_Strict):
+    """The index event: a visit (start or end), the first or each occurrence of a condition, drug, procedure,
+    measurement or measurement panel, or a calendar date. A plain name (`index: visit_start`) is the event
+    alone."""
+
+    event: IndexEvent
+    concept_ids: ConceptIds = Field(
+        default_factory=list, description="The event's concepts (descendants count); a panel's measurements."
+    )
+    value: ValueRange | None = Field(None, description="measurement: only values in this range are the event.")
+    occurrence: Occurrence = Field(
+        Occurrence.FIRST, description="Default: each visit for a visit index (as before), else the first event."
+    )
+    date: dt.date | None = Field(None, description="event 'date': the calendar date (its 00:00 is the index).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _occurrence_default(cls, data: object) -> object:
+        visit = isinstance(data, dict) and data.get("event") in [e.value for e in VISIT_INDEXES]
+        if visit and "occurrence" not in data:
+            return {**data, "occurrence": Occurrence.EACH.value}
+        return data
+
+    @model_validator(mode="after")
+    def _complete(self) -> IndexSpec:
+        event = self.event.value
+        if self.event in VISIT_INDEXES and self.concept_ids:
+            raise ValueError(
+                f"a '{event}' index takes its visits from the cohort's visit_concept_ids: remove index.concept_ids"
+            )
+        if self.event in (*EVENT_INDEXES, IndexEvent.PANEL) and not self.concept_ids:
+            raise ValueError(f"a '{event}' index needs concept_ids (the concepts whose occurrence is the index)")
+        if self.event == IndexEvent.PANEL and len(set(self.concept_ids)) < 2:
+            raise ValueError(
+                "a 'panel' index needs at least two measurement concept_ids (a panel of one is a 'measurement' index)"
+            )
+        if self.value is not None and self.event != IndexEvent.MEASUREMENT:
+            raise ValueError(f"index.value (a range of values) applies to a 'measurement' index, not '{event}'")
+        if self.event == IndexEvent.DATE:
+            if self.date is None:
+                raise ValueError("a 'date' index needs date (e.g. 2024-01-01): everyone in observation on it")
+            if self.concept_ids:
+                raise ValueError("a 'date' index has no concept_ids: everyone in observation on the date is indexed")
+            if self.occurrence != Occurrence.FIRST:
+                raise ValueError("a 'date' index happens once per patient: occurrence 'each' does not apply")
+        elif self.date is not None:
+            raise ValueError(f"index.date applies to a 'date' index, not '{event}'")
+        return self
+
+    @property
+    def visit_level(self) -> bool:
+        return self.event in VISIT_INDEXES
+
+
+def _index_from_name(value: object) -> object:
+    """`index: visit_start` (the form of every study before person-level cohorts) is `{event: visit_start}`."""
+    return {"event": str(value)} if isinstance(value, str) else value
+
+
+CriterionDomain = Literal["condition", "drug", "procedure", "measurement", "observation", "visit"]
+MAX_CRITERIA = 100
+
+
+class Criterion(_Strict):
+    """An inclusion or exclusion criterion: at least `min_count` records of the concepts (descendants count,
+    except for visits, whose kinds match exactly) in a window around the index; for a measurement or an
+    observation optionally only values in a range. Inclusion keeps the examples that have them, exclusion
+    removes them."""
+
+    domain: CriterionDomain
+    concept_ids: ConceptIds = Field(min_length=1)
+    window: Window = Window(start_hours=-365 * 24, end_hours=0)
+    min_count: int = Field(1, ge=1, le=10_000, description="How many records in the window the criterion needs.")
+    value: ValueRange | None = None
+
+    @model_validator(mode="after")
+    def _value_applies(self) -> Criterion:
+        if self.value is not None and self.domain not in ("measurement", "observation"):
+            raise ValueError(
+                f"value (a range of values) applies to a measurement or observation criterion, not '{self.domain}'"
+            )
+        return self
+
+
+class ObservationRequirement(_Strict):
+    """The index lies in one of the patient's observation periods (observation_period, end date counted in
+    full), with at least `prior_days` of that period before the index and `after_days` after it."""
+
+    prior_days: float = Field(0.0, ge=0, le=36_500)
+    after_days: float = Field(0.0, ge=0, le=36_500)
 
 
 class OnePerPerson(StrEnum):
-    """Which qualifying visit represents a patient: the privacy unit is the patient, so one example each."""
+    """Which qualifying example represents a patient: the privacy unit is the patient, so one example each."""
 
     FIRST = "first"
     LAST = "last"
-    RANDOM = "random"  # a keyed hash of the person picks one visit, stable across rounds
+    RANDOM = "random"  # a keyed hash of the person picks one visit (or index event), stable across rounds
+
+
+_CRITERIA_LIMIT = _at_most(MAX_CRITERIA, "criteria", "combine concepts into one criterion's concept_ids")
 
 
 class CohortSpec(_Strict):
-    """The target cohort: visits of a kind, of patients in an age band, optionally with a condition.
+    """The target cohort: visit-level (each example a visit of the cohort's kinds, indexed at its start or end)
+    or person-level (each example a patient at an event: a condition, drug, procedure, measurement, a
+    measurement panel or a calendar date), with an age band, an optional condition, inclusion and exclusion
+    criteria in windows around the index, and an observation-period requirement.
 
-    A visit that ends, or whose patient dies, before the prediction time is not in the cohort: its outcome
-    would already be known when the model is asked.
+    An example whose visit ends, or whose patient dies, before the prediction time is not in the cohort:
+    its outcome would already be known when the model is asked.
     """
 
     visit_concept_ids: ConceptIds = Field(default=[VISIT_CONCEPTS["inpatient"]], min_length=1)
@@ -106,7 +276,12 @@ class CohortSpec(_Strict):
     min_visit_hours: float = Field(
         0.0, ge=0, description="Only visits lasting at least this long (e.g. the prediction time) qualify."
     )
-    index: IndexEvent = IndexEvent.VISIT_START
+    index: Annotated[IndexSpec, BeforeValidator(_index_from_name)] = IndexSpec(
+        event=IndexEvent.VISIT_START, occurrence=Occurrence.EACH
+    )
+    observation_period: ObservationRequirement | None = None
+    inclusion: Annotated[list[Criterion], _CRITERIA_LIMIT] = Field(default_factory=list)
+    exclusion: Annotated[list[Criterion], _CRITERIA_LIMIT] = Field(default_factory=list)
     one_per_person: OnePerPerson = OnePerPerson.FIRST
 
     @model_validator(mode="after")
@@ -115,18 +290,32 @@ class CohortSpec(_Strict):
             raise ValueError(f"max_age {self.max_age} is below min_age {self.min_age}")
         return self
 
-
-class Window(_Strict):
-    """A time window relative to the index, in hours; start <= end. Negative hours lie before the index."""
-
-    start_hours: float
-    end_hours: float
-
     @model_validator(mode="after")
-    def _ordered(self) -> Window:
-        if self.end_hours < self.start_hours:
-            raise ValueError(f"window ends ({self.end_hours} h) before it starts ({self.start_hours} h)")
+    def _level_fits(self) -> CohortSpec:
+        if self.visit_level:
+            return self
+        event = self.index.event.value
+        if sorted(set(self.visit_concept_ids)) != [VISIT_CONCEPTS["inpatient"]]:
+            raise ValueError(
+                f"visit_concept_ids choose the visits of a visit-level cohort (index visit_start or visit_end); this "
+                f"cohort is person-level (its index is a {event}): remove visit_concept_ids, or require a visit with "
+                "an inclusion criterion of domain 'visit'"
+            )
+        if self.min_visit_hours:
+            raise ValueError(
+                f"min_visit_hours applies to a visit-level cohort (index visit_start or visit_end); this cohort is "
+                f"person-level (its index is a {event})"
+            )
         return self
+
+    @property
+    def visit_level(self) -> bool:
+        """True for a cohort of visits (index visit_start or visit_end), False for a person-level cohort."""
+        return self.index.visit_level
+
+    @property
+    def level(self) -> str:
+        return "visit" if self.visit_level else "person"
 
 
 Statistic = Literal["latest", "mean", "min", "max", "count"]
@@ -245,16 +434,48 @@ class OutcomeKind(StrEnum):
     LONG_STAY = "long_stay"
     READMISSION = "readmission"
     TIME_TO_EVENT = "time_to_event"
+    PROCEDURE = "procedure"
+    DRUG = "drug"
+    VISIT = "visit"
+    MEASUREMENT = "measurement"
+
+
+# Outcomes that are a record of concepts in a window (a measurement: with its value in a range).
+EVENT_OUTCOMES = (
+    OutcomeKind.CONDITION,
+    OutcomeKind.PROCEDURE,
+    OutcomeKind.DRUG,
+    OutcomeKind.VISIT,
+    OutcomeKind.MEASUREMENT,
+)
+# Outcomes about the index visit itself: only a visit-level cohort has one.
+VISIT_OUTCOMES = (OutcomeKind.LONG_STAY, OutcomeKind.READMISSION)
+
+
+class OutcomeTiming(StrEnum):
+    """Prognostic: the outcome is what happens after the prediction time. Diagnostic: what is recorded in a
+    window around the index (`window`), which may overlap the covariates' windows."""
+
+    PROGNOSTIC = "prognostic"
+    DIAGNOSTIC = "diagnostic"
 
 
 class OutcomeSpec(_Strict):
     """What is predicted, measured from the prediction time (index + `prediction_hours`).
 
     * death: death within `window_days` after the prediction time (or during the visit if window_days is None);
-    * condition: one of `concept_ids` recorded within `window_days` after the prediction time;
-    * long_stay: the visit lasts longer than `threshold_days`;
-    * readmission: a new visit of the cohort's kind starts within `window_days` after discharge;
-    * time_to_event: days from the prediction time to death (censored at the end of observation or `window_days`).
+    * condition, procedure, drug, visit: one of `concept_ids` (a visit: of those kinds) recorded within
+      `window_days` after the prediction time;
+    * measurement: one of `concept_ids` with its value in `value` (the threshold crossed) within the window;
+    * long_stay: the visit lasts longer than `threshold_days` (visit-level cohorts);
+    * readmission: a new visit of the cohort's kind starts within `window_days` after discharge (visit-level);
+    * time_to_event: days from the prediction time to `event` (death, or the first of one of the event kinds
+      above), censored at the end of observation, at `window_days`, and (for an event other than death) at
+      death, which ends the follow-up as censoring.
+
+    With `timing: diagnostic` (condition, procedure, drug, visit, measurement) the outcome is what is
+    recorded in `window` relative to the index, [start, end): it may overlap the covariates (a diagnosis
+    recorded the day of the tests); `prediction_hours` then defaults to 0.
     """
 
     kind: OutcomeKind
@@ -262,18 +483,100 @@ class OutcomeSpec(_Strict):
     window_days: float | None = Field(None, gt=0)
     threshold_days: float | None = Field(None, gt=0)
     concept_ids: ConceptIds = Field(default_factory=list)
+    value: ValueRange | None = Field(None, description="measurement: the range a value must be in to count.")
+    event: OutcomeKind | None = Field(None, description="time_to_event: the event (default death).")
+    timing: OutcomeTiming = OutcomeTiming.PROGNOSTIC
+    window: Window | None = Field(None, description="diagnostic: the outcome window relative to the index.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        if data.get("kind") == OutcomeKind.TIME_TO_EVENT.value and data.get("event") is None:
+            data = {**data, "event": OutcomeKind.DEATH.value}
+        if data.get("timing") == OutcomeTiming.DIAGNOSTIC.value and "prediction_hours" not in data:
+            data = {**data, "prediction_hours": 0.0}
+        return data
+
+    @property
+    def event_kind(self) -> OutcomeKind:
+        """What is looked for: the kind itself, or a time_to_event outcome's event."""
+        return self.event if self.kind == OutcomeKind.TIME_TO_EVENT and self.event is not None else self.kind
+
+    @property
+    def diagnostic(self) -> bool:
+        return self.timing == OutcomeTiming.DIAGNOSTIC
 
     @model_validator(mode="after")
     def _complete(self) -> OutcomeSpec:
-        if self.kind == OutcomeKind.CONDITION and not self.concept_ids:
-            raise ValueError("a 'condition' outcome needs concept_ids")
+        kind, looked_for = self.kind.value, self.event_kind
+        if self.kind == OutcomeKind.TIME_TO_EVENT and looked_for not in (OutcomeKind.DEATH, *EVENT_OUTCOMES):
+            raise ValueError(
+                f"a 'time_to_event' outcome's event is death, condition, procedure, drug, visit or measurement, not "
+                f"'{looked_for.value}'"
+            )
+        if self.kind != OutcomeKind.TIME_TO_EVENT and self.event is not None:
+            raise ValueError(f"event names the event of a 'time_to_event' outcome; a '{kind}' outcome has none")
+        if looked_for in EVENT_OUTCOMES and not self.concept_ids:
+            raise ValueError(f"a '{looked_for.value}' outcome needs concept_ids")
+        if looked_for == OutcomeKind.MEASUREMENT and self.value is None:
+            raise ValueError(
+                "a 'measurement' outcome needs value, the threshold it crosses: {min: x} (at or above x), {max: x} "
+                "(at or below x) or both"
+            )
         if self.kind == OutcomeKind.LONG_STAY and self.threshold_days is None:
             raise ValueError("a 'long_stay' outcome needs threshold_days")
-        if self.kind in (OutcomeKind.READMISSION, OutcomeKind.CONDITION) and self.window_days is None:
-            raise ValueError(f"a '{self.kind}' outcome needs window_days")
-        if self.kind != OutcomeKind.CONDITION and self.concept_ids:
-            raise ValueError(f"concept_ids only apply to a 'condition' outcome, not '{self.kind}'")
+        if self.diagnostic:
+            if self.kind not in EVENT_OUTCOMES:
+                raise ValueError(
+                    f"a diagnostic outcome is a condition, procedure, drug, visit or measurement recorded in a window "
+                    f"around the index, not '{kind}'"
+                )
+            if self.window is None:
+                raise ValueError(
+                    "a diagnostic outcome needs window, relative to the index (e.g. {start_hours: 0, end_hours: 24} "
+                    "for the day of a day index)"
+                )
+            if self.window_days is not None:
+                raise ValueError(
+                    "window_days counts after the prediction time (a prognostic outcome); a diagnostic outcome's "
+                    "window is `window`, relative to the index"
+                )
+        else:
+            if self.window is not None:
+                raise ValueError(
+                    "window is the window of a diagnostic outcome (timing: diagnostic); a prognostic outcome counts "
+                    "within window_days after the prediction time"
+                )
+            if self.kind in (OutcomeKind.READMISSION, *EVENT_OUTCOMES) and self.window_days is None:
+                raise ValueError(f"a '{kind}' outcome needs window_days")
+        if looked_for not in EVENT_OUTCOMES and self.concept_ids:
+            raise ValueError(
+                f"concept_ids only apply to a condition, procedure, drug, visit or measurement outcome (or a "
+                f"time_to_event outcome of one of those events), not '{kind}'"
+            )
+        if looked_for != OutcomeKind.MEASUREMENT and self.value is not None:
+            raise ValueError(f"value (the threshold crossed) applies to a 'measurement' outcome, not '{kind}'")
         return self
+
+
+def _cohort_fits_outcome(cohort: CohortSpec, outcome: OutcomeSpec) -> None:
+    """Outcomes about the index visit need a visit-level cohort."""
+    if cohort.visit_level:
+        return
+    event = cohort.index.event.value
+    kind = outcome.kind.value
+    if outcome.kind in VISIT_OUTCOMES:
+        raise ValueError(
+            f"outcome '{kind}' is about the index visit, and the cohort is person-level (cohort.index is a {event}, "
+            "not a visit): use a visit-level cohort (index visit_start or visit_end) or another outcome"
+        )
+    if outcome.kind == OutcomeKind.DEATH and outcome.window_days is None:
+        raise ValueError(
+            "outcome 'death' without window_days counts deaths during the index visit, and the cohort is "
+            f"person-level (cohort.index is a {event}, not a visit): give outcome.window_days"
+        )
 
 
 class TrainingSpec(_Strict):
@@ -504,11 +807,23 @@ class StudySpec(_Strict):
             + [c.window.end_hours for c in self.covariates.time_series]
             + [0.0]
         )
-        if features_end > self.outcome.prediction_hours:
+        outcome = self.outcome
+        if outcome.diagnostic and outcome.window is not None:
+            # A diagnostic study's covariates may overlap the outcome's window (the tests of the day the
+            # diagnosis is recorded), but not reach beyond it: that would be the follow-up, not the diagnosis.
+            if features_end > outcome.window.end_hours:
+                raise ValueError(
+                    f"a covariate window ends {features_end:g} h after the index, after the diagnostic outcome's "
+                    f"window ends ({outcome.window.end_hours:g} h): the model would see data from after the time "
+                    "the diagnosis is about"
+                )
+        elif features_end > outcome.prediction_hours:
             raise ValueError(
                 f"a covariate window ends {features_end} h after the index, after the prediction time "
-                f"({self.outcome.prediction_hours} h): the model would see data from after the moment it predicts"
+                f"({outcome.prediction_hours} h): the model would see data from after the moment it predicts (a "
+                "study whose outcome is recorded at the same time as its covariates says `timing: diagnostic`)"
             )
+        _cohort_fits_outcome(self.cohort, outcome)
         return self
 
     def _model_fits_outcome(self) -> None:

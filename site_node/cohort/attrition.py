@@ -1,10 +1,11 @@
 """The cohort's attrition table: how many patients and visits each inclusion criterion kept, in order.
 
 Every cohort build records it (the OHDSI-style attrition diagram a study's protocol asks for): the visits of
-the cohort's kinds, then each rule in the order the cohort applies it, then one visit per patient, then
-consent, and finally how many patients fell in each split part. Each step says how many persons and
-examples (visits) remain after it and how many it removed. At the site the full counts are what a data
-steward reads to see why a cohort is small (`twinfed site cohort`).
+the cohort's kinds (a person-level cohort: its index events), then each rule in the order the cohort applies
+it (inclusion and exclusion criteria and the observation-period requirement among them), then one example
+per patient, then consent, and finally how many patients fell in each split part. Each step says how many
+persons and examples (visits or index events) remain after it and how many it removed. At the site the full
+counts are what a data steward reads to see why a cohort is small (`twinfed site cohort`).
 
 Some of it may leave the site: a site that refuses a study for a small cohort can say which criterion
 removed the most patients. Then only what the cell-count floor allows is shown (`render_attrition`):
@@ -40,7 +41,23 @@ ALIVE = "alive-at-prediction"
 CONDITION = "condition"
 ONE_PER_PERSON = "one-per-person"
 CONSENT = "consent"
+# The steps of a visit-level cohort without criteria (every study before person-level cohorts), in order.
 STEP_ORDER = (COHORT_VISITS, VISIT_ENDED, AGE, VISIT_LENGTH, ALIVE, CONDITION, ONE_PER_PERSON, CONSENT)
+# A person-level cohort starts from its index events (and has no visit steps); both levels may then have an
+# observation-period requirement and numbered inclusion and exclusion criteria, after the condition:
+# index-events, age, alive-at-prediction, condition, observation-period, inclusion-1.., exclusion-1..,
+# one-per-person, consent.
+INDEX_EVENTS = "index-events"
+OBSERVATION = "observation-period"
+
+
+def inclusion(number: int) -> str:
+    """The step name of the study's inclusion criterion `number` (from 1, in the study's order)."""
+    return f"inclusion-{number}"
+
+
+def exclusion(number: int) -> str:
+    return f"exclusion-{number}"
 
 
 class _Frozen(BaseModel):
@@ -50,10 +67,10 @@ class _Frozen(BaseModel):
 class AttritionStep(_Frozen):
     """One inclusion criterion and what remains after it (the first step is the starting population)."""
 
-    name: str = Field(description="Stable key of the criterion, one of STEP_ORDER.")
+    name: str = Field(description="Stable key of the criterion (STEP_ORDER, index-events, inclusion-1, ...).")
     criterion: str = Field(description="The criterion with the study's values, for people to read.")
     persons: int = Field(ge=0, description="Patients with at least one example left after this step.")
-    examples: int = Field(ge=0, description="Examples (visits) left after this step.")
+    examples: int = Field(ge=0, description="Examples (visits or index events) left after this step.")
     removed_persons: int | None = Field(None, ge=0, description="None for the first step (nothing before it).")
     removed_examples: int | None = Field(None, ge=0)
 

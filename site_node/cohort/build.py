@@ -7,14 +7,16 @@ from datetime import datetime
 
 import numpy as np
 
-from federation.contract.spec import OutcomeKind, StudySpec
+from federation.contract.spec import IndexEvent, StudySpec
 from site_node.cohort.attrition import CONSENT
 from site_node.cohort.consent import denying_person_ids
 from site_node.cohort.dataset import StudyDataset, snapshot_hash
 from site_node.cohort.errors import CohortError
 from site_node.cohort.features import feature_names, series_features, series_names, static_features
+from site_node.cohort.index_events import INDEX_DOMAINS
 from site_node.cohort.keyed_hash import check_key
 from site_node.cohort.omop_source import OmopSource
+from site_node.cohort.outcomes import DOMAINS as OUTCOME_DOMAINS
 from site_node.cohort.outcomes import labels as outcome_labels
 from site_node.cohort.selection import criteria, select_cohort
 from site_node.cohort.split import SPLIT_PARTS, assign_split
@@ -22,8 +24,10 @@ from site_node.cohort.windows import EVENT_TABLES
 
 
 def tables_read(spec: StudySpec) -> set[str]:
-    """The OMOP tables a study reads (concept_ancestor and observation_period are used when present)."""
-    covariates = spec.covariates
+    """The OMOP tables a study reads (concept_ancestor and observation_period are used when present: a
+    database without observation periods gives a cohort that says why its observation requirement removed
+    everyone, see `requirements`)."""
+    covariates, cohort, outcome = spec.covariates, spec.cohort, spec.outcome
     needed = {"person", "visit_occurrence", "death"}
     needed |= {EVENT_TABLES[c.domain].table for c in covariates.occurrences}
     needed |= {EVENT_TABLES[c.domain].table for c in covariates.values}
@@ -31,8 +35,15 @@ def tables_read(spec: StudySpec) -> set[str]:
         needed.add(EVENT_TABLES["observation"].table)
     if covariates.time_series:
         needed.add(EVENT_TABLES["measurement"].table)
-    if spec.cohort.condition_concept_ids or spec.outcome.kind == OutcomeKind.CONDITION:
+    if cohort.condition_concept_ids:
         needed.add(EVENT_TABLES["condition"].table)
+    if cohort.index.event in INDEX_DOMAINS:
+        needed.add(EVENT_TABLES[INDEX_DOMAINS[cohort.index.event]].table)
+    if cohort.index.event == IndexEvent.PANEL:
+        needed.add(EVENT_TABLES["measurement"].table)
+    needed |= {EVENT_TABLES[c.domain].table for c in (*cohort.inclusion, *cohort.exclusion)}
+    if outcome.event_kind in OUTCOME_DOMAINS:
+        needed.add(EVENT_TABLES[OUTCOME_DOMAINS[outcome.event_kind]].table)
     return needed
 
 
@@ -74,7 +85,7 @@ def build_dataset(
         source.write_index(examples)
         features = static_features(source, examples, spec.covariates)
         series = series_features(source, examples, spec.covariates)
-        labels, event_days = outcome_labels(source, examples, cohort.visits, spec.outcome)
+        labels, event_days = outcome_labels(source, examples, cohort.visits, spec.outcome, spec.cohort)
     person_ids = examples["person_id"].to_numpy(dtype=np.int64)
     if not np.isfinite(features).all():
         raise CohortError("a feature came out as NaN or infinite; the database holds a value the scaling cannot take")

@@ -2,8 +2,10 @@
 
 A window is given in seconds relative to an anchor of the example (index, prediction time or visit end).
 Both ends are inclusive by default: a measurement taken exactly at the end of a feature window that ends
-at the prediction time is something the model may see. Outcome windows start just after the prediction
-time (`include_start=False`), so nothing is both a feature and an outcome.
+at the prediction time is something the model may see. Prognostic outcome windows start just after the
+prediction time (`include_start=False`), so nothing is both a feature and an outcome; a diagnostic
+outcome's window (relative to the index) leaves out its end (`include_end=False`), so a day window is that
+day without the next midnight.
 """
 
 from __future__ import annotations
@@ -57,17 +59,23 @@ EVENT_TABLES: dict[str, EventTable] = {
     "observation": EventTable(
         "observation", "observation_concept_id", "observation_datetime", "observation_date", "observation_id"
     ),
+    # a visit as an event (criteria and outcomes): its start; visit kinds match exactly, without descendants
+    "visit": EventTable(
+        "visit_occurrence", "visit_concept_id", "visit_start_datetime", "visit_start_date", "visit_occurrence_id"
+    ),
 }
 
 
 @dataclass(frozen=True)
 class SecondsWindow:
-    """[start, end] in seconds after an anchor of the example; `include_start=False` makes it (start, end]."""
+    """[start, end] in seconds after an anchor of the example; `include_start=False` makes it (start, end],
+    `include_end=False` [start, end) (a diagnostic outcome's window)."""
 
     anchor: str
     start: int
     end: int
     include_start: bool = True
+    include_end: bool = True
 
     def __post_init__(self) -> None:
         if self.anchor not in ANCHORS:
@@ -104,7 +112,7 @@ def events_in_window(
         select(*columns)
         .select_from(events.join(index, events.c.person_id == index.c.person_id))
         .where(source.concept_filter(events.c[spec.concept], concept_ids, descendants))
-        .where(offset <= window.end)
+        .where(offset <= window.end if window.include_end else offset < window.end)
         .where(offset >= window.start if window.include_start else offset > window.start)
     )
     if value_column is not None:

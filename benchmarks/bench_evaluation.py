@@ -64,7 +64,7 @@ def _releases(tests, evaluation, strata_kind: str, sigma: float, rng) -> list:
     """One evaluation of every site, as sites and coordinator make it (noise from `rng` for repeatability)."""
     from federation.contract.protocol import EvaluationRelease, ReleaseMode
     from federation.contract.strata import Strata, adaptive_strata
-    from federation.coordinator.evaluation import pool_scores
+    from federation.twins.pooling import pool_scores
     from site_node.training.evaluation import score_distribution, score_histograms
 
     share = evaluation.strata_budget_share
@@ -89,7 +89,8 @@ def _releases(tests, evaluation, strata_kind: str, sigma: float, rng) -> list:
 
 def _earlier_release(tests) -> tuple[float, float]:
     """The pre-issue-9 pooled AUROC: inverse-variance mean of per-site exact AUROCs (value, CI width)."""
-    from federation.coordinator.evaluation import Z95, hanley_mcneil_se
+    from federation.twins.pooling import Z95
+    from federation.twins.risk_pooling import hanley_mcneil_se
     from site_node.training.evaluation import auroc
 
     terms = []
@@ -106,7 +107,7 @@ def _earlier_release(tests) -> tuple[float, float]:
 
 
 def _case(tests, evaluation, strata_kind: str, epsilon: float, rng) -> dict[str, float]:
-    from federation.coordinator.evaluation import pool_evaluations
+    from federation.twins.risk_pooling import pool_evaluations
     from site_node.training import calibrate_noise
     from site_node.training.evaluation import auroc
 

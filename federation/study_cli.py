@@ -75,7 +75,9 @@ def check(study: StudyFile) -> None:
     )
     window = f", within {spec.outcome.window_days:g} days" if spec.outcome.window_days else ""
     table.add_row("outcome", f"{spec.outcome.kind.value} after {spec.outcome.prediction_hours:g} h{window}")
-    table.add_row("model", spec.model.kind)
+    from federation.twins import kind_of
+
+    table.add_row("model", f"{spec.model.kind}: {kind_of(spec.model).describe(spec.model, spec.evaluation)}")
     table.add_row(
         "training",
         f"{spec.training.rounds} rounds x {spec.training.local_epochs} local epoch(s), "
@@ -90,9 +92,7 @@ def check(study: StudyFile) -> None:
             f"{spec.privacy.accountant} accountant",
         )
     else:
-        table.add_row(
-            "privacy", "NOT DIFFERENTIALLY PRIVATE (mode none): only sites whose policy allows it take part"
-        )
+        table.add_row("privacy", "NOT DIFFERENTIALLY PRIVATE (mode none): only sites whose policy allows it take part")
     split = spec.evaluation.split
     if split.kind == "random":
         parts = f"random split {split.train:g}/{split.validation:g}/{split.test:g} (train/validation/test)"

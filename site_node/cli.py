@@ -498,13 +498,17 @@ def train_local(
     study's training like federated rounds do, so it needs the same approval. Its test metrics are exact
     and shown here only: nothing leaves the site, so no evaluation budget is spent.
     """
+    from federation.twins import kind_of
     from site_node.local_actions import LocalActionError
     from site_node.local_actions import train_local as run_local
 
     node = _node(site_config)
     spec, _ = _study(study)
     table = Table(title=f"{spec.study.id} at {node.config.site_id} alone (test metrics exact, kept here)")
-    for column in ("round", "train loss", "epsilon", "test AUROC", "test loss"):
+    # the kind's headline metric: AUROC for the risk kinds, Harrell's C for survival
+    metric = kind_of(spec.model).selection_metric
+    label = {"auroc": "AUROC", "c_index": "C-index"}.get(metric, metric)
+    for column in ("round", "train loss", "epsilon", f"test {label}", "test loss"):
         table.add_column(column)
 
     def shown(value: float | int | None, digits: int) -> str:
@@ -516,12 +520,12 @@ def train_local(
                 str(row.server_round),
                 shown(row.train_loss, 4),
                 f"{row.epsilon:.3f}",
-                shown(row.test.get("auroc"), 3),
+                shown(row.test.get(metric), 3),
                 shown(row.test.get("loss"), 4),
             )
             console.print(
                 f"round {row.server_round}/{spec.training.rounds}: epsilon {row.epsilon:.3f}, "
-                f"test AUROC {shown(row.test.get('auroc'), 3)}"
+                f"test {label} {shown(row.test.get(metric), 3)}"
             )
     except LocalActionError as exc:
         raise _fail(str(exc), 1) from None

@@ -2,20 +2,22 @@
 
 Two forms, chosen by the site's policy (`evaluation_release`), never by the coordinator:
 
-* `dp` (the default): per outcome class, the number of patients the model put in each risk stratum, each
-  count with Gaussian noise. One patient changes one count by one, so the release is the Gaussian
-  mechanism with sensitivity 1; its cost is an event (noise multiplier = the noise's standard deviation,
-  sample rate 1, one step) in the same Opacus accountant as the study's training rounds, so the ledger
-  composes them. The noise is calibrated once for all the study's planned evaluation releases
-  (`StudySpec.evaluation_releases`) within `evaluation.epsilon`, like training's noise is for all its
-  rounds. With adaptive strata each release has two stages, each a Gaussian mechanism: the scores'
+* `dp` (the default): the twin kind's histograms of the held-out patients (risk kinds: per outcome class,
+  the patients the model put in each risk stratum; survival: the patients per risk stratum, interval of
+  event or censoring, and event), each count with Gaussian noise. One patient changes one count by one, so
+  the release is the Gaussian mechanism with sensitivity 1; its cost is an event (noise multiplier = the
+  noise's standard deviation, sample rate 1, one step) in the same Opacus accountant as the study's training
+  rounds, so the ledger composes them. The noise is calibrated once for all the study's planned evaluation
+  releases (`StudySpec.evaluation_releases`) within `evaluation.epsilon`, like training's noise is for all
+  its rounds. With adaptive strata each release has two stages, each a Gaussian mechanism: the scores'
   distribution over a fixed grid (outcomes not involved; `strata_budget_share` of the budget), from which
-  the coordinator places the strata, then the outcome histograms over them. Gaussian mechanisms compose
-  by adding 1/sigma^2, so splitting one release's 1/sigma^2 in those shares costs exactly what one
-  release would.
-* `exact`: the exact confusion counts at the threshold with AUROC, loss and Brier score, checked as a whole
-  by the disclosure register (site_node.governance.disclosure). The most revealing of four tiers that
-  passes leaves: everything; or the class counts and AUROC, loss, Brier without the confusion cells; or
+  the coordinator places the strata, then the outcome histograms over them. Gaussian mechanisms compose by
+  adding 1/sigma^2, so splitting one release's 1/sigma^2 in those shares costs exactly what one release
+  would.
+* `exact`: the kind's exact metrics (risk: the confusion counts at the threshold with AUROC, loss and Brier
+  score; survival: the C-index and Brier scores), checked as a whole by the disclosure register
+  (site_node.governance.disclosure). The most revealing of four tiers that passes leaves: everything; or
+  the class counts and the metrics without the finer cells (the confusion counts); or
   the number of examples alone; or nothing. Outcome-dependent values need both classes at or above the
   floor; the answer names what was withheld and why. A non-private study (privacy mode none) always
   releases this way: it has no epsilon to account.
@@ -33,20 +35,15 @@ from torch import nn
 from federation.contract.protocol import EvaluationRelease, ReleaseMode
 from federation.contract.spec import StudySpec
 from federation.contract.strata import Strata
+from federation.contract.twin_specs import LogisticRegressionSpec
+from federation.twins import kind_of
 from site_node.cohort import StudyDataset
 from site_node.governance.disclosure import DisclosureRegister, Quantity
 from site_node.training import calibrate_noise
-from site_node.training.evaluation import (
-    auroc,
-    confusion,
-    gaussian_noise,
-    model_logits,
-    score_distribution,
-    score_histograms,
-)
+from site_node.training.evaluation import gaussian_noise, model_outputs, score_distribution
 
-ALL = frozenset({"tp", "fn", "fp", "tn"})
-POSITIVES = frozenset({"tp", "fn"})
+ALL = frozenset({"tp", "fn", "fp", "tn"})  # every patient of the part (the quantity's name is historical)
+POSITIVES = frozenset({"tp", "fn"})  # patients with the outcome
 # Noise on each released count is rounded to this many decimals: post-processing, and it keeps the wire small.
 DECIMALS = 3
 
@@ -65,26 +62,39 @@ def _noisy(counts: np.ndarray, noise_sd: float) -> list[float]:
     return [float(v) for v in np.round(counts + gaussian_noise(len(counts), noise_sd), DECIMALS)]
 
 
-def dp_score_release(model: nn.Module, data: StudyDataset, part: str, noise_sd: float) -> EvaluationRelease:
-    """The noisy distribution of the model's scores over the fixed grid (outcomes not involved)."""
-    counts = score_distribution(model_logits(model, data.features))
+def _scored(spec: StudySpec | None, model: nn.Module, data: StudyDataset):
+    """The study's kind and model section, the model's outputs on `data` and the kind's targets of its
+    patients (without a study: a risk score)."""
+    model_spec = spec.model if spec is not None else LogisticRegressionSpec()
+    kind = kind_of(model_spec)
+    targets = kind.targets_of(model_spec, data.labels, data.event_days)
+    return kind, model_spec, model_outputs(model, data.features), targets
+
+
+def dp_score_release(
+    model: nn.Module, data: StudyDataset, part: str, noise_sd: float, spec: StudySpec | None = None
+) -> EvaluationRelease:
+    """The noisy distribution of the model's risk scores over the fixed grid (outcomes not involved)."""
+    outputs = model_outputs(model, data.features)
+    logits = outputs[:, 0] if spec is None else kind_of(spec.model).risk_logits(spec.model, outputs)
+    counts = score_distribution(logits)
     return EvaluationRelease(
         part=part, mode=ReleaseMode.DP, stage="scores", scores=_noisy(counts, noise_sd), noise_sd=float(noise_sd)
     )
 
 
 def dp_release(
-    model: nn.Module, data: StudyDataset, strata: Strata, part: str, noise_sd: float
+    model: nn.Module, data: StudyDataset, strata: Strata, part: str, noise_sd: float, spec: StudySpec | None = None
 ) -> EvaluationRelease:
-    """The noisy score histograms of `data` over `strata` (every patient in exactly one count)."""
-    positives, negatives = score_histograms(model_logits(model, data.features), data.labels, strata)
+    """The twin kind's noisy histograms of `data` over `strata` (every patient in exactly one count)."""
+    kind, model_spec, outputs, targets = _scored(spec, model, data)
+    histograms = kind.histograms(model_spec, outputs, targets, strata)
     return EvaluationRelease(
         part=part,
         mode=ReleaseMode.DP,
         score_edges=list(strata.edges),
-        positives=_noisy(positives, noise_sd),
-        negatives=_noisy(negatives, noise_sd),
         noise_sd=float(noise_sd),
+        **{name: _noisy(counts, noise_sd) for name, counts in histograms.items()},
     )
 
 
@@ -99,24 +109,17 @@ def exact_release(
     study_hash: str,
     release_key: str,
 ) -> EvaluationRelease:
-    """The exact aggregates of `data` that may leave under the cell-count floor, recorded in the register."""
-    import torch
-    import torch.nn.functional as F
+    """The exact aggregates of `data` that may leave under the cell-count floor, recorded in the register.
 
-    logits = model_logits(model, data.features)
-    labels = np.asarray(data.labels, dtype=np.float64)
-    cells = confusion(logits, labels, spec.evaluation.threshold)
-    n, positives = sum(cells.values()), cells["tp"] + cells["fn"]
-    target = torch.from_numpy(labels)
-    scores = torch.from_numpy(logits)
-    metrics = {
-        "auroc": auroc(labels, logits),
-        "loss": float(F.binary_cross_entropy_with_logits(scores, target)),
-        "brier": float((torch.sigmoid(scores) - target).square().mean()),
-    }
+    Tiers, most revealing first: the kind's finer cells (the risk kinds' confusion counts) with the class
+    counts and metrics; the class counts and metrics; the number of examples; nothing."""
+    kind, model_spec, outputs, targets = _scored(spec, model, data)
+    result = kind.exact(model_spec, outputs, targets, spec.evaluation.threshold)
+    n, positives = result.examples, result.with_outcome
+    classes = {ALL: n, POSITIVES: positives}
     tiers: list[dict[Quantity, int]] = [
-        {frozenset({name}): value for name, value in cells.items()},
-        {ALL: n, POSITIVES: positives},
+        {frozenset({name}): value for name, value in result.cells.items()} if result.cells else dict(classes),
+        classes,
         {ALL: n},
     ]
     classes_ok = min(positives, n - positives) >= floor
@@ -127,18 +130,14 @@ def exact_release(
         index = None if index is None else index + 2
     release = {"part": part, "mode": ReleaseMode.EXACT, "cell_floor": floor}
     withheld: list[str] = []
+    metrics = {name: value for name, value in result.metrics.items() if name in EvaluationRelease.model_fields}
     if index is not None and index <= 1:
         release.update(examples=n, with_outcome=positives, **metrics)
     else:
-        withheld += ["auroc", "loss", "brier"]
+        withheld += list(metrics)
     if index == 0:
-        release.update(
-            true_positives=cells["tp"],
-            false_negatives=cells["fn"],
-            false_positives=cells["fp"],
-            true_negatives=cells["tn"],
-        )
-    else:
+        release.update({result.cell_fields[name]: value for name, value in result.cells.items()})
+    elif result.cells:
         withheld += ["confusion counts"]
     if index == 2:
         release.update(examples=n)

@@ -28,10 +28,10 @@ from pydantic import BaseModel, ConfigDict
 
 from federation.contract import StudySpec, study_hash
 from federation.contract.protocol import RoundInstruction, SiteStatus
-from federation.twins import build_model
+from federation.twins import build_model, kind_of
 from site_node.participation import Refusal, SiteNode
 from site_node.releases import load_global_model
-from site_node.training.evaluation import evaluate, model_logits
+from site_node.training.evaluation import evaluate, model_outputs
 
 
 class LocalActionError(RuntimeError):
@@ -146,7 +146,9 @@ def score(
     except Refusal as refusal:
         raise LocalActionError(refusal.reason) from None
     say(f"Scoring {len(plan.dataset)} patients of {spec.study.id} with the {source}.")
-    risks = 1.0 / (1.0 + np.exp(-model_logits(model, plan.dataset.features)))
+    # the kind's one risk number: the outcome's risk, or for survival the event's risk by the horizon
+    logits = kind_of(spec.model).risk_logits(spec.model, model_outputs(model, plan.dataset.features))
+    risks = 1.0 / (1.0 + np.exp(-logits))
     flagged = risks >= spec.evaluation.threshold
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="", encoding="utf-8") as handle:

@@ -32,7 +32,7 @@ from federation.contract.protocol import (
 )
 from federation.contract.spec import ROBUST_STRATEGIES
 from federation.contract.strata import Strata
-from federation.twins import build_model
+from federation.twins import build_model, kind_of
 from site_node.cohort import CohortError, StudyDataset, most_removed, render_attrition
 from site_node.cohort.cache import cached_dataset
 from site_node.config import SiteConfig
@@ -65,6 +65,7 @@ from site_node.training import (
     train_dp,
     train_plain,
 )
+from site_node.training.objectives import objective_of
 
 COUNT_METRICS = ("num-examples", "num-positive")
 NON_PRIVATE_REFUSED = (
@@ -422,6 +423,16 @@ class SiteNode:
             ) from None
         return model
 
+    @staticmethod
+    def _targets(spec: StudySpec, data: StudyDataset):
+        """What the study's twin kind learns from, per patient of `data`."""
+        try:
+            return kind_of(spec.model).targets_of(spec.model, data.labels, data.event_days)
+        except ValueError as exc:
+            raise Refusal(
+                RefusalCode.SITE_ERROR, f"the cohort's outcomes do not fit the study's model: {exc}"
+            ) from None
+
     def _delta(self, spec: StudySpec, n_train: int) -> float:
         delta = spec.privacy.target_delta if spec.privacy.target_delta is not None else 1 / (10 * n_train)
         if delta > self.policy.max_delta:
@@ -581,7 +592,7 @@ class SiteNode:
         result = train_dp(
             model,
             train.features,
-            train.labels,
+            self._targets(spec, train),
             training=spec.training,
             privacy=spec.privacy,
             noise_multiplier=sigma,
@@ -589,6 +600,7 @@ class SiteNode:
             accountant_history=[(e.noise_multiplier, e.sample_rate, e.steps) for e in prior_history],
             global_state=global_state,
             seed=spec.training.seed + instruction.server_round,
+            objective=objective_of(spec.model),
         )
         epsilon = self.governance.ledger.commit(
             reservation, PrivacyEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=result.steps)
@@ -715,10 +727,11 @@ class SiteNode:
         result = train_plain(
             model,
             train.features,
-            train.labels,
+            self._targets(spec, train),
             training=spec.training,
             global_state=global_state,
             seed=spec.training.seed + instruction.server_round,
+            objective=objective_of(spec.model),
         )
         self.governance.ledger.commit(reservation)
         metrics, suppressed = self._counted(
@@ -866,9 +879,9 @@ class SiteNode:
             raise Refusal(RefusalCode.BUDGET, exc.reason) from None
         with ledger.holding(reservation):
             if strata is None:
-                release = dp_score_release(model, data, part, sigma)
+                release = dp_score_release(model, data, part, sigma, spec)
             else:
-                release = dp_release(model, data, strata, part, sigma)
+                release = dp_release(model, data, strata, part, sigma, spec)
             ledger.commit(reservation)
         alone = ledger.epsilon([event], delta, spec.privacy.accountant)
         return release.model_copy(update={"epsilon": alone})

@@ -73,7 +73,7 @@ def evaluate_like_the_coordinator(node, spec: StudySpec, state: dict, run_id: st
     """An evaluation as the coordinator asks for it: with adaptive strata, the score stage first, the strata
     placed from what it released (federation's own functions), then the outcome stage. Returns its outcome."""
     from federation.contract.strata import adaptive_strata
-    from federation.coordinator.evaluation import pool_scores
+    from federation.twins.pooling import pool_scores
 
     edges = None
     if spec.evaluation.strata == "adaptive":

@@ -16,9 +16,9 @@ from federation.contract import study_hash
 from federation.contract.protocol import EvaluationRelease, ReleaseMode
 from federation.contract.receipts import Participation, RoundReceipt, SiteReceipt, append_receipt, read_receipts
 from federation.coordinator.checkpoint import Checkpoint, CheckpointMismatch, load_checkpoint, save_checkpoint
-from federation.coordinator.evaluation import hanley_mcneil_se, pool_evaluations
 from federation.coordinator.model_card import write_model_card
 from federation.coordinator.runner import RunResult, initial_weights
+from federation.twins.risk_pooling import hanley_mcneil_se, pool_evaluations
 from tests.site_helpers import study
 
 

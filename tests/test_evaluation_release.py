@@ -16,7 +16,7 @@ from torch import nn
 from federation.contract import study_hash
 from federation.contract.protocol import EvaluationRelease, RefusalCode, ReleaseMode, SiteStatus
 from federation.contract.strata import Strata
-from federation.coordinator.evaluation import histogram_auroc, pool_evaluations
+from federation.twins.risk_pooling import histogram_auroc, pool_evaluations
 from site_node.cohort.dataset import StudyDataset
 from site_node.config import load_site_config
 from site_node.evaluation_release import dp_release, exact_release
@@ -264,7 +264,8 @@ def test_adaptive_strata_keep_the_ranking_of_a_model_whose_risks_are_squeezed():
     # A DP-trained model often puts every risk between 1.5% and 7% (seen in the demo): fixed clinical bands
     # then hold nearly everyone in two strata and the ranking is lost; adaptive strata follow the scores.
     from federation.contract.strata import adaptive_strata
-    from federation.coordinator.evaluation import histogram_auroc, pool_scores
+    from federation.twins.pooling import pool_scores
+    from federation.twins.risk_pooling import histogram_auroc
     from site_node.evaluation_release import dp_score_release
 
     spec = study()

@@ -157,13 +157,15 @@ class ReleaseMode(StrEnum):
 class EvaluationRelease(_Record):
     """What one site releases about a model's performance on one of its held-out parts.
 
-    `dp`: per outcome class, the number of patients in each risk stratum (`score_edges`, federation.contract.
-    strata), each with Gaussian noise of standard deviation `noise_sd`; the coordinator adds the sites'
-    histograms. At the `scores` stage of adaptive strata: the patients per cell of the fixed score grid,
-    outcomes not involved, from which the coordinator places the strata. `exact`: the confusion counts at
-    the study's threshold and the AUROC, loss and Brier score, only when every cell is at or above the
-    site's floor and no count differs from an earlier release of the same study by less than it; otherwise
-    those fields are absent and `withheld` names them.
+    `dp`: the twin kind's histograms of held-out patients over the risk strata `score_edges`
+    (federation.contract.strata), each count with Gaussian noise of standard deviation `noise_sd`: for the
+    risk kinds, per outcome class the patients in each stratum; for survival, the patients per stratum,
+    interval and event. The coordinator adds the sites' histograms. At the `scores` stage of adaptive
+    strata: the patients per cell of the fixed score grid, outcomes not involved, from which the
+    coordinator places the strata. `exact`: the kind's exact metrics (risk: the confusion counts at the
+    threshold, AUROC, loss and Brier score; survival: the C-index with its standard error and the Brier
+    scores), only when every count is at or above the site's floor and none differs from an earlier release
+    of the same study by less than it; otherwise those fields are absent and `withheld` names them.
     """
 
     part: Literal["validation", "test"]
@@ -171,8 +173,9 @@ class EvaluationRelease(_Record):
     stage: Literal["scores", "outcomes"] = "outcomes"
     scores: list[float] | None = None  # stage scores: noisy patients per cell of the score grid (no outcomes)
     score_edges: list[float] | None = None  # the strata the histograms below are cut at (DP outcome releases)
-    positives: list[float] | None = None
-    negatives: list[float] | None = None
+    positives: list[float] | None = None  # risk kinds: patients with the outcome per stratum
+    negatives: list[float] | None = None  # risk kinds: patients without it
+    cells: list[float] | None = None  # survival: patients per (stratum, interval, event), flattened in that order
     noise_sd: float | None = None
     epsilon: float | None = None  # this release alone, at the study's delta
     examples: int | None = None
@@ -184,6 +187,10 @@ class EvaluationRelease(_Record):
     auroc: float | None = None
     loss: float | None = None
     brier: float | None = None
+    c_index: float | None = None  # survival, exact: Harrell's C on exact times, its standard error, the Brier
+    c_index_se: float | None = None  # score at the horizon and the integrated Brier score up to it
+    brier_at_horizon: float | None = None
+    integrated_brier: float | None = None
     withheld: str | None = None  # comma-separated names of what was withheld
     withheld_reason: str | None = None
     cell_floor: int | None = None  # the site's floor, for exact releases
@@ -194,8 +201,10 @@ class EvaluationRelease(_Record):
             if self.scores is None or self.noise_sd is None:
                 raise ValueError("a DP score release carries its histogram and its noise level")
         elif self.mode == ReleaseMode.DP:
-            if self.positives is None or self.negatives is None or self.noise_sd is None or not self.score_edges:
-                raise ValueError("a DP release carries both histograms, their strata and its noise level")
-            if not len(self.positives) == len(self.negatives) == len(self.score_edges) + 1:
-                raise ValueError("the two histograms of a DP release must have one count per stratum each")
+            # Which histograms a release must carry depends on the study's twin kind: it checks them
+            # (federation.twins, `check_histograms`) where the study is known.
+            if self.noise_sd is None or not self.score_edges:
+                raise ValueError("a DP release carries its strata and its noise level")
+            if self.positives is None and self.cells is None:
+                raise ValueError("a DP release carries its histograms")
         return self

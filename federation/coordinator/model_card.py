@@ -24,19 +24,8 @@ import torch
 
 from federation.contract import StudySpec, canonical_json, study_hash, twin_code_version
 from federation.contract.receipts import Participation, read_receipts
-from federation.coordinator.evaluation import Estimate, PooledEvaluation
-
-METRIC_NAMES = {
-    "auroc": "AUROC",
-    "loss": "log loss (binned)",
-    "brier": "Brier score (binned)",
-    "accuracy": "accuracy",
-    "sensitivity": "sensitivity",
-    "specificity": "specificity",
-    "ppv": "PPV",
-    "npv": "NPV",
-    "observed_to_expected": "observed / expected events",
-}
+from federation.twins import kind_of
+from federation.twins.cards import epsilon_text
 
 
 def _sites(folder: Path) -> dict[str, dict]:
@@ -71,12 +60,13 @@ def _sites(folder: Path) -> dict[str, dict]:
 def _card(folder: Path, spec: StudySpec, result) -> dict:
     sites = _sites(folder)
     private = spec.privacy.private and all(s.get("differentially_private", True) for s in sites.values())
-    test = PooledEvaluation.model_validate(result.evaluation) if result.evaluation else None
-    metrics: dict[str, object] = {}
-    if test is not None:
-        for name in METRIC_NAMES:
-            estimate: Estimate = getattr(test, name)
-            metrics[name] = estimate.model_dump()
+    kind = kind_of(spec.model)
+    test = kind.pooled_type.model_validate(result.evaluation) if result.evaluation else None
+    metrics = kind.card_metrics(test)
+    if test is None:
+        metrics = {
+            name: (result.selection or value) if name.endswith("_text") else value for name, value in metrics.items()
+        }
     return {
         "study": {
             "id": spec.study.id,
@@ -96,6 +86,7 @@ def _card(folder: Path, spec: StudySpec, result) -> dict:
         },
         "model": {
             "kind": spec.model.kind,
+            "description": kind.describe(spec.model, spec.evaluation),
             "weights_file": "final-model.pt",
             "parameters": int(sum(np.asarray(v).size for v in result.weights.values())),
             "selected_round": result.selected_round,
@@ -115,13 +106,8 @@ def _card(folder: Path, spec: StudySpec, result) -> dict:
             "threshold": spec.evaluation.threshold,
             "pooled": result.evaluation,
         },
-        # The headline figures, flat, for scripts; the full pooled evaluation is under evaluation.pooled.
-        "metrics": {
-            "held_out_auroc": test.auroc.value if test else None,
-            "held_out_auroc_95ci": [test.auroc.low, test.auroc.high] if test else [None, None],
-            "held_out_auroc_text": test.auroc.text() if test else result.selection or "not evaluated",
-            **{f"held_out_{name}": value for name, value in metrics.items() if name != "auroc"},
-        },
+        # The headline figures, flat, for scripts (the kind's); the full pooled evaluation is under evaluation.pooled.
+        "metrics": metrics,
         "history": result.history,
     }
 
@@ -140,10 +126,10 @@ def _privacy_statement(spec: StudySpec, private: bool) -> str:
     )
 
 
-def _series(history: list[dict], part: str) -> tuple[list[float], list[float], list[float]]:
+def _series(history: list[dict], part: str, metric: str) -> tuple[list[float], list[float], list[float]]:
     def pick(row: dict, key: str) -> float:
-        auroc = (row.get(part) or {}).get("auroc") or {}
-        value = auroc.get(key)
+        estimate = (row.get(part) or {}).get(metric) or {}
+        value = estimate.get(key)
         return np.nan if value is None else value
 
     return ([pick(r, "value") for r in history], [pick(r, "low") for r in history], [pick(r, "high") for r in history])
@@ -154,28 +140,30 @@ def _legend(axis) -> None:
         axis.legend(fontsize=7)
 
 
-def _figure_png(history: list[dict], test: PooledEvaluation | None, selected: int | None = None) -> str:
+def _figure_png(history: list[dict], metric: str, label: str, test: dict | None, selected: int | None = None) -> str:
+    """The run at a glance: the pooled selection metric per round, epsilon per site, participation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [row["round"] for row in history]
-    figure, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for part, colour in (("validation", "tab:blue"), ("test", "tab:green")):
-        value, low, high = _series(history, part)
+        value, low, high = _series(history, part, metric)
         if not np.all(np.isnan(value)):
-            axes[0].plot(rounds, value, marker="o", color=colour, label=f"pooled {part} AUROC")
+            axes[0].plot(rounds, value, marker="o", color=colour, label=f"pooled {part} {label}")
             axes[0].fill_between(rounds, low, high, alpha=0.2, color=colour)
-    if test is not None and test.auroc.value is not None:
+    final = (test or {}).get(metric) or {}
+    if final.get("value") is not None:
         at = selected if selected is not None else (rounds[-1] if rounds else 1)
-        low, high = test.auroc.low, test.auroc.high
-        error = [[test.auroc.value - low], [high - test.auroc.value]] if low is not None else None
-        axes[0].errorbar([at], [test.auroc.value], yerr=error, fmt="s", color="tab:green", capsize=4,
+        low, high = final.get("low"), final.get("high")
+        error = [[final["value"] - low], [high - final["value"]]] if low is not None else None
+        axes[0].errorbar([at], [final["value"]], yerr=error, fmt="s", color="tab:green", capsize=4,
                          label=f"study model (round {at}), test")  # fmt: skip
     if rounds:
         axes[0].set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
-    axes[0].set(title="Held-out AUROC (95% interval)", xlabel="round", ylabel="AUROC", ylim=(0.4, 1.0))
+    axes[0].set(title=f"Held-out {label} (95% interval)", xlabel="round", ylabel=label, ylim=(0.4, 1.0))
     _legend(axes[0])
     sites = sorted({s for row in history for s in row.get("epsilon", {})})
     for site in sites:
@@ -192,24 +180,11 @@ def _figure_png(history: list[dict], test: PooledEvaluation | None, selected: in
             bottom += counts
     axes[2].set(title="Participation per round", xlabel="round", ylabel="sites")
     _legend(axes[2])
-    axes[3].plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    if test is not None and test.calibration:
-        shown = [c for c in test.calibration if c.observed is not None]
-        axes[3].plot([c.risk for c in shown], [c.observed for c in shown], marker="o", label="pooled test strata")
-        top = max([c.risk for c in shown] + [c.observed for c in shown] + [0.1])
-        axes[3].set_xlim(0, min(1.0, top * 1.15))
-        axes[3].set_ylim(0, min(1.0, top * 1.15))
-    axes[3].set(title="Calibration (test)", xlabel="predicted risk (stratum's middle)", ylabel="observed rate")
-    axes[3].legend(fontsize=7)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _epsilon(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _site_row(name: str, site: dict) -> str:
@@ -221,8 +196,8 @@ def _site_row(name: str, site: dict) -> str:
     privacy = (
         "not DP"
         if site.get("differentially_private") is False
-        else f"{_epsilon(site.get('epsilon_training'))} / {_epsilon(site.get('epsilon_evaluation'))} / "
-        f"{_epsilon(site.get('epsilon_spent'))} of {site.get('epsilon_ceiling') or 0:g}"
+        else f"{epsilon_text(site.get('epsilon_training'))} / {epsilon_text(site.get('epsilon_evaluation'))} / "
+        f"{epsilon_text(site.get('epsilon_spent'))} of {site.get('epsilon_ceiling') or 0:g}"
     )
     return (
         f"<tr><td>{esc(name)}</td><td>{site['rounds_trained']}</td><td>{esc(privacy)}</td>"
@@ -233,46 +208,16 @@ def _site_row(name: str, site: dict) -> str:
     )
 
 
-def _metrics_html(test: PooledEvaluation | None, selection: str) -> str:
-    esc = html.escape
-    if test is None:
-        return f"<p>Not evaluated: {esc(selection)}</p>"
-    rows = "".join(
-        f"<tr><td>{esc(label)}</td><td>{esc(getattr(test, name).text(3))}</td></tr>"
-        for name, label in METRIC_NAMES.items()
-    )
-    calibration = "".join(
-        f"<tr><td>{esc(c.stratum)}</td><td>{c.risk:.3f}</td><td>{c.patients:.0f}</td>"
-        f"<td>{'-' if c.observed is None else f'{c.observed:.3f}'}</td></tr>"
-        for c in test.calibration
-    )
-    releases = "".join(
-        f"<tr><td>{esc(s.site)}</td><td>{esc(s.mode.value)}</td><td>{_epsilon(s.epsilon)}</td>"
-        f"<td>{'-' if s.noise_sd is None else f'{s.noise_sd:.2f}'}</td>"
-        f"<td>{esc(s.withheld or '-')}</td><td>{esc(s.withheld_reason or '')}</td></tr>"
-        for s in test.sites
-    )
-    table = (
-        f"<h3>Calibration by risk stratum</h3><table><tr><th>stratum</th><th>risk</th><th>patients (noisy)</th>"
-        f"<th>observed rate</th></tr>{calibration}</table>"
-        if calibration
-        else ""
-    )
-    return f"""<p>{esc(selection)} Threshold {test.threshold:g} for the threshold metrics. {esc(test.method)}</p>
-<table><tr><th>metric (pooled, test)</th><th>value (95% interval)</th></tr>{rows}</table>
-<p>Intervals cover both the sampling of held-out patients and the noise the sites added.</p>
-{table}
-<h3>How each site's evaluation left it</h3><table><tr><th>site</th><th>release</th><th>epsilon of this release</th>
-<th>noise s.d. per count</th><th>withheld</th><th>why</th></tr>{releases}</table>"""
-
-
-def _html(card: dict) -> str:
+def _html(card: dict, spec: StudySpec) -> str:
     esc = html.escape
     study, run, privacy = card["study"], card["run"], card["privacy"]
     pooled = card["evaluation"]["pooled"]
-    test = PooledEvaluation.model_validate(pooled) if pooled else None
+    kind = kind_of(spec.model)
+    test = kind.pooled_type.model_validate(pooled) if pooled else None
     rows = "".join(_site_row(name, site) for name, site in sorted(card["sites"].items()))
-    image = _figure_png(card["history"], test, card["model"].get("selected_round")) if card["history"] else ""
+    label = {"auroc": "AUROC", "c_index": "C-index"}.get(kind.selection_metric, kind.selection_metric)
+    selected = card["model"].get("selected_round")
+    image = _figure_png(card["history"], kind.selection_metric, label, pooled, selected) if card["history"] else ""
     figure = f'<img alt="rounds" src="data:image/png;base64,{image}" style="width:100%">' if image else ""
     banner = (
         f'<p style="background:#fdd;padding:8px;font-weight:bold">{esc(privacy["statement"])}</p>'
@@ -286,11 +231,11 @@ vertical-align:top}}table{{border-collapse:collapse}}code{{font-size:90%}}</styl
 <h1>Model card: {esc(study["title"])}</h1>
 <p>Study <b>{esc(study["id"])}</b>, hash <code>{esc(study["hash"])}</code>,
 twin code {esc(study["twin_code_version"])}.
-Run {esc(run["status"])}: {esc(run["reason"])}. Model: {esc(card["model"]["kind"])},
+Run {esc(run["status"])}: {esc(run["reason"])}. Model: {esc(card["model"]["description"])},
 {card["model"]["parameters"]} parameters ({esc(card["model"]["weights_file"])}).</p>
 <p>{esc(aggregation_text(card.get("aggregation", {})))}</p>
 <h2>Held-out performance of the study's model (pooled over sites)</h2>
-{_metrics_html(test, card["model"]["selection"])}
+{kind.card_html(spec, test, card["model"]["selection"] or "")}
 {figure}
 <h2>Sites</h2><table><tr><th>site</th><th>rounds trained</th>
 <th>epsilon: training / evaluation / composed of ceiling</th><th>evaluation release</th>
@@ -323,5 +268,5 @@ def write_model_card(folder: Path, spec: StudySpec, result) -> Path:
     torch.save(weights, folder / "final-model.pt")
     (folder / "model-card.json").write_text(json.dumps(card, indent=2, default=str), encoding="utf-8")
     path = folder / "model-card.html"
-    path.write_text(_html(card), encoding="utf-8")
+    path.write_text(_html(card, spec), encoding="utf-8")
     return path

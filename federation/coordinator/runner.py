@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from pydantic import BaseModel
 
 from federation.common.flower import shorten_object_pull_backoff
 from federation.contract import StudySpec, study_hash
@@ -30,6 +31,7 @@ from federation.contract.protocol import (
     EvaluationRelease,
     ProtocolError,
     RefusalCode,
+    ReleaseMode,
     RoundInstruction,
     SiteAnswer,
     SiteStatus,
@@ -38,10 +40,10 @@ from federation.contract.receipts import Participation, RoundReceipt, SiteReceip
 from federation.contract.spec import ROBUST_STRATEGIES, SECURE_AGGREGATION_MIN_SITES
 from federation.contract.strata import Strata, adaptive_strata
 from federation.coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from federation.coordinator.evaluation import PooledEvaluation, pool_evaluations, pool_scores
 from federation.coordinator.secure_aggregation import run_secure_round
 from federation.coordinator.strategies import AggregationError, SiteUpdate, make_aggregator
-from federation.twins import build_model
+from federation.twins import build_model, kind_of
+from federation.twins.pooling import pool_scores
 
 log = logging.getLogger("twinfed.coordinator")
 
@@ -123,6 +125,7 @@ class StudyRunner:
         self.say = on_progress or (lambda text: log.info(text))
         self.node_wait_seconds = node_wait_seconds
         self.aggregator = make_aggregator(spec.federation)
+        self.kind = kind_of(spec.model)
         self.receipts_path = folder / "receipts.jsonl"
         self.known_sites: dict[int, tuple[str | None, int]] = {}  # node -> (site id, last round it answered)
         # SecAgg+ from the first round when the study asks for it; from the next round on when a site's
@@ -188,7 +191,7 @@ class StudyRunner:
                 exchanges, pooled = self._evaluate(server_round, self._nodes(), weights, "validation")
                 receipts += exchanges
                 row["validation"] = pooled.model_dump(mode="json")
-                selection.offer(server_round, weights, pooled.auroc.value)
+                selection.offer(server_round, weights, self.kind.selection_score(pooled))
             if evaluation.every_round:
                 exchanges, pooled = self._evaluate(server_round, self._nodes(), weights, "test")
                 receipts += exchanges
@@ -210,11 +213,11 @@ class StudyRunner:
                     selection=selection.__dict__,
                 ),
             )
-            self.say(_progress_line(server_round, rounds, train_receipt, row))
+            self.say(self._progress_line(server_round, rounds, train_receipt, row))
             if patience is not None and selection.stale_rounds >= patience and server_round < rounds:
                 stopped_early = (
-                    f"early stopping after round {server_round}: the pooled validation AUROC did not improve for "
-                    f"{patience} round(s)"
+                    f"early stopping after round {server_round}: the pooled validation {self._metric} did not "
+                    f"improve for {patience} round(s)"
                 )
                 self.say(f"Training ends: {stopped_early}.")
                 break
@@ -227,17 +230,20 @@ class StudyRunner:
         rounds = self.spec.training.rounds
         if self.spec.evaluation.split.has_validation and selection.round is not None:
             chosen, model = selection.round, selection.weights
-            how = f"round {chosen}'s model, the best pooled validation AUROC ({selection.score:.3f}) of {completed}"
+            how = (
+                f"round {chosen}'s model, the best pooled validation {self._metric} ({selection.score:.3f}) of "
+                f"{completed}"
+            )
         else:
             chosen, model = completed, weights
             how = f"the last round's model (round {completed})"
             if self.spec.evaluation.split.has_validation:
-                how += ": no round had a pooled validation AUROC to choose by"
+                how += f": no round had a pooled validation {self._metric} to choose by"
         test = next((row.get("test") for row in history if row["round"] == chosen and row.get("test")), None)
         if test is None and chosen:
             _, pooled = self._evaluate(chosen, self._nodes(), model, "test")
             test = pooled.model_dump(mode="json")
-        self.say(_final_line(chosen, test))
+        self.say(f"Test evaluation of round {chosen}'s model: pooled {self._headline(test)}")
         reason = early or f"all {rounds} rounds completed"
         return RunResult("completed", reason, completed, model, history, test, chosen, how + ".")
 
@@ -506,7 +512,7 @@ class StudyRunner:
 
     def _evaluate(
         self, server_round: int, nodes: list[int], weights: Weights, part: str
-    ) -> tuple[list[RoundReceipt], PooledEvaluation]:
+    ) -> tuple[list[RoundReceipt], BaseModel]:
         """Ask every site for its release on `part` (validation or test) and pool what they released.
 
         With adaptive strata, first the scores' distribution (no outcomes) from every site: the strata are
@@ -528,8 +534,18 @@ class StudyRunner:
                 receipt.note = "no site released a score distribution: the study's fixed strata are used"
             append_receipt(self.receipts_path, receipt)
         receipt, released = self._evaluation_exchange(server_round, nodes, weights, part, "outcomes", edges)
-        pooled = pool_evaluations(released, self.spec.evaluation, seed=server_round)
+        usable, misshapen = [], []
+        for site, release in released:
+            try:
+                if release.mode == ReleaseMode.DP:
+                    self.kind.check_histograms(self.spec.model, release)
+                usable.append((site, release))
+            except ValueError as exc:
+                misshapen.append(f"{site} ({exc})")
+        pooled = self.kind.pool(self.spec, usable, seed=server_round)
         receipt.note = pooled.method
+        if misshapen:
+            receipt.note += " Left out, not releases of this study's kind: " + "; ".join(misshapen) + "."
         _label_non_private(receipt)
         append_receipt(self.receipts_path, receipt)
         return [*receipts, receipt], pooled
@@ -578,6 +594,22 @@ class StudyRunner:
             part=part,
             note=note,
         )
+
+    @property
+    def _metric(self) -> str:
+        """The pooled metric that picks the study's model, as people name it."""
+        return {"auroc": "AUROC", "c_index": "C-index"}.get(self.kind.selection_metric, self.kind.selection_metric)
+
+    def _headline(self, pooled: dict | None) -> str:
+        return self.kind.headline(pooled) if pooled else "n/a"
+
+    def _progress_line(self, server_round: int, rounds: int, receipt: RoundReceipt, row: dict) -> str:
+        parts = [f"Round {server_round}/{rounds}: {receipt.summary()}"]
+        if row.get("validation"):
+            parts.append(f"pooled validation {self._headline(row['validation'])}")
+        if row.get("test"):
+            parts.append(f"pooled test {self._headline(row['test'])}")
+        return "; ".join(parts)
 
     def _remember(self, receipt: SiteReceipt, server_round: int) -> None:
         answered = receipt.status not in (Participation.DISCONNECTED, Participation.TIMED_OUT)
@@ -634,26 +666,3 @@ def _label_non_private(receipt: RoundReceipt) -> None:
         receipt.note = (receipt.note + " " if receipt.note else "") + (
             f"NOT DIFFERENTIALLY PRIVATE at {', '.join(sorted(set(plain)))} (the study's privacy mode is none)."
         )
-
-
-def _auroc_text(pooled: dict | None) -> str:
-    if not pooled:
-        return "n/a"
-    auroc = pooled["auroc"]
-    if auroc.get("value") is None:
-        return auroc.get("note") or "not estimable"
-    interval = f" ({auroc['low']:.3f}-{auroc['high']:.3f})" if auroc.get("low") is not None else ""
-    return f"{auroc['value']:.3f}{interval}"
-
-
-def _progress_line(server_round: int, rounds: int, receipt: RoundReceipt, row: dict) -> str:
-    parts = [f"Round {server_round}/{rounds}: {receipt.summary()}"]
-    if row.get("validation"):
-        parts.append(f"pooled validation AUROC {_auroc_text(row['validation'])}")
-    if row.get("test"):
-        parts.append(f"pooled test AUROC {_auroc_text(row['test'])}")
-    return "; ".join(parts)
-
-
-def _final_line(chosen: int, test: dict | None) -> str:
-    return f"Test evaluation of round {chosen}'s model: pooled AUROC {_auroc_text(test)}"

@@ -102,9 +102,7 @@ class DisclosureRegister:
             return [Earlier(r.release_key, self._decode(r.counts)) for r in own.execute(query)]
 
     @staticmethod
-    def problem(
-        counts: Mapping[Quantity, int], floor: int, earlier: Iterable[Earlier], release_key: str
-    ) -> str | None:
+    def problem(counts: Mapping[Quantity, int], floor: int, earlier: Iterable[Earlier], release_key: str) -> str | None:
         """Why `counts` may not leave (a sentence naming the rule, never the small count), or None."""
         mine = derivable(counts)
         for quantity, value in sorted(mine.items(), key=lambda item: (len(item[0]), sorted(item[0]))):

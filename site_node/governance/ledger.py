@@ -349,7 +349,6 @@ class PrivacyLedger:
         """Epsilon of `history` at `delta` by the Opacus accountant named ('rdp' or 'prv')."""
         return epsilon_of(history, delta, accountant)
 
-
     def _active_rows(self, connection: Connection, study: str | None = None) -> list[Row]:
         """Rows that count (not released), of every study or of one study's lineage."""
         query = select(self.table).where(self.table.c.status != RELEASED).order_by(self.table.c.id)

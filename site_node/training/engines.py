@@ -1,7 +1,7 @@
 """One DP-SGD step: clip each example's gradient to C, sum, add N(0, (sigma C)^2), divide by the expected
 batch size q n, tell the accountant. Two interchangeable engines compute it:
 
-* `SinglePassStep` for the registry's risk models (Sequential Linear/ReLU/Dropout): ghost clipping in one
+* `SinglePassStep` for the registry's models (Sequential Linear/ReLU/Dropout): ghost clipping in one
   backward pass (ghost.py), noise drawn in one call for all parameters;
 * `OpacusGhostStep` for any other model Opacus can clip: Opacus' own fast-gradient-clipping module,
   optimizer and loss (what `PrivacyEngine.make_private(grad_sample_mode="ghost")` assembles), built here
@@ -25,7 +25,21 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from site_node.training.ghost import SinglePassGhostClipping, supports
+from site_node.training.ghost import BINARY, Objective, SinglePassGhostClipping, supports
+
+
+class _KindLoss(nn.Module):
+    """A twin kind's per-patient loss as the loss module Opacus' ghost clipping wraps: Opacus sets
+    `reduction` to "none" to get each patient's loss, and the trainer reports their mean otherwise."""
+
+    def __init__(self, objective: Objective) -> None:
+        super().__init__()
+        self.objective = objective
+        self.reduction = "mean"
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = self.objective.loss(outputs, targets)
+        return losses if self.reduction == "none" else losses.mean()
 
 
 class DPStep(Protocol):
@@ -51,8 +65,9 @@ class SinglePassStep:
         expected_batch_size: float,
         accountant: IAccountant,
         generator: torch.Generator,
+        objective: Objective = BINARY,
     ) -> None:
-        self._clipping = SinglePassGhostClipping(model, max_grad_norm)
+        self._clipping = SinglePassGhostClipping(model, max_grad_norm, objective)
         self._params = self._clipping.parameters
         self._sizes = [p.numel() for p in self._params]
         # Noise on the sum has std sigma C; dividing the sum by q n is folded into the clip factors.
@@ -89,6 +104,7 @@ class OpacusGhostStep:
         expected_batch_size: float,
         accountant: IAccountant,
         generator: torch.Generator,
+        objective: Objective = BINARY,
     ) -> None:
         ModuleValidator.validate(model, strict=True)
         self._module = GradSampleModuleFastGradientClipping(
@@ -104,12 +120,12 @@ class OpacusGhostStep:
         )
         self._optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         self._criterion = DPLossFastGradientClipping(
-            self._module, self._optimizer, nn.BCEWithLogitsLoss(), loss_reduction="mean"
+            self._module, self._optimizer, _KindLoss(objective), loss_reduction="mean"
         )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._optimizer.zero_grad(set_to_none=True)
-        loss = self._criterion(self._module(x).squeeze(-1), y)
+        loss = self._criterion(self._module(x), y)
         loss.backward()
         if not self._optimizer.pre_step():
             raise RuntimeError("Opacus skipped a DP step; every sampled step must be taken and accounted")
@@ -130,6 +146,7 @@ def make_step(
     expected_batch_size: float,
     accountant: IAccountant,
     generator: torch.Generator,
+    objective: Objective = BINARY,
 ) -> DPStep:
     """The engine named (`"single-pass"`, `"opacus"`), or with `"auto"` the fastest one that fits `model`."""
     settings = {
@@ -139,6 +156,7 @@ def make_step(
         "expected_batch_size": expected_batch_size,
         "accountant": accountant,
         "generator": generator,
+        "objective": objective,
     }
     if engine == "auto":
         engine = "single-pass" if supports(model) else "opacus"

@@ -1,4 +1,4 @@
-"""Ghost clipping in a single pass for the risk models (nn.Sequential of Linear, ReLU, Dropout).
+"""Ghost clipping in a single pass for the registry's models (nn.Sequential of Linear, ReLU, Dropout).
 
 DP-SGD needs each example's gradient norm to clip it. For a Linear layer the example's weight gradient is
 the outer product g_i a_i^T of the gradient at the layer's output and the layer's input, so its norm is
@@ -11,10 +11,15 @@ it is written out here rather than recorded by autograd every step.
 
 The result is the clipped gradient sum Opacus computes (tests compare the two, and both against
 per-example autograd) at a fraction of the per-step overhead, which is what dominates for models this
-small. The binary cross-entropy loss on one logit is built in: its gradient at the logit is sigmoid(z) - y.
+small. The loss comes from the study's twin kind (`Objective`): its per-patient value and its gradient at
+the model's outputs in closed form (binary cross-entropy on one logit: sigmoid(z) - y; a discrete-time
+hazard: the same per interval the patient was at risk in), which is all the backward pass starts from.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,33 +32,48 @@ SUPPORTED_LAYERS = (nn.Linear, nn.ReLU, nn.Dropout, nn.Identity)
 NORM_EPSILON = 1e-6
 
 
+@dataclass(frozen=True)
+class Objective:
+    """A twin kind's loss as the trainer needs it: each patient's loss (n,) from the outputs (n, k) and the
+    targets, and its gradient at the outputs (n, k) in closed form."""
+
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    gradient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _bce_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(outputs.squeeze(-1), targets, reduction="none")
+
+
+def _bce_gradient(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(outputs) - targets.unsqueeze(-1)
+
+
+# One logit per patient with a 0/1 label: the risk kinds' objective, and the default of the trainer.
+BINARY = Objective(_bce_loss, _bce_gradient)
+
+
 def supports(model: nn.Module) -> bool:
-    """True if `model` is a Sequential of supported layers, ending in one logit, whose parameters all live
-    in its Linear layers and are trainable."""
+    """True if `model` is a Sequential of supported layers whose parameters all live in its Linear layers and
+    are trainable."""
     if not isinstance(model, nn.Sequential) or not all(type(layer) in SUPPORTED_LAYERS for layer in model):
         return False
     if any(isinstance(layer, nn.Dropout) and layer.p >= 1 for layer in model):
         return False
     linears = [layer for layer in model if isinstance(layer, nn.Linear)]
     owned = {id(p) for layer in linears for p in layer.parameters()}
-    return (
-        bool(linears)
-        and linears[-1].out_features == 1
-        and all(id(p) in owned and p.requires_grad for p in model.parameters())
-    )
+    return bool(linears) and all(id(p) in owned and p.requires_grad for p in model.parameters())
 
 
 class SinglePassGhostClipping:
-    """Per-example clipped gradient sums of the binary cross-entropy loss of a supported Sequential model."""
+    """Per-example clipped gradient sums of a twin kind's loss for a supported Sequential model."""
 
-    def __init__(self, model: nn.Sequential, max_grad_norm: float) -> None:
+    def __init__(self, model: nn.Sequential, max_grad_norm: float, objective: Objective = BINARY) -> None:
         if not supports(model):
-            raise ValueError(
-                "single-pass ghost clipping needs an nn.Sequential of Linear, ReLU and Dropout layers "
-                "ending in one output"
-            )
+            raise ValueError("single-pass ghost clipping needs an nn.Sequential of Linear, ReLU and Dropout layers")
         self.layers = list(model)
         self.max_grad_norm = max_grad_norm
+        self.objective = objective
         # Parameters in the order the gradients are returned: weight, then bias, layer by layer.
         linears = [layer for layer in self.layers if isinstance(layer, nn.Linear)]
         self.parameters = [p for layer in linears for p in (layer.weight, layer.bias) if p is not None]
@@ -80,11 +100,10 @@ class SinglePassGhostClipping:
                 saved.append(mask)
             else:
                 saved.append(None)
-        logits = h.squeeze(-1)
-        loss_sum = F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+        loss_sum = self.objective.loss(h, y).sum()
 
         # Backward: g is each example's gradient at the current layer's output.
-        g = (torch.sigmoid(logits) - y).unsqueeze(-1)
+        g = self.objective.gradient(h, y)
         pairs: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
         first_linear = next(i for i, layer in enumerate(self.layers) if type(layer) is nn.Linear)
         for i in range(len(self.layers) - 1, first_linear - 1, -1):

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from federation.contract.spec import PrivacySpec, TrainingSpec
 from site_node.training.engines import make_step
+from site_node.training.ghost import BINARY, Objective
 from site_node.training.privacy import check_privacy_honest, restore_accountant, schedule
 from site_node.training.sampling import PoissonBatches, shuffled_batches
 
@@ -65,14 +65,13 @@ def train_dp(
     min_noise_multiplier: float = 0.0,
     engine: str = "auto",
     replay_seed: int | None = None,
+    objective: Objective = BINARY,
 ) -> TrainResult:
     """One round of DP-SGD: Poisson sampling at q = batch_size / n, per-patient clipping to
     `privacy.max_grad_norm`, Gaussian noise `noise_multiplier` x C, `training.local_epochs` x ceil(n / batch)
-    steps, every one counted by the accountant (empty batches too), with BCE-with-logits loss.
-
-    The loss is plain (no `pos_weight`): a class weight multiplies rare-class examples' gradients before
-    clipping, so they would be clipped harder rather than weighted more, and the signal the weight was
-    meant to add would mostly turn into extra clipping bias; ranking metrics (AUROC) do not need it.
+    steps, every one counted by the accountant (empty batches too), with the twin kind's loss (`objective`;
+    by default binary cross-entropy on one logit, `labels` then being 0/1). `labels` are the kind's targets,
+    one row per patient (federation.twins: `targets_of`).
 
     `seed` only fixes randomness that reveals nothing (Dropout masks). Which patients were sampled and
     the noise always come from the operating system's entropy: a seed known to anyone (a study file's
@@ -82,7 +81,7 @@ def train_dp(
     clipping implementation (engines.py); both compute the same DP-SGD step.
     """
     began = time.perf_counter()
-    x, y = _as_tensors(features, labels)
+    x, y = _as_tensors(features, labels, binary=objective is BINARY)
     n = len(y)
     check_privacy_honest(noise_multiplier, privacy.max_grad_norm, delta, n, min_noise_multiplier)
     sample_rate, steps, _ = schedule(n, training)
@@ -105,6 +104,7 @@ def train_dp(
         expected_batch_size=sample_rate * n,
         accountant=accountant,
         generator=noise_generator,
+        objective=objective,
     )
     loss_sum, seen = torch.zeros(()), 0
     try:
@@ -139,12 +139,13 @@ def train_plain(
     training: TrainingSpec,
     global_state: Mapping[str, torch.Tensor] | None = None,
     seed: int | None = None,
+    objective: Objective = BINARY,
 ) -> TrainResult:
     """The same round without privacy (epsilon = inf): shuffled batches of `batch_size`, the same number of
     steps per epoch, optimizer, loss and FedProx term. The 'no DP' baseline of utility studies and the
     reference of the DP overhead benchmark. `seed` (default: the study's) fixes shuffling and Dropout."""
     began = time.perf_counter()
-    x, y = _as_tensors(features, labels)
+    x, y = _as_tensors(features, labels, binary=objective is BINARY)
     n = len(y)
     sample_rate, steps, _ = schedule(n, training)
     seed = training.seed if seed is None else seed
@@ -154,7 +155,7 @@ def train_plain(
     with _seeded(seed):
         for idx in shuffled_batches(n, training.batch_size, training.local_epochs, torch.Generator().manual_seed(seed)):
             optimizer.zero_grad(set_to_none=True)
-            loss = F.binary_cross_entropy_with_logits(working(x[idx]).squeeze(-1), y[idx])
+            loss = objective.loss(working(x[idx]), y[idx]).mean()
             loss.backward()
             loss_sum += loss.detach() * len(idx)
             seen += len(idx)
@@ -174,15 +175,17 @@ def train_plain(
     )
 
 
-def _as_tensors(features: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_tensors(features: np.ndarray, labels: np.ndarray, *, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = np.asarray(features, dtype=np.float32)
     y = np.asarray(labels, dtype=np.float32)
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+    if x.ndim != 2 or len(x) != len(y) or (binary and y.ndim != 1):
         raise ValueError(f"features must be (n, d) and labels (n,); got {x.shape} and {y.shape}")
     if not np.isfinite(x).all():
         raise ValueError("features contain NaN or infinite values; impute them before training")
-    if not np.isin(y, (0.0, 1.0)).all():
+    if binary and not np.isin(y, (0.0, 1.0)).all():
         raise ValueError("labels must be 0 or 1")
+    if not np.isfinite(y).all():
+        raise ValueError("targets contain NaN or infinite values")
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
 

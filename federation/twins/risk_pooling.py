@@ -1,4 +1,4 @@
-"""Pooling the sites' evaluation releases into one estimate per metric, with an honest interval.
+"""The risk kinds' pooled evaluation: the sites' releases into one estimate per metric, with an honest interval.
 
 By default each site releases, per outcome class, how many held-out patients its model put in each risk
 stratum, with Gaussian noise (federation.contract.protocol.EvaluationRelease, mode dp). Adding the histograms gives
@@ -36,28 +36,17 @@ from pydantic import BaseModel, ConfigDict
 
 from federation.contract.protocol import EvaluationRelease, ReleaseMode
 from federation.contract.spec import EvaluationSpec
-from federation.contract.strata import SCORE_GRID, Strata
-
-Z95 = 1.959963984540054
-REPLICATES = 400
-WITHHELD = "withheld (cell floor)"
-
-
-class Estimate(BaseModel):
-    """A pooled value with its 95% interval, or the reason there is none."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    value: float | None = None
-    low: float | None = None
-    high: float | None = None
-    note: str | None = None  # why there is no value, or how it was computed when that matters
-
-    def text(self, digits: int = 3) -> str:
-        if self.value is None:
-            return self.note or "not estimable"
-        interval = f" (95% CI {self.low:.{digits}f}-{self.high:.{digits}f})" if self.low is not None else ""
-        return f"{self.value:.{digits}f}{interval}"
+from federation.contract.strata import Strata
+from federation.twins.pooling import (
+    REPLICATES,
+    Z95,
+    Estimate,
+    SiteRelease,
+    feasible,
+    interval,
+    no_value_reason,
+    site_releases,
+)
 
 
 class StratumCalibration(BaseModel):
@@ -67,20 +56,6 @@ class StratumCalibration(BaseModel):
     risk: float  # the stratum's representative predicted risk
     patients: float  # pooled (noisy) number of patients scored in it
     observed: float | None  # pooled observed outcome rate in it; None when too few patients to say
-
-
-class SiteRelease(BaseModel):
-    """One site's part in a pooled evaluation, for the model card."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    site: str
-    mode: ReleaseMode
-    epsilon: float | None = None
-    noise_sd: float | None = None
-    cell_floor: int | None = None
-    withheld: str | None = None
-    withheld_reason: str | None = None
 
 
 class PooledEvaluation(BaseModel):
@@ -140,19 +115,6 @@ def hanley_mcneil_se(auroc: float, positives: float, negatives: float) -> float:
     return math.sqrt(max(variance, 1e-12))
 
 
-def feasible(counts: np.ndarray) -> np.ndarray:
-    """The non-negative histogram nearest to `counts` (Euclidean) with the same total (at least 1): the
-    projection onto a scaled simplex (Duchi et al., 2008)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    total = max(float(counts.sum()), 1.0)
-    ordered = np.sort(counts)[::-1]
-    running = np.cumsum(ordered) - total
-    index = np.arange(1, len(counts) + 1)
-    last = index[ordered - running / index > 0][-1]
-    shift = running[last - 1] / last
-    return np.maximum(counts - shift, 0.0)
-
-
 def histogram_auroc(positives: np.ndarray, negatives: np.ndarray) -> float | None:
     """P(a positive scores in a higher stratum than a negative), ties one half; None when a class is empty."""
     p_total, n_total = float(positives.sum()), float(negatives.sum())
@@ -210,9 +172,7 @@ def _metrics(
         if auroc is not None and weight > 0:
             components.append((auroc, weight))
     total_weight = sum(w for _, w in components)
-    out["auroc"] = (
-        min(1.0, max(0.0, sum(a * w for a, w in components) / total_weight)) if total_weight > 0 else None
-    )
+    out["auroc"] = min(1.0, max(0.0, sum(a * w for a, w in components) / total_weight)) if total_weight > 0 else None
     out["loss"] = loss_sum / weight_sum if weight_sum > 0 else None
     out["brier"] = brier_sum / weight_sum if weight_sum > 0 else None
     out["sensitivity"] = _ratio(tp, tp + fn)
@@ -295,17 +255,7 @@ def pool_evaluations(
                 replicates[name].append(value)
 
     def estimate(name: str, bounded: bool = True, why: str | None = None) -> Estimate:
-        value = observed[name]
-        if value is None:
-            return Estimate(note=why or _no_value_reason(releases))
-        spread = replicates[name]
-        if len(spread) < REPLICATES // 2:
-            return Estimate(value=value, note="interval not estimable: the noise often leaves no data")
-        half = Z95 * float(np.std(spread, ddof=1))
-        low, high = value - half, value + half
-        if bounded:
-            low, high = max(0.0, low), min(1.0, high)
-        return Estimate(value=value, low=max(0.0, low), high=high)
+        return interval(observed[name], replicates[name], why or no_value_reason(releases), bounded=bounded)
 
     calibration = []
     if positives is not None:
@@ -337,37 +287,9 @@ def pool_evaluations(
         patients=estimate("patients", bounded=False),
         positives=estimate("positives", bounded=False),
         calibration=calibration,
-        sites=[
-            SiteRelease(
-                site=site,
-                mode=r.mode,
-                epsilon=r.epsilon,
-                noise_sd=r.noise_sd,
-                cell_floor=r.cell_floor,
-                withheld="histograms" if site in mismatched else r.withheld,
-                withheld_reason="released over other strata than the pooled ones; left out"
-                if site in mismatched
-                else r.withheld_reason,
-            )
-            for site, r in releases
-        ],
+        sites=site_releases(releases, mismatched),
         method=_method(len(dp), len(exact), len(releases) - len(dp) - len(exact)),
     )
-
-
-def pool_scores(releases: Sequence[tuple[str, EvaluationRelease]]) -> np.ndarray | None:
-    """The sites' score distributions (stage scores) added and projected to feasible counts; None without any."""
-    grids = [np.asarray(r.scores, dtype=np.float64) for _, r in releases if r.mode == ReleaseMode.DP and r.scores]
-    grids = [g for g in grids if len(g) == len(SCORE_GRID) + 1]
-    return feasible(np.sum(grids, axis=0)) if grids else None
-
-
-def _no_value_reason(releases: Sequence[tuple[str, EvaluationRelease]]) -> str:
-    if releases and all(r.mode == ReleaseMode.WITHHELD or r.withheld for _, r in releases):
-        return WITHHELD
-    if not releases:
-        return "not evaluated: no site released an evaluation"
-    return "not estimable: a class is empty or the noise exceeds the counts"
 
 
 def _method(dp: int, exact: int, withheld: int) -> str:

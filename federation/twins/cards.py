@@ -1,0 +1,77 @@
+"""Pieces of the model card every kind's section uses: estimates as text, site releases, plots as images."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Callable, Sequence
+
+from federation.twins.pooling import SiteRelease
+
+
+def estimate_text(estimate: dict | None, digits: int = 3) -> str:
+    """A stored estimate ({value, low, high, note}) as '0.712 (0.660-0.760)', or why there is none."""
+    if not estimate or estimate.get("value") is None:
+        return (estimate or {}).get("note") or "not estimable"
+    interval = (
+        f" ({estimate['low']:.{digits}f}-{estimate['high']:.{digits}f})" if estimate.get("low") is not None else ""
+    )
+    return f"{estimate['value']:.{digits}f}{interval}"
+
+
+def epsilon_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def releases_html(sites: Sequence[SiteRelease]) -> str:
+    """How each site's evaluation left it (DP, exact under the floor, withheld), as a table."""
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(s.site)}</td><td>{esc(s.mode.value)}</td><td>{epsilon_text(s.epsilon)}</td>"
+        f"<td>{'-' if s.noise_sd is None else f'{s.noise_sd:.2f}'}</td>"
+        f"<td>{esc(s.withheld or '-')}</td><td>{esc(s.withheld_reason or '')}</td></tr>"
+        for s in sites
+    )
+    return f"""<h3>How each site's evaluation left it</h3><table><tr><th>site</th><th>release</th>
+<th>epsilon of this release</th><th>noise s.d. per count</th><th>withheld</th><th>why</th></tr>{rows}</table>"""
+
+
+def png(draw: Callable, size: tuple[float, float] = (5.0, 3.8)) -> str:
+    """A figure drawn by `draw(figure)` as a base64 PNG (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=size)
+    try:
+        draw(figure)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+    finally:
+        plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image(encoded: str, alt: str, width: str = "48%") -> str:
+    return (
+        f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}" style="width:{width}">' if encoded else ""
+    )
+
+
+def calibration_png(points: Sequence[tuple[float, float]], xlabel: str, ylabel: str, title: str = "") -> str:
+    """Predicted against observed, one point per risk group, with the diagonal of perfect calibration."""
+
+    def draw(figure) -> None:
+        axis = figure.add_subplot(1, 1, 1)
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+        axis.plot([p for p, _ in points], [o for _, o in points], marker="o", label="pooled test strata")
+        top = max([p for p, _ in points] + [o for _, o in points] + [0.1])
+        axis.set_xlim(0, min(1.0, top * 1.15))
+        axis.set_ylim(0, min(1.0, top * 1.15))
+        axis.set(title=title or "Calibration (test)", xlabel=xlabel, ylabel=ylabel)
+        axis.legend(fontsize=7)
+
+    return png(draw)

@@ -1,0 +1,136 @@
+"""What a twin kind is: everything about one kind of model, from its study section to its model-card section.
+
+A kind is one module that subclasses `TwinKind` and registers itself (federation.twins.registry), the way an
+Opacus accountant is one class behind one interface. Both sides of a study call the same kind:
+
+* the site builds the model, turns the cohort's labels (or event times) into the targets its loss reads,
+  trains with DP-SGD (the kind's loss and its gradient at the model's outputs are all the trainer needs),
+  and releases its evaluation as the kind's histogram of held-out patients, in which every patient counts
+  in exactly one cell, so one Gaussian mechanism of sensitivity 1 protects it whatever the kind;
+* the coordinator sizes the same model, pools the sites' releases into the kind's metrics, picks the
+  round whose validation metric is best, and writes the kind's section of the model card.
+
+`fit` says how a kind is fitted: `dp_sgd` over patients (every kind today), or `dp_statistics` for kinds
+fitted from noisy aggregates (an arrivals rate, say), which then need no trainer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from federation.contract.protocol import EvaluationRelease
+from federation.contract.spec import EvaluationSpec, StudySpec
+from federation.contract.strata import Strata
+from federation.contract.strict import Strict
+from federation.contract.twin_specs import Target
+
+FitMode = Literal["dp_sgd", "dp_statistics"]
+
+
+@dataclass(frozen=True)
+class ExactEvaluation:
+    """A kind's metrics of a model on a site's own patients, computed exactly (kept at the site, or released
+    as exact aggregates under the cell-count floor).
+
+    `examples` and `with_outcome` (patients with the event) are the counts the floor applies to; `cells` are
+    the finer counts an exact release may add when every one passes the floor (the risk kinds' confusion
+    counts at the threshold), named as the site's disclosure register counts patients ('tp', 'fn', 'fp',
+    'tn': together every patient of the part, 'tp' and 'fn' those with the outcome), and `cell_fields`
+    names each cell's wire field; `metrics` are the kind's values by their wire names (None where not
+    estimable)."""
+
+    examples: int
+    with_outcome: int
+    metrics: dict[str, float | None]
+    cells: dict[str, int]
+    cell_fields: dict[str, str]
+
+
+class TwinKind(ABC):
+    """One kind of twin sub-model. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]  # the `model.kind` a study names
+    spec_type: ClassVar[type[Strict]]  # its section of the study (federation.contract.twin_specs)
+    fit: ClassVar[FitMode] = "dp_sgd"
+    summary: ClassVar[str]  # one line for `study check` and the model card
+    pooled_type: ClassVar[type[BaseModel]]  # what `pool` returns, stored in the run's history and card
+    selection_metric: ClassVar[str]  # the pooled metric (higher is better) that picks the study's round
+
+    @property
+    def targets(self) -> Target:
+        return self.spec_type.targets  # type: ignore[attr-defined]
+
+    # --- the model and its loss ---------------------------------------------------------------------
+
+    @abstractmethod
+    def build(self, spec: Strict, n_features: int) -> nn.Module:
+        """The untrained model (the caller seeds torch so every site and the coordinator get the same)."""
+
+    @abstractmethod
+    def targets_of(self, spec: Strict, labels: np.ndarray, event_days: np.ndarray | None) -> np.ndarray:
+        """What the loss reads for each patient (float32, one row per patient), from the cohort's labels and
+        event times; ValueError naming the problem when they cannot be (a label not 0/1, a time missing)."""
+
+    @abstractmethod
+    def loss(self, spec: Strict, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each patient's loss (n,) from the model's outputs (n, k) and targets: torch operations only, so
+        autograd and Opacus can differentiate it. One patient's loss depends on that patient alone."""
+
+    @abstractmethod
+    def output_gradient(self, spec: Strict, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """d loss_i / d outputs_i (n, k), in closed form: the single-pass DP-SGD engine needs only this."""
+
+    @abstractmethod
+    def risk_logits(self, spec: Strict, outputs: np.ndarray) -> np.ndarray:
+        """Each patient's one risk number as a logit (n,), which the evaluation's risk strata cut."""
+
+    # --- evaluation at a site -----------------------------------------------------------------------
+
+    @abstractmethod
+    def histograms(
+        self, spec: Strict, outputs: np.ndarray, targets: np.ndarray, strata: Strata
+    ) -> dict[str, np.ndarray]:
+        """The counts a DP evaluation release is made of, by wire field: every patient in exactly one cell of
+        all of them together (so the release's sensitivity is 1)."""
+
+    @abstractmethod
+    def check_histograms(self, spec: Strict, release: EvaluationRelease) -> None:
+        """ValueError unless `release` carries this kind's histograms in the shape its strata imply."""
+
+    @abstractmethod
+    def exact(self, spec: Strict, outputs: np.ndarray, targets: np.ndarray, threshold: float) -> ExactEvaluation:
+        """The exact metrics of the model on these patients."""
+
+    # --- at the coordinator -------------------------------------------------------------------------
+
+    @abstractmethod
+    def pool(self, study: StudySpec, releases: Sequence[tuple[str, EvaluationRelease]], *, seed: int = 0) -> BaseModel:
+        """The sites' releases of one part after one round, pooled into this kind's metrics with intervals."""
+
+    @abstractmethod
+    def selection_score(self, pooled: BaseModel) -> float | None:
+        """The pooled value of `selection_metric` (None when not estimable)."""
+
+    @abstractmethod
+    def headline(self, pooled: dict | None) -> str:
+        """The pooled result in a few words ('pooled AUROC 0.71 (0.66-0.76)'), from its stored form."""
+
+    @abstractmethod
+    def card_metrics(self, pooled: BaseModel | None) -> dict[str, object]:
+        """The flat headline figures of the model card's `metrics` (for scripts)."""
+
+    @abstractmethod
+    def card_html(self, study: StudySpec, pooled: BaseModel | None, selection: str) -> str:
+        """The kind's section of the HTML model card: its metrics, tables and plots."""
+
+    def describe(self, spec: Strict, evaluation: EvaluationSpec) -> str:
+        """What the kind computes, in words, for `study check` and the steward's approval."""
+        return self.summary

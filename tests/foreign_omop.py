@@ -29,6 +29,7 @@ from omop_etl.database import open_engine
 
 TYPE_EHR, TYPE_LAB = 32817, 32856
 INPATIENT, EMERGENCY = 9201, 9203
+SEPSIS = 132797  # an admission diagnosis, only with build_foreign_omop(..., admission_diagnoses=True)
 MALE, FEMALE = 8507, 8532
 
 # (concept ids (first is the usual code), prevalence) of the study's chronic conditions.
@@ -159,9 +160,17 @@ def _insert(connection, prefix: str, table: str, rows: list[dict]) -> None:
         )
 
 
-def build_foreign_omop(url: str, schema: str | None = None, persons: int = 600, seed: int = 0) -> ForeignOmop:
-    """Create the OMOP database at `url` (PostgreSQL: in `schema`, created here) and fill it. See the module."""
+def build_foreign_omop(
+    url: str, schema: str | None = None, persons: int = 600, seed: int = 0, *, admission_diagnoses: bool = False
+) -> ForeignOmop:
+    """Create the OMOP database at `url` (PostgreSQL: in `schema`, created here) and fill it. See the module.
+
+    `admission_diagnoses` also records sepsis (SEPSIS) at the admission of the sicker patients (more likely
+    the higher the latent severity), drawn from a generator of its own: without it the database is the same
+    as before, with it the rest of the database is too.
+    """
     rng = np.random.default_rng(seed)
+    diagnoses = np.random.default_rng([seed, 1])
     engine = open_engine(url)
     dialect = engine.dialect.name
     prefix = f'"{schema}".' if schema and dialect == "postgresql" else ""
@@ -269,6 +278,21 @@ def build_foreign_omop(url: str, schema: str | None = None, persons: int = 600, 
                         "measurement_source_concept_id": 0,
                     }
                 )
+        if admission_diagnoses and diagnoses.random() < 1 / (1 + math.exp(-(-1.2 + 1.4 * severity))):
+            condition_id += 1
+            data["condition_occurrence"].append(
+                {
+                    "condition_occurrence_id": condition_id,
+                    "person_id": person_id,
+                    "condition_concept_id": SEPSIS,
+                    "condition_start_date": admitted.date().isoformat(),
+                    "condition_start_datetime": _stamp(admitted),
+                    "condition_type_concept_id": TYPE_EHR,
+                    "condition_status_concept_id": 0,
+                    "condition_source_value": "DXSEPS",
+                    "condition_source_concept_id": 0,
+                }
+            )
         if death_at is not None:
             data["death"].append(
                 {
@@ -306,7 +330,9 @@ def build_foreign_omop(url: str, schema: str | None = None, persons: int = 600, 
             }
         )
 
-    used = {MALE, FEMALE, INPATIENT, EMERGENCY, TYPE_EHR, TYPE_LAB, 756265}
+    used = {MALE, FEMALE, INPATIENT, EMERGENCY, TYPE_EHR, TYPE_LAB, 756265} | (
+        {SEPSIS} if admission_diagnoses else set()
+    )
     used |= {c for concepts, _ in CONDITIONS.values() for c in concepts}
     used |= {m[0] for m in MEASUREMENTS.values()} | {m[1] for m in MEASUREMENTS.values()}
     try:

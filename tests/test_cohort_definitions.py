@@ -34,12 +34,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from federation.contract import StudyError, parse_study
+from federation.contract import StudyError, load_study, parse_study, study_hash
+from federation.contract.protocol import SiteStatus
 from federation.contract.spec import (
     CohortSpec,
     CovariateSpec,
@@ -59,11 +61,16 @@ from federation.contract.spec import (
     ValueRange,
     Window,
 )
+from omop_etl.identity import load_or_create_secret
 from site_node.cohort import StudyDataset, build_dataset
 from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.requirements import count_in_windows
 from site_node.cohort.scaling import value_scale
 from site_node.cohort.selection import select_cohort
+from site_node.config import load_site_config
+from site_node.participation import SiteNode
+from tests.foreign_omop import build_foreign_omop
+from tests.site_helpers import ROOT, fresh_site, initial_state, instruction, write_site
 from tests.test_cohort_features import EHR, Rows, _drop_schema, write
 
 HEART_FAILURE, HF_DESCENDANT, DIABETES = 316139, 444031, 201826
@@ -659,3 +666,85 @@ def test_counting_in_windows_matches_a_plain_loop():
         for p, lo, hi in zip(person, low, high, strict=True)
     ]
     assert counts.tolist() == expected
+
+
+# --- end to end: the example studies on a synthetic hospital and on a database another tool wrote ---------
+
+PERSON_LEVEL = ROOT / "configs" / "study-person-level-example.yaml"
+CROSS_SECTIONAL = ROOT / "configs" / "study-cross-sectional-example.yaml"
+LACTATE = 3047181
+
+
+@pytest.fixture(scope="module")
+def foreign_site(tmp_path_factory) -> Path:
+    """A site over an OMOP database another tool wrote (tests/foreign_omop.py), with sepsis recorded at the
+    admission of the sicker patients; tests copy it with `fresh_site`."""
+    folder = tmp_path_factory.mktemp("foreign-site")
+    url = f"sqlite:///{folder / 'birchwood.sqlite'}"
+    build_foreign_omop(url, persons=900, seed=7, admission_diagnoses=True)
+    secret = folder / "birchwood.secret"
+    load_or_create_secret(secret, create=True)
+    write_site(folder / "site", "birchwood", url, secret)
+    return folder / "site"
+
+
+def _site_dataset(template: Path, spec: StudySpec) -> StudyDataset:
+    config = load_site_config(template / "site.yaml")
+    return build_dataset(config.omop.url, spec, split_key=config.split_key())
+
+
+@pytest.mark.parametrize("site", ["prepared_site", "foreign_site"])
+def test_the_person_level_example_builds_and_trains_a_dp_round(site, request, tmp_path):
+    template = request.getfixturevalue(site)
+    spec = load_study(PERSON_LEVEL)
+    assert not spec.cohort.visit_level
+    ds = _site_dataset(template, spec)
+    assert len(ds) >= 100, len(ds)
+    assert [s.name for s in ds.attrition.steps] == [
+        "index-events", "age", "alive-at-prediction", "observation-period", "exclusion-1", "one-per-person",
+        "consent",
+    ]  # fmt: skip
+    assert 0.03 < float(ds.labels.mean()) < 0.6
+    # the index is a lactate of 2 or more, which the covariate window [-24 h, 0] holds
+    lactate = value_scale([LACTATE]).apply(np.array([2.0]))[0]
+    assert (ds.features[:, ds.feature_names.index("lactate_missing")] == 0).all()
+    assert (ds.features[:, ds.feature_names.index("lactate_max")] >= lactate - 1e-6).all()
+    _train_one_round(template, tmp_path, spec)
+
+
+@pytest.mark.parametrize("site", ["prepared_site", "foreign_site"])
+def test_the_cross_sectional_example_builds_and_trains_a_dp_round(site, request, tmp_path):
+    template = request.getfixturevalue(site)
+    spec = load_study(CROSS_SECTIONAL)
+    assert spec.outcome.diagnostic and spec.outcome.prediction_hours == 0
+    ds = _site_dataset(template, spec)
+    assert len(ds) >= 100, len(ds)
+    assert [s.name for s in ds.attrition.steps] == [
+        "index-events",
+        "age",
+        "alive-at-prediction",
+        "one-per-person",
+        "consent",
+    ]
+    assert 0.03 < float(ds.labels.mean()) < 0.6
+    # every example has each measurement of the panel on its index day, so no value is missing
+    for name in ("wbc", "creatinine", "sodium"):
+        assert (ds.features[:, ds.feature_names.index(f"{name}_missing")] == 0).all()
+    # sepsis is more often diagnosed the day the white cell count is high
+    wbc = ds.features[:, ds.feature_names.index("wbc_max")]
+    assert wbc[ds.labels == 1].mean() > wbc[ds.labels == 0].mean()
+    _train_one_round(template, tmp_path, spec)
+
+
+def _train_one_round(template: Path, tmp_path: Path, spec: StudySpec) -> None:
+    """One DP round at the site, as the coordinator asks for it: approved by hash, budget spent, audited."""
+    node = SiteNode(load_site_config(fresh_site(template, tmp_path / "site")))
+    digest = study_hash(spec)
+    node.governance.approvals.approve(digest, spec.study.id, "test steward")
+    outcome = node.train(instruction(spec), initial_state(spec, node.feature_count(spec)))
+    assert outcome.answer.status == SiteStatus.TRAINED, outcome.answer.reason
+    assert 0 < outcome.answer.epsilon_spent <= spec.privacy.target_epsilon
+    assert outcome.answer.epsilon_spent == pytest.approx(node.governance.ledger.spent(digest))
+    assert outcome.metrics["num-examples"] >= 50
+    assert set(outcome.state_dict) == set(initial_state(spec, node.feature_count(spec)))
+    assert node.governance.audit.verify().ok

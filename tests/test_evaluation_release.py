@@ -15,6 +15,7 @@ from torch import nn
 
 from federation.contract import study_hash
 from federation.contract.protocol import EvaluationRelease, RefusalCode, ReleaseMode, SiteStatus
+from federation.contract.spec import EvaluationSpec
 from federation.contract.strata import Strata
 from federation.twins.risk_pooling import histogram_auroc, pool_evaluations
 from site_node.cohort.dataset import StudyDataset
@@ -294,3 +295,40 @@ def test_adaptive_strata_keep_the_ranking_of_a_model_whose_risks_are_squeezed():
         assert spec.evaluation.threshold in strata.edges and strata.count >= 4
         placed.append(binned(strata))
     assert np.mean(placed) > binned(fixed) + 0.04 and exact - np.mean(placed) < 0.03
+
+
+def test_the_calibration_line_is_the_logistic_recalibration_of_the_strata():
+    from sklearn.linear_model import LogisticRegression
+
+    from federation.twins.risk_pooling import calibration_line
+
+    rng = np.random.default_rng(8)
+    strata = Strata.checked([0.05, 0.1, 0.2, 0.35, 0.5, 0.7], 0.5)
+    risks = strata.representative_risks()
+    logits = np.log(risks / (1 - risks))
+    stratum = rng.integers(0, strata.count, 20_000)
+    # predictions too extreme: the truth is half as steep on the logit scale, and 0.3 higher
+    truth = 1 / (1 + np.exp(-(0.3 + 0.5 * logits[stratum])))
+    outcome = rng.random(len(stratum)) < truth
+    positives = np.bincount(stratum[outcome], minlength=strata.count)
+    negatives = np.bincount(stratum[~outcome], minlength=strata.count)
+    intercept, slope = calibration_line(positives, negatives, risks)
+    reference = LogisticRegression(C=np.inf, tol=1e-10, max_iter=1000).fit(logits[stratum, None], outcome)
+    assert slope == pytest.approx(float(reference.coef_[0, 0]), abs=1e-6) and slope == pytest.approx(0.5, abs=0.05)
+    # the intercept with the slope fixed at 1 makes the predicted events, shifted by it, the observed ones
+    n = positives + negatives
+    assert np.sum(n / (1 + np.exp(-(intercept + logits)))) == pytest.approx(positives.sum(), rel=1e-8)
+    assert intercept > 0  # the truth lies above the predictions where most patients are (low risks)
+    assert calibration_line(positives, np.zeros_like(negatives), risks) is None  # one class: no line
+    release = EvaluationRelease(
+        part="test",
+        mode=ReleaseMode.DP,
+        score_edges=list(strata.edges),
+        positives=positives.tolist(),
+        negatives=negatives.tolist(),
+        noise_sd=1.0,
+    )
+    pooled = pool_evaluations([("a", release)], EvaluationSpec(strata="fixed", score_edges=list(strata.edges)))
+    assert pooled.calibration_slope.value == pytest.approx(slope, abs=0.02)
+    assert pooled.calibration_slope.low < slope < pooled.calibration_slope.high
+    assert pooled.calibration_intercept.low < intercept < pooled.calibration_intercept.high

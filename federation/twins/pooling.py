@@ -102,8 +102,12 @@ def site_releases(
     ]
 
 
-def interval(value: float | None, replicates: list[float], note: str, *, bounded: bool = True) -> Estimate:
-    """`value` with a normal 95% interval from the spread of its replicates (`note` when there is no value)."""
+def interval(
+    value: float | None, replicates: list[float], note: str, *, bounded: bool = True, signed: bool = False
+) -> Estimate:
+    """`value` with a normal 95% interval from the spread of its replicates (`note` when there is no value).
+    `bounded`: a proportion, the interval kept within [0, 1]; otherwise a non-negative quantity (a count, a
+    ratio, a loss), kept at or above 0, unless `signed` (a calibration intercept)."""
     if value is None:
         return Estimate(note=note)
     if len(replicates) < REPLICATES // 2:
@@ -112,4 +116,6 @@ def interval(value: float | None, replicates: list[float], note: str, *, bounded
     low, high = value - half, value + half
     if bounded:
         low, high = max(0.0, low), min(1.0, high)
-    return Estimate(value=value, low=max(0.0, low), high=high)
+    elif not signed:
+        low = max(0.0, low)
+    return Estimate(value=value, low=low, high=high)

@@ -42,6 +42,8 @@ METRIC_NAMES = {
     "ppv": "PPV",
     "npv": "NPV",
     "observed_to_expected": "observed / expected events",
+    "calibration_intercept": "calibration intercept (slope fixed at 1; ideal 0)",
+    "calibration_slope": "calibration slope (ideal 1)",
 }
 
 

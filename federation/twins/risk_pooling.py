@@ -74,6 +74,10 @@ class PooledEvaluation(BaseModel):
     ppv: Estimate
     npv: Estimate
     observed_to_expected: Estimate  # calibration in the large: observed events / predicted events
+    # TRIPOD's calibration line, from the DP histograms: logit P(outcome) = a + b logit(risk); the slope b
+    # (1 is ideal; below 1, predictions too extreme) and the intercept a with b fixed at 1 (0 is ideal)
+    calibration_intercept: Estimate = Estimate(note="not estimated")
+    calibration_slope: Estimate = Estimate(note="not estimated")
     patients: Estimate
     positives: Estimate
     calibration: list[StratumCalibration] = []
@@ -131,6 +135,40 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return min(1.0, max(0.0, numerator / denominator))
 
 
+def calibration_line(positives: np.ndarray, negatives: np.ndarray, risks: np.ndarray) -> tuple[float, float] | None:
+    """(intercept with the slope fixed at 1, slope) of the logistic recalibration of the strata's outcomes on
+    their risks' logits, weighted by their counts: Newton's method on the binomial likelihood (Cox 1958).
+    None when the counts cannot determine a line (one class empty, all patients in one stratum)."""
+    pos, neg = np.asarray(positives, dtype=np.float64), np.asarray(negatives, dtype=np.float64)
+    x = np.log(risks / (1 - risks))
+    n = pos + neg
+    if pos.sum() <= 0 or neg.sum() <= 0 or np.count_nonzero(n > 1e-9) < 2:
+        return None
+
+    def fit(design: np.ndarray, offset: np.ndarray) -> np.ndarray | None:
+        beta = np.zeros(design.shape[1])
+        for _ in range(50):
+            p = 1 / (1 + np.exp(-(design @ beta + offset)))
+            gradient = design.T @ (pos - n * p)
+            hessian = (design * (n * p * (1 - p))[:, None]).T @ design
+            try:
+                step = np.linalg.solve(hessian, gradient)
+            except np.linalg.LinAlgError:
+                return None
+            beta = beta + step
+            if not np.all(np.isfinite(beta)) or np.abs(beta).max() > 50:
+                return None
+            if np.abs(step).max() < 1e-10:
+                return beta
+        return beta
+
+    line = fit(np.column_stack([np.ones_like(x), x]), np.zeros_like(x))
+    in_the_large = fit(np.ones((len(x), 1)), x)
+    if line is None or in_the_large is None:
+        return None
+    return float(in_the_large[0]), float(line[1])
+
+
 def _metrics(
     positives: np.ndarray | None,
     negatives: np.ndarray | None,
@@ -181,6 +219,10 @@ def _metrics(
     out["npv"] = _ratio(tn, tn + fn)
     out["accuracy"] = _ratio(tp + tn, tp + tn + fp + fn)
     out["observed_to_expected"] = observed_events / predicted if predicted > 0 and observed_events > 0 else None
+    line = None
+    if positives is not None and negatives is not None and strata is not None:
+        line = calibration_line(positives, negatives, strata.representative_risks())
+    out["calibration_intercept"], out["calibration_slope"] = line if line is not None else (None, None)
     out["patients"] = tp + fn + fp + tn
     out["positives"] = tp + fn
     return out
@@ -254,8 +296,9 @@ def pool_evaluations(
             if value is not None and math.isfinite(value):
                 replicates[name].append(value)
 
-    def estimate(name: str, bounded: bool = True, why: str | None = None) -> Estimate:
-        return interval(observed[name], replicates[name], why or no_value_reason(releases), bounded=bounded)
+    def estimate(name: str, bounded: bool = True, why: str | None = None, signed: bool = False) -> Estimate:
+        note = why or no_value_reason(releases)
+        return interval(observed[name], replicates[name], note, bounded=bounded, signed=signed)
 
     calibration = []
     if positives is not None:
@@ -284,6 +327,8 @@ def pool_evaluations(
         ppv=estimate("ppv"),
         npv=estimate("npv"),
         observed_to_expected=estimate("observed_to_expected", bounded=False),
+        calibration_intercept=estimate("calibration_intercept", bounded=False, signed=True),
+        calibration_slope=estimate("calibration_slope", bounded=False, signed=True),
         patients=estimate("patients", bounded=False),
         positives=estimate("positives", bounded=False),
         calibration=calibration,

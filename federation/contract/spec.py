@@ -502,7 +502,9 @@ class OutcomeSpec(_Strict):
     @property
     def event_kind(self) -> OutcomeKind:
         """What is looked for: the kind itself, or a time_to_event outcome's event."""
-        return self.event if self.kind == OutcomeKind.TIME_TO_EVENT and self.event is not None else self.kind
+        if self.kind == OutcomeKind.TIME_TO_EVENT:
+            return self.event or OutcomeKind.DEATH
+        return self.kind
 
     @property
     def diagnostic(self) -> bool:

@@ -28,7 +28,9 @@ def tables_read(spec: StudySpec) -> set[str]:
     database without observation periods gives a cohort that says why its observation requirement removed
     everyone, see `requirements`)."""
     covariates, cohort, outcome = spec.covariates, spec.cohort, spec.outcome
-    needed = {"person", "visit_occurrence", "death"}
+    needed = {"person", "death"}
+    if cohort.visit_level:
+        needed.add("visit_occurrence")
     needed |= {EVENT_TABLES[c.domain].table for c in covariates.occurrences}
     needed |= {EVENT_TABLES[c.domain].table for c in covariates.values}
     if covariates.categorical:

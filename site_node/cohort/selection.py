@@ -80,13 +80,18 @@ def cohort_visits(source: OmopSource, cohort: CohortSpec) -> pd.DataFrame:
             source.epoch(visit.c.visit_end_datetime, visit.c.visit_end_date).label("end_s"),
         ).where(visit.c.visit_concept_id.in_(sorted(set(cohort.visit_concept_ids))))
     )
-    columns = {"visit_occurrence_id": "int64", "person_id": "int64", "visit_concept_id": "int64"}
     if frame.empty:
-        return pd.DataFrame(
-            {c: pd.Series(dtype=t) for c, t in {**columns, "start_s": "float64", "end_s": "float64"}.items()}
-        )
-    frame = frame.dropna(subset=["start_s"]).astype(columns)
+        return _empty_visits()
+    frame = frame.dropna(subset=["start_s"]).astype(_VISIT_COLUMNS)
     return frame.astype({"start_s": "float64", "end_s": "float64"})
+
+
+_VISIT_COLUMNS = {"visit_occurrence_id": "int64", "person_id": "int64", "visit_concept_id": "int64"}
+
+
+def _empty_visits() -> pd.DataFrame:
+    columns = {**_VISIT_COLUMNS, "start_s": "float64", "end_s": "float64"}
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
 
 def _persons(source: OmopSource, person_ids: Select) -> pd.DataFrame:
@@ -220,7 +225,7 @@ def _visit_cohort(
 def _person_cohort(
     source: OmopSource, cohort: CohortSpec, outcome: OutcomeSpec, split_key: bytes, labels: dict[str, str]
 ) -> Cohort:
-    no_visits = cohort_visits(source, cohort).iloc[0:0]  # a person-level cohort has no index visits
+    no_visits = _empty_visits()  # a person-level cohort has no index visits (and no readmission)
     events, index_persons = index_events(source, cohort.index)
     persons = _persons(source, index_persons) if not events.empty else pd.DataFrame()
     if events.empty or persons.empty:

@@ -748,3 +748,16 @@ def _train_one_round(template: Path, tmp_path: Path, spec: StudySpec) -> None:
     assert outcome.metrics["num-examples"] >= 50
     assert set(outcome.state_dict) == set(initial_state(spec, node.feature_count(spec)))
     assert node.governance.audit.verify().ok
+
+
+def test_the_example_studies_summarise_their_cohort_and_outcome():
+    person = load_study(PERSON_LEVEL)
+    assert person.cohort.summary().startswith(f"person-level: index first measurement {LACTATE}, age 18-any")
+    assert person.outcome.summary() == "death after 0 h, within 30 days"
+    cross = load_study(CROSS_SECTIONAL)
+    assert cross.outcome.summary() == "condition (diagnostic) from 0 h to 24 h of the index"
+    mortality = load_study(ROOT / "configs" / "study-inpatient-mortality.yaml")
+    assert (
+        mortality.cohort.summary()
+        == "visit-level: visits 9201 (index visit_start), age 18-any; first visit per patient"
+    )

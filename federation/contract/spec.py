@@ -317,6 +317,27 @@ class CohortSpec(_Strict):
     def level(self) -> str:
         return "visit" if self.visit_level else "person"
 
+    def summary(self) -> str:
+        """One line for people (e.g. `twinfed study check`): level, index, age band, criteria, one per person."""
+        index = self.index
+        ages = f"age {self.min_age}-{self.max_age if self.max_age is not None else 'any'}"
+        if self.visit_level:
+            kinds = ", ".join(str(c) for c in sorted(set(self.visit_concept_ids)))
+            start = f"visit-level: visits {kinds} (index {index.event.value})"
+        elif index.event == IndexEvent.DATE:
+            start = f"person-level: everyone in observation on {index.date}"
+        else:
+            concepts = ", ".join(str(c) for c in sorted(set(index.concept_ids)))
+            start = f"person-level: index {index.occurrence.value} {index.event.value} {concepts}"
+        parts = [start, ages]
+        if self.inclusion or self.exclusion:
+            parts.append(f"{len(self.inclusion)} inclusion, {len(self.exclusion)} exclusion criteria")
+        if self.observation_period is not None:
+            needed = self.observation_period
+            parts.append(f"observed {needed.prior_days:g} d before, {needed.after_days:g} d after")
+        unit = "visit" if self.visit_level else "index event"
+        return ", ".join(parts) + f"; {self.one_per_person.value} {unit} per patient"
+
 
 Statistic = Literal["latest", "mean", "min", "max", "count"]
 Demographic = Literal["age", "gender"]
@@ -509,6 +530,14 @@ class OutcomeSpec(_Strict):
     @property
     def diagnostic(self) -> bool:
         return self.timing == OutcomeTiming.DIAGNOSTIC
+
+    def summary(self) -> str:
+        """One line for people (e.g. `twinfed study check`)."""
+        kind = self.kind.value if self.kind != OutcomeKind.TIME_TO_EVENT else f"time to {self.event_kind.value}"
+        if self.diagnostic and self.window is not None:
+            return f"{kind} (diagnostic) from {self.window.start_hours:g} h to {self.window.end_hours:g} h of the index"
+        window = f", within {self.window_days:g} days" if self.window_days else ""
+        return f"{kind} after {self.prediction_hours:g} h{window}"
 
     @model_validator(mode="after")
     def _complete(self) -> OutcomeSpec:

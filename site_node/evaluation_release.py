@@ -11,9 +11,10 @@ Two forms, chosen by the site's policy (`evaluation_release`), never by the coor
   releases (`StudySpec.evaluation_releases`) within `evaluation.epsilon`, like training's noise is for all
   its rounds. With adaptive strata each release has two stages, each a Gaussian mechanism: the scores'
   distribution over a fixed grid (outcomes not involved; `strata_budget_share` of the budget), from which
-  the coordinator places the strata, then the outcome histograms over them. Gaussian mechanisms compose by
-  adding 1/sigma^2, so splitting one release's 1/sigma^2 in those shares costs exactly what one release
-  would.
+  the coordinator places the strata, then the outcome histograms over them, overall and within each
+  subgroup of sex and of age band (`subgroup_budget_share` of the outcome stage, split between the two
+  partitions). Gaussian mechanisms compose by adding 1/sigma^2, so splitting one release's 1/sigma^2 in
+  those shares costs exactly what one release would.
 * `exact`: the kind's exact metrics (risk: the confusion counts at the threshold with AUROC, loss and Brier
   score; survival: the C-index and Brier scores), checked as a whole by the disclosure register
   (site_node.governance.disclosure). The most revealing of four tiers that passes leaves: everything; or
@@ -28,6 +29,8 @@ temporal study can move a patient between parts when their data change, and an o
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 from torch import nn
@@ -49,13 +52,49 @@ DECIMALS = 3
 
 
 def evaluation_noise(spec: StudySpec, delta: float, stage: str = "outcomes") -> float:
-    """The noise standard deviation of each count of one stage, for all the study's planned evaluation
-    releases together to spend `evaluation.epsilon` at `delta` (raises CalibrationError when it cannot)."""
+    """The noise multiplier of one stage of a release as its ledger event, for all the study's planned
+    evaluation releases together to spend `evaluation.epsilon` at `delta` (raises CalibrationError when it
+    cannot). A stage of several Gaussian mechanisms (the outcome histograms and the subgroups' ones) costs
+    what one of this noise would: their 1/sigma^2 add up to it (see `outcome_noise`)."""
     sigma = calibrate_noise(spec.evaluation.epsilon, delta, 1.0, spec.evaluation_releases(), spec.privacy.accountant)
     if spec.evaluation.strata == "fixed":
         return sigma
     share = spec.evaluation.strata_budget_share if stage == "scores" else 1.0 - spec.evaluation.strata_budget_share
     return sigma / float(np.sqrt(share))
+
+
+def outcome_noise(stage_sigma: float, spec: StudySpec) -> tuple[float, float | None]:
+    """(the standard deviation of each overall count, of each subgroup count or None without subgroups) of an
+    outcome stage whose ledger noise multiplier is `stage_sigma`: each way of grouping patients (sex, age
+    band) is a partition released with `subgroup_budget_share / partitions` of the stage's 1/sigma^2, the
+    overall histograms with the rest."""
+    partitions = len(spec.evaluation.subgroups)
+    if not partitions:
+        return stage_sigma, None
+    grouped = spec.evaluation.subgroup_budget_share
+    return stage_sigma / float(np.sqrt(1.0 - grouped)), stage_sigma / float(np.sqrt(grouped / partitions))
+
+
+def subgroup_masks(data: StudyDataset, spec: StudySpec) -> dict[str, np.ndarray]:
+    """Each subgroup the study releases (by label, e.g. 'sex:female', 'age:50-69'), as a mask over `data`.
+
+    Every listed way of grouping is a partition: each patient is in exactly one of its subgroups (sex not
+    recorded as female or male counts as 'other'; every age falls in one band)."""
+    masks: dict[str, np.ndarray] = {}
+    for grouping in spec.evaluation.subgroups:
+        if (grouping == "sex" and data.sex is None) or (grouping == "age" and data.age_years is None):
+            continue  # a dataset made by hand, without who the patients are: no subgroups of that kind
+        if grouping == "sex":
+            sex = np.asarray(data.sex, dtype=object)
+            for label in ("female", "male", "other"):
+                masks[f"sex:{label}"] = sex == label
+        elif grouping == "age":
+            edges = list(spec.evaluation.age_bands)
+            band = np.searchsorted(np.asarray(edges, dtype=np.float64), np.asarray(data.age_years), side="right")
+            names = [f"<{edges[0]}"] + [f"{a}-{b - 1}" for a, b in itertools.pairwise(edges)] + [f"{edges[-1]}+"]
+            for index, label in enumerate(names):
+                masks[f"age:{label}"] = band == index
+    return masks
 
 
 def _noisy(counts: np.ndarray, noise_sd: float) -> list[float]:
@@ -84,17 +123,37 @@ def dp_score_release(
 
 
 def dp_release(
-    model: nn.Module, data: StudyDataset, strata: Strata, part: str, noise_sd: float, spec: StudySpec | None = None
+    model: nn.Module,
+    data: StudyDataset,
+    strata: Strata,
+    part: str,
+    noise_sd: float,
+    spec: StudySpec | None = None,
+    subgroup_sd: float | None = None,
 ) -> EvaluationRelease:
-    """The twin kind's noisy histograms of `data` over `strata` (every patient in exactly one count)."""
+    """The twin kind's noisy histograms of `data` over `strata` (every patient in exactly one count), and with
+    `subgroup_sd` the same within each of the study's subgroups (each partition one more such release)."""
     kind, model_spec, outputs, targets = _scored(spec, model, data)
     histograms = kind.histograms(model_spec, outputs, targets, strata)
+    extra: dict[str, object] = {}
+    if spec is not None and subgroup_sd is not None and spec.evaluation.subgroups:
+        labels, counts = [], []
+        for label, mask in subgroup_masks(data, spec).items():
+            group = kind.histograms(model_spec, outputs[mask], targets[mask], strata)
+            labels.append(label)
+            counts += [value for name in kind.histogram_fields for value in group[name]]
+        extra = {
+            "subgroups": labels,
+            "subgroup_counts": _noisy(np.asarray(counts, dtype=np.float64), subgroup_sd),
+            "subgroup_noise_sd": float(subgroup_sd),
+        }
     return EvaluationRelease(
         part=part,
         mode=ReleaseMode.DP,
         score_edges=list(strata.edges),
         noise_sd=float(noise_sd),
         **{name: _noisy(counts, noise_sd) for name, counts in histograms.items()},
+        **extra,
     )
 
 

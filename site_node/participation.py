@@ -36,7 +36,13 @@ from federation.twins import build_model, kind_of
 from site_node.cohort import CohortError, StudyDataset, most_removed, render_attrition
 from site_node.cohort.cache import cached_dataset
 from site_node.config import SiteConfig
-from site_node.evaluation_release import dp_release, dp_score_release, evaluation_noise, exact_release
+from site_node.evaluation_release import (
+    dp_release,
+    dp_score_release,
+    evaluation_noise,
+    exact_release,
+    outcome_noise,
+)
 from site_node.governance import (
     BudgetRefused,
     Governance,
@@ -881,7 +887,8 @@ class SiteNode:
             if strata is None:
                 release = dp_score_release(model, data, part, sigma, spec)
             else:
-                release = dp_release(model, data, strata, part, sigma, spec)
+                overall, subgroups = outcome_noise(sigma, spec)
+                release = dp_release(model, data, strata, part, overall, spec, subgroups)
             ledger.commit(reservation)
         alone = ledger.epsilon([event], delta, spec.privacy.accountant)
         return release.model_copy(update={"epsilon": alone})

@@ -332,3 +332,17 @@ def test_the_calibration_line_is_the_logistic_recalibration_of_the_strata():
     assert pooled.calibration_slope.value == pytest.approx(slope, abs=0.02)
     assert pooled.calibration_slope.low < slope < pooled.calibration_slope.high
     assert pooled.calibration_intercept.low < intercept < pooled.calibration_intercept.high
+
+
+def test_the_subgroups_share_of_a_release_costs_nothing_more():
+    from site_node.evaluation_release import evaluation_noise, outcome_noise
+
+    spec = study()
+    stage = evaluation_noise(spec, 1e-5, "outcomes")
+    overall, subgroup = outcome_noise(stage, spec)
+    partitions = len(spec.evaluation.subgroups)
+    assert partitions == 2 and subgroup > overall > stage
+    # Gaussian mechanisms of sensitivity 1 compose by adding 1/sigma^2: the stage's ledger event is exact
+    assert 1 / overall**2 + partitions / subgroup**2 == pytest.approx(1 / stage**2)
+    none = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"subgroups": []})})
+    assert outcome_noise(stage, none) == (stage, None)

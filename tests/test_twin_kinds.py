@@ -179,6 +179,15 @@ def test_a_kind_runs_a_dp_round_an_evaluation_pooling_and_a_model_card_at_a_real
     assert score is not None and 0.0 <= score <= 1.0
     assert pooled.patients.value == pytest.approx(test_size, abs=6 * release.noise_sd * np.sqrt(30) + 5)
     assert kind.headline(pooled.model_dump(mode="json"))
+    # performance by subgroup: every sex and age band from the release's subgroup histograms, and the site
+    assert release.subgroups == ["sex:female", "sex:male", "sex:other", "age:<50", "age:50-69", "age:70+"]
+    groups = [(s.group, s.label) for s in pooled.subgroups]
+    assert groups == [(g, label) for g, _, label in (x.partition(":") for x in release.subgroups)] + [
+        ("site", node.config.site_id)
+    ]
+    shown = [s for s in pooled.subgroups if s.note is None]
+    assert all(s.patients.value >= 20 for s in shown)
+    assert sum(s.patients.value for s in shown if s.group == "sex") <= pooled.patients.value + 10 * release.noise_sd
     # the model card, from the stored forms the runner keeps
     folder = tmp_path / "card"
     folder.mkdir()
@@ -200,4 +209,5 @@ def test_a_kind_runs_a_dp_round_an_evaluation_pooling_and_a_model_card_at_a_real
     assert card["model"]["kind"] == name and card["evaluation"]["pooled"] == stored
     assert any(isinstance(v, float) for v in card["metrics"].values()), card["metrics"]
     assert "NaN" not in json.dumps(card) and "<table>" in html and "data:image/png;base64," in html
+    assert "Subgroups (pooled test)" in html
     assert Path(folder / "final-model.pt").exists()

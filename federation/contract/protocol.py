@@ -176,6 +176,13 @@ class EvaluationRelease(_Record):
     positives: list[float] | None = None  # risk kinds: patients with the outcome per stratum
     negatives: list[float] | None = None  # risk kinds: patients without it
     cells: list[float] | None = None  # survival: patients per (stratum, interval, event), flattened in that order
+    # The same histograms within subgroups of patients (TRIPOD): `subgroups` names them ('sex:female',
+    # 'age:50-69', ...), `subgroup_counts` holds each one's histograms in turn (the kind's fields in order),
+    # with noise of standard deviation `subgroup_noise_sd`. Each way of grouping is a partition (every patient
+    # in one sex group and one age band), released with its own share of the release's budget.
+    subgroups: list[str] | None = None
+    subgroup_counts: list[float] | None = None
+    subgroup_noise_sd: float | None = None
     noise_sd: float | None = None
     epsilon: float | None = None  # this release alone, at the study's delta
     examples: int | None = None

@@ -718,18 +718,22 @@ DEFAULT_SCORE_EDGES = (0.02, 0.05, 0.1, 0.2, 0.5)
 class EvaluationSpec(_Strict):
     """How the study is evaluated: the split, the release every site makes, and which model is reported.
 
-    What leaves a site is, by default, a differentially private release: per outcome class, how many held-out
-    patients the model scored in each risk stratum, with Gaussian noise. The coordinator adds the sites'
-    histograms and computes the pooled AUROC, calibration and the threshold metrics from the sum. The
+    What leaves a site is, by default, a differentially private release: the twin kind's histograms of its
+    held-out patients (for a risk score, per outcome class, how many the model scored in each risk stratum),
+    with Gaussian noise. The coordinator adds the sites' histograms and computes the pooled metrics (AUROC,
+    calibration and the threshold metrics; for survival the C-index, Brier score and calibration at the
+    horizon) from the sum. `subgroups` adds the same histograms within each sex and each age band
+    (`age_bands`), with `subgroup_budget_share` of the outcome release's budget: performance by subgroup
+    (TRIPOD), shown in the model card with each site's own. The
     strata are `adaptive` (cut at the quantiles of a first DP release of the same scores without outcomes,
     which takes `strata_budget_share` of each release's budget) or `fixed` at `score_edges`. `epsilon` is
     each site's budget for all of the study's evaluation releases together. A site whose policy says
     `evaluation_release: exact` sends exact aggregates under its cell-count floor instead.
 
-    A validation part, when the split cuts one, is used: every round's model is scored on it, the round
-    with the best pooled validation AUROC is the study's model, and `early_stopping_patience` (if set)
-    ends training after that many rounds without improvement. Without a validation part the last round's
-    model is reported.
+    A validation part, when the split cuts one, is used: every round's model is scored on it, the round with the
+    best pooled validation metric (the kind's: AUROC, C-index) is the study's model, and
+    `early_stopping_patience` (if set) ends training after that many rounds without improvement. Without a
+    validation part the last round's model is reported.
     """
 
     split: SplitSpec = RandomSplit()
@@ -743,6 +747,17 @@ class EvaluationSpec(_Strict):
     epsilon: float = Field(1.0, gt=0, le=20, description="Per site, for all evaluation releases of the study.")
     every_round: bool = Field(False, description="Release test metrics after every round, not only at the end.")
     early_stopping_patience: int | None = Field(None, ge=1)
+    subgroups: list[Literal["sex", "age"]] = Field(
+        default=["sex", "age"],
+        max_length=2,
+        description="Subgroups whose performance each release also carries (TRIPOD); [] releases none.",
+    )
+    age_bands: list[Annotated[int, Field(ge=1, le=120)]] = Field(
+        default=[50, 70], min_length=1, max_length=10, description="Ages (years at the index) that start a new band."
+    )
+    subgroup_budget_share: float = Field(
+        0.3, gt=0, lt=1, description="The share of each outcome release's budget spent on the subgroups."
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> EvaluationSpec:
@@ -754,6 +769,10 @@ class EvaluationSpec(_Strict):
                 f"the threshold {self.threshold:g} must be one of the score_edges (the threshold metrics are read "
                 "off the histograms at a stratum boundary): add it to score_edges"
             )
+        if len(set(self.subgroups)) != len(self.subgroups):
+            raise ValueError("each subgroup grouping (sex, age) is named at most once")
+        if any(b <= a for a, b in itertools.pairwise(self.age_bands)):
+            raise ValueError("age_bands are the ages that start each band, in increasing order")
         if self.early_stopping_patience is not None and not self.split.has_validation:
             raise ValueError(
                 "early_stopping_patience needs a validation part: give the split a validation share (random) or "

@@ -7,7 +7,7 @@ import html
 import io
 from collections.abc import Callable, Sequence
 
-from federation.twins.pooling import SiteRelease
+from federation.twins.pooling import MIN_EVENTS, MIN_PATIENTS, SiteRelease, SubgroupResult
 
 
 def estimate_text(estimate: dict | None, digits: int = 3) -> str:
@@ -35,6 +35,25 @@ def releases_html(sites: Sequence[SiteRelease]) -> str:
     )
     return f"""<h3>How each site's evaluation left it</h3><table><tr><th>site</th><th>release</th>
 <th>epsilon of this release</th><th>noise s.d. per count</th><th>withheld</th><th>why</th></tr>{rows}</table>"""
+
+
+def subgroups_html(subgroups: Sequence[SubgroupResult], metric: str, calibration: str) -> str:
+    """Performance by sex, age band and site (TRIPOD), with what could not be shown and why."""
+    if not subgroups:
+        return "<h3>Subgroups</h3><p>No subgroup was released.</p>"
+    esc = html.escape
+    names = {"sex": "sex", "age": "age band", "site": "site"}
+    rows = "".join(
+        f"<tr><td>{esc(names.get(s.group, s.group))}</td><td>{esc(s.label)}</td>"
+        f"<td>{esc(s.patients.text(0))}</td><td>{esc(s.with_outcome.text(0))}</td>"
+        f"<td>{esc(s.metric.text(3))}</td><td>{esc(s.calibration.text(2))}</td></tr>"
+        for s in subgroups
+    )
+    return f"""<h3>Subgroups (pooled test)</h3><table><tr><th>by</th><th>subgroup</th><th>patients (noisy)</th>
+<th>with the outcome (noisy)</th><th>{esc(metric)} (95% interval)</th><th>{esc(calibration)}</th></tr>{rows}</table>
+<p>Sex and age band from each site's subgroup histograms (their own share of the release's budget); each site
+from its own release alone. A subgroup with fewer than {MIN_PATIENTS} patients or {MIN_EVENTS} with the outcome
+(counted with noise) is not shown.</p>"""
 
 
 def png(draw: Callable, size: tuple[float, float] = (5.0, 3.8)) -> str:

@@ -63,6 +63,7 @@ class TwinKind(ABC):
     summary: ClassVar[str]  # one line for `study check` and the model card
     pooled_type: ClassVar[type[BaseModel]]  # what `pool` returns, stored in the run's history and card
     selection_metric: ClassVar[str]  # the pooled metric (higher is better) that picks the study's round
+    histogram_fields: ClassVar[tuple[str, ...]]  # the release fields `histograms` fills, in their order
 
     @property
     def targets(self) -> Target:
@@ -102,6 +103,10 @@ class TwinKind(ABC):
         all of them together (so the release's sensitivity is 1)."""
 
     @abstractmethod
+    def histogram_sizes(self, spec: Strict, strata: int) -> list[int]:
+        """The length of each of `histogram_fields` over `strata` risk strata."""
+
+    @abstractmethod
     def check_histograms(self, spec: Strict, release: EvaluationRelease) -> None:
         """ValueError unless `release` carries this kind's histograms in the shape its strata imply."""
 
@@ -111,9 +116,20 @@ class TwinKind(ABC):
 
     # --- at the coordinator -------------------------------------------------------------------------
 
-    @abstractmethod
     def pool(self, study: StudySpec, releases: Sequence[tuple[str, EvaluationRelease]], *, seed: int = 0) -> BaseModel:
-        """The sites' releases of one part after one round, pooled into this kind's metrics with intervals."""
+        """The sites' releases of one part after one round, pooled into this kind's metrics with intervals, and
+        the same by subgroup (sex, age band, site: federation.twins.subgroups)."""
+        from federation.twins.subgroups import subgroup_results
+
+        pooled = self.pool_overall(study, releases, seed=seed)
+        pooled.subgroups = subgroup_results(self, study, releases, seed=seed)  # type: ignore[attr-defined]
+        return pooled
+
+    @abstractmethod
+    def pool_overall(
+        self, study: StudySpec, releases: Sequence[tuple[str, EvaluationRelease]], *, seed: int = 0
+    ) -> BaseModel:
+        """The releases pooled into this kind's metrics (its pooled type, with an empty `subgroups`)."""
 
     @abstractmethod
     def selection_score(self, pooled: BaseModel) -> float | None:

@@ -54,6 +54,25 @@ class SiteRelease(BaseModel):
     withheld_reason: str | None = None
 
 
+# A subgroup's metrics are shown only above these pooled (noisy) counts (federation.twins.subgroups).
+MIN_PATIENTS = 20
+MIN_EVENTS = 5
+
+
+class SubgroupResult(BaseModel):
+    """One subgroup's pooled performance (by sex, age band or site), or why it is not shown."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group: str  # 'sex', 'age' or 'site'
+    label: str  # 'female', '50-69', the site's name
+    patients: Estimate
+    with_outcome: Estimate
+    metric: Estimate  # the kind's selection metric (AUROC, C-index)
+    calibration: Estimate  # risk kinds: the calibration slope; survival: observed / expected by the horizon
+    note: str | None = None
+
+
 def feasible(counts: np.ndarray) -> np.ndarray:
     """The non-negative histogram nearest to `counts` (Euclidean) with the same total (at least 1): the
     projection onto a scaled simplex (Duchi et al., 2008)."""

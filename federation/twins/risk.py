@@ -81,6 +81,7 @@ class RiskKind(TwinKind):
     fit = "dp_sgd"
     pooled_type = PooledEvaluation
     selection_metric = "auroc"
+    histogram_fields = ("positives", "negatives")
 
     def targets_of(self, spec, labels: np.ndarray, event_days: np.ndarray | None) -> np.ndarray:
         y = np.asarray(labels, dtype=np.float32)
@@ -97,7 +98,8 @@ class RiskKind(TwinKind):
         return torch.sigmoid(outputs) - targets.unsqueeze(-1)
 
     def risk_logits(self, spec, outputs: np.ndarray) -> np.ndarray:
-        return np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)[:, 0]
+        out = np.asarray(outputs, dtype=np.float64)
+        return out[:, 0] if out.ndim == 2 else out
 
     def histograms(self, spec, outputs: np.ndarray, targets: np.ndarray, strata: Strata) -> dict[str, np.ndarray]:
         y = np.asarray(targets).astype(bool)
@@ -106,6 +108,9 @@ class RiskKind(TwinKind):
             "positives": np.bincount(cells[y], minlength=strata.count),
             "negatives": np.bincount(cells[~y], minlength=strata.count),
         }
+
+    def histogram_sizes(self, spec, strata: int) -> list[int]:
+        return [strata, strata]
 
     def check_histograms(self, spec, release: EvaluationRelease) -> None:
         if release.positives is None or release.negatives is None or not release.score_edges:
@@ -136,7 +141,7 @@ class RiskKind(TwinKind):
             },
         )
 
-    def pool(self, study: StudySpec, releases: Sequence[tuple[str, EvaluationRelease]], *, seed: int = 0):
+    def pool_overall(self, study: StudySpec, releases: Sequence[tuple[str, EvaluationRelease]], *, seed: int = 0):
         return pool_evaluations(releases, study.evaluation, seed=seed)
 
     def selection_score(self, pooled: BaseModel) -> float | None:
@@ -181,6 +186,7 @@ class RiskKind(TwinKind):
 <table><tr><th>metric (pooled, test)</th><th>value (95% interval)</th></tr>{rows}</table>
 <p>Intervals cover both the sampling of held-out patients and the noise the sites added.</p>
 {table}{cards.image(figure, "calibration")}
+{cards.subgroups_html(test.subgroups, "AUROC", "calibration slope")}
 {cards.releases_html(test.sites)}"""
 
 

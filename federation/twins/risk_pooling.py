@@ -42,6 +42,7 @@ from federation.twins.pooling import (
     Z95,
     Estimate,
     SiteRelease,
+    SubgroupResult,
     feasible,
     interval,
     no_value_reason,
@@ -82,6 +83,7 @@ class PooledEvaluation(BaseModel):
     positives: Estimate
     calibration: list[StratumCalibration] = []
     sites: list[SiteRelease] = []
+    subgroups: list[SubgroupResult] = []
     method: str = ""
 
     @property

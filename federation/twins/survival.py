@@ -46,6 +46,7 @@ from federation.twins.pooling import (
     Z95,
     Estimate,
     SiteRelease,
+    SubgroupResult,
     feasible,
     interval,
     no_value_reason,
@@ -89,6 +90,7 @@ class PooledSurvival(BaseModel):
     calibration: list[SurvivalCalibration] = []
     curves: list[StratumCurve] = []
     sites: list[SiteRelease] = []
+    subgroups: list[SubgroupResult] = []
     method: str = ""
 
     @property
@@ -120,6 +122,7 @@ class DiscreteTimeSurvivalKind(TwinKind):
     summary = "a survival model: a discrete-time hazard on the study's grid of intervals"
     pooled_type = PooledSurvival
     selection_metric = "c_index"
+    histogram_fields = ("cells",)
 
     def describe(self, spec: DiscreteTimeSurvivalSpec, evaluation) -> str:
         grid = ", ".join(f"{d:g}" for d in spec.interval_days)
@@ -209,6 +212,9 @@ class DiscreteTimeSurvivalKind(TwinKind):
         flat = np.ravel_multi_index((stratum, where, event), shape)
         return {"cells": np.bincount(flat, minlength=int(np.prod(shape)))}
 
+    def histogram_sizes(self, spec: DiscreteTimeSurvivalSpec, strata: int) -> list[int]:
+        return [int(np.prod(self.cell_shape(spec, strata)))]
+
     def check_histograms(self, spec: DiscreteTimeSurvivalSpec, release: EvaluationRelease) -> None:
         if release.cells is None or not release.score_edges:
             raise ValueError("a survival model's DP release carries its cells and their strata")
@@ -261,7 +267,7 @@ class DiscreteTimeSurvivalKind(TwinKind):
 
     # --- at the coordinator ---------------------------------------------------------------------------
 
-    def pool(
+    def pool_overall(
         self, study: StudySpec, releases: Sequence[tuple[str, EvaluationRelease]], *, seed: int = 0
     ) -> PooledSurvival:
         return pool_survival(self, study, releases, seed=seed)
@@ -322,6 +328,7 @@ histograms compares patients by risk stratum and interval (pairs within one inte
 <table><tr><th>stratum (risk by the horizon)</th><th>predicted survival</th><th>patients (noisy)</th>
 <th>observed survival (life table)</th></tr>{calibration}</table>
 {figures}
+{cards.subgroups_html(test.subgroups, "C-index", "observed / expected")}
 {cards.releases_html(test.sites)}"""
 
 

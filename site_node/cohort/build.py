@@ -13,6 +13,7 @@ from site_node.cohort.consent import denying_person_ids
 from site_node.cohort.dataset import StudyDataset, snapshot_hash
 from site_node.cohort.errors import CohortError
 from site_node.cohort.features import feature_names, series_features, series_names, static_features
+from site_node.cohort.features.demographics import FEMALE, MALE
 from site_node.cohort.index_events import INDEX_DOMAINS
 from site_node.cohort.keyed_hash import check_key
 from site_node.cohort.omop_source import OmopSource
@@ -107,4 +108,11 @@ def build_dataset(
         excluded_by_consent=cohort_size - len(examples),
         snapshot_hash=snapshot_hash(person_ids, features, labels, event_days, series),
         attrition=attrition.with_parts(split, cut),
+        sex=_sex(examples["gender_concept_id"].to_numpy(dtype=np.float64)),
+        age_years=examples["age_years"].to_numpy(dtype=np.float64),
     )
+
+
+def _sex(gender_concept_ids: np.ndarray) -> np.ndarray:
+    """'female', 'male' or 'other' (any other concept, or none recorded) per patient."""
+    return np.where(gender_concept_ids == FEMALE, "female", np.where(gender_concept_ids == MALE, "male", "other"))

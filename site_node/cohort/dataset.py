@@ -64,6 +64,11 @@ class StudyDataset:
     excluded_by_consent: int  # qualifying persons withheld for a denying or withdrawn consent
     snapshot_hash: str  # see `snapshot_hash`
     attrition: Attrition = field(default_factory=Attrition)  # see site_node.cohort.attrition
+    # Who each patient is, for performance by subgroup (evaluation.subgroups): 'female', 'male' or 'other'
+    # (not recorded as either), and age in years at the index. Not model inputs, and never released: only
+    # the kind's histograms within each subgroup leave, noised.
+    sex: np.ndarray | None = None  # '<U6' (n,)
+    age_years: np.ndarray | None = None  # float64 (n,)
 
     def __len__(self) -> int:
         return int(self.person_ids.shape[0])
@@ -94,4 +99,6 @@ class StudyDataset:
                 self.person_ids[rows], self.features[rows], self.labels[rows], event_days, series
             ),
             attrition=self.attrition,
+            sex=None if self.sex is None else self.sex[rows],
+            age_years=None if self.age_years is None else self.age_years[rows],
         )

@@ -9,7 +9,8 @@ memory, not model quality. Each site approves the study through the same governa
 `twinfed site approve`, recorded in its audit log as an approval by "simulation".
 
 The coordinator never imports this package, so it runs this module as a process:
-`python -m site_node.simulated_sites SITES_DIR --study STUDY --sites N --hospital URL SECRET ...`.
+`python -m site_node.simulated_sites SITES_DIR --study STUDY --sites N --hospital URL SECRET ...`; `--study` may
+be repeated (every site approves every study given: the variants of a leave-one-site-out simulation).
 It writes SITES_DIR/sites.yaml, the list of site files in partition order that the ClientApp reads
 (run-config key `simulation-sites`) to know which site a virtual node of Flower's simulation is.
 """
@@ -92,17 +93,26 @@ def approve(site_file: Path, study: Path, note: str) -> str:
 
 
 def prepare_sites(
-    sites_dir: Path, study: Path, count: int, hospitals: list[Hospital], policy: SitePolicy | None = None
+    sites_dir: Path,
+    study: Path | list[Path],
+    count: int,
+    hospitals: list[Hospital],
+    policy: SitePolicy | None = None,
 ) -> Path:
-    """`count` approved site folders under `sites_dir`, hospitals assigned round-robin; returns the site list."""
+    """`count` site folders under `sites_dir`, hospitals assigned round-robin, each approving every study in
+    `study` (one file or several); returns the site list."""
     if not hospitals:
         raise ValueError("a simulation needs at least one OMOP database")
+    studies = [study] if isinstance(study, Path) else list(study)
+    if not studies:
+        raise ValueError("a simulation needs a study to approve")
     policy = policy or SitePolicy()
     files = []
     for index in range(count):
         site = site_id(index, count)
         site_file = write_site(sites_dir / site, site, hospitals[index % len(hospitals)], policy)
-        approve(site_file, study, f"twinfed study simulate: {count} simulated sites")
+        for path in studies:
+            approve(site_file, path, f"twinfed study simulate: {count} simulated sites")
         files.append(str(site_file.resolve()))
     listing = sites_dir / SITE_LIST_FILE
     listing.write_text(yaml.safe_dump(files), encoding="utf-8")
@@ -131,7 +141,10 @@ def site_file_for_partition(listing: str, partition_id: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m site_node.simulated_sites", description=__doc__.split("\n")[0])
     parser.add_argument("sites_dir", type=Path, help="folder for the simulated site folders")
-    parser.add_argument("--study", type=Path, required=True, help="the study file every site approves")
+    parser.add_argument(
+        "--study", type=Path, action="append", required=True,
+        help="a study file every site approves (repeatable: each site approves each)",
+    )  # fmt: skip
     parser.add_argument("--sites", type=int, required=True, help="how many simulated sites")
     parser.add_argument(
         "--hospital", nargs=2, action="append", required=True, metavar=("OMOP_URL", "SECRET_FILE"),

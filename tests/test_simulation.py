@@ -9,6 +9,11 @@ The example study runs with secure aggregation (SecAgg+), so this is also where 
 against plain aggregation: the model the coordinator ends with equals the example-weighted mean of the
 updates the sites released in the last round (each site keeps what it released), within the
 protocol's quantisation step.
+
+Leave one site out (`--leave-one-site-out`) runs with the three synthetic hospitals each in its own OMOP
+database, the usual set-up where it is a real external validation: three variants, each its own run; in each,
+the held-out site trains in no round and releases no validation, its test evaluation is the only one of the
+variant, and the report lists every site with its metric (or why there is none).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from federation.local.simulation import REPORT_FILE
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
 from tests.process_helpers import FLOWER_ENV, TWINFED, processes_mentioning
-from tests.site_helpers import EXAMPLE_STUDY
+from tests.site_helpers import EXAMPLE_STUDY, load_site_omop
 
 SITES = 4
 ROUNDS = 2
@@ -107,3 +112,75 @@ def _released_mean(listing: list[str], spec_hash_prefix: str, round_key: str) ->
         name: sum(r["state_dict"][name].double() * r["num_examples"] for r in releases) / total
         for name in releases[0]["state_dict"]
     }
+
+
+@pytest.fixture(scope="module")
+def three_hospitals(prepared_site: Path, medium_consortium: Path, tmp_path_factory) -> list[tuple[str, str]]:
+    """(OMOP URL, secret file) of each synthetic hospital loaded by the ETL, each its own database."""
+    site = yaml.safe_load((prepared_site / "site.yaml").read_text())
+    hospitals = [(site["omop"]["url"], site["secret_file"])]
+    root = tmp_path_factory.mktemp("hospitals")
+    for name in ("birchwood-general", "cedar-valley"):
+        url, secret = load_site_omop(medium_consortium, name, root / name)
+        hospitals.append((url, str(secret)))
+    return hospitals
+
+
+@pytest.mark.timeout(600)
+def test_leave_one_site_out_holds_each_hospital_out_of_its_own_variant(three_hospitals, prepared_site, tmp_path):
+    raw = yaml.safe_load(EXAMPLE_STUDY.read_text())
+    raw["training"].update({"rounds": ROUNDS, "local_epochs": 1})
+    raw["federation"].update({"min_sites": 2, "secure_aggregation": False})  # two sites train in each variant
+    raw["evaluation"]["split"] = {"kind": "random", "train": 0.6, "validation": 0.2, "test": 0.2}
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    policy = yaml.safe_load((prepared_site / "policy.yaml").read_text())
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump({**policy, "min_cell_count": 1}), encoding="utf-8")
+    out = tmp_path / "loso"
+    databases = [arg for url, secret in three_hospitals for arg in ("--omop", url, "--secret", secret)]
+    done = subprocess.run(
+        [TWINFED, "study", "simulate", str(study), "--sites", "3", "--leave-one-site-out", *databases,
+         "--policy", str(tmp_path / "policy.yaml"), "--out", str(out)],
+        env=FLOWER_ENV, capture_output=True, text=True, timeout=580, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    assert not processes_mentioning(str(out)), "a local simulation SuperLink was left running"
+    printed = " ".join(done.stdout.split())
+    assert "trains in 2 of them" in printed and "external validation (TRIPOD type 3)" in printed
+
+    sites = ["sim-001", "sim-002", "sim-003"]
+    report = json.loads(
+        (out / "studies" / "inpatient-mortality-24h" / "leave-one-site-out" / "loso-report.json").read_text()
+    )
+    assert [row["held_out_site"] for row in report["sites"]] == sites
+    assert report["shared_databases"] is False and report["metric"] == "AUROC"
+    listing = yaml.safe_load((out / "sites" / "sites.yaml").read_text())
+    nodes = {site: SiteNode(load_site_config(Path(file))) for site, file in zip(sites, listing, strict=True)}
+    for (url, _), row in zip(three_hospitals, report["sites"], strict=True):
+        site, others = row["held_out_site"], set(sites) - {row["held_out_site"]}
+        assert row["variant_id"] == f"inpatient-mortality-24h.without-{site}" and row["database"] == url
+        assert row["evaluated"] and row["training_sites"] == sorted(others) and row["held_out_trained_rounds"] == 0
+        assert row["metric"]["value"] is not None or row["reason"], row
+        assert row["internal_validation"] is not None
+
+        run = out / "studies" / row["variant_id"] / "simulation"
+        receipts = read_receipts(run / "receipts.jsonl")
+        train = [r for r in receipts if r.phase == "train"]
+        assert [r.server_round for r in train] == list(range(1, ROUNDS + 1))
+        for receipt in train:
+            assert {s.site_id for s in receipt.sites if s.status == Participation.TRAINED} == others, receipt.summary()
+            assert all(s.status != Participation.TRAINED for s in receipt.sites if s.site_id == site)
+        assert all(s.site_id in others for r in receipts if r.part == "validation" for s in r.sites)
+        tests = [r for r in receipts if r.part == "test"]
+        assert [r.phase for r in tests] == ["strata", "evaluate"], "one test evaluation, the chosen model's"
+        assert all([(s.site_id, s.status) for s in r.sites] == [(site, Participation.EVALUATED)] for r in tests)
+        card = json.loads((run / "model-card.json").read_text())
+        assert card["evaluation"]["held_out_site"] == site and card["sites"][site]["rounds_trained"] == 0
+
+        digest = card["study"]["hash"]
+        for name, node in nodes.items():
+            trained = [e for e in node.governance.audit.entries() if e.kind == "round-trained"]
+            assert sum(e.payload["study_hash"] == digest for e in trained) == (0 if name == site else ROUNDS)
+    for node in nodes.values():
+        assert sum(e.kind == "approved" for e in node.governance.audit.entries()) == 3, "every variant approved"
+        assert node.governance.audit.verify().ok

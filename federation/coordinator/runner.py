@@ -6,6 +6,14 @@ failure), the study stops with a report (not a hang) when fewer than `min_sites`
 state is checkpointed after every round so a killed coordinator resumes, and the site's answers feed
 the model card. Replies are polled at a short interval rather than Grid.send_and_receive's fixed 3 s,
 because that sleep alone would dominate a round on a fast network.
+
+A run may hold one site out (leave-one-site-out, TRIPOD type 3 external validation): before its first
+training round the coordinator asks every node it does not know yet which site it is, with the admission
+query a secure round starts with (checks only: nothing is reserved or spent at any site). The held-out
+site is then sent neither training nor validation (the study's model is chosen on the training sites'
+validation parts), and the test evaluation of the chosen model is asked of it alone. A node whose site is
+not known (it did not answer that query) is not sent training either: it could be the held-out site.
+Receipts say all of this in their notes.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ class RunResult:
     evaluation: dict[str, object] | None = None  # the pooled test evaluation of that model (PooledEvaluation)
     selected_round: int | None = None
     selection: str = ""  # how the model was chosen, in a sentence
+    held_out_site: str | None = None  # leave-one-site-out: the site that did not train and alone was tested
 
 
 @dataclass
@@ -115,6 +124,7 @@ class StudyRunner:
         resume: bool = False,
         on_progress: Callable[[str], None] | None = None,
         node_wait_seconds: float = 120.0,
+        held_out_site: str | None = None,
     ) -> None:
         self.grid = grid
         self.spec = spec
@@ -131,6 +141,11 @@ class StudyRunner:
         # SecAgg+ from the first round when the study asks for it; from the next round on when a site's
         # policy requires it (that site refuses a plain round with code needs-secure-aggregation).
         self.secure = spec.federation.secure_aggregation
+        # Leave-one-site-out: the site (by its own id) that neither trains nor validates, and alone is tested;
+        # its node(s) are learnt from the answers to the admission query sent before training.
+        self.held_out_site = held_out_site or None
+        self.held_out_nodes: set[int] = set()
+        self._waited_for_held_out = False
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -144,11 +159,14 @@ class StudyRunner:
         completed = first_round - 1
         stopped_early = ""
         for server_round in range(first_round, rounds + 1):
-            nodes = self._nodes()
             round_started = time.monotonic()
+            connected = self._nodes(self._held_out_wait())
+            held_out = self._identify(server_round, connected)
+            nodes = self._participants(connected)
             secure = self.secure
             train = self._train_secure if secure else self._train
             trained, train_receipt = train(server_round, nodes, weights)
+            self._note_held_out(train_receipt, held_out)
             trained_sites = train_receipt.count(Participation.TRAINED)
             switched = not secure and self._switch_to_secure_if_asked(train_receipt)
             if switched and trained_sites < self.spec.federation.min_sites:
@@ -159,6 +177,7 @@ class StudyRunner:
                 self.say(f"Round {server_round}: run again with SecAgg+.")
                 secure = True
                 trained, train_receipt = self._train_secure(server_round, nodes, weights)
+                self._note_held_out(train_receipt, held_out)
                 trained_sites = train_receipt.count(Participation.TRAINED)
             if trained_sites < self.spec.federation.min_sites or not trained:
                 reason = (
@@ -240,12 +259,28 @@ class StudyRunner:
             if self.spec.evaluation.split.has_validation:
                 how += f": no round had a pooled validation {self._metric} to choose by"
         test = next((row.get("test") for row in history if row["round"] == chosen and row.get("test")), None)
+        how += "."
+        if self.held_out_site is not None:
+            chosen_on = " and chosen on the training sites' validation parts" if selection.round is not None else ""
+            how += (
+                f" Leave-one-site-out: the model was trained without site {self.held_out_site}{chosen_on}; its test "
+                f"evaluation is asked of {self.held_out_site} alone, whose data it never saw."
+            )
         if test is None and chosen:
-            _, pooled = self._evaluate(chosen, self._nodes(), model, "test")
+            nodes = self._nodes(self._held_out_wait(final=True))
+            unanswered = self._identify(chosen, nodes)
+            if self.held_out_site is not None and not self._participants(nodes, "test"):
+                missing = self._held_out_missing(chosen, nodes, unanswered)
+                how += " " + missing
+                self.say(f"Test evaluation of round {chosen}'s model: not asked. {missing}")
+                reason = early or f"all {rounds} rounds completed"
+                return RunResult("completed", reason, completed, model, history, None, chosen, how, self.held_out_site)
+            _, pooled = self._evaluate(chosen, nodes, model, "test")
             test = pooled.model_dump(mode="json")
-        self.say(f"Test evaluation of round {chosen}'s model: pooled {self._headline(test)}")
+        where = f"at held-out site {self.held_out_site}" if self.held_out_site is not None else "pooled"
+        self.say(f"Test evaluation of round {chosen}'s model: {where} {self._headline(test)}")
         reason = early or f"all {rounds} rounds completed"
-        return RunResult("completed", reason, completed, model, history, test, chosen, how + ".")
+        return RunResult("completed", reason, completed, model, history, test, chosen, how, self.held_out_site)
 
     def _stop(
         self, receipt: RoundReceipt, reason: str, server_round: int, weights: Weights, history: list[dict[str, object]]
@@ -260,6 +295,7 @@ class StudyRunner:
             weights,
             history,
             selection="not evaluated: the study stopped before its last round, so no test release was asked for.",
+            held_out_site=self.held_out_site,
         )
 
     def _start(self) -> tuple[Weights, int, list[dict[str, object]], Selection]:
@@ -272,6 +308,11 @@ class StudyRunner:
                 )
             self.folder.mkdir(parents=True, exist_ok=True)
             self.say(f"Study {self.spec.study.id} ({self.digest[:12]}), run '{self.run_name}': starting at round 1.")
+            if self.held_out_site is not None:
+                self.say(
+                    f"Leave-one-site-out: site {self.held_out_site} is held out: it is not sent training or "
+                    "validation, and the chosen model's test evaluation is asked of it alone."
+                )
             return initial_weights(self.spec), 1, [], Selection()
         self.aggregator.load_state_dict(checkpoint.aggregator_state)
         self.say(
@@ -280,14 +321,115 @@ class StudyRunner:
         selection = Selection(**checkpoint.selection) if checkpoint.selection else Selection()
         return checkpoint.weights, checkpoint.completed_round + 1, list(checkpoint.history), selection
 
-    def _nodes(self) -> list[int]:
-        """The connected sites; waits (bounded) until at least `min_sites` are there."""
+    def _nodes(self, extra: int = 0) -> list[int]:
+        """The connected sites; waits (bounded) until at least `min_sites` (plus `extra`) are there."""
         deadline = time.monotonic() + self.node_wait_seconds
         while True:
             nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.spec.federation.min_sites or time.monotonic() > deadline:
+            if len(nodes) >= self.spec.federation.min_sites + extra or time.monotonic() > deadline:
                 return nodes
             time.sleep(0.5)
+
+    # --- a held-out site (leave-one-site-out) -----------------------------------------------------
+
+    def _held_out_wait(self, final: bool = False) -> int:
+        """How many sites beyond `min_sites` to wait for: the held-out one too, while its node is unknown
+        (once before training and once before the test evaluation, not every round)."""
+        if self.held_out_site is None or self.held_out_nodes:
+            return 0
+        if final or not self._waited_for_held_out:
+            self._waited_for_held_out = True
+            return 1
+        return 0
+
+    def _identify(self, server_round: int, nodes: list[int]) -> list[SiteReceipt]:
+        """Learn which site each connected node is, when a site is held out, before it could be sent training.
+
+        The nodes not known yet get the admission query (the site's checks of the round: study, approval,
+        policy, budget, cohort; nothing reserved, trained or spent); every answer names its site, refusals
+        included. Returns the receipts that belong in the round's train receipt: the held-out site's answer
+        and those of nodes whose site is still unknown (they are not sent training this round)."""
+        if self.held_out_site is None:
+            return []
+        unknown = [node for node in nodes if node not in self.known_sites]
+        if not unknown:
+            return []
+        replies, seconds, _ = self._exchange("query", server_round, unknown, None)
+        receipts = []
+        for node in unknown:
+            receipt = self._site_receipt(node, replies.get(node), seconds.get(node))[0]
+            self._remember(receipt, server_round)
+            if receipt.site_id == self.held_out_site and node in self.known_sites:
+                self.held_out_nodes.add(node)
+                answer = f"its answer: {receipt.code}: {receipt.reason}" if receipt.reason else "it is ready"
+                receipt.reason = (
+                    f"held out (leave-one-site-out): not sent training or validation; asked which site it is by "
+                    f"an admission query (checks only, nothing reserved or spent), {answer}"
+                )
+                receipts.append(receipt)
+            elif node not in self.known_sites:
+                receipt.reason = (
+                    f"not sent this round's training: asked which site it is (a site is held out), it did not say "
+                    f"({receipt.reason}); it could be the held-out site"
+                )
+                receipts.append(receipt)
+        return receipts
+
+    def _participants(self, nodes: list[int], part: str | None = None) -> list[int]:
+        """Who an exchange goes to: every node, or with a held-out site its node(s) for the test part, and for
+        training and validation the nodes known to be other sites."""
+        if self.held_out_site is None:
+            return nodes
+        if part == "test":
+            return [node for node in nodes if node in self.held_out_nodes]
+        return [node for node in nodes if node in self.known_sites and node not in self.held_out_nodes]
+
+    def _held_out_note(self, part: str | None = None) -> str:
+        site = self.held_out_site
+        if site is None:
+            return ""
+        if not self.held_out_nodes:
+            return (
+                f"Leave-one-site-out: held-out site {site} has not answered (not connected, or not answering); "
+                "nodes whose site is not known are not sent training."
+            )
+        nodes = ", ".join(str(n) for n in sorted(self.held_out_nodes))
+        if part == "test":
+            return f"Leave-one-site-out: asked of held-out site {site} (node {nodes}) alone, whose data no round used."
+        what = "validation" if part == "validation" else "training"
+        return f"Leave-one-site-out: held-out site {site} (node {nodes}) is not sent {what}."
+
+    def _note_held_out(self, receipt: RoundReceipt, held_out: list[SiteReceipt]) -> None:
+        """A train receipt names the held-out site (and any node not sent training because its site is unknown)."""
+        if self.held_out_site is None:
+            return
+        receipt.sites.extend(held_out)
+        note = self._held_out_note()
+        receipt.note = f"{receipt.note} {note}".strip() if receipt.note else note
+
+    def _held_out_missing(self, server_round: int, nodes: list[int], unanswered: list[SiteReceipt]) -> str:
+        """The test evaluation cannot be asked: the held-out site is not connected (or never said which node it
+        is; `unanswered`: the nodes that did not say). Receipted, never silent."""
+        site = self.held_out_site
+        if self.held_out_nodes:
+            why = f"held-out site {site} answered earlier and is not connected now"
+        else:
+            why = f"held-out site {site} is not among the answers of the {len(nodes)} connected site(s)"
+        sentence = f"No external validation: {why}, so the test evaluation was not asked of anyone."
+        now = dt.datetime.now(dt.UTC)
+        receipt = RoundReceipt(
+            run_name=self.run_name,
+            server_round=server_round,
+            phase="evaluate",
+            started_at=now,
+            finished_at=now,
+            required_sites=self.spec.federation.min_sites,
+            sites=[*self._absent(server_round, nodes, "test"), *unanswered],
+            part="test",
+            note=sentence,
+        )
+        append_receipt(self.receipts_path, receipt)
+        return sentence
 
     # --- one exchange -----------------------------------------------------------------------------
 
@@ -516,7 +658,9 @@ class StudyRunner:
         """Ask every site for its release on `part` (validation or test) and pool what they released.
 
         With adaptive strata, first the scores' distribution (no outcomes) from every site: the strata are
-        cut at the pooled distribution's quantiles and sent with the outcome stage."""
+        cut at the pooled distribution's quantiles and sent with the outcome stage. With a held-out site,
+        the test part is asked of it alone and the validation part of the other sites."""
+        nodes = self._participants(nodes, part)
         edges, receipts = None, []
         if self.spec.evaluation.strata == "adaptive":
             receipt, released = self._evaluation_exchange(server_round, nodes, weights, part, "scores")
@@ -544,6 +688,8 @@ class StudyRunner:
                 misshapen.append(f"{site} ({exc})")
         pooled = self.kind.pool(self.spec, usable, seed=server_round)
         receipt.note = pooled.method
+        if self.held_out_site is not None:
+            receipt.note += " " + self._held_out_note(part)
         if misshapen:
             receipt.note += " Left out, not releases of this study's kind: " + "; ".join(misshapen) + "."
         _label_non_private(receipt)
@@ -562,7 +708,7 @@ class StudyRunner:
         replies, seconds, started = self._exchange(
             "evaluate", server_round, nodes, weights, part=part, stage=stage, score_edges=edges
         )
-        receipts = self._absent(server_round, nodes)
+        receipts = self._absent(server_round, nodes, part)
         for node in nodes:
             receipt = self._site_receipt(node, replies.get(node), seconds.get(node))[0]
             receipts.append(receipt)
@@ -616,8 +762,11 @@ class StudyRunner:
         if receipt.site_id is not None and answered:
             self.known_sites[receipt.node_id] = (receipt.site_id, server_round)
 
-    def _absent(self, server_round: int, nodes: list[int]) -> list[SiteReceipt]:
-        """Receipts for sites that answered earlier in this run and are not connected now: never silent."""
+    def _absent(self, server_round: int, nodes: list[int], part: str | None = None) -> list[SiteReceipt]:
+        """Receipts for sites that answered earlier in this run and are not connected now: never silent.
+
+        With a held-out site, those of its role only: the held-out site for its test part, the others else."""
+        held_out = self.held_out_site is not None and part == "test"
         return [
             SiteReceipt(
                 node_id=node,
@@ -626,7 +775,7 @@ class StudyRunner:
                 reason=f"answered in round {last}; not connected when round {server_round} started",
             )
             for node, (site_id, last) in sorted(self.known_sites.items())
-            if node not in nodes
+            if node not in nodes and (node in self.held_out_nodes) == held_out
         ]
 
     @staticmethod

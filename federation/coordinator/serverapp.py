@@ -3,8 +3,11 @@
 Run configuration (set by `twinfed study run`): `study` is the study's canonical JSON, base64-encoded
 (TOML-safe, and the hash every site recomputes); `run-name` names the run so that a resumed run keeps
 its checkpoint and its round keys (a site reuses a crashed round's privacy reservation on retry);
-`resume` continues from the last completed round. Outputs go to $TWINFED_COORDINATOR_DIR/studies/
-<study-id>/<run-name>/: receipts.jsonl, checkpoint.pt, model-card.json and model-card.html.
+`resume` continues from the last completed round; `held-out-site` (a site id, empty for none) holds that
+site out of training and validation and asks the chosen model's test evaluation of it alone
+(leave-one-site-out: `twinfed study run/simulate --leave-one-site-out` submit one variant of the study per
+site with it). Outputs go to $TWINFED_COORDINATOR_DIR/studies/<study-id>/<run-name>/: receipts.jsonl,
+checkpoint.pt, model-card.json and model-card.html.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def main(grid: Grid, context: Context) -> None:
     spec = decode_study(str(config.get("study", "")))
     run_name = str(config.get("run-name") or spec.study.id)
     folder = run_folder(spec.study.id, run_name)
+    held_out = str(config.get("held-out-site", "") or "").strip() or None
     print(f"twinfed coordinator: study {spec.study.id}, run '{run_name}', output in {folder}", flush=True)
     runner = StudyRunner(
         grid,
@@ -65,6 +69,7 @@ def main(grid: Grid, context: Context) -> None:
         resume=bool(config.get("resume", False)),
         on_progress=lambda text: print(text, flush=True),
         node_wait_seconds=float(config.get("node-wait-seconds", 120.0)),
+        held_out_site=held_out,
     )
     try:
         result = runner.run()

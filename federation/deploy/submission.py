@@ -9,6 +9,7 @@ canonical JSON, from which every site recomputes the hash it approved.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from federation.common.flower import flower_env
 from federation.contract import StudySpec, canonical_json
 from federation.coordinator.serverapp import encode_study
 from federation.deploy.deployment import CONNECTION_NAME
+from federation.deploy.provision import SITE_ID_PATTERN
 
 APP_NAME = "twinfed-study"
 SIMULATION_SITES_KEY = "simulation-sites"
@@ -46,6 +48,7 @@ study = ""
 run-name = ""
 resume = false
 node-wait-seconds = 120.0
+held-out-site = ""
 {extra_config}"""
 
 
@@ -67,10 +70,18 @@ def study_app(extra_config: str = "") -> Iterator[Path]:
         yield app
 
 
-def run_config_args(spec: StudySpec, run_name: str, resume: bool, node_wait_seconds: float) -> list[str]:
+def run_config_args(
+    spec: StudySpec, run_name: str, resume: bool, node_wait_seconds: float, held_out_site: str | None = None
+) -> list[str]:
+    """The run's settings for the ServerApp; `held_out_site`: the site a leave-one-site-out variant holds out."""
     study = encode_study(canonical_json(spec))
     values = f'study="{study}" run-name="{run_name}" resume={"true" if resume else "false"}'
-    return ["--run-config", values + f" node-wait-seconds={node_wait_seconds}"]
+    values += f" node-wait-seconds={node_wait_seconds}"
+    if held_out_site:
+        if not re.match(SITE_ID_PATTERN, held_out_site):  # also what keeps the quoted TOML value plain
+            raise ValueError(f"held-out site {held_out_site!r} is not a site id")
+        values += f' held-out-site="{held_out_site}"'
+    return ["--run-config", values]
 
 
 def simulation_app() -> AbstractContextManager[Path]:
@@ -95,16 +106,18 @@ def submit(
     run_name: str,
     resume: bool = False,
     node_wait_seconds: float = 120.0,
+    held_out_site: str | None = None,
     stream: bool = True,
 ) -> int:
     """Run `flwr run` for the study over the `twinfed` connection in `flwr_home` (written by `twinfed
     coordinator start`); returns its exit code.
 
     With `stream`, the run's log (the coordinator's progress lines) is followed until the run ends.
+    `held_out_site`: a leave-one-site-out variant's held-out site (federation.coordinator.runner).
     """
     env = flower_env(flwr_home)
     with study_app() as app:
-        settings = run_config_args(spec, run_name, resume, node_wait_seconds)
+        settings = run_config_args(spec, run_name, resume, node_wait_seconds, held_out_site)
         command = [flwr_executable(), "run", str(app), CONNECTION_NAME, *settings]
         if stream:
             command.append("--stream")

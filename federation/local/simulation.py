@@ -12,6 +12,9 @@ the run's `simulation-sites` setting names the list of site files it indexes. Se
 sites usually share one OMOP database: they see the same patients with different splits, so a
 simulation measures coordination time and memory, not model quality.
 
+With `--leave-one-site-out` (federation.local.leave_one_site_out) the same sites approve one variant of the
+study per site, and each variant is its own simulation run here, holding its site out.
+
 The flwr CLI leaves its local SuperLink running after the run; we give it ports of our own (Flower's
 FLWR_LOCAL_SUPERLINK_HTTP_API_PORT / FLWR_LOCAL_CONTROL_API_PORT) so we start a fresh one with our
 environment (TWINFED_COORDINATOR_DIR, no runtime `uv sync`, telemetry off) and can find it by its
@@ -31,6 +34,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from federation.common.flower import flower_env
 from federation.common.processes import free_loopback_port
@@ -105,6 +110,11 @@ class SimulationLayout:
     def study_file(self) -> Path:
         return self.root / "study.json"
 
+    @property
+    def variants(self) -> Path:
+        """Leave-one-site-out: the variant study files every simulated site approves."""
+        return self.root / "variants"
+
     def run_folder(self, spec: StudySpec, run_name: str) -> Path:
         return self.root / "studies" / spec.study.id / run_name
 
@@ -114,7 +124,7 @@ class SimulationLayout:
             raise SimulationError(
                 f"{self.root} is not empty and not a simulation's output folder; choose another --out."
             )
-        for stale in (self.sites, self.flwr_home, self.root / "studies", self.study_file):
+        for stale in (self.sites, self.flwr_home, self.root / "studies", self.study_file, self.variants):
             if stale.is_dir():
                 shutil.rmtree(stale)
             else:
@@ -136,10 +146,18 @@ def _environment(**extra: str) -> dict[str, str]:
     return flower_env(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", **extra)
 
 
-def prepare_sites(layout: SimulationLayout, count: int, hospitals: list[HospitalSource], policy: Path | None) -> Path:
-    """Write and approve `count` site folders (a site-side process); returns the site list file."""
-    command = [sys.executable, "-m", "site_node.simulated_sites", str(layout.sites),
-               "--study", str(layout.study_file), "--sites", str(count)]  # fmt: skip
+def prepare_sites(
+    layout: SimulationLayout,
+    count: int,
+    hospitals: list[HospitalSource],
+    policy: Path | None,
+    studies: list[Path] | None = None,
+) -> Path:
+    """Write `count` site folders, each approving the layout's study (or every file of `studies`), in a
+    site-side process; returns the site list file."""
+    command = [sys.executable, "-m", "site_node.simulated_sites", str(layout.sites), "--sites", str(count)]
+    for study in studies or [layout.study_file]:
+        command += ["--study", str(study)]
     for hospital in hospitals:
         command += ["--hospital", hospital.omop_url, str(hospital.secret_file)]
     if policy is not None:
@@ -205,6 +223,25 @@ class LocalSimulationLink:
                 os.kill(pid, signal.SIGKILL)
 
 
+def simulated_site_ids(count: int) -> list[str]:
+    """The ids site_node.simulated_sites gives `count` simulated sites (sim-001, ...), known before they are
+    written (a leave-one-site-out simulation derives its variants from them); `check_site_ids` checks them."""
+    return [f"sim-{index + 1:0{max(3, len(str(count)))}d}" for index in range(count)]
+
+
+def check_site_ids(site_list: Path, expected: list[str]) -> None:
+    """The site files the site-side process wrote name the sites `expected`, in partition order."""
+    files = yaml.safe_load(site_list.read_text(encoding="utf-8"))
+    found = [yaml.safe_load(Path(file).read_text(encoding="utf-8")).get("site_id") for file in files]
+    if found != expected:
+        raise SimulationError(f"the simulated sites are {found}, not the {expected} the variants were made for")
+
+
+def hospital_of(index: int, hospitals: list[HospitalSource]) -> HospitalSource:
+    """The OMOP database simulated site number `index` (from 0) reads: assigned round-robin."""
+    return hospitals[index % len(hospitals)]
+
+
 def _contains(args: list[str], sequence: list[str]) -> bool:
     return any(args[i : i + len(sequence)] == sequence for i in range(len(args)))
 
@@ -223,6 +260,7 @@ class SimulationSettings:
     run_name: str
     cpus_per_site: int = 1
     node_wait_seconds: float = 60.0
+    held_out_site: str | None = None  # leave-one-site-out: the simulated site this run holds out
 
 
 def run_simulation(
@@ -242,7 +280,7 @@ def run_simulation(
     with simulation_app() as app:
         command = [
             flwr_executable(), "run", str(app), CONNECTION,
-            *run_config_args(spec, settings.run_name, False, settings.node_wait_seconds),
+            *run_config_args(spec, settings.run_name, False, settings.node_wait_seconds, settings.held_out_site),
             *simulation_config_args(site_list),
             "--federation-config", federation, "--stream",
         ]  # fmt: skip
@@ -297,6 +335,7 @@ def build_report(
         "status": card["run"]["status"],
         "reason": card["run"]["reason"],
         "simulated_sites": settings.sites,
+        "held_out_site": settings.held_out_site,
         "cpus": os.cpu_count(),
         "cpus_per_site": settings.cpus_per_site,
         "run_seconds": run_seconds,

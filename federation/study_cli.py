@@ -14,6 +14,7 @@ study_app = typer.Typer(
     help="Write and check a study: cohort, covariates, outcome, twin model, privacy.", no_args_is_help=True
 )
 console = Console()
+plain = Console(soft_wrap=True, highlight=False, markup=False)  # lines that carry paths, ids and site sentences
 
 StudyFile = Annotated[Path, typer.Argument(help="The study YAML file (see configs/study-inpatient-mortality.yaml).")]
 
@@ -61,20 +62,16 @@ def check(study: StudyFile) -> None:
     table = _PlainTable(title=Text(f"{spec.study.id}: {spec.study.title}"), show_header=False)
     table.add_column("part")
     table.add_column("setting", overflow="fold")
-    visits = ", ".join(str(c) for c in spec.cohort.visit_concept_ids)
-    table.add_row(
-        "cohort",
-        f"visits {visits}, age {spec.cohort.min_age}-{spec.cohort.max_age or 'any'}, "
-        f"{spec.cohort.one_per_person.value} stay per patient",
-    )
+    table.add_row("cohort", spec.cohort.summary())
     table.add_row(
         "covariates",
         f"demographics {', '.join(covariates.demographics) or 'none'}; {len(covariates.occurrences)} occurrence, "
         f"{len(covariates.values)} value, {len(covariates.categorical)} categorical, "
         f"{len(covariates.time_series)} time-series covariates",
     )
-    window = f", within {spec.outcome.window_days:g} days" if spec.outcome.window_days else ""
-    table.add_row("outcome", f"{spec.outcome.kind.value} after {spec.outcome.prediction_hours:g} h{window}")
+    table.add_row("outcome", spec.outcome.summary())
+    if spec.study.intended_use:
+        table.add_row("intended use", spec.study.intended_use)
     from federation.twins import kind_of
 
     table.add_row("model", f"{spec.model.kind}: {kind_of(spec.model).describe(spec.model, spec.evaluation)}")
@@ -135,6 +132,22 @@ def run(
     wait_for_sites: Annotated[
         float, typer.Option("--wait-for-sites", min=0, help="Seconds to wait for the study's min_sites to connect.")
     ] = 120.0,
+    leave_one_site_out: Annotated[
+        bool,
+        typer.Option(
+            "--leave-one-site-out",
+            help="External validation: for every registered site, a variant of the study (its own id, hash and "
+            "budget) trained without that site and tested at it alone; ends with a report per held-out site.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="With --leave-one-site-out: write the variants' study files, print their ids and hashes and the "
+            "`twinfed site approve` commands for the stewards, and run nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Run a study on the consortium: submit it to the coordinator and follow its rounds until it ends.
 
@@ -143,6 +156,11 @@ def run(
     checkpoints, the model card in JSON and HTML, the final weights) are written under
     COORDINATOR_DIR/studies/<study-id>/<name>/. Exits with status 1 when the study stopped before its
     last round (for example because fewer than min_sites sites could train).
+
+    With --leave-one-site-out, one variant per site of the consortium's registry runs in turn (outputs under
+    studies/<variant-id>/), and the report goes to studies/<study-id>/leave-one-site-out/loso-report.json;
+    every site must have approved every variant (run --dry-run first to get their files and hashes). Exits
+    with status 1 unless every variant completed with an estimate at its held-out site.
     """
     import json
     import time
@@ -152,6 +170,11 @@ def run(
 
     spec = _load(study)
     layout = CoordinatorLayout(coordinator_dir.resolve())
+    if dry_run and not leave_one_site_out:
+        raise _fail("--dry-run goes with --leave-one-site-out (a plain run has nothing to prepare: see `study hash`).")
+    if leave_one_site_out:
+        _run_leave_one_site_out(spec, layout, name, resume, wait_for_sites, dry_run)
+        return
     if not (layout.cli_home / "config.toml").exists():
         raise _fail(
             f"{layout.cli_home / 'config.toml'} does not exist: start the coordinator first "
@@ -173,6 +196,92 @@ def run(
     console.print(f"Model card: {folder / 'model-card.html'}")
     if result["run"]["status"] != "completed":
         raise typer.Exit(1)
+
+
+def _run_leave_one_site_out(spec, layout, name: str | None, resume: bool, wait: float, dry_run: bool) -> None:
+    from federation.common.keys import ProvisionError
+    from federation.local import leave_one_site_out as loso
+
+    try:
+        found = loso.consortium_variants(spec, layout.root)
+    except (ProvisionError, loso.LeaveOneSiteOutError) as exc:
+        raise _fail(str(exc)) from None
+    files = loso.write_variants(found, layout.studies / spec.study.id / loso.FOLDER)
+    _print_variants(spec, found, files)
+    commands = loso.approval_commands(list(files.values()))
+    if dry_run:
+        plain.print(f"Every site's data steward approves all {len(found)} variants before the run, with:")
+        for command in commands:
+            plain.print(f"  {command}")
+        return
+    if not (layout.cli_home / "config.toml").exists():
+        raise _fail(
+            f"{layout.cli_home / 'config.toml'} does not exist: start the coordinator first "
+            f"(twinfed coordinator start --dir {layout.root})."
+        )
+    if not resume:
+        existing = [
+            str(layout.studies / v.id / (name or v.id))
+            for v in found
+            if (layout.studies / v.id / (name or v.id) / "checkpoint.pt").exists()
+        ]
+        if existing:
+            raise _fail(
+                f"Runs of these variants exist: {', '.join(existing)}; pass --resume to continue them, or --name."
+            )
+    plain.print(
+        "Every site must have approved every variant: a site that has not refuses it (unapproved-study), and the "
+        "report says so (`--dry-run` prints the approval commands)."
+    )
+    report, path = loso.run_on_consortium(
+        spec, found, layout.root, name=name, resume=resume, node_wait_seconds=wait, say=plain.print
+    )
+    _print_report(report, path)
+    missing = {r.held_out_site: r for r in report.sites if r.unapproved_at}
+    for site, result in missing.items():
+        plain.print(
+            f"Variant {result.variant_id} was refused as not approved at {', '.join(result.unapproved_at)}: there, "
+            f"the data steward runs `twinfed site approve {files[site]}`."
+        )
+    if not report.complete:
+        raise typer.Exit(1)
+
+
+def _print_variants(spec, found, files: dict[str, Path]) -> None:
+    from federation.local.leave_one_site_out import budget_statement
+
+    table = _PlainTable(title=Text(f"{spec.study.id}: leave-one-site-out, {len(found)} variants"))
+    for column in ("held-out site", "variant study id", "hash", "study file"):
+        table.add_column(column, overflow="fold")
+    for variant in found:
+        table.add_row(variant.held_out_site, variant.id, variant.hash, str(files[variant.held_out_site]))
+    console.print(table)
+    plain.print(budget_statement(spec, len(found)))
+
+
+def _estimate(estimate, digits: int = 3) -> str:
+    return "-" if estimate is None else estimate.text(digits)
+
+
+def _print_report(report, path: Path) -> None:
+    table = _PlainTable(title=Text(f"{report.study_id}: leave-one-site-out ({report.metric} at each held-out site)"))
+    columns = ("held-out site", "run", f"test {report.metric} (95% CI)", "patients", "internal validation", "note")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in report.sites:
+        patients = row.patients.value if row.patients is not None else None
+        table.add_row(
+            row.held_out_site,
+            row.run_status or "not finished",
+            _estimate(row.metric) if row.evaluated else "-",
+            "-" if patients is None else f"{patients:.0f}",
+            _estimate(row.internal_validation) if report.validation_cut else "not cut",
+            row.reason,
+        )
+    console.print(table)
+    plain.print(report.note)
+    plain.print(report.budget)
+    plain.print(f"Report: {path}")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -208,6 +317,15 @@ def simulate(
     cpus_per_site: Annotated[
         int, typer.Option("--cpus-per-site", min=1, help="CPUs Ray reserves per ClientApp (cores / this run at once).")
     ] = 1,
+    leave_one_site_out: Annotated[
+        bool,
+        typer.Option(
+            "--leave-one-site-out",
+            help="For each simulated site, a variant of the study trained without it and tested at it alone, each "
+            "its own run; ends with a report per held-out site (real external validation only when every site "
+            "has its own OMOP database).",
+        ),
+    ] = False,
 ) -> None:
     """Run the study with N simulated sites in Flower's simulation engine; report time and memory per round.
 
@@ -217,6 +335,11 @@ def simulate(
     databases (assigned round-robin), and approves the study as "simulation". Sites sharing a database
     see the same patients: the simulation measures coordination time and memory, not model quality.
     Writes simulation-report.json next to the model card (OUT/studies/<study-id>/simulation/).
+
+    With --leave-one-site-out every simulated site approves one variant per site, each variant runs as its own
+    simulation (OUT/studies/<variant-id>/simulation/), and loso-report.json goes to
+    OUT/studies/<study-id>/leave-one-site-out/. Exits with status 1 unless every variant completed with an
+    estimate at its held-out site.
     """
     from federation.local.simulation import (
         SimulationError,
@@ -231,6 +354,9 @@ def simulate(
     spec = _load(study)
     if rounds is not None:
         spec = spec.model_copy(update={"training": spec.training.model_copy(update={"rounds": rounds})})
+    if leave_one_site_out:
+        _simulate_leave_one_site_out(spec, sites, omop, secret, omop_dir, out, policy, cpus_per_site)
+        return
     if sites < spec.federation.min_sites:
         raise _fail(f"The study needs at least {spec.federation.min_sites} sites (federation.min_sites), not {sites}.")
     layout = SimulationLayout(out.resolve())
@@ -259,6 +385,26 @@ def simulate(
     console.print(f"Study {report['status']}: {report['reason']}. Report: {layout.run_folder(spec, 'simulation')}")
     console.print(report["note"])
     if report["status"] != "completed":
+        raise typer.Exit(1)
+
+
+def _simulate_leave_one_site_out(spec, sites, omop, secret, omop_dir, out, policy, cpus_per_site) -> None:
+    from federation.local import leave_one_site_out as loso
+    from federation.local.simulation import SimulationError, SimulationLayout, hospitals_from, simulated_site_ids
+
+    layout = SimulationLayout(out.resolve())
+    try:
+        loso.variants(spec, simulated_site_ids(sites))  # refused before anything is written
+        hospitals = hospitals_from(omop or [], secret or [], omop_dir)
+        layout.prepare()
+        plain.print(loso.budget_statement(spec, sites))
+        report, path = loso.simulate(
+            spec, layout, hospitals, sites, policy, cpus_per_site=cpus_per_site, say=plain.print
+        )
+    except (SimulationError, loso.LeaveOneSiteOutError) as exc:
+        raise _fail(str(exc), 1) from None
+    _print_report(report, path)
+    if not report.complete:
         raise typer.Exit(1)
 
 

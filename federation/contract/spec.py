@@ -828,10 +828,15 @@ class FederationSpec(_Strict):
 
 
 class StudyInfo(_Strict):
+    """Who runs the study and what its model is for: the model card's first lines (TRIPOD asks for the
+    intended use and the limitations the developers know of)."""
+
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{1,63}$")
     title: str = Field(min_length=1)
     description: str = ""
     sponsor: str = ""
+    intended_use: str = Field("", description="Who would use the model, for which patients and which decision.")
+    limitations: str = Field("", description="What the model is not for, known weaknesses of its data.")
 
 
 class StudySpec(_Strict):

@@ -1,13 +1,15 @@
 """The model card a study ends with: what was trained, on whose data, at what privacy cost, how well.
 
-JSON for machines, HTML (with plots) for people. It records the study hash and twin code version (what
+JSON for machines, HTML (with plots) for people. It opens with what the model is for and is not (the
+study's intended use and limitations) and whose data trained it (the cohort and outcome in words, the
+sites and the training-set sizes they disclosed). It records the study hash and twin code version (what
 every site approved), the participating sites with the cohort and consent snapshot hashes they reported
 and the epsilon each spent (training and evaluation each alone, and composed), every round's
-participation, which round's model is the study's model and why, and its pooled held-out evaluation:
-AUROC, loss and Brier score, the threshold metrics and calibration, each with its 95% interval, and how
-each site's evaluation left it (DP histograms, exact aggregates under the cell floor, or withheld). A
-value that could not be released says why ("withheld (cell floor)"); it is never NaN. A study run
-without differential privacy says so in its first line. The final weights are saved beside it.
+participation, which round's model is the study's model and why, and its held-out evaluation in the twin
+kind's own terms (federation.twins), each figure with its 95% interval, and how each site's evaluation
+left it (DP histograms, exact aggregates under the cell floor, or withheld). A value that could not be
+released says why ("withheld (cell floor)"); it is never NaN. A study run without differential privacy
+says so in its first line. The final weights are saved beside it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def _sites(folder: Path) -> dict[str, dict]:
                         entry[name] = getattr(site, name)
             if site.status == Participation.TRAINED:
                 entry["rounds_trained"] += 1
+                if site.num_examples is not None:  # the count the site disclosed (0 under its cell floor)
+                    entry["training_examples"] = site.num_examples
                 entry["cohort_snapshot"] = site.cohort_snapshot
                 entry["consent_snapshot"] = site.consent_snapshot
             elif site.status == Participation.EVALUATED and site.evaluation is not None:
@@ -73,8 +77,13 @@ def _card(folder: Path, spec: StudySpec, result) -> dict:
             "title": spec.study.title,
             "hash": study_hash(spec),
             "twin_code_version": twin_code_version(),
+            "sponsor": spec.study.sponsor,
+            "description": spec.study.description,
+            "intended_use": spec.study.intended_use,
+            "limitations": spec.study.limitations,
             "spec": json.loads(canonical_json(spec)),
         },
+        "training_data": _training_data(spec, sites, getattr(result, "held_out_site", None)),
         "run": {"status": result.status, "reason": result.reason, "completed_rounds": result.completed_rounds},
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "privacy": {
@@ -104,12 +113,55 @@ def _card(folder: Path, spec: StudySpec, result) -> dict:
             "part": "test",
             "split": spec.evaluation.split.model_dump(mode="json"),
             "threshold": spec.evaluation.threshold,
+            "held_out_site": getattr(result, "held_out_site", None),  # leave-one-site-out: the only site tested
             "pooled": result.evaluation,
         },
         # The headline figures, flat, for scripts (the kind's); the full pooled evaluation is under evaluation.pooled.
         "metrics": metrics,
         "history": result.history,
     }
+
+
+def _training_data(spec: StudySpec, sites: dict[str, dict], held_out: str | None) -> dict:
+    """Whose data trained the model, in words and the sites' disclosed counts (TRIPOD: the source of data,
+    the participants, the outcome)."""
+    trained = {name: site.get("training_examples") for name, site in sorted(sites.items()) if site["rounds_trained"]}
+    counts = [n for n in trained.values() if n is not None]
+    return {
+        "cohort": spec.cohort.summary(),
+        "outcome": spec.outcome.summary(),
+        "split": spec.evaluation.split.model_dump(mode="json"),
+        "sites": trained,
+        "training_examples": sum(counts) if counts else None,
+        "held_out_site": held_out,
+    }
+
+
+def _training_html(card: dict) -> str:
+    esc = html.escape
+    study, data = card["study"], card["training_data"]
+    use = study.get("intended_use") or "not stated in the study file (study.intended_use)"
+    limits = study.get("limitations") or "not stated in the study file (study.limitations)"
+    sites = ", ".join(
+        f"{esc(name)} ({'count not disclosed' if n is None else 'under its cell floor' if n == 0 else n})"
+        for name, n in data["sites"].items()
+    )
+    if data["training_examples"]:
+        total = f"{data['training_examples']} training examples in all (each site's count in its last round)"
+    else:
+        total = "no training examples disclosed"
+    held_out = (
+        f"<p>Site <b>{esc(data['held_out_site'])}</b> was held out: it trained in no round and alone evaluated the "
+        "model (external validation).</p>"
+        if data.get("held_out_site")
+        else ""
+    )
+    return f"""<h2>Intended use and limitations</h2>
+<p><b>Intended use:</b> {esc(use)}</p>
+<p><b>Limitations:</b> {esc(limits)}</p>
+<h2>Training data</h2>
+<p><b>Cohort:</b> {esc(data["cohort"])}. <b>Outcome:</b> {esc(data["outcome"])}.</p>
+<p><b>Sites that trained</b> (training examples each disclosed): {sites or "none"}; {esc(total)}.</p>{held_out}"""
 
 
 def _privacy_statement(spec: StudySpec, private: bool) -> str:
@@ -234,6 +286,7 @@ twin code {esc(study["twin_code_version"])}.
 Run {esc(run["status"])}: {esc(run["reason"])}. Model: {esc(card["model"]["description"])},
 {card["model"]["parameters"]} parameters ({esc(card["model"]["weights_file"])}).</p>
 <p>{esc(aggregation_text(card.get("aggregation", {})))}</p>
+{_training_html(card)}
 <h2>Held-out performance of the study's model (pooled over sites)</h2>
 {kind.card_html(spec, test, card["model"]["selection"] or "")}
 {figure}

@@ -1,13 +1,16 @@
 """The ground-truth file of a synthetic site: what no real hospital could ever write down.
 
 It lists every injected defect (file, line, record id, rule), every patient's consent history, each
-stay's true outcome probabilities and realized outcomes, the realized missingness per measurement, and
-the Bayes-optimal AUROC of each outcome, so benchmarks can say how close a federated twin gets to the
-best any model could do on these data.
+stay's true outcome probabilities and realized outcomes, the realized missingness per measurement, the
+Bayes-optimal AUROC of each outcome and the C-index of the true risk for time to death, so benchmarks
+can say how close a federated twin gets to the best any model could do on these data.
 
 Information sets: in-hospital death and length of stay > 7 days are predicted 24 hours after
 admission (stays that ended before then are excluded); 30-day readmission is predicted at discharge
-for patients discharged alive before the export date.
+for patients discharged alive before the export date. Time to death within 90 days is ranked at 24
+hours of each patient's first stay alive then, by the true probability of dying in that stay (the
+generator's deaths all happen in hospital; a death in a later stay within the 90 days counts as the
+event too, which no information at 24 hours could rank): censored at the export date.
 """
 
 from __future__ import annotations
@@ -54,6 +57,41 @@ def realized_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     average = first + (counts + 1) / 2.0
     ranks[order] = np.repeat(average, counts)
     return float((ranks[labels].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+def realized_c_index(risk: np.ndarray, time: np.ndarray, event: np.ndarray) -> float:
+    """Harrell's C of `risk` against right-censored times: over the pairs where the earlier time is an event
+    (a censored time equal to an event time counts as the later one), the share in which the earlier one has
+    the higher risk, ties in risk counted half. Sorted by risk, so O(n log n) per distinct time."""
+    risk = np.asarray(risk, dtype=float)
+    time = np.asarray(time, dtype=float)
+    event = np.asarray(event, dtype=bool)
+    keep = np.isfinite(risk) & np.isfinite(time)
+    risk, time, event = risk[keep], time[keep], event[keep]
+    concordant = comparable = 0.0
+    for t in np.unique(time[event]):
+        cases = risk[event & (time == t)]
+        later = np.sort(risk[(time > t) | (~event & (time == t))])
+        if later.size == 0:
+            continue
+        below = np.searchsorted(later, cases, side="left")
+        tied = np.searchsorted(later, cases, side="right") - below
+        concordant += float(np.sum(below + 0.5 * tied))
+        comparable += float(cases.size * later.size)
+    return concordant / comparable if comparable else float("nan")
+
+
+class SurvivalTruth(BaseModel):
+    """How well time to an event can be ranked at best: the generator's true probability of the event by
+    the horizon is the ranking only perfect knowledge of each patient's state gives."""
+
+    information_set: str
+    evaluable_stays: int
+    events: int
+    horizon_days: float
+    bayes_optimal_c_index: float = Field(
+        description="Harrell's C of the true probability of the event by the horizon on these times"
+    )
 
 
 class OutcomeTruth(BaseModel):
@@ -147,6 +185,7 @@ class SiteGroundTruth(BaseModel):
     profile: dict
     export_files: dict[str, int]
     outcomes: dict[str, OutcomeTruth]
+    survival: dict[str, SurvivalTruth] = {}
     missingness: dict[str, MissingnessTruth]
     consent: ConsentSummary
     defects: DefectSummary

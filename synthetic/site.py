@@ -34,6 +34,8 @@ from synthetic.ground_truth import (
     PatientTruth,
     SiteGroundTruth,
     StayTruth,
+    SurvivalTruth,
+    realized_c_index,
 )
 from synthetic.inpatient import (
     COMPLICATION_EVENTS,
@@ -536,7 +538,12 @@ class SiteExporter:
         )
 
 
-def _outcome_truth(stays: list[StayTruth], export_time: float, to_secs) -> dict[str, OutcomeTruth]:
+SURVIVAL_HORIZON_DAYS = 90.0  # configs/study-survival-example.yaml's window
+
+
+def _outcome_truth(
+    stays: list[StayTruth], export_time: float, to_secs
+) -> tuple[dict[str, OutcomeTruth], dict[str, SurvivalTruth]]:
     at_24 = [s for s in stays if s.alive_at_prediction_time and not s.censored]
     death_p = np.array([s.p_in_hospital_death for s in at_24], dtype=float)
     death_y = np.array([s.died_in_hospital for s in at_24], dtype=bool)
@@ -552,7 +559,7 @@ def _outcome_truth(stays: list[StayTruth], export_time: float, to_secs) -> dict[
     ]
     readmit_p = np.array([s.p_readmission_30d for s in readmit], dtype=float)
     readmit_y = np.array([s.readmitted_within_30d for s in readmit], dtype=bool)
-    return {
+    outcomes = {
         "in_hospital_death": OutcomeTruth.from_arrays(
             f"alive in hospital {PREDICTION_HOUR} h after admission; outcome known at export", death_p, death_y
         ),
@@ -563,6 +570,39 @@ def _outcome_truth(stays: list[StayTruth], export_time: float, to_secs) -> dict[
             "discharged alive at least 30 days before the export date; state at discharge", readmit_p, readmit_y
         ),
     }
+    return outcomes, {"death_within_90d": _death_within(stays, export_time, to_secs, SURVIVAL_HORIZON_DAYS)}
+
+
+def _death_within(stays: list[StayTruth], export_time: float, to_secs, horizon_days: float) -> SurvivalTruth:
+    """Time to death from 24 h into each patient's first stay alive then (the example survival study's
+    examples), censored at the horizon or the export date, ranked by the true in-stay death probability."""
+    death_at: dict[str, float] = {}
+    for stay in stays:
+        if stay.died_in_hospital:
+            death_at[stay.patient_id] = to_secs(stay) + (stay.length_of_stay_hours or 0) * 3600.0
+    first: dict[str, StayTruth] = {}
+    for stay in sorted(stays, key=to_secs):
+        if stay.alive_at_prediction_time and stay.p_in_hospital_death is not None:
+            first.setdefault(stay.patient_id, stay)
+    horizon = horizon_days * 86400.0
+    risk, time, event = [], [], []
+    for patient, stay in first.items():
+        origin = to_secs(stay) + PREDICTION_HOUR * 3600.0
+        until = min(horizon, export_time - origin)
+        died = death_at.get(patient, np.inf) - origin
+        risk.append(stay.p_in_hospital_death)
+        event.append(bool(died <= until))
+        time.append(min(died, until) / 86400.0)
+    return SurvivalTruth(
+        information_set=(
+            f"first stay per patient alive in hospital {PREDICTION_HOUR} h after admission; time to death from "
+            f"then, censored at {horizon_days:g} days or the export date; ranked by the true in-stay death probability"
+        ),
+        evaluable_stays=len(risk),
+        events=int(np.sum(event)),
+        horizon_days=horizon_days,
+        bayes_optimal_c_index=realized_c_index(np.array(risk), np.array(time), np.array(event)),
+    )
 
 
 ProgressSink = Callable[[str, str, float], None]
@@ -610,7 +650,7 @@ def generate_site(
         writer.close(factory.instant(timeline.export_time), export_date)
 
     stays = exporter.stay_truth
-    outcomes = _outcome_truth(stays, timeline.export_time, lambda s: exporter.stay_start[s.encounter_id])
+    outcomes, survival = _outcome_truth(stays, timeline.export_time, lambda s: exporter.stay_start[s.encounter_id])
     scheduled = np.sum([b.scheduled for b in timeline.batches], axis=0) if timeline.batches else np.zeros(len(ITEMS))
     recorded = np.sum([b.recorded for b in timeline.batches], axis=0) if timeline.batches else np.zeros(len(ITEMS))
     missingness = {
@@ -657,6 +697,7 @@ def generate_site(
         profile=profile.model_dump(mode="json"),
         export_files={f"{t}.ndjson": n for t, n in writer.lines.items()},
         outcomes=outcomes,
+        survival=survival,
         missingness=missingness,
         consent=ConsentSummary(
             patients=population.n,

@@ -222,6 +222,12 @@ def test_true_probabilities_are_calibrated_and_the_ceiling_is_consistent(medium_
     for _, _, truth in sites(medium_consortium):
         death = truth["outcomes"]["in_hospital_death"]
         assert death["events"] > 10 and 0.02 < death["observed_rate"] < 0.2
+        # time to death within 90 days: one example per patient, every in-stay death of a first stay an event
+        survival = truth["survival"]["death_within_90d"]
+        first_stays = {s["patient_id"] for s in truth["stays"] if s["alive_at_prediction_time"]}
+        assert survival["evaluable_stays"] == len(first_stays) and survival["horizon_days"] == 90
+        assert death["events"] * 0.5 < survival["events"] <= survival["evaluable_stays"]
+        assert 0.6 < survival["bayes_optimal_c_index"] < 0.99
 
 
 def test_index_lists_every_site_with_its_files(medium_consortium):

@@ -9,6 +9,7 @@ kind's loss, and a kind's loss depends on each patient alone (the premise of per
 from __future__ import annotations
 
 import json
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +238,6 @@ def test_a_kind_runs_a_dp_round_an_evaluation_pooling_and_a_model_card_at_a_real
     data = card["training_data"]
     assert data["sites"] == {node.config.site_id: train_size} and data["training_examples"] == train_size
     assert data["cohort"] == spec.cohort.summary() and data["outcome"] == spec.outcome.summary()
-    assert "Research only: ranking by risk." in html and "study.limitations" in html
+    assert "Research only: ranking by risk." in html and escape(spec.study.limitations) in html
     assert f"{node.config.site_id} ({train_size})" in html
     assert Path(folder / "final-model.pt").exists()

@@ -20,6 +20,14 @@ def estimate_text(estimate: dict | None, digits: int = 3) -> str:
     return f"{estimate['value']:.{digits}f}{interval}"
 
 
+def metric_rows(pooled, names: dict[str, str], digits: int = 3) -> str:
+    """Table rows of a pooled evaluation's estimates, one per metric, labelled for people."""
+    return "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{html.escape(getattr(pooled, name).text(digits))}</td></tr>"
+        for name, label in names.items()
+    )
+
+
 def epsilon_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 

@@ -138,3 +138,16 @@ def interval(
     elif not signed:
         low = max(0.0, low)
     return Estimate(value=value, low=low, high=high)
+
+
+def method_sentence(dp_released: str, dp: int, exact: int, withheld: int) -> str:
+    """How the sites' evaluations were pooled, in a sentence; `dp_released` says what a DP site released and
+    how it was pooled (the kind's words)."""
+    parts = []
+    if dp:
+        parts.append(f"{dp} site(s) released {dp_released}")
+    if exact:
+        parts.append(f"{exact} site(s) released exact aggregates under their cell-count floor")
+    if withheld:
+        parts.append(f"{withheld} site(s) withheld their evaluation (cell floor)")
+    return "; ".join(parts) + "." if parts else "No site released an evaluation."

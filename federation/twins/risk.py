@@ -165,10 +165,7 @@ class RiskKind(TwinKind):
         test: PooledEvaluation | None = pooled  # type: ignore[assignment]
         if test is None:
             return f"<p>Not evaluated: {esc(selection)}</p>"
-        rows = "".join(
-            f"<tr><td>{esc(label)}</td><td>{esc(getattr(test, name).text(3))}</td></tr>"
-            for name, label in METRIC_NAMES.items()
-        )
+        rows = cards.metric_rows(test, METRIC_NAMES)
         calibration = "".join(
             f"<tr><td>{esc(c.stratum)}</td><td>{c.risk:.3f}</td><td>{c.patients:.0f}</td>"
             f"<td>{'-' if c.observed is None else f'{c.observed:.3f}'}</td></tr>"

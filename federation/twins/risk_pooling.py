@@ -45,6 +45,7 @@ from federation.twins.pooling import (
     SubgroupResult,
     feasible,
     interval,
+    method_sentence,
     no_value_reason,
     site_releases,
 )
@@ -339,15 +340,11 @@ def pool_evaluations(
     )
 
 
+DP_RELEASED = (
+    "differentially private score histograms, pooled into one histogram from which "
+    "every metric is computed (loss and Brier score at each stratum's representative risk)"
+)
+
+
 def _method(dp: int, exact: int, withheld: int) -> str:
-    parts = []
-    if dp:
-        parts.append(
-            f"{dp} site(s) released differentially private score histograms, pooled into one histogram from which "
-            "every metric is computed (loss and Brier score at each stratum's representative risk)"
-        )
-    if exact:
-        parts.append(f"{exact} site(s) released exact aggregates under their cell-count floor")
-    if withheld:
-        parts.append(f"{withheld} site(s) withheld their evaluation (cell floor)")
-    return "; ".join(parts) + "." if parts else "No site released an evaluation."
+    return method_sentence(DP_RELEASED, dp, exact, withheld)

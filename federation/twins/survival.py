@@ -49,6 +49,7 @@ from federation.twins.pooling import (
     SubgroupResult,
     feasible,
     interval,
+    method_sentence,
     no_value_reason,
     site_releases,
 )
@@ -294,10 +295,7 @@ class DiscreteTimeSurvivalKind(TwinKind):
         test: PooledSurvival | None = pooled  # type: ignore[assignment]
         if test is None:
             return f"<p>Not evaluated: {esc(selection)}</p>"
-        rows = "".join(
-            f"<tr><td>{esc(label)}</td><td>{esc(getattr(test, name).text(3))}</td></tr>"
-            for name, label in METRIC_NAMES.items()
-        )
+        rows = cards.metric_rows(test, METRIC_NAMES)
         calibration = "".join(
             f"<tr><td>{esc(c.stratum)}</td><td>{c.predicted_survival:.3f}</td><td>{c.patients:.0f}</td>"
             f"<td>{'-' if c.observed_survival is None else f'{c.observed_survival:.3f}'}</td></tr>"
@@ -474,18 +472,14 @@ def _with_exact(
     return out, replicates
 
 
+DP_RELEASED = (
+    "differentially private histograms of their held-out patients by risk stratum, "
+    "interval and event, pooled into one histogram from which every metric is computed"
+)
+
+
 def _method(dp: int, exact: int, withheld: int) -> str:
-    parts = []
-    if dp:
-        parts.append(
-            f"{dp} site(s) released differentially private histograms of their held-out patients by risk stratum, "
-            "interval and event, pooled into one histogram from which every metric is computed"
-        )
-    if exact:
-        parts.append(f"{exact} site(s) released exact aggregates under their cell-count floor")
-    if withheld:
-        parts.append(f"{withheld} site(s) withheld their evaluation (cell floor)")
-    return "; ".join(parts) + "." if parts else "No site released an evaluation."
+    return method_sentence(DP_RELEASED, dp, exact, withheld)
 
 
 register(DiscreteTimeSurvivalKind())

@@ -31,7 +31,6 @@ read as that day's 00:00):
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -71,7 +70,7 @@ from site_node.config import load_site_config
 from site_node.participation import SiteNode
 from tests.foreign_omop import build_foreign_omop
 from tests.site_helpers import ROOT, fresh_site, initial_state, instruction, write_site
-from tests.test_cohort_features import EHR, Rows, _drop_schema, write
+from tests.test_cohort_features import EHR, Rows, database_of, write
 
 HEART_FAILURE, HF_DESCENDANT, DIABETES = 316139, 444031, 201826
 WARFARIN, VENTILATION = 1310149, 4230167
@@ -192,16 +191,7 @@ def definitions_db(request, tmp_path_factory) -> Iterator[tuple[str, str | None]
 
 def definitions_database(request, tmp_path_factory) -> Iterator[tuple[str, str | None]]:
     """The fixture's body, for other modules' fixtures (tests/test_outcomes.py)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('definitions') / 'omop.sqlite'}"
-        write(url, None, definition_rows())
-        yield url, None
-        return
-    url = request.getfixturevalue("pg_url")
-    schema = f"definitions_{uuid.uuid4().hex[:10]}"
-    write(url, schema, definition_rows())
-    yield url, schema
-    _drop_schema(url, schema)
+    yield from database_of(request, tmp_path_factory, "definitions", definition_rows())
 
 
 def sqlite_copy(tmp_path, rows: Rows | None = None) -> tuple[str, None]:

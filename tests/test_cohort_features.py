@@ -371,14 +371,20 @@ def write(url: str, schema: str | None, rows: Rows) -> None:
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def hand_made(request, tmp_path_factory) -> Iterator[tuple[str, str | None]]:
     """(url, schema) of the hand-made database on SQLite, then on PostgreSQL in a fresh schema (read only)."""
+    yield from database_of(request, tmp_path_factory, "cohort", hand_made_rows())
+
+
+def database_of(request, tmp_path_factory, name: str, rows: Rows) -> Iterator[tuple[str, str | None]]:
+    """A module fixture's (url, schema) of `rows` written on the fixture's backend: a SQLite file, or a fresh
+    PostgreSQL schema dropped afterwards (for other modules' fixtures too)."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('hand-made') / 'omop.sqlite'}"
-        write(url, None, hand_made_rows())
+        url = f"sqlite:///{tmp_path_factory.mktemp(name) / 'omop.sqlite'}"
+        write(url, None, rows)
         yield url, None
         return
     url = request.getfixturevalue("pg_url")
-    schema = f"cohort_{uuid.uuid4().hex[:10]}"
-    write(url, schema, hand_made_rows())
+    schema = f"{name}_{uuid.uuid4().hex[:10]}"
+    write(url, schema, rows)
     yield url, schema
     _drop_schema(url, schema)
 

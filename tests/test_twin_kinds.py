@@ -183,6 +183,11 @@ def test_a_kind_runs_a_dp_round_an_evaluation_pooling_and_a_model_card_at_a_real
     assert score is not None and 0.0 <= score <= 1.0
     assert pooled.patients.value == pytest.approx(test_size, abs=6 * release.noise_sd * np.sqrt(30) + 5)
     assert kind.headline(pooled.model_dump(mode="json"))
+    # the lines the demo prints: calibration, then the metric by sex, by age and by site
+    lines = kind.validation_lines(pooled.model_dump(mode="json"))
+    assert lines[0].startswith(("calibration slope", "observed / expected"))
+    by = [f"{kind.selection_label} by {group}" for group in ("sex", "age", "site")]
+    assert [line.split(":")[0] for line in lines[1:]] == by
     # performance by subgroup: every sex and age band from the release's subgroup histograms, and the site
     assert release.subgroups == ["sex:female", "sex:male", "sex:other", "age:<50", "age:50-69", "age:70+"]
     groups = [(s.group, s.label) for s in pooled.subgroups]

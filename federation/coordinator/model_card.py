@@ -267,7 +267,7 @@ def _html(card: dict, spec: StudySpec) -> str:
     kind = kind_of(spec.model)
     test = kind.pooled_type.model_validate(pooled) if pooled else None
     rows = "".join(_site_row(name, site) for name, site in sorted(card["sites"].items()))
-    label = {"auroc": "AUROC", "c_index": "C-index"}.get(kind.selection_metric, kind.selection_metric)
+    label = kind.selection_label
     selected = card["model"].get("selected_round")
     image = _figure_png(card["history"], kind.selection_metric, label, pooled, selected) if card["history"] else ""
     figure = f'<img alt="rounds" src="data:image/png;base64,{image}" style="width:100%">' if image else ""

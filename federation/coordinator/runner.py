@@ -744,7 +744,7 @@ class StudyRunner:
     @property
     def _metric(self) -> str:
         """The pooled metric that picks the study's model, as people name it."""
-        return {"auroc": "AUROC", "c_index": "C-index"}.get(self.kind.selection_metric, self.kind.selection_metric)
+        return self.kind.selection_label
 
     def _headline(self, pooled: dict | None) -> str:
         return self.kind.headline(pooled) if pooled else "n/a"

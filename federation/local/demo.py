@@ -179,6 +179,7 @@ def write_report(
     """The demo's report folder: the model card (with its plots), receipts and each site's audit result."""
     from federation.contract import load_study
     from federation.coordinator.model_card import aggregation_text
+    from federation.twins import kind_of
 
     spec = load_study(study)
     run_folder = root / "studies" / spec.study.id / spec.study.id
@@ -191,7 +192,10 @@ def write_report(
         f"<td>{html.escape((done.stdout or done.stderr).strip())}</td></tr>"
         for site, done in sorted(audits.items())
     )
-    summary = f"pooled held-out AUROC {card['metrics']['held_out_auroc_text']}"
+    kind = kind_of(spec.model)
+    pooled = card["evaluation"]["pooled"]
+    summary = f"pooled held-out {kind.headline(pooled)}" if pooled else f"not evaluated: {card['model']['selection']}"
+    validation = kind.validation_lines(pooled)
     privacy = card["privacy"]["statement"]
     index = report / "index.html"
     index.write_text(
@@ -200,9 +204,11 @@ def write_report(
 table{{border-collapse:collapse}}</style></head><body><h1>twinfed demo: {html.escape(spec.study.title)}</h1>
 <p><b>{html.escape(privacy)}</b></p>
 <p>Run {html.escape(card["run"]["status"])}: {html.escape(card["run"]["reason"])}; {html.escape(summary)}.</p>
+<ul>{"".join(f"<li>{html.escape(line)}</li>" for line in validation)}</ul>
 <p>{html.escape(aggregation_text(card.get("aggregation", {})))}</p>
-<p><a href="model-card.html">Model card</a> (loss and AUROC per round, epsilon per site per round, participation,
-study hash, per-site epsilon and snapshot hashes) &middot; <a href="model-card.json">JSON</a> &middot;
+<p><a href="model-card.html">Model card</a> (intended use, training data, the metric per round, calibration,
+subgroups, epsilon per site per round, participation, study hash, per-site epsilon and snapshot hashes)
+&middot; <a href="model-card.json">JSON</a> &middot;
 <a href="receipts.jsonl">participation receipts</a></p>
 <h2>Audit log verification at each site</h2><table><tr><th>site</th><th>result</th><th>detail</th></tr>{rows}</table>
 </body></html>""",
@@ -210,5 +216,8 @@ study hash, per-site epsilon and snapshot hashes) &middot; <a href="model-card.j
     )
     for site, done in sorted(audits.items()):
         say(f"Audit log at {site}: {'verified' if done.returncode == 0 else 'FAILED: ' + done.stdout + done.stderr}")
-    say(f"Study {card['run']['status']}: {summary}. Report: {index}")
+    say(f"Study {card['run']['status']}: {summary}.")
+    for line in validation:
+        say(f"  {line}")
+    say(f"Report: {index}")
     return index

@@ -45,7 +45,6 @@ HASH_CHARS = 8
 FOLDER = "leave-one-site-out"  # under studies/<study-id>/: the variant files and the report
 REPORT_FILE = "loso-report.json"
 UNAPPROVED = "unapproved-study"
-METRIC_NAMES = {"auroc": "AUROC", "c_index": "C-index"}
 SHARED_DATABASES = (
     "Simulated sites share OMOP databases ({sites} sites over {databases} database(s)): a held-out site's "
     "patients are also patients of sites that trained (with other splits), so this leave-one-site-out measures "
@@ -279,7 +278,7 @@ def held_out_result(
         result.reason = (
             f"round {result.selected_round}'s model, trained at {', '.join(result.training_sites) or 'no site'}"
             if result.metric.value is not None
-            else f"{METRIC_NAMES.get(kind.selection_metric, kind.selection_metric)} not estimable at {site}: "
+            else f"{kind.selection_label} not estimable at {site}: "
             f"{result.metric.note or 'the noise leaves it undetermined'}"
         )
     elif result.run_status != "completed":
@@ -307,7 +306,7 @@ def build_report(
         study_id=spec.study.id,
         study_hash=study_hash(spec),
         title=spec.study.title,
-        metric=METRIC_NAMES.get(kind.selection_metric, kind.selection_metric),
+        metric=kind.selection_label,
         validation_cut=spec.evaluation.split.has_validation,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         sites=results,

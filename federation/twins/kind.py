@@ -31,6 +31,7 @@ from federation.contract.spec import EvaluationSpec, StudySpec
 from federation.contract.strata import Strata
 from federation.contract.strict import Strict
 from federation.contract.twin_specs import Target
+from federation.twins.cards import estimate_text
 
 FitMode = Literal["dp_sgd", "dp_statistics"]
 
@@ -63,6 +64,7 @@ class TwinKind(ABC):
     summary: ClassVar[str]  # one line for `study check` and the model card
     pooled_type: ClassVar[type[BaseModel]]  # what `pool` returns, stored in the run's history and card
     selection_metric: ClassVar[str]  # the pooled metric (higher is better) that picks the study's round
+    selection_label: ClassVar[str]  # its name for people: 'AUROC', 'C-index'
     histogram_fields: ClassVar[tuple[str, ...]]  # the release fields `histograms` fills, in their order
 
     @property
@@ -138,6 +140,24 @@ class TwinKind(ABC):
     @abstractmethod
     def headline(self, pooled: dict | None) -> str:
         """The pooled result in a few words ('pooled AUROC 0.71 (0.66-0.76)'), from its stored form."""
+
+    @abstractmethod
+    def calibration_text(self, pooled: dict | None) -> str:
+        """The pooled calibration in a few words ('calibration slope 0.95 (0.80-1.10)'), from its stored form."""
+
+    def validation_lines(self, pooled: dict | None) -> list[str]:
+        """The calibration and each subgroup's metric, for people (the demo's summary, command output); a
+        subgroup too small to show says so."""
+        if not pooled:
+            return []
+        lines = [self.calibration_text(pooled)]
+        groups: dict[str, list[str]] = {}
+        for subgroup in pooled.get("subgroups") or []:
+            metric = subgroup.get("metric") or {}
+            shown = subgroup.get("note") or estimate_text(metric, 2)
+            groups.setdefault(subgroup["group"], []).append(f"{subgroup['label']} {shown}")
+        lines += [f"{self.selection_label} by {group}: " + "; ".join(parts) for group, parts in groups.items()]
+        return lines
 
     @abstractmethod
     def card_metrics(self, pooled: BaseModel | None) -> dict[str, object]:

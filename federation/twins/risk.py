@@ -81,6 +81,7 @@ class RiskKind(TwinKind):
     fit = "dp_sgd"
     pooled_type = PooledEvaluation
     selection_metric = "auroc"
+    selection_label = "AUROC"
     histogram_fields = ("positives", "negatives")
 
     def targets_of(self, spec, labels: np.ndarray, event_days: np.ndarray | None) -> np.ndarray:
@@ -149,6 +150,12 @@ class RiskKind(TwinKind):
 
     def headline(self, pooled: dict | None) -> str:
         return f"AUROC {cards.estimate_text((pooled or {}).get('auroc'))}"
+
+    def calibration_text(self, pooled: dict | None) -> str:
+        pooled = pooled or {}
+        slope = cards.estimate_text(pooled.get("calibration_slope"), 2)
+        intercept = cards.estimate_text(pooled.get("calibration_intercept"), 2)
+        return f"calibration slope {slope}, intercept {intercept}"
 
     def card_metrics(self, pooled: BaseModel | None) -> dict[str, object]:
         test: PooledEvaluation | None = pooled  # type: ignore[assignment]

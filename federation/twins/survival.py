@@ -123,6 +123,7 @@ class DiscreteTimeSurvivalKind(TwinKind):
     summary = "a survival model: a discrete-time hazard on the study's grid of intervals"
     pooled_type = PooledSurvival
     selection_metric = "c_index"
+    selection_label = "C-index"
     histogram_fields = ("cells",)
 
     def describe(self, spec: DiscreteTimeSurvivalSpec, evaluation) -> str:
@@ -278,6 +279,10 @@ class DiscreteTimeSurvivalKind(TwinKind):
 
     def headline(self, pooled: dict | None) -> str:
         return f"C-index {cards.estimate_text((pooled or {}).get('c_index'))}"
+
+    def calibration_text(self, pooled: dict | None) -> str:
+        ratio = cards.estimate_text((pooled or {}).get("observed_to_expected"), 2)
+        return f"observed / expected events by the horizon {ratio}"
 
     def card_metrics(self, pooled: BaseModel | None) -> dict[str, object]:
         test: PooledSurvival | None = pooled  # type: ignore[assignment]

@@ -4,6 +4,10 @@ Each spec is the part of one twin kind (federation.twins) that a study file sets
 because it is part of what is hashed and approved, and the contract must be readable without PyTorch.
 `targets` says what the kind learns from, so a study pairing a kind with an outcome it cannot learn
 (a risk model on censored times, a survival model on a yes/no label) is refused when it is read.
+
+`TrajectorySpec`, the patient twin's model, is specified here ahead of its kind: it joins `ModelSpec` (and so
+becomes writable in a study) together with the kind that trains it, so that no study can name a kind that no
+site can run.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from pydantic import Field, model_validator
 
 from federation.contract.strict import Strict
 
-# What a kind learns from: a yes/no outcome per patient, or a time to an event with censoring.
-Target = Literal["binary", "time_to_event"]
+# What a kind learns from: a yes/no outcome per patient, a time to an event with censoring, or (the trajectory
+# kind) the patient's series of signals after each decision time.
+Target = Literal["binary", "time_to_event", "trajectory"]
 BINARY: Target = "binary"
 TIME_TO_EVENT: Target = "time_to_event"
 
@@ -80,6 +85,97 @@ class DiscreteTimeSurvivalSpec(Strict):
     def horizon_interval(self) -> int:
         """How many intervals lie up to and including the horizon."""
         return self.interval_days.index(self.horizon) + 1
+
+
+# --- the trajectory kind (issue 12): the patient twin's model ----------------------------------------------
+
+TRAJECTORY: Target = "trajectory"  # a patient's series of signals after the decision time, under treatments
+SIGNAL_NAME = r"^[a-z][a-z0-9_]{0,39}$"
+MAX_SIGNALS = 16
+MAX_TREATMENTS = 8
+MAX_STEPS = 168  # a week of hourly steps, or 24 weeks of daily ones: beyond it a site cannot review the model
+
+
+class Signal(Strict):
+    """A measurement the twin estimates and forecasts (glucose, creatinine, heart rate, a tumour volume)."""
+
+    name: str = Field(pattern=SIGNAL_NAME)
+    concept_ids: list[int] = Field(min_length=1, max_length=50)
+    # 'log': a signal that is positive and multiplicative (creatinine, lactate, a volume) is modelled as its log
+    transform: Literal["none", "log"] = "none"
+
+
+class Treatment(Strict):
+    """A control input of the twin: exposure per step to a drug or procedure (the dose where OMOP records a
+    quantity and `dose` asks for it, else 0/1). A what-if scenario changes this input and nothing else."""
+
+    name: str = Field(pattern=SIGNAL_NAME)
+    domain: Literal["drug", "procedure"] = "drug"
+    concept_ids: list[int] = Field(min_length=1, max_length=50)
+    dose: bool = False
+
+
+class TrajectorySpec(Strict):
+    """The patient twin: from a patient's history of `signals` and `treatments` on a grid of `step_hours`
+    (each signal with a mask and the time since it was last measured, the study's covariates as static
+    inputs), forecast each signal `horizon_steps` ahead as `quantiles`, driven by the planned treatments,
+    and the risk of the study's outcome over the horizon.
+
+    `history_steps` steps before each decision time are the encoder's input; a patient gives up to
+    `windows_per_patient` decision times, and all of them form one example (the privacy unit is the
+    patient: DP-SGD samples and clips patients, not windows). `adjustment` is how treatment effects are
+    learnt despite treatment going to the sicker patients: `inverse_propensity` weights each decision
+    time by the inverse of the stabilised probability of the treatment received, `none` is the naive
+    model (for comparison). `conformal_fraction` of each site's training patients is kept aside at the
+    site to calibrate the intervals (split conformal), so the nominal coverage holds at every site.
+    """
+
+    targets: ClassVar[Target] = TRAJECTORY
+    kind: Literal["trajectory"] = "trajectory"
+    signals: list[Signal] = Field(min_length=1, max_length=MAX_SIGNALS)
+    treatments: list[Treatment] = Field(default_factory=list, max_length=MAX_TREATMENTS)
+    step_hours: float = Field(4.0, gt=0, le=24 * 28)
+    history_steps: int = Field(6, ge=1, le=MAX_STEPS)
+    horizon_steps: int = Field(6, ge=1, le=MAX_STEPS)
+    windows_per_patient: int = Field(4, ge=1, le=64)
+    quantiles: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default=[0.025, 0.1, 0.5, 0.9, 0.975], min_length=3, max_length=11
+    )
+    encoder: Literal["gru", "tcn"] = "gru"
+    hidden: int = Field(32, ge=4, le=512)
+    adjustment: Literal["inverse_propensity", "none"] = "inverse_propensity"
+    conformal_fraction: float = Field(0.2, gt=0, le=0.5)
+    event_risk: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrajectorySpec:
+        names = [s.name for s in self.signals] + [t.name for t in self.treatments]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"signal and treatment names must be distinct: {', '.join(repeated)} repeated")
+        q = self.quantiles
+        if any(b <= a for a, b in itertools.pairwise(q)):
+            raise ValueError("quantiles must be strictly increasing")
+        if 0.5 not in q:
+            raise ValueError("quantiles must include 0.5: the median is the forecast")
+        missing = [f"{lo:g}/{hi:g}" for lo, hi in INTERVALS.values() if lo not in q or hi not in q]
+        if missing:
+            raise ValueError(
+                f"quantiles must include the ends of the 80% and 95% intervals ({', '.join(missing)} missing)"
+            )
+        return self
+
+    @property
+    def history_hours(self) -> float:
+        return self.history_steps * self.step_hours
+
+    @property
+    def horizon_hours(self) -> float:
+        return self.horizon_steps * self.step_hours
+
+
+# The intervals every forecast shows: nominal coverage -> (lower, upper) quantile.
+INTERVALS: dict[float, tuple[float, float]] = {0.8: (0.1, 0.9), 0.95: (0.025, 0.975)}
 
 
 ModelSpec = Annotated[

@@ -275,7 +275,7 @@ def _calibration(mortality, sites) -> list[str]:
         )
         releases = [(n, dp_release(model, d.subset("test"), strata, "test", evaluation_noise(mortality, delta),
                                    mortality)) for n, d in datasets.items()]  # fmt: skip
-        pooled = pool_evaluations(releases, mortality.evaluation, seed=seed)
+        pooled = pool_evaluations(releases, mortality.evaluation, seed=seed, scores=pooled_scores)
         rows.append(f"| {seed} | {slope:.2f} | {intercept:+.2f} | {pooled.calibration_slope.text(2)} |")
         print(rows[-1])
     rows.append(f"\nMean exact slope {np.mean(slopes):.2f} (target 0.8-1.2).")

@@ -346,3 +346,35 @@ def test_the_subgroups_share_of_a_release_costs_nothing_more():
     assert 1 / overall**2 + partitions / subgroup**2 == pytest.approx(1 / stage**2)
     none = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"subgroups": []})})
     assert outcome_noise(stage, none) == (stage, None)
+
+
+def test_the_calibration_line_is_read_at_the_strata_mean_risks_from_the_score_distribution():
+    """A perfectly calibrated model must show a slope near 1 and an intercept near 0. Read at the strata's
+    logit middles it does not (patients crowd at one end of the open-ended strata); read at each stratum's
+    mean risk from the pooled score distribution (post-processing of the score release) it does."""
+    from federation.contract.strata import SCORE_GRID, adaptive_strata, score_grid_cell
+
+    rng = np.random.default_rng(11)
+    logits = rng.normal(-2.4, 1.1, 40_000)  # a rare outcome, as in-hospital death
+    outcome = rng.random(logits.size) < 1 / (1 + np.exp(-logits))  # calibrated: the risks are the truth
+    scores = np.bincount(score_grid_cell(logits), minlength=len(SCORE_GRID) + 1).astype(float)
+    evaluation = EvaluationSpec(adaptive_strata=6)
+    strata = adaptive_strata(scores, evaluation)
+    stratum = strata.of(logits)
+    release = EvaluationRelease(
+        part="test",
+        mode=ReleaseMode.DP,
+        score_edges=list(strata.edges),
+        positives=np.bincount(stratum[outcome], minlength=strata.count).tolist(),
+        negatives=np.bincount(stratum[~outcome], minlength=strata.count).tolist(),
+        noise_sd=0.5,
+    )
+    at_middles = pool_evaluations([("a", release)], evaluation, seed=1)
+    at_means = pool_evaluations([("a", release)], evaluation, seed=1, scores=scores)
+    assert at_means.calibration_slope.value == pytest.approx(1.0, abs=0.03)
+    assert at_means.calibration_intercept.value == pytest.approx(0.0, abs=0.05)
+    assert abs(at_middles.calibration_slope.value - 1) > abs(at_means.calibration_slope.value - 1) + 0.02
+    assert at_means.observed_to_expected.value == pytest.approx(1.0, abs=0.05)
+    # no distribution, or one of another shape: the middles, as before
+    assert np.array_equal(strata.mean_risks(None), strata.representative_risks())
+    assert np.array_equal(strata.mean_risks(scores[:-1]), strata.representative_risks())

@@ -98,6 +98,26 @@ class Strata:
         middles = (bounds[:-1] + bounds[1:]) / 2.0
         return 1.0 / (1.0 + np.exp(-middles))
 
+    def mean_risks(self, scores: Sequence[float] | np.ndarray | None, floor: float = 1.0) -> np.ndarray:
+        """Each stratum's mean predicted risk, from the pooled score distribution on SCORE_GRID (the DP score
+        release of the same patients, so this is post-processing: it costs nothing).
+
+        Binned metrics and the calibration line computed at the logit middles (`representative_risks`) are
+        biased where a stratum's patients crowd at one end (the open-ended strata most of all); at the
+        strata's mean risks they are not. A stratum the distribution gives fewer than `floor` patients, or
+        a missing or misshapen distribution, keeps its middle."""
+        middles = self.representative_risks()
+        if scores is None or len(scores) != len(SCORE_GRID) + 1:
+            return middles
+        counts = np.maximum(np.asarray(scores, dtype=np.float64), 0.0)
+        grid = np.asarray(SCORE_GRID)
+        half = (grid[1] - grid[0]) / 2.0
+        centres = np.concatenate([[grid[0] - half], (grid[:-1] + grid[1:]) / 2.0, [grid[-1] + half]])
+        stratum = self.of(centres)
+        weight = np.bincount(stratum, weights=counts, minlength=self.count)
+        mass = np.bincount(stratum, weights=counts / (1.0 + np.exp(-centres)), minlength=self.count)
+        return np.where(weight >= floor, mass / np.maximum(weight, 1e-12), middles)
+
     def labels(self) -> list[str]:
         """Human-readable risk ranges, e.g. '<1%', '1-2%', '>=70%'."""
 

@@ -661,7 +661,7 @@ class StudyRunner:
         cut at the pooled distribution's quantiles and sent with the outcome stage. With a held-out site,
         the test part is asked of it alone and the validation part of the other sites."""
         nodes = self._participants(nodes, part)
-        edges, receipts = None, []
+        edges, receipts, pooled_scores = None, [], None
         if self.spec.evaluation.strata == "adaptive":
             receipt, released = self._evaluation_exchange(server_round, nodes, weights, part, "scores")
             receipts.append(receipt)
@@ -686,7 +686,7 @@ class StudyRunner:
                 usable.append((site, release))
             except ValueError as exc:
                 misshapen.append(f"{site} ({exc})")
-        pooled = self.kind.pool(self.spec, usable, seed=server_round)
+        pooled = self.kind.pool(self.spec, usable, seed=server_round, scores=pooled_scores)
         receipt.note = pooled.method
         if self.held_out_site is not None:
             receipt.note += " " + self._held_out_note(part)

@@ -118,18 +118,33 @@ class TwinKind(ABC):
 
     # --- at the coordinator -------------------------------------------------------------------------
 
-    def pool(self, study: StudySpec, releases: Sequence[tuple[str, EvaluationRelease]], *, seed: int = 0) -> BaseModel:
+    def pool(
+        self,
+        study: StudySpec,
+        releases: Sequence[tuple[str, EvaluationRelease]],
+        *,
+        seed: int = 0,
+        scores: np.ndarray | None = None,
+    ) -> BaseModel:
         """The sites' releases of one part after one round, pooled into this kind's metrics with intervals, and
-        the same by subgroup (sex, age band, site: federation.twins.subgroups)."""
+        the same by subgroup (sex, age band, site: federation.twins.subgroups).
+
+        `scores`: the pooled DP score distribution of the same patients (adaptive strata), from which each
+        stratum's mean risk is read (Strata.mean_risks); without it, the strata's logit middles."""
         from federation.twins.subgroups import subgroup_results
 
-        pooled = self.pool_overall(study, releases, seed=seed)
-        pooled.subgroups = subgroup_results(self, study, releases, seed=seed)  # type: ignore[attr-defined]
+        pooled = self.pool_overall(study, releases, seed=seed, scores=scores)
+        pooled.subgroups = subgroup_results(self, study, releases, seed=seed, scores=scores)  # type: ignore[attr-defined]
         return pooled
 
     @abstractmethod
     def pool_overall(
-        self, study: StudySpec, releases: Sequence[tuple[str, EvaluationRelease]], *, seed: int = 0
+        self,
+        study: StudySpec,
+        releases: Sequence[tuple[str, EvaluationRelease]],
+        *,
+        seed: int = 0,
+        scores: np.ndarray | None = None,
     ) -> BaseModel:
         """The releases pooled into this kind's metrics (its pooled type, with an empty `subgroups`)."""
 

@@ -142,8 +142,15 @@ class RiskKind(TwinKind):
             },
         )
 
-    def pool_overall(self, study: StudySpec, releases: Sequence[tuple[str, EvaluationRelease]], *, seed: int = 0):
-        return pool_evaluations(releases, study.evaluation, seed=seed)
+    def pool_overall(
+        self,
+        study: StudySpec,
+        releases: Sequence[tuple[str, EvaluationRelease]],
+        *,
+        seed: int = 0,
+        scores: np.ndarray | None = None,
+    ):
+        return pool_evaluations(releases, study.evaluation, seed=seed, scores=scores)
 
     def selection_score(self, pooled: BaseModel) -> float | None:
         return pooled.auroc.value  # type: ignore[attr-defined]

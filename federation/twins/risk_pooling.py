@@ -5,8 +5,10 @@ stratum, with Gaussian noise (federation.contract.protocol.EvaluationRelease, mo
 the consortium's histogram, and the metrics are computed from that sum, as if all held-out patients sat in
 one table: the pooled AUROC is the AUROC of the pooled scores (ties within a stratum count one half), not
 an average of per-site AUROCs; sensitivity, specificity, PPV, NPV and accuracy are read off the strata at
-the study's threshold; calibration compares each stratum's observed rate with its risk; loss and Brier
-score are computed at each stratum's representative risk (binned, an approximation stated as such).
+the study's threshold; calibration compares each stratum's observed rate with its risk; loss, Brier
+score and the calibration line are computed at each stratum's mean risk, read from the pooled score
+distribution of the same patients when the strata are adaptive (free post-processing of the score
+release), else at the stratum's logit middle (binned: an approximation stated as such).
 
 A site whose policy chooses exact releases sends exact aggregates under its cell-count floor instead;
 its counts are added to the threshold counts, its loss and Brier weighted by its examples, and its AUROC
@@ -178,6 +180,7 @@ def _metrics(
     exact: Sequence[_Exact],
     exact_auroc: Sequence[float | None],
     strata: Strata | None,
+    risks: np.ndarray | None,
     auroc_weights: tuple[float, list[float]],
 ) -> dict[str, float | None]:
     """Every pooled metric from one set of released values (the observed ones or a replicate)."""
@@ -187,7 +190,7 @@ def _metrics(
     out: dict[str, float | None] = {}
     components: list[tuple[float, float]] = []
     if positives is not None and negatives is not None and strata is not None:
-        risks, cut = strata.representative_risks(), strata.threshold_stratum
+        cut = strata.threshold_stratum
         tp += float(positives[cut:].sum())
         fn += float(positives[:cut].sum())
         fp += float(negatives[cut:].sum())
@@ -224,7 +227,7 @@ def _metrics(
     out["observed_to_expected"] = observed_events / predicted if predicted > 0 and observed_events > 0 else None
     line = None
     if positives is not None and negatives is not None and strata is not None:
-        line = calibration_line(positives, negatives, strata.representative_risks())
+        line = calibration_line(positives, negatives, risks)
     out["calibration_intercept"], out["calibration_slope"] = line if line is not None else (None, None)
     out["patients"] = tp + fn + fp + tn
     out["positives"] = tp + fn
@@ -245,7 +248,11 @@ def _exact(release: EvaluationRelease) -> _Exact:
 
 
 def pool_evaluations(
-    releases: Sequence[tuple[str, EvaluationRelease]], evaluation: EvaluationSpec, *, seed: int = 0
+    releases: Sequence[tuple[str, EvaluationRelease]],
+    evaluation: EvaluationSpec,
+    *,
+    seed: int = 0,
+    scores: np.ndarray | None = None,
 ) -> PooledEvaluation:
     """Pool the releases (site label, release) of one part after one round into every metric.
 
@@ -255,6 +262,7 @@ def pool_evaluations(
     dp = [(site, r) for site, r in releases if r.mode == ReleaseMode.DP]
     exact = [(site, r) for site, r in releases if r.mode == ReleaseMode.EXACT]
     strata = Strata.checked(dp[0][1].score_edges, evaluation.threshold) if dp else None
+    risks = strata.mean_risks(scores) if strata is not None else None
     mismatched = {site for site, r in dp if strata is not None and tuple(r.score_edges or ()) != strata.edges}
     dp = [(site, r) for site, r in dp if site not in mismatched]
     positives = negatives = variance = None
@@ -277,7 +285,7 @@ def pool_evaluations(
             continue
         exact_se.append(hanley_mcneil_se(site.auroc, release.with_outcome, release.examples - release.with_outcome))
     weights = (weights_dp, [0.0 if se is None else 1 / se**2 for se in exact_se])
-    observed = _metrics(positives, negatives, exact_values, [s.auroc for s in exact_values], strata, weights)
+    observed = _metrics(positives, negatives, exact_values, [s.auroc for s in exact_values], strata, risks, weights)
 
     rng = np.random.default_rng(seed)
     replicates: dict[str, list[float]] = {name: [] for name in observed}
@@ -294,7 +302,7 @@ def pool_evaluations(
             drawn = tuple(int(rng.poisson(c)) for c in cells) if cells is not None else (None,) * 4
             rep_exact.append(_Exact(site.examples, *drawn, site.auroc, site.loss, site.brier))
             rep_auroc.append(None if se is None else float(np.clip(rng.normal(site.auroc, se), 0, 1)))
-        values = _metrics(rep_pos, rep_neg, rep_exact, rep_auroc, strata, weights)
+        values = _metrics(rep_pos, rep_neg, rep_exact, rep_auroc, strata, risks, weights)
         for name, value in values.items():
             if value is not None and math.isfinite(value):
                 replicates[name].append(value)
@@ -305,7 +313,6 @@ def pool_evaluations(
 
     calibration = []
     if positives is not None:
-        risks = strata.representative_risks()
         for label, risk, pos, neg in zip(strata.labels(), risks, positives, negatives, strict=True):
             patients = float(pos + neg)
             # A stratum's observed rate says something only when it clearly holds patients despite the noise.
@@ -342,7 +349,7 @@ def pool_evaluations(
 
 DP_RELEASED = (
     "differentially private score histograms, pooled into one histogram from which "
-    "every metric is computed (loss and Brier score at each stratum's representative risk)"
+    "every metric is computed (loss, Brier score and the calibration line at each stratum's mean risk)"
 )
 
 

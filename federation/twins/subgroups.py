@@ -67,9 +67,16 @@ def _summary(kind: TwinKind, group: str, label: str, pooled: BaseModel) -> Subgr
 
 
 def subgroup_results(
-    kind: TwinKind, study: StudySpec, releases: Sequence[tuple[str, EvaluationRelease]], *, seed: int = 0
+    kind: TwinKind,
+    study: StudySpec,
+    releases: Sequence[tuple[str, EvaluationRelease]],
+    *,
+    seed: int = 0,
+    scores: np.ndarray | None = None,
 ) -> list[SubgroupResult]:
-    """Every subgroup's pooled performance: sex and age from the sites' subgroup histograms, then each site."""
+    """Every subgroup's pooled performance: sex and age from the sites' subgroup histograms, then each site.
+    A subgroup's strata are read at the mean risks of the whole pooled score distribution (`scores`): no
+    site releases a score distribution per subgroup."""
     dp = [(site, r) for site, r in releases if r.mode == ReleaseMode.DP and r.subgroups and r.subgroup_counts]
     results: list[SubgroupResult] = []
     if dp:
@@ -100,8 +107,9 @@ def subgroup_results(
                 for site, (release, blocks) in per_site.items()
             ]
             group, _, name = label.partition(":")
-            results.append(_summary(kind, group, name, kind.pool_overall(study, parts, seed=seed)))
+            results.append(_summary(kind, group, name, kind.pool_overall(study, parts, seed=seed, scores=scores)))
     for site, release in releases:
         if release.mode in (ReleaseMode.DP, ReleaseMode.EXACT):
-            results.append(_summary(kind, "site", site, kind.pool_overall(study, [(site, release)], seed=seed)))
+            pooled = kind.pool_overall(study, [(site, release)], seed=seed, scores=scores)
+            results.append(_summary(kind, "site", site, pooled))
     return results

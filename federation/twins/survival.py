@@ -270,9 +270,14 @@ class DiscreteTimeSurvivalKind(TwinKind):
     # --- at the coordinator ---------------------------------------------------------------------------
 
     def pool_overall(
-        self, study: StudySpec, releases: Sequence[tuple[str, EvaluationRelease]], *, seed: int = 0
+        self,
+        study: StudySpec,
+        releases: Sequence[tuple[str, EvaluationRelease]],
+        *,
+        seed: int = 0,
+        scores: np.ndarray | None = None,
     ) -> PooledSurvival:
-        return pool_survival(self, study, releases, seed=seed)
+        return pool_survival(self, study, releases, seed=seed, scores=scores)
 
     def selection_score(self, pooled: BaseModel) -> float | None:
         return pooled.c_index.value  # type: ignore[attr-defined]
@@ -381,6 +386,7 @@ def pool_survival(
     releases: Sequence[tuple[str, EvaluationRelease]],
     *,
     seed: int = 0,
+    scores: np.ndarray | None = None,
 ) -> PooledSurvival:
     """Pool the survival releases of one part after one round. DP cells are added when they share the first
     DP release's strata; exact sites' C-indexes join by inverse-variance weights, their Brier scores by
@@ -404,7 +410,7 @@ def pool_survival(
         total = np.sum([np.asarray(r.cells, dtype=np.float64) for _, r in dp], axis=0)
         cells = feasible(total).reshape(shape)
         noise_sd = math.sqrt(sum(float(r.noise_sd) ** 2 for _, r in dp))
-        stratum_survival = 1.0 - strata.representative_risks()
+        stratum_survival = 1.0 - strata.mean_risks(scores)
         observed = _binned(cells, stratum_survival, h)
         rng = np.random.default_rng(seed)
         for _ in range(REPLICATES):

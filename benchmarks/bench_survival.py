@@ -1,4 +1,4 @@
-"""Benchmark: the survival kind and the calibration of the example study, against the issue's targets.
+"""Benchmark: the survival kind against the issue's targets.
 
 On the synthetic consortium (3 hospitals x 5,000 patients, each loaded into its own OMOP database by the
 ETL), time to death over 90 days after the 24-hour prediction time is learned by the
@@ -16,9 +16,8 @@ Targets (issue 11): federated without DP within 0.01 of pooled, at epsilon 3 wit
 better off federated than alone; beside them the Bayes-optimal C-index from the generator's ground truth.
 
 Also measured here: the DP overhead of the survival kind (one epoch of DP-SGD against the same epoch
-without DP, both engines, ratio; target <= 2x), and the calibration slope of the example mortality study
-trained federated at epsilon 3 (target 0.8-1.2): exact on all held-out patients (benchmark only), and as
-the coordinator estimates it from the sites' DP evaluation releases.
+without DP, both engines, ratio; target <= 2x). The calibration of the example mortality study is
+benchmarks/bench_calibration.py.
 """
 
 from __future__ import annotations
@@ -239,49 +238,6 @@ def _overhead(survival, sites) -> list[str]:
     return rows
 
 
-def _calibration(mortality, sites) -> list[str]:
-    """The example mortality study federated at epsilon 3: its calibration slope, exact and as released."""
-    from federation.contract.strata import Strata, adaptive_strata
-    from federation.twins.pooling import pool_scores
-    from federation.twins.risk_pooling import calibration_line, pool_evaluations
-    from site_node.evaluation_release import dp_release, dp_score_release, evaluation_noise
-    from site_node.training.evaluation import model_outputs
-
-    datasets = {name: s["mortality"] for name, s in sites.items()}
-    rows = ["| seed | exact slope (all test patients) | exact intercept | slope from the DP releases (95% CI) |",
-            "|---|---|---|---|"]  # fmt: skip
-    slopes = []
-    for seed in SEEDS:
-        states = _train(mortality, datasets, "federated", 3.0, seed)
-        from federation.twins import build_model
-
-        model = build_model(mortality.model, next(iter(datasets.values())).features.shape[1])
-        model.load_state_dict(next(iter(states.values())))
-        logits = np.concatenate([model_outputs(model, d.subset("test").features)[:, 0] for d in datasets.values()])
-        labels = np.concatenate([d.subset("test").labels for d in datasets.values()]).astype(bool)
-        # exact: the logistic recalibration on every patient (each patient a stratum of their own)
-        risks = 1 / (1 + np.exp(-logits))
-        intercept, slope = calibration_line(labels.astype(float), (~labels).astype(float), risks)
-        slopes.append(slope)
-        # as released: each site's two-stage DP evaluation at the study's evaluation epsilon
-        delta = 1e-5
-        scores = [(n, dp_score_release(model, d.subset("test"), "test", evaluation_noise(mortality, delta, "scores"),
-                                      mortality)) for n, d in datasets.items()]  # fmt: skip
-        pooled_scores = pool_scores(scores)
-        strata = (
-            adaptive_strata(pooled_scores, mortality.evaluation)
-            if pooled_scores is not None
-            else Strata.fixed(mortality.evaluation)
-        )
-        releases = [(n, dp_release(model, d.subset("test"), strata, "test", evaluation_noise(mortality, delta),
-                                   mortality)) for n, d in datasets.items()]  # fmt: skip
-        pooled = pool_evaluations(releases, mortality.evaluation, seed=seed, scores=pooled_scores)
-        rows.append(f"| {seed} | {slope:.2f} | {intercept:+.2f} | {pooled.calibration_slope.text(2)} |")
-        print(rows[-1])
-    rows.append(f"\nMean exact slope {np.mean(slopes):.2f} (target 0.8-1.2).")
-    return rows
-
-
 def _plot(results: dict) -> None:
     import matplotlib
 
@@ -318,9 +274,8 @@ def main() -> None:
     table, results = _survival_table(survival, sites)
     _plot(results)
     overhead = _overhead(survival, sites)
-    calibration = _calibration(mortality, sites)
     body = (
-        "### Survival kind and calibration (issue 11)\n\n"
+        "### Survival kind (issue 11)\n\n"
         f"3 hospitals x {PATIENTS:,} patients (seed 7): {sizes}. The example study's covariates, outcome "
         "`time_to_event` (death within 90 days of the prediction time, censored at the end of observation), "
         f"model `discrete_time_survival` on the grid {', '.join(f'{d:g}' for d in GRID)} days, training as the "
@@ -333,8 +288,6 @@ def main() -> None:
         + "\n\n"
         "#### DP overhead of the survival kind\n\n"
         + "\n".join(overhead)
-        + "\n\n#### Calibration of the example mortality study, federated at epsilon 3\n\n"
-        + "\n".join(calibration)
         + f"\n\nTotal {time.perf_counter() - began:.0f} s. Reproduce: `.venv/bin/python -m benchmarks.bench_survival`."
     )
     write_section("survival", body)

@@ -140,6 +140,15 @@ class SynthConfig(_Strict):
     export_date: dt.date = dt.date(2026, 1, 1)
     history_years: float = Field(3.0, gt=0.0, le=20.0)
     profiles: list[SiteProfile] | None = None
+    counterfactual_stays: int = Field(
+        40,
+        ge=0,
+        le=1_000,
+        description="stays per site re-simulated under the counterfactual scenarios (ground truth only; 0: none)",
+    )
+    counterfactual_horizon_hours: int = Field(
+        48, ge=1, le=168, description="hours after the decision hour that each counterfactual trajectory covers"
+    )
 
     @model_validator(mode="after")
     def _profiles_unique(self) -> SynthConfig:

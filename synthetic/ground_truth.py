@@ -11,6 +11,10 @@ for patients discharged alive before the export date. Time to death within 90 da
 hours of each patient's first stay alive then, by the true probability of dying in that stay (the
 generator's deaths all happen in hospital; a death in a later stay within the 90 days counts as the
 event too, which no information at 24 hours could rank): censored at the export date.
+
+Counterfactuals (counterfactuals.py): a seeded sample of stays alive at 24 hours, re-simulated from then
+under standard treatment scenarios with common random numbers; and how strongly the factual drug
+assignment is confounded by the patient's state. Older files without these fields still load.
 """
 
 from __future__ import annotations
@@ -173,6 +177,88 @@ class ConsentSummary(BaseModel):
     explicit_permit: int
 
 
+class Dose(BaseModel):
+    """One dose a scenario's course received (hour after admission, drug as in the export, dose in its unit)."""
+
+    hour: int
+    drug: str
+    dose: float
+
+
+class ScenarioTrajectory(BaseModel):
+    """One sampled stay's course under one scenario, over the horizon after the decision hour.
+
+    Values are the noise-free (latent) values the ward would have measured with noise, in canonical units;
+    `signals[name][i]` is the value at hour `decision_hour + i` after admission, None once the stay has ended.
+    """
+
+    resimulated_from_hour: int = Field(description="the scenario's course is re-simulated from this hour")
+    disease_treatment_start_hours: float | None = Field(
+        description="hour of the first dose of the disease-specific treatment under the scenario"
+    )
+    signals: dict[str, list[float | None]]
+    doses: list[Dose] = Field(description="doses given in [decision_hour, decision_hour + horizon_hours)")
+    norepinephrine_hours: list[int] = Field(description="hours of that window with norepinephrine running")
+    in_hospital_at_decision: bool
+    end_hour: int | None = Field(description="when the stay ended within the window; None: in hospital at its end")
+    died: bool = Field(description="died in hospital by the end of the window (common random numbers)")
+    p_in_hospital_death: float = Field(description="P(in-hospital death) given the scenario's state at the decision")
+    p_los_over_7_days: float
+    fresh_draws: int = Field(
+        description="random numbers this course needed that the factual course never drew (0: fully common)"
+    )
+
+
+class CounterfactualStay(BaseModel):
+    """A sampled stay re-simulated from the decision hour under each scenario that applies to it."""
+
+    encounter_id: str
+    patient_id: str
+    reason: str
+    decision_hour: int
+    horizon_hours: int
+    scenarios: dict[str, ScenarioTrajectory]
+
+
+class CounterfactualDesign(BaseModel):
+    """How the counterfactual sample was drawn and re-simulated: the rules behind `counterfactuals`."""
+
+    requested_stays: int
+    sampled_stays: int
+    eligible_stays: int = Field(description="stays alive in hospital at the decision hour, decision before export")
+    decision_hour: int
+    horizon_hours: int
+    sample_rule: str
+    common_random_numbers: str
+    outcome_probability: str
+    monte_carlo_replicates: int
+    scenarios: dict[str, str] = Field(description="scenario -> its exact definition")
+    signals: dict[str, str] = Field(description="signal -> unit")
+
+
+class TreatmentConfounding(BaseModel):
+    """How much sicker the stays that got a drug were, at the decision hour, than those that did not."""
+
+    treated: int
+    untreated: int
+    mean_treated: dict[str, float]
+    mean_untreated: dict[str, float]
+    standardized_difference: dict[str, float] = Field(description="(mean treated - mean untreated) / pooled SD")
+    odds_ratio_per_sd: dict[str, float | None] = Field(
+        description="odds ratio of treatment per SD of the covariate (univariate logistic regression)"
+    )
+
+
+class ConfoundingTruth(BaseModel):
+    """The strength of confounding by indication in the factual data, measured on the latent state."""
+
+    population: str
+    treated_definition: str
+    covariates: dict[str, str]
+    stays: int
+    by_drug: dict[str, TreatmentConfounding]
+
+
 class SiteGroundTruth(BaseModel):
     """The whole ground-truth file of one site."""
 
@@ -191,3 +277,6 @@ class SiteGroundTruth(BaseModel):
     defects: DefectSummary
     patients: list[PatientTruth]
     stays: list[StayTruth]
+    counterfactual_design: CounterfactualDesign | None = None
+    counterfactuals: list[CounterfactualStay] = []
+    confounding: ConfoundingTruth | None = None

@@ -15,11 +15,22 @@ active amounts of the drugs it received. Clinicians act only on what they measur
 
 So the data hold learnable drug responses, and outcomes depend on the latent state the data reflect.
 Missingness is informative: stable patients are measured less, deteriorating ones more often.
+
+The simulation is split so that it can be resumed: `admit_stays` draws each stay's fixed facts
+(`StayCohort`) and starting state (`StayState`), and `Ward.step` advances any set of stays by one hour.
+Every random number an hour consumes goes through a `DrawSource` under a named purpose (the missingness
+and noise of each measurement, the course, death, discharge). In the factual run that source is the
+batch's generator, drawn in exactly the order the generator always used, and it can copy the draws of a
+few stays onto a `DrawTape`; the counterfactual re-simulation (counterfactuals.py) resumes those stays
+from a saved state with `TapeReplay`, so each scenario sees the same draws as the factual course (common
+random numbers), and `TreatmentOverrides` change the ward's treatment decisions from a given hour on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Protocol, Self
 
 import numpy as np
 
@@ -29,13 +40,15 @@ from synthetic.physiology import (
     MAX_STAY_HOURS,
     PREDICTION_HOUR,
     REASONS,
+    SECOND_HIT_MEAN,
     SECOND_HIT_RATE,
     CourseParams,
+    advance_severity,
     death_hazard,
     discharge_hazard,
     outcome_probabilities,
     readmission_probability,
-    step_severity,
+    severity_draws,
     update_stable_hours,
 )
 from synthetic.population import Population
@@ -179,6 +192,63 @@ class StayOutcomes:
     severity_paths: list[np.ndarray]
 
 
+# Measurement noise: (kind, size). "abs" adds N(0, size); "rel" multiplies by exp(N(0, size)).
+_NOISE = {
+    "heart_rate": ("abs", 4.0),
+    "sbp": ("abs", 7.0),
+    "dbp": ("abs", 5.0),
+    "resp_rate": ("abs", 1.5),
+    "temperature": ("abs", 0.2),
+    "spo2": ("abs", 1.0),
+    "glucose": ("rel", 0.08),
+    "glucose_poc": ("rel", 0.1),
+    "creatinine": ("rel", 0.05),
+    "bun": ("rel", 0.08),
+    "sodium": ("abs", 1.5),
+    "potassium": ("abs", 0.25),
+    "wbc": ("rel", 0.12),
+    "hemoglobin": ("abs", 0.35),
+    "platelets": ("rel", 0.1),
+    "crp": ("rel", 0.25),
+    "albumin": ("abs", 0.2),
+    "lactate": ("rel", 0.15),
+    "troponin": ("rel", 0.2),
+    "weight": ("abs", 0.4),
+    "height": ("abs", 0.5),
+    "bmi": ("abs", 0.2),
+    "hba1c": ("abs", 0.1),
+}
+
+# Items recorded whenever due (no missingness draw): admission facts, not ward routine.
+_ALWAYS_RECORDED = ("height", "bmi", "hba1c")
+
+# Every purpose an hour draws random numbers for. A tape stores one value per stay, hour and purpose.
+DRAW_KEYS: tuple[str, ...] = (
+    *(f"missing:{item}" for item in ITEMS if item not in _ALWAYS_RECORDED),
+    *(f"noise:{name}" for name in _NOISE),
+    "hit",
+    "hit_size",
+    "severity_noise",
+    "death",
+    "discharge",
+)
+DRAW_INDEX = {key: i for i, key in enumerate(DRAW_KEYS)}
+
+# The noise-free signals the counterfactual ground truth reports, in canonical units ("severity" is S,
+# "fluid_overload" is F: latent, never measured).
+TRAJECTORY_SIGNALS = (
+    "glucose",
+    "creatinine",
+    "heart_rate",
+    "sbp",
+    "lactate",
+    "potassium",
+    "spo2",
+    "severity",
+    "fluid_overload",
+)
+
+
 def _exp_factor(tau: float) -> float:
     return float(np.exp(-1.0 / tau))
 
@@ -187,16 +257,290 @@ def _gamma_delay(rng: np.random.Generator, mean: float, n: int) -> np.ndarray:
     return rng.gamma(2.0, mean / 2.0, n)
 
 
-def simulate_stays(
+# --- where an hour's random numbers come from ----------------------------------------------------------
+
+
+class DrawSource(Protocol):
+    """The random numbers one hour of the ward consumes, asked for by purpose (a key of DRAW_KEYS)."""
+
+    def uniform(self, hour: int, key: str, needed: np.ndarray) -> np.ndarray:
+        """One U(0, 1) draw per stay; only the stays in the mask `needed` use theirs."""
+        ...
+
+    def normal(self, hour: int, key: str, rows: np.ndarray, scale: float) -> np.ndarray:
+        """One N(0, scale) draw for each stay in `rows`."""
+        ...
+
+    def severity(self, hour: int, needed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The course's draws for every stay (see physiology.severity_draws); the stays in `needed` use theirs."""
+        ...
+
+
+class DrawTape:
+    """The draws a few stays of a batch received, per hour and purpose, kept for a later replay.
+
+    `values[slot, hour, key]` is NaN where the factual course drew nothing for that stay (a measurement that
+    was not due or not recorded, an hour after the whole batch had ended).
+    """
+
+    def __init__(self, rows: np.ndarray, n: int, hours: int) -> None:
+        self.rows = rows
+        self.hours = hours
+        self.slot = np.full(n, -1, dtype=np.int64)
+        self.slot[rows] = np.arange(rows.size)
+        self.values = np.full((rows.size, hours, len(DRAW_KEYS)), np.nan)
+
+    def keep_all(self, hour: int, key: str, values: np.ndarray) -> None:
+        if hour < self.hours:
+            self.values[:, hour, DRAW_INDEX[key]] = values[self.rows]
+
+    def keep_rows(self, hour: int, key: str, rows: np.ndarray, values: np.ndarray) -> None:
+        if hour >= self.hours:
+            return
+        slots = self.slot[rows]
+        mine = slots >= 0
+        if mine.any():
+            self.values[slots[mine], hour, DRAW_INDEX[key]] = values[mine]
+
+
+class GeneratorDraws:
+    """The factual run's draws: straight from the batch generator, in the order the generator always used.
+
+    The order is what keeps every export byte-identical: one uniform per stay for the missingness of each due
+    item, a normal per recorded value, the course's three draws, then death and discharge. With a tape, the
+    values of the taped stays are copied as they are drawn; the generator is consumed the same either way.
+    """
+
+    def __init__(self, rng: np.random.Generator, n: int, tape: DrawTape | None = None) -> None:
+        self.rng = rng
+        self.n = n
+        self.tape = tape
+
+    def uniform(self, hour: int, key: str, needed: np.ndarray) -> np.ndarray:
+        values = self.rng.random(self.n)
+        if self.tape is not None:
+            self.tape.keep_all(hour, key, values)
+        return values
+
+    def normal(self, hour: int, key: str, rows: np.ndarray, scale: float) -> np.ndarray:
+        values = self.rng.normal(0.0, scale, rows.shape)
+        if self.tape is not None:
+            self.tape.keep_rows(hour, key, rows, values)
+        return values
+
+    def severity(self, hour: int, needed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        draws = severity_draws(self.rng, (self.n,))
+        if self.tape is not None:
+            for key, values in zip(("hit", "hit_size", "severity_noise"), draws, strict=True):
+                self.tape.keep_all(hour, key, values)
+        return draws
+
+
+class TapeReplay:
+    """Draws for re-simulated stays: row i gets what its factual stay drew at the same hour for the same purpose
+    (common random numbers), and a fresh draw from `fresh` only where the factual course drew nothing (the
+    re-simulated course measured something the factual one did not, or outlived it).
+
+    `fresh_per_row` counts the fresh draws a stay actually used (a due measurement, an hour in hospital), so the
+    ground truth can say how common the random numbers were.
+    """
+
+    def __init__(self, tape: np.ndarray, fresh: np.random.Generator) -> None:
+        self.tape = tape  # (rows, hours, keys)
+        self.fresh = fresh
+        self.all_rows = np.arange(tape.shape[0])
+        self.fresh_per_row = np.zeros(tape.shape[0], dtype=np.int64)
+
+    def _take(
+        self, hour: int, key: str, rows: np.ndarray, used: np.ndarray | None, draw: Callable[[int], np.ndarray]
+    ) -> np.ndarray:
+        out = self.tape[rows, hour, DRAW_INDEX[key]] if hour < self.tape.shape[1] else np.full(rows.size, np.nan)
+        missing = np.isnan(out)
+        if missing.any():
+            out[missing] = draw(int(missing.sum()))
+            counted = missing if used is None else missing & used
+            np.add.at(self.fresh_per_row, rows[counted], 1)
+        return out
+
+    def uniform(self, hour: int, key: str, needed: np.ndarray) -> np.ndarray:
+        return self._take(hour, key, self.all_rows, needed, self.fresh.random)
+
+    def normal(self, hour: int, key: str, rows: np.ndarray, scale: float) -> np.ndarray:
+        return self._take(hour, key, rows, None, lambda k: self.fresh.normal(0.0, scale, k))
+
+    def severity(self, hour: int, needed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = self.all_rows
+        return (
+            self._take(hour, "hit", rows, needed, self.fresh.random),
+            self._take(hour, "hit_size", rows, needed, lambda k: self.fresh.exponential(SECOND_HIT_MEAN, k)),
+            self._take(hour, "severity_noise", rows, needed, self.fresh.standard_normal),
+        )
+
+
+# --- the stays, their state and the ward's rules --------------------------------------------------------------
+
+
+def _select(value: object, index: np.ndarray) -> object:
+    """Rows `index` of one field of a per-stay dataclass (an array, a dict of arrays, or course parameters)."""
+    if isinstance(value, np.ndarray):
+        return value[index]
+    if isinstance(value, dict):
+        return {k: _select(v, index) for k, v in value.items()}
+    if isinstance(value, CourseParams):
+        return value.take(index)
+    raise TypeError(f"cannot take rows of {type(value).__name__}")
+
+
+def _join(values: list) -> object:
+    """One field of several per-stay dataclasses, stacked (see _select)."""
+    first = values[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(values)
+    if isinstance(first, dict):
+        return {k: _join([v[k] for v in values]) for k in first}
+    if isinstance(first, CourseParams):
+        return CourseParams.concat(values)
+    raise TypeError(f"cannot join {type(first).__name__}")
+
+
+class _Rows:
+    """Per-stay arrays that can be subset (a saved state of a few stays) and stacked (stays of several batches)."""
+
+    def take(self, index: np.ndarray) -> Self:
+        """A copy holding the rows `index` only."""
+        return type(self)(**{f.name: _select(getattr(self, f.name), index) for f in fields(self)})  # type: ignore[arg-type]
+
+    @classmethod
+    def concat(cls, parts: list[Self]) -> Self:
+        """The rows of `parts`, one after another."""
+        return cls(**{f.name: _join([getattr(p, f.name) for p in parts]) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+@dataclass
+class StayCohort(_Rows):
+    """What is fixed for each stay once it is admitted: its reason, baseline, course parameters, schedules."""
+
+    reason: np.ndarray  # AdmissionReason values
+    treatment: np.ndarray  # the disease-specific treatment (physiology.ReasonDynamics.treatment)
+    base: dict[str, np.ndarray]
+    atrial_fibrillation: np.ndarray
+    resp: np.ndarray
+    card: np.ndarray
+    renal: np.ndarray
+    infl: np.ndarray
+    params: CourseParams
+    s0: np.ndarray
+    on_steroid_course: np.ndarray
+    ed_hours: np.ndarray
+    vital_offset: np.ndarray
+    wants_lactate: np.ndarray
+    cardiac: np.ndarray
+    poc_glucose: np.ndarray
+    hba1c_due: np.ndarray
+    height_due: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.reason)
+
+
+@dataclass
+class StayState(_Rows):
+    """Everything about each stay that changes hour by hour; a copy of it is a point to resume from."""
+
+    s: np.ndarray
+    stable: np.ndarray
+    fluid: np.ndarray
+    kidney: np.ndarray
+    glucose: np.ndarray
+    depot: dict[str, np.ndarray]
+    effect: dict[str, np.ndarray]
+    norepi_on: np.ndarray
+    norepi_effect: np.ndarray
+    norepi_started: np.ndarray
+    hb_offset: np.ndarray
+    active: np.ndarray
+    died: np.ndarray
+    end_hour: np.ndarray
+    max_sev: np.ndarray
+    last_given: dict[str, np.ndarray]
+    intubated: np.ndarray
+    cardioverted: np.ndarray
+    complication_seen: dict[str, np.ndarray]
+    location: np.ndarray
+    icu_stable_hours: np.ndarray
+    paths: np.ndarray  # (stays, MAX_STAY_HOURS + 1) severity path, NaN after the stay ended
+
+
+@dataclass(frozen=True)
+class WardRules:
+    """How the hospital measures and what prophylaxis it gives: the same for every stay of a site."""
+
+    vital_every: int
+    lab_stride_days: int
+    twice_daily_labs: bool
+    missing_base_rate: float
+    missing_informativeness: float
+    prophylaxis_drug: str
+    prophylaxis_every: int
+    prophylaxis_dose: float
+
+    @classmethod
+    def of(cls, profile: SiteProfile) -> WardRules:
+        enoxaparin = profile.kind == "academic"
+        return cls(
+            vital_every=max(1, round(profile.vitals_every_hours)),
+            lab_stride_days=max(1, round(profile.labs_every_hours / 24)),
+            twice_daily_labs=profile.labs_every_hours <= 12,
+            missing_base_rate=profile.missingness.base_rate,
+            missing_informativeness=profile.missingness.informativeness,
+            prophylaxis_drug="enoxaparin" if enoxaparin else "heparin",
+            prophylaxis_every=24 if enoxaparin else 12,
+            prophylaxis_dose=40 if enoxaparin else 5000,
+        )
+
+
+@dataclass
+class TreatmentOverrides:
+    """Treatment decisions a scenario takes away from the ward's rules, per stay, from `from_hour` on.
+
+    * withhold_insulin: no insulin lispro, whatever the measured glucose;
+    * scheduled_furosemide: furosemide 40 mg at `from_hour` and every 12 h after it while in hospital, whatever
+      the fluid state and blood pressure, instead of the ward's furosemide rule;
+    * withhold_norepinephrine: no norepinephrine; a running infusion stops at `from_hour`.
+    """
+
+    from_hour: np.ndarray
+    withhold_insulin: np.ndarray
+    scheduled_furosemide: np.ndarray
+    withhold_norepinephrine: np.ndarray
+
+    def at(self, flag: np.ndarray, hour: int) -> np.ndarray:
+        """The stays for which `flag` is in force at `hour`."""
+        return flag & (hour >= self.from_hour)
+
+
+@dataclass
+class WardLog:
+    """What the ward recorded and did, as column-wise event logs (one batch, or one re-simulation)."""
+
+    obs: EventLog = field(default_factory=lambda: EventLog(("stay", "hour", "item", "value", "value2")))
+    drugs: EventLog = field(default_factory=lambda: EventLog(("stay", "hour", "drug", "dose")))
+    infusions: EventLog = field(default_factory=lambda: EventLog(("stay", "start", "end")))
+    procedures: EventLog = field(default_factory=lambda: EventLog(("stay", "hour", "procedure")))
+    complications: EventLog = field(default_factory=lambda: EventLog(("stay", "hour", "complication")))
+    locations: EventLog = field(default_factory=lambda: EventLog(("stay", "hour", "location")))
+    scheduled: np.ndarray = field(default_factory=lambda: np.zeros(len(ITEMS), dtype=np.int64))
+    recorded: np.ndarray = field(default_factory=lambda: np.zeros(len(ITEMS), dtype=np.int64))
+
+
+def admit_stays(
     admissions: Admissions,
     population: Population,
     profile: SiteProfile,
     age_at_admission: np.ndarray,
     rng: np.random.Generator,
-    mc_rng: np.random.Generator,
-    replicates: int = 64,
-) -> StayOutcomes:
-    """Simulate a batch of stays hour by hour; return their events, outcomes and true probabilities."""
+) -> tuple[StayCohort, StayState]:
+    """Draw each stay's fixed facts and its state at admission (the draws in the generator's historical order)."""
     n = len(admissions)
     pid = admissions.patient
     dyn = [REASONS[r] for r in admissions.reason]
@@ -248,8 +592,6 @@ def simulate_stays(
     )
 
     # --- physiology state -------------------------------------------------------------------------
-    s = s0.copy()
-    stable = np.where(s < 0.6, 1, 0)
     fluid = fluid_w * (0.7 + 0.4 * s0) * np.exp(rng.normal(0, 0.2, n))
     kidney = np.where(
         reason == AdmissionReason.ACUTE_KIDNEY_INJURY.value, 0.9 + 0.3 * rng.standard_normal(n), renal * 0.2 * s0
@@ -257,101 +599,131 @@ def simulate_stays(
     kidney = np.maximum(kidney, 0.0)
     on_steroid_course = np.isin(treatment, ("steroid", "dexamethasone"))
     diabetic = cond["type2_diabetes"]
-    glucose = base["glucose"] + 25 * s0
-    depot = {k: np.zeros(n) for k in _PHARMACODYNAMICS}
-    effect = {k: np.zeros(n) for k in _PHARMACODYNAMICS}
-    norepi_on = np.zeros(n, dtype=bool)
-    norepi_effect = np.zeros(n)
-    norepi_started = np.full(n, -1)
-    hb_offset = np.zeros(n)
-    active = np.ones(n, dtype=bool)
-    died = np.zeros(n, dtype=bool)
-    end_hour = np.full(n, MAX_STAY_HOURS)
-    max_sev = s0.copy()
-    sev_at_pred = np.full(n, np.nan)
-    stable_at_pred = np.zeros(n, dtype=int)
-    alive_at_pred = np.zeros(n, dtype=bool)
-    last_given = {k: np.full(n, -1000) for k in ("acetaminophen", "metoprolol", "furosemide")}
-    intubated = np.zeros(n, dtype=bool)
-    cardioverted = np.zeros(n, dtype=bool)
-    complication_seen = {k: np.zeros(n, dtype=bool) for k in COMPLICATION_EVENTS}
-    location = np.zeros(n, dtype=int)
-    ed_hours = rng.integers(2, 7, n)
-    icu_stable_hours = np.zeros(n, dtype=int)
     paths = np.full((n, MAX_STAY_HOURS + 1), np.nan, dtype=np.float32)
     paths[:, 0] = s0
-
-    vital_every = max(1, round(profile.vitals_every_hours))
-    vital_offset = rng.integers(0, vital_every, n)
-    lab_stride_days = max(1, round(profile.labs_every_hours / 24))
-    twice_daily_labs = profile.labs_every_hours <= 12
-    miss = profile.missingness
-    wants_lactate = np.isin(reason, ("sepsis", "pneumonia", "covid19", "acute_mi")) | (s0 > 1.0)
-    cardiac = np.isin(reason, ("acute_mi", "heart_failure"))
-    poc_glucose = diabetic | on_steroid_course
-    hba1c_due = diabetic & (rng.random(n) < 0.6)
-    height_due = rng.random(n) < 0.35
-
-    obs = EventLog(("stay", "hour", "item", "value", "value2"))
-    drugs = EventLog(("stay", "hour", "drug", "dose"))
-    infusions = EventLog(("stay", "start", "end"))
-    procedures = EventLog(("stay", "hour", "procedure"))
-    complications = EventLog(("stay", "hour", "complication"))
-    locations = EventLog(("stay", "hour", "location"))
-    locations.add(stay=np.arange(n), hour=0, location=0)
-    scheduled = np.zeros(len(ITEMS), dtype=np.int64)
-    recorded = np.zeros(len(ITEMS), dtype=np.int64)
-
-    def give(mask: np.ndarray, drug: str, hour: int, dose: float) -> None:
-        idx = np.flatnonzero(mask)
-        drugs.add(stay=idx, hour=hour, drug=DRUG_INDEX[drug], dose=dose)
-
-    def procedure(mask: np.ndarray, name: str, hour: int) -> None:
-        procedures.add(stay=np.flatnonzero(mask), hour=hour, procedure=PROCEDURE_INDEX[name])
-
-    def complication(mask: np.ndarray, name: str, hour: int) -> None:
-        new = mask & ~complication_seen[name]
-        complication_seen[name] |= new
-        complications.add(stay=np.flatnonzero(new), hour=hour, complication=COMPLICATION_EVENTS.index(name))
-
-    procedure(cardiac | (reason == "sepsis") | (rng.random(n) < 0.4), "ecg", 0)
-    procedure(
-        np.isin(reason, ("pneumonia", "covid19", "heart_failure", "sepsis", "copd_exacerbation")), "chest_xray", 0
+    state = StayState(
+        s=s0.copy(),
+        stable=np.where(s0 < 0.6, 1, 0),
+        fluid=fluid,
+        kidney=kidney,
+        glucose=base["glucose"] + 25 * s0,
+        depot={k: np.zeros(n) for k in _PHARMACODYNAMICS},
+        effect={k: np.zeros(n) for k in _PHARMACODYNAMICS},
+        norepi_on=np.zeros(n, dtype=bool),
+        norepi_effect=np.zeros(n),
+        norepi_started=np.full(n, -1),
+        hb_offset=np.zeros(n),
+        active=np.ones(n, dtype=bool),
+        died=np.zeros(n, dtype=bool),
+        end_hour=np.full(n, MAX_STAY_HOURS),
+        max_sev=s0.copy(),
+        last_given={k: np.full(n, -1000) for k in ("acetaminophen", "metoprolol", "furosemide")},
+        intubated=np.zeros(n, dtype=bool),
+        cardioverted=np.zeros(n, dtype=bool),
+        complication_seen={k: np.zeros(n, dtype=bool) for k in COMPLICATION_EVENTS},
+        location=np.zeros(n, dtype=int),
+        icu_stable_hours=np.zeros(n, dtype=int),
+        paths=paths,
     )
+    ed_hours = rng.integers(2, 7, n)
+    vital_offset = rng.integers(0, max(1, round(profile.vitals_every_hours)), n)
+    cohort = StayCohort(
+        reason=reason,
+        treatment=treatment,
+        base=base,
+        atrial_fibrillation=cond["atrial_fibrillation"],
+        resp=resp,
+        card=card,
+        renal=renal,
+        infl=infl,
+        params=params,
+        s0=s0,
+        on_steroid_course=on_steroid_course,
+        ed_hours=ed_hours,
+        vital_offset=vital_offset,
+        wants_lactate=np.isin(reason, ("sepsis", "pneumonia", "covid19", "acute_mi")) | (s0 > 1.0),
+        cardiac=np.isin(reason, ("acute_mi", "heart_failure")),
+        poc_glucose=diabetic | on_steroid_course,
+        hba1c_due=diabetic & (rng.random(n) < 0.6),
+        height_due=rng.random(n) < 0.35,
+    )
+    return cohort, state
 
-    for hour in range(MAX_STAY_HOURS):
-        if not active.any():
-            break
+
+class Ward:
+    """A set of stays under the ward's rules, advanced one hour at a time by `step`.
+
+    The factual batch and every counterfactual re-simulation run through this one `step`, so a scenario differs
+    from the factual course only by its starting state, its draws and its `overrides`.
+    """
+
+    def __init__(
+        self,
+        cohort: StayCohort,
+        state: StayState,
+        rules: WardRules,
+        overrides: TreatmentOverrides | None = None,
+    ) -> None:
+        self.cohort = cohort
+        self.state = state
+        self.rules = rules
+        self.overrides = overrides
+        self.n = len(cohort)
+        self.log = WardLog()
+        self.values: dict[str, np.ndarray] = {}  # the noise-free values at the start of the hour last stepped
+
+    def give(self, mask: np.ndarray, drug: str, hour: int, dose: float) -> None:
+        idx = np.flatnonzero(mask)
+        self.log.drugs.add(stay=idx, hour=hour, drug=DRUG_INDEX[drug], dose=dose)
+
+    def procedure(self, mask: np.ndarray, name: str, hour: int) -> None:
+        self.log.procedures.add(stay=np.flatnonzero(mask), hour=hour, procedure=PROCEDURE_INDEX[name])
+
+    def complication(self, mask: np.ndarray, name: str, hour: int) -> None:
+        seen = self.state.complication_seen
+        new = mask & ~seen[name]
+        seen[name] |= new
+        self.log.complications.add(stay=np.flatnonzero(new), hour=hour, complication=COMPLICATION_EVENTS.index(name))
+
+    def step(self, hour: int, draws: DrawSource) -> None:
+        """Advance every stay from the start of `hour` to the start of `hour + 1`."""
+        c, st, rules, log, ov = self.cohort, self.state, self.rules, self.log, self.overrides
+        n = self.n
+        params, base, reason = c.params, c.base, c.reason
+        active = st.active
+        s = st.s
+        fluid = st.fluid
+        kidney = st.kidney
         hod = (params.admit_hour + hour) % 24
         day = hour // 24
-        e = effect
-        ne = norepi_effect
+        e = st.effect
+        ne = st.norepi_effect
 
         # --- what the patient looks like now (canonical units) ---------------------------------
-        temp = base["temperature"] + 1.1 * s * infl - 0.9 * e["acetaminophen"]
+        temp = base["temperature"] + 1.1 * s * c.infl - 0.9 * e["acetaminophen"]
         values = {
             "temperature": temp,
             "heart_rate": base["heart_rate"]
-            + 12 * s * (0.4 + card)
+            + 12 * s * (0.4 + c.card)
             + 6 * np.maximum(temp - 37.2, 0)
             - 14 * e["metoprolol"],
-            "sbp": base["sbp"] - 15 * s * card + 6 * fluid - 9 * e["furosemide"] + 24 * ne,
-            "resp_rate": base["resp_rate"] + 3.5 * s * (0.3 + resp) + 2.0 * fluid,
-            "spo2": base["spo2"] - 3.2 * s * resp - 2.5 * fluid,
-            "glucose": glucose,
-            "glucose_poc": glucose,
+            "sbp": base["sbp"] - 15 * s * c.card + 6 * fluid - 9 * e["furosemide"] + 24 * ne,
+            "resp_rate": base["resp_rate"] + 3.5 * s * (0.3 + c.resp) + 2.0 * fluid,
+            "spo2": base["spo2"] - 3.2 * s * c.resp - 2.5 * fluid,
+            "glucose": st.glucose,
+            "glucose_poc": st.glucose,
             "creatinine": base["creatinine"] * (1 + kidney),
             "bun": 14 * (1 + 1.3 * kidney) * np.sqrt(base["creatinine"] / 0.9) + 3 * s,
             "sodium": base["sodium"] - 2.0 * fluid,
             "potassium": base["potassium"] + 0.7 * kidney - 0.1 * e["insulin"],
-            "wbc": base["wbc"] + 5.0 * s * infl + 3.0 * e["steroid"],
-            "hemoglobin": base["hemoglobin"] - 0.12 * day - 0.3 * s + hb_offset,
-            "platelets": base["platelets"] * (1 - 0.22 * np.minimum(s, 3) * infl),
-            "crp": 3 + 70 * s * infl,
+            "wbc": base["wbc"] + 5.0 * s * c.infl + 3.0 * e["steroid"],
+            "hemoglobin": base["hemoglobin"] - 0.12 * day - 0.3 * s + st.hb_offset,
+            "platelets": base["platelets"] * (1 - 0.22 * np.minimum(s, 3) * c.infl),
+            "crp": 3 + 70 * s * c.infl,
             "albumin": base["albumin"] - 0.25 * s - 0.04 * day,
-            "lactate": 0.9 + 1.1 * np.maximum(s - 0.7, 0) * (0.3 + card + 0.5 * infl),
+            "lactate": 0.9 + 1.1 * np.maximum(s - 0.7, 0) * (0.3 + c.card + 0.5 * c.infl),
             "troponin": np.where(
-                reason == "acute_mi", 2500 * np.exp(-(((hour - 14) / 12.0) ** 2)) + 40, 6 + 12 * s * card
+                reason == "acute_mi", 2500 * np.exp(-(((hour - 14) / 12.0) ** 2)) + 40, 6 + 12 * s * c.card
             ),
             "weight": base["weight"] + 2.5 * fluid,
             "height": base["height"],
@@ -359,183 +731,273 @@ def simulate_stays(
         }
         values["dbp"] = 0.5 * values["sbp"] + 14
         values["bmi"] = values["weight"] / (base["height"] / 100.0) ** 2
+        values["severity"] = s
+        values["fluid_overload"] = fluid
+        self.values = values
 
         # --- what is due, and what actually gets recorded -----------------------------------------
         tilt = np.where(s < 0.5, 0.8, np.where(s > 1.5, -0.6, 0.0))
-        p_miss = np.clip(miss.base_rate * (1 + miss.informativeness * tilt), 0.0, 0.95)
+        p_miss = np.clip(rules.missing_base_rate * (1 + rules.missing_informativeness * tilt), 0.0, 0.95)
         if hour == 0:
             p_miss = p_miss * 0.3
+        vital_every, vital_offset = rules.vital_every, c.vital_offset
         vitals_due = active & (
             (hour == 0)
             | ((hour - vital_offset) % vital_every == 0)
             | ((s > 1.5) & ((hour - vital_offset) % max(1, vital_every // 2) == 0))
         )
-        lab_time = (hour >= 4) & (((hod == 6) & (day % lab_stride_days == 0)) | (twice_daily_labs & (hod == 18)))
+        lab_time = (hour >= 4) & (
+            ((hod == 6) & (day % rules.lab_stride_days == 0)) | (rules.twice_daily_labs & (hod == 18))
+        )
         labs_due = active & ((hour == 0) | lab_time)
         due: dict[str, np.ndarray] = {item: vitals_due for item in VITAL_ITEMS}
         due.update({item: labs_due for item in PANEL_ITEMS})
         due["lactate"] = active & (
-            ((hour == 0) & wants_lactate)
+            ((hour == 0) & c.wants_lactate)
             | (lab_time & (s > 1.0))
             | ((reason == "sepsis") & (s > 1.5) & (hour % 6 == 0))
         )
         due["troponin"] = (
-            active & cardiac & (np.isin(hour, (0, 3, 6)) | ((reason == "acute_mi") & lab_time & (hour < 72)))
+            active & c.cardiac & (np.isin(hour, (0, 3, 6)) | ((reason == "acute_mi") & lab_time & (hour < 72)))
         )
-        due["glucose_poc"] = active & poc_glucose & np.isin(hod, (7, 11, 16, 21))
+        due["glucose_poc"] = active & c.poc_glucose & np.isin(hod, (7, 11, 16, 21))
         due["weight"] = active & ((hour == 0) | ((reason == "heart_failure") & (hod == 6)))
-        due["height"] = active & (hour == 0) & height_due
+        due["height"] = active & (hour == 0) & c.height_due
         due["bmi"] = due["height"]
-        due["hba1c"] = active & (hour == 0) & hba1c_due
+        due["hba1c"] = active & (hour == 0) & c.hba1c_due
 
         measured: dict[str, np.ndarray] = {}
         for item in ITEMS:
             mask = due[item]
             if not mask.any():
                 continue
-            keep = mask & (rng.random(n) >= p_miss) if item not in ("height", "bmi", "hba1c") else mask
-            scheduled[ITEM_INDEX[item]] += int(mask.sum())
-            recorded[ITEM_INDEX[item]] += int(keep.sum())
+            keep = mask if item in _ALWAYS_RECORDED else mask & (draws.uniform(hour, f"missing:{item}", mask) >= p_miss)
+            log.scheduled[ITEM_INDEX[item]] += int(mask.sum())
+            log.recorded[ITEM_INDEX[item]] += int(keep.sum())
             idx = np.flatnonzero(keep)
             if idx.size == 0:
                 continue
             if item == "bp":
-                sbp = _noisy("sbp", values["sbp"][idx], rng)
-                dbp = np.minimum(_noisy("dbp", values["dbp"][idx], rng), sbp - 10)
-                obs.add(stay=idx, hour=hour, item=ITEM_INDEX[item], value=sbp, value2=dbp)
+                sbp = _noisy("sbp", values["sbp"][idx], draws.normal(hour, "noise:sbp", idx, _NOISE["sbp"][1]))
+                dbp_noise = draws.normal(hour, "noise:dbp", idx, _NOISE["dbp"][1])
+                dbp = np.minimum(_noisy("dbp", values["dbp"][idx], dbp_noise), sbp - 10)
+                log.obs.add(stay=idx, hour=hour, item=ITEM_INDEX[item], value=sbp, value2=dbp)
                 measured["sbp"] = _scatter(n, idx, sbp)
                 continue
-            v = _noisy(item, values[item][idx], rng)
-            obs.add(stay=idx, hour=hour, item=ITEM_INDEX[item], value=v, value2=np.nan)
+            v = _noisy(item, values[item][idx], draws.normal(hour, f"noise:{item}", idx, _NOISE[item][1]))
+            log.obs.add(stay=idx, hour=hour, item=ITEM_INDEX[item], value=v, value2=np.nan)
             measured[item] = _scatter(n, idx, v)
 
         # --- what the clinicians do about it --------------------------------------------------------
+        depot, last_given = st.depot, st.last_given
         glucose_seen = np.fmax(
             measured.get("glucose", np.full(n, np.nan)), measured.get("glucose_poc", np.full(n, np.nan))
         )
         needs_insulin = glucose_seen > 180
+        if ov is not None:
+            needs_insulin &= ~ov.at(ov.withhold_insulin, hour)
         if needs_insulin.any():
             units = np.clip(2 + 2 * np.floor((np.nan_to_num(glucose_seen) - 180) / 40), 2, 12)
             idx = np.flatnonzero(needs_insulin)
-            drugs.add(stay=idx, hour=hour, drug=DRUG_INDEX["insulin_lispro"], dose=units[idx])
+            log.drugs.add(stay=idx, hour=hour, drug=DRUG_INDEX["insulin_lispro"], dose=units[idx])
             depot["insulin"][idx] += units[idx]
 
+        norepi_on = st.norepi_on
         sbp_seen = measured.get("sbp", np.full(n, np.nan))
         start_ne = active & ~norepi_on & (sbp_seen < 88)
         stop_ne = norepi_on & (sbp_seen > 110)
-        norepi_started[start_ne] = hour
+        if ov is not None:
+            withheld = ov.at(ov.withhold_norepinephrine, hour)
+            start_ne &= ~withheld
+            stop_ne |= norepi_on & withheld
+        st.norepi_started[start_ne] = hour
         norepi_on |= start_ne
         if stop_ne.any():
             idx = np.flatnonzero(stop_ne)
-            infusions.add(stay=idx, start=norepi_started[idx], end=hour)
+            log.infusions.add(stay=idx, start=st.norepi_started[idx], end=hour)
             norepi_on &= ~stop_ne
-        complication(start_ne & (reason == "sepsis"), "septic_shock", hour)
+        self.complication(start_ne & (reason == "sepsis"), "septic_shock", hour)
 
         furo = active & (fluid > 0.35) & (hour - last_given["furosemide"] >= 12) & ~(sbp_seen < 95)
         furo &= (reason == "heart_failure") | (fluid > 0.6)
-        give(furo, "furosemide", hour, 40)
+        if ov is not None:
+            scheduled = ov.at(ov.scheduled_furosemide, hour)
+            furo = np.where(scheduled, active & ((hour - ov.from_hour) % 12 == 0), furo)
+        self.give(furo, "furosemide", hour, 40)
         depot["furosemide"][furo] += 1.0
         last_given["furosemide"][furo] = hour
 
         fever = active & (measured.get("temperature", np.full(n, np.nan)) > 38.3)
         fever &= hour - last_given["acetaminophen"] >= 6
-        give(fever, "acetaminophen", hour, 1000)
+        self.give(fever, "acetaminophen", hour, 1000)
         depot["acetaminophen"][fever] += 1.0
         last_given["acetaminophen"][fever] = hour
 
         hr_seen = measured.get("heart_rate", np.full(n, np.nan))
-        rate_control = active & cond["atrial_fibrillation"] & (hr_seen > 110) & (hour - last_given["metoprolol"] >= 12)
-        give(rate_control, "metoprolol", hour, 25)
+        af = c.atrial_fibrillation
+        rate_control = active & af & (hr_seen > 110) & (hour - last_given["metoprolol"] >= 12)
+        self.give(rate_control, "metoprolol", hour, 25)
         depot["metoprolol"][rate_control] += 1.0
         last_given["metoprolol"][rate_control] = hour
-        shock_rhythm = active & cond["atrial_fibrillation"] & (hr_seen > 140) & ~cardioverted
-        procedure(shock_rhythm, "cardioversion", hour)
-        cardioverted |= shock_rhythm
+        shock_rhythm = active & af & (hr_seen > 140) & ~st.cardioverted
+        self.procedure(shock_rhythm, "cardioversion", hour)
+        st.cardioverted |= shock_rhythm
 
+        treatment_start = params.treatment_start
         since_tx = hour - np.where(np.isfinite(treatment_start), treatment_start, 1e6)
         on_tx = active & (since_tx >= 0) & (since_tx < 7 * 24)
-        give(on_tx & (reason == "pneumonia") & (since_tx % 24 == 0), "ceftriaxone", hour, 2000)
-        give(on_tx & (reason == "sepsis") & (since_tx % 8 == 0), "piperacillin", hour, 4000)
+        self.give(on_tx & (reason == "pneumonia") & (since_tx % 24 == 0), "ceftriaxone", hour, 2000)
+        self.give(on_tx & (reason == "sepsis") & (since_tx % 8 == 0), "piperacillin", hour, 4000)
         vanco = on_tx & (reason == "sepsis") & (since_tx % 12 == 0)
-        give(vanco, "vancomycin", hour, 1000)
+        self.give(vanco, "vancomycin", hour, 1000)
         steroid_now = on_tx & (since_tx % 24 == 0) & (since_tx < 5 * 24)
-        give(steroid_now & (reason == "copd_exacerbation"), "prednisone", hour, 40)
-        give(steroid_now & (reason == "covid19"), "dexamethasone", hour, 6)
-        depot["steroid"][steroid_now & on_steroid_course] += 1.0
-        give(active & (reason == "copd_exacerbation") & (hour % 6 == 0), "albuterol", hour, 2.5)
-        give(active & (reason == "acute_mi") & (hour % 24 == 0), "aspirin", hour, 81)
-        give(active & (reason == "acute_mi") & (hour % 24 == 0), "clopidogrel", hour, 75)
-        give(active & (reason == "stroke") & (hour % 24 == 0), "aspirin", hour, 81)
-        prophylaxis_drug = "enoxaparin" if profile.kind == "academic" else "heparin"
-        prophylaxis_every = 24 if prophylaxis_drug == "enoxaparin" else 12
-        give(
-            active & (hour >= 6) & ((hour - 6) % prophylaxis_every == 0) & (reason != "stroke"),
-            prophylaxis_drug,
+        self.give(steroid_now & (reason == "copd_exacerbation"), "prednisone", hour, 40)
+        self.give(steroid_now & (reason == "covid19"), "dexamethasone", hour, 6)
+        depot["steroid"][steroid_now & c.on_steroid_course] += 1.0
+        self.give(active & (reason == "copd_exacerbation") & (hour % 6 == 0), "albuterol", hour, 2.5)
+        self.give(active & (reason == "acute_mi") & (hour % 24 == 0), "aspirin", hour, 81)
+        self.give(active & (reason == "acute_mi") & (hour % 24 == 0), "clopidogrel", hour, 75)
+        self.give(active & (reason == "stroke") & (hour % 24 == 0), "aspirin", hour, 81)
+        self.give(
+            active & (hour >= 6) & ((hour - 6) % rules.prophylaxis_every == 0) & (reason != "stroke"),
+            rules.prophylaxis_drug,
             hour,
-            40 if prophylaxis_drug == "enoxaparin" else 5000,
+            rules.prophylaxis_dose,
         )
-        procedure(active & (reason == "acute_mi") & (treatment_start == hour), "pci", hour)
+        self.procedure(active & (reason == "acute_mi") & (treatment_start == hour), "pci", hour)
 
         spo2_seen = measured.get("spo2", np.full(n, np.nan))
-        intubate = active & ~intubated & (spo2_seen < 88) & (s > 2.3)
-        procedure(intubate, "intubation", hour)
-        intubated |= intubate
+        intubate = active & ~st.intubated & (spo2_seen < 88) & (s > 2.3)
+        self.procedure(intubate, "intubation", hour)
+        st.intubated |= intubate
         transfuse = active & (measured.get("hemoglobin", np.full(n, np.nan)) < 7.0)
-        procedure(transfuse, "transfusion", hour)
-        hb_offset[transfuse] += 1.0
-        complication(active & (kidney > 0.5) & (reason != "aki"), "aki", hour)
-        complication(active & (measured.get("potassium", np.full(n, np.nan)) > 5.5), "hyperkalemia", hour)
+        self.procedure(transfuse, "transfusion", hour)
+        st.hb_offset[transfuse] += 1.0
+        self.complication(active & (kidney > 0.5) & (reason != "aki"), "aki", hour)
+        self.complication(active & (measured.get("potassium", np.full(n, np.nan)) > 5.5), "hyperkalemia", hour)
 
         # --- where the patient is -------------------------------------------------------------------
-        leave_ed = active & (location == 0) & (hour >= ed_hours)
+        location = st.location
+        leave_ed = active & (location == 0) & (hour >= c.ed_hours)
         to_icu = (leave_ed & (s > 2.0)) | (active & (location == 1) & ((s > 2.4) | intubate))
-        to_ward = (leave_ed & (s <= 2.0)) | (active & (location == 2) & (icu_stable_hours >= 12) & ~intubated)
-        icu_stable_hours = np.where((location == 2) & (s < 1.2), icu_stable_hours + 1, 0)
+        to_ward = (leave_ed & (s <= 2.0)) | (active & (location == 2) & (st.icu_stable_hours >= 12) & ~st.intubated)
+        st.icu_stable_hours = np.where((location == 2) & (s < 1.2), st.icu_stable_hours + 1, 0)
         location[to_icu] = 2
         location[to_ward] = 1
-        locations.add(stay=np.flatnonzero(to_icu), hour=hour, location=2)
-        locations.add(stay=np.flatnonzero(to_ward), hour=hour, location=1)
-        intubated &= ~((location == 2) & (s < 1.0))
+        log.locations.add(stay=np.flatnonzero(to_icu), hour=hour, location=2)
+        log.locations.add(stay=np.flatnonzero(to_ward), hour=hour, location=1)
+        st.intubated &= ~((location == 2) & (s < 1.0))
 
         # --- one hour passes ---------------------------------------------------------------------------
+        effect = st.effect
         for drug, (tau_a, tau_e) in _PHARMACODYNAMICS.items():
             absorbed = depot[drug] * (1 - _exp_factor(tau_a))
             depot[drug] = depot[drug] - absorbed
             effect[drug] = effect[drug] * _exp_factor(tau_e) + absorbed
-        norepi_effect = norepi_effect + (norepi_on.astype(float) - norepi_effect) * (1 - np.exp(-2.0))
+        st.norepi_effect = st.norepi_effect + (norepi_on.astype(float) - st.norepi_effect) * (1 - np.exp(-2.0))
         target = base["glucose"] + 30 * s + 40 * effect["steroid"]
-        glucose = np.maximum(40.0, glucose + (target - glucose) * (1 - _exp_factor(5.0)) - 5.0 * effect["insulin"])
-        fluid = np.maximum(0.0, fluid * _exp_factor(96.0) - 0.08 * effect["furosemide"] * fluid)
+        st.glucose = np.maximum(
+            40.0, st.glucose + (target - st.glucose) * (1 - _exp_factor(5.0)) - 5.0 * effect["insulin"]
+        )
+        st.fluid = np.maximum(0.0, fluid * _exp_factor(96.0) - 0.08 * effect["furosemide"] * fluid)
         vanco_active = (reason == "sepsis") & (hour >= treatment_start)
-        kidney = kidney * _exp_factor(60.0) + 0.012 * np.maximum(s - 0.4, 0) * renal + 0.003 * vanco_active
+        st.kidney = kidney * _exp_factor(60.0) + 0.012 * np.maximum(s - 0.4, 0) * c.renal + 0.003 * vanco_active
 
-        s_next = step_severity(s, hour, params, rng)
-        s = np.where(active, s_next, s)
-        stable = np.where(active, update_stable_hours(stable, s), stable)
-        max_sev = np.where(active, np.maximum(max_sev, s), max_sev)
-        paths[active, hour + 1] = s[active]
+        s_next = advance_severity(s, hour, params, *draws.severity(hour, active))
+        s = st.s = np.where(active, s_next, s)
+        st.stable = np.where(active, update_stable_hours(st.stable, s), st.stable)
+        st.max_sev = np.where(active, np.maximum(st.max_sev, s), st.max_sev)
+        st.paths[active, hour + 1] = s[active]
 
         next_hour = hour + 1
-        dies = active & (rng.random(n) < -np.expm1(-death_hazard(s, params)))
+        dies = active & (draws.uniform(hour, "death", active) < -np.expm1(-death_hazard(s, params)))
         if next_hour >= MAX_STAY_HOURS:
             leaves = active & ~dies
         else:
-            leaves = active & ~dies & (rng.random(n) < -np.expm1(-discharge_hazard(stable, next_hour, params)))
+            staying = active & ~dies
+            leaves = staying & (
+                draws.uniform(hour, "discharge", staying) < -np.expm1(-discharge_hazard(st.stable, next_hour, params))
+            )
         ended = dies | leaves
-        died |= dies
-        end_hour[ended] = next_hour
+        st.died |= dies
+        st.end_hour[ended] = next_hour
         closing = ended & norepi_on
         if closing.any():
             idx = np.flatnonzero(closing)
-            infusions.add(stay=idx, start=norepi_started[idx], end=next_hour)
+            log.infusions.add(stay=idx, start=st.norepi_started[idx], end=next_hour)
             norepi_on &= ~closing
         active &= ~ended
-        if next_hour == PREDICTION_HOUR:
-            alive_at_pred = active.copy()
-            sev_at_pred = np.where(active, s, np.nan)
-            stable_at_pred = stable.copy()
+
+
+class BatchWatch(Protocol):
+    """Follows one factual batch for the counterfactual ground truth (see counterfactuals.CounterfactualPlan)."""
+
+    tape: DrawTape | None
+
+    def after_hour(self, ward: Ward, hour: int) -> None:
+        """Called after every factual hour."""
+        ...
+
+    def finish(self, outcomes: StayOutcomes) -> None:
+        """Called once the batch is complete."""
+        ...
+
+
+class CounterfactualHook(Protocol):
+    """What simulate_stays needs from a counterfactual plan: a watcher for each batch it simulates."""
+
+    def watch(self, ward: Ward, admissions: Admissions) -> BatchWatch:
+        """Start following a batch that has just been admitted (before its first hour)."""
+        ...
+
+
+def simulate_stays(
+    admissions: Admissions,
+    population: Population,
+    profile: SiteProfile,
+    age_at_admission: np.ndarray,
+    rng: np.random.Generator,
+    mc_rng: np.random.Generator,
+    replicates: int = 64,
+    counterfactuals: CounterfactualHook | None = None,
+) -> StayOutcomes:
+    """Simulate a batch of stays hour by hour; return their events, outcomes and true probabilities.
+
+    `counterfactuals` may watch the batch (tape the draws of a sample of stays, save their state): it never
+    draws from `rng` or `mc_rng`, so the batch's course and everything exported from it are unchanged.
+    """
+    n = len(admissions)
+    pid = admissions.patient
+    age = age_at_admission
+    frailty = population.frailty[pid]
+    cohort, state = admit_stays(admissions, population, profile, age, rng)
+    ward = Ward(cohort, state, WardRules.of(profile))
+    reason = cohort.reason
+    ward.log.locations.add(stay=np.arange(n), hour=0, location=0)
+    ward.procedure(cohort.cardiac | (reason == "sepsis") | (rng.random(n) < 0.4), "ecg", 0)
+    ward.procedure(
+        np.isin(reason, ("pneumonia", "covid19", "heart_failure", "sepsis", "copd_exacerbation")), "chest_xray", 0
+    )
+    watch = counterfactuals.watch(ward, admissions) if counterfactuals is not None else None
+    draws = GeneratorDraws(rng, n, watch.tape if watch is not None else None)
+
+    sev_at_pred = np.full(n, np.nan)
+    stable_at_pred = np.zeros(n, dtype=int)
+    alive_at_pred = np.zeros(n, dtype=bool)
+    for hour in range(MAX_STAY_HOURS):
+        if not state.active.any():
+            break
+        ward.step(hour, draws)
+        if hour + 1 == PREDICTION_HOUR:
+            alive_at_pred = state.active.copy()
+            sev_at_pred = np.where(state.active, state.s, np.nan)
+            stable_at_pred = state.stable.copy()
+        if watch is not None:
+            watch.after_hour(ward, hour)
 
     # --- true probabilities ---------------------------------------------------------------------------
+    params = cohort.params
+    s, died, end_hour = state.s, state.died, state.end_hour
     p_death = np.full(n, np.nan)
     p_los = np.full(n, np.nan)
     at_pred = np.flatnonzero(alive_at_pred)
@@ -545,6 +1007,7 @@ def simulate_stays(
     p_death[at_pred] = probs.death
     p_los[at_pred] = probs.los_over_7_days
 
+    cond = {k: v[pid] for k, v in population.conditions.items()}
     burden = population.chronic_burden()[pid]
     p_readmit = readmission_probability(
         s, frailty, age, burden, cond["heart_failure"], cond["copd"], end_hour, profile.readmission_offset
@@ -555,66 +1018,45 @@ def simulate_stays(
         for d, h, a, f in zip(died, end_hour, age, frailty, strict=True)
     ]
 
-    return StayOutcomes(
+    log = ward.log
+    outcomes = StayOutcomes(
         admissions=admissions,
         age=age,
-        initial_severity=s0,
-        treatment_start=treatment_start,
+        initial_severity=cohort.s0,
+        treatment_start=params.treatment_start,
         end_hour=end_hour,
         died=died,
         severity_at_end=s,
-        max_severity=max_sev,
+        max_severity=state.max_sev,
         alive_at_prediction=alive_at_pred,
         p_death=p_death,
         p_los_over_7_days=p_los,
         p_readmission_30d=p_readmit,
         disposition=disposition,
-        observations=obs.frame(),
-        drugs=drugs.frame(),
-        infusions=infusions.frame(),
-        procedures=procedures.frame(),
-        complications=complications.frame(),
-        locations=locations.frame(),
-        scheduled=scheduled,
-        recorded=recorded,
-        severity_paths=[paths[i, : end_hour[i] + 1] for i in range(n)],
+        observations=log.obs.frame(),
+        drugs=log.drugs.frame(),
+        infusions=log.infusions.frame(),
+        procedures=log.procedures.frame(),
+        complications=log.complications.frame(),
+        locations=log.locations.frame(),
+        scheduled=log.scheduled,
+        recorded=log.recorded,
+        severity_paths=[state.paths[i, : end_hour[i] + 1] for i in range(n)],
     )
+    if watch is not None:
+        watch.finish(outcomes)
+    return outcomes
 
 
-# Measurement noise: (kind, size). "abs" adds N(0, size); "rel" multiplies by exp(N(0, size)).
-_NOISE = {
-    "heart_rate": ("abs", 4.0),
-    "sbp": ("abs", 7.0),
-    "dbp": ("abs", 5.0),
-    "resp_rate": ("abs", 1.5),
-    "temperature": ("abs", 0.2),
-    "spo2": ("abs", 1.0),
-    "glucose": ("rel", 0.08),
-    "glucose_poc": ("rel", 0.1),
-    "creatinine": ("rel", 0.05),
-    "bun": ("rel", 0.08),
-    "sodium": ("abs", 1.5),
-    "potassium": ("abs", 0.25),
-    "wbc": ("rel", 0.12),
-    "hemoglobin": ("abs", 0.35),
-    "platelets": ("rel", 0.1),
-    "crp": ("rel", 0.25),
-    "albumin": ("abs", 0.2),
-    "lactate": ("rel", 0.15),
-    "troponin": ("rel", 0.2),
-    "weight": ("abs", 0.4),
-    "height": ("abs", 0.5),
-    "bmi": ("abs", 0.2),
-    "hba1c": ("abs", 0.1),
-}
+def with_treatment_start(cohort: StayCohort, treatment_start: np.ndarray) -> StayCohort:
+    """The same stays with another start of the disease-specific treatment (a scenario's antibiotic timing)."""
+    return replace(cohort, params=replace(cohort.params, treatment_start=treatment_start))
 
 
-def _noisy(item: str, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    kind, size = _NOISE[item]
-    if kind == "abs":
-        noisy = clean + rng.normal(0.0, size, clean.shape)
-    else:
-        noisy = clean * np.exp(rng.normal(0.0, size, clean.shape))
+def _noisy(item: str, clean: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """A recorded value: the clean value with its measurement noise (drawn N(0, size), see _NOISE)."""
+    kind, _ = _NOISE[item]
+    noisy = clean + noise if kind == "abs" else clean * np.exp(noise)
     low, high = CLEAN_RANGES[item]
     return np.clip(noisy, low, high)
 

@@ -23,6 +23,7 @@ ground truth is exact for the process that produced the data, up to Monte-Carlo 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import numpy as np
 
@@ -98,19 +99,60 @@ class CourseParams:
         """The parameters of a subset of stays."""
         return CourseParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
+    @classmethod
+    def concat(cls, parts: list[CourseParams]) -> CourseParams:
+        """The parameters of several groups of stays, one after another (stays sampled from several batches)."""
+        return cls(**{f.name: np.concatenate([getattr(part, f.name) for part in parts]) for f in fields(cls)})
+
     def column(self) -> CourseParams:
         """The same parameters shaped (n, 1), to broadcast against (n, replicates) state arrays."""
         return CourseParams(**{f.name: getattr(self, f.name)[:, None] for f in fields(self)})
 
 
-def step_severity(severity: np.ndarray, hour: int, p: CourseParams, rng: np.random.Generator) -> np.ndarray:
-    """Advance S by one hour (from `hour` to `hour + 1`)."""
+class RandomDraws(Protocol):
+    """The part of numpy's Generator the latent course draws from.
+
+    A protocol rather than the Generator itself so that the counterfactual re-simulation can hand the same
+    course code draws it controls (common random numbers shared between scenarios of one stay).
+    """
+
+    def random(self, size: tuple[int, ...]) -> np.ndarray: ...
+
+    def exponential(self, scale: float, size: tuple[int, ...]) -> np.ndarray: ...
+
+    def standard_normal(self, size: tuple[int, ...]) -> np.ndarray: ...
+
+
+def severity_draws(rng: RandomDraws, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three draws one hour of the course consumes, in the order the generator has always taken them.
+
+    Returns (uniform for the second hit, size of a second hit, standard normal noise). The order is part of
+    the output: every synthetic export depends on it.
+    """
+    return rng.random(shape), rng.exponential(SECOND_HIT_MEAN, shape), rng.standard_normal(shape)
+
+
+def advance_severity(
+    severity: np.ndarray,
+    hour: int,
+    p: CourseParams,
+    hit_uniform: np.ndarray,
+    hit_size: np.ndarray,
+    noise: np.ndarray,
+) -> np.ndarray:
+    """Advance S by one hour (from `hour` to `hour + 1`) given that hour's draws (see severity_draws).
+
+    Split from the draws so that a re-simulation can replay the draws a stay received in its factual course.
+    """
     drive = p.drive0 * np.exp(-hour / p.drive_tau)
     recovery = p.recovery * np.where(hour >= p.treatment_start, p.treated_mult, p.untreated_mult)
-    hit = rng.random(severity.shape) < p.hit_rate
-    jump = np.where(hit, rng.exponential(SECOND_HIT_MEAN, severity.shape), 0.0)
-    noise = SEVERITY_NOISE_SD * rng.standard_normal(severity.shape)
-    return np.maximum(0.0, severity + drive - recovery * severity + noise + jump)
+    jump = np.where(hit_uniform < p.hit_rate, hit_size, 0.0)
+    return np.maximum(0.0, severity + drive - recovery * severity + SEVERITY_NOISE_SD * noise + jump)
+
+
+def step_severity(severity: np.ndarray, hour: int, p: CourseParams, rng: RandomDraws) -> np.ndarray:
+    """Advance S by one hour (from `hour` to `hour + 1`), drawing from `rng`."""
+    return advance_severity(severity, hour, p, *severity_draws(rng, severity.shape))
 
 
 def death_hazard(severity: np.ndarray, p: CourseParams) -> np.ndarray:
@@ -150,7 +192,7 @@ def outcome_probabilities(
     severity: np.ndarray,
     stable_hours: np.ndarray,
     params: CourseParams,
-    rng: np.random.Generator,
+    rng: RandomDraws,
     replicates: int = 64,
     start_hour: int = PREDICTION_HOUR,
 ) -> CourseProbabilities:

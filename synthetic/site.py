@@ -24,6 +24,7 @@ from synthetic.codes import (
 )
 from synthetic.config import SiteProfile, SynthConfig
 from synthetic.consent import ConsentPlan, plan_consents
+from synthetic.counterfactuals import CounterfactualPlan
 from synthetic.defects import DefectInjector, RecordContext
 from synthetic.fhir_resources import ResourceFactory
 from synthetic.ground_truth import (
@@ -123,6 +124,7 @@ class SiteExporter:
         self._counter = 0
         self.stay_truth: list[StayTruth] = []
         self.stay_start: dict[str, float] = {}
+        self.encounter_of: dict[tuple[int, int], str] = {}  # (batch, row) -> encounter id, for the counterfactuals
         self._contexts: dict[int, RecordContext] = {}
         self._recorded_conditions: list[set[str]] = [set() for _ in range(population.n)]
         self._height_known = np.zeros(population.n, dtype=bool)
@@ -515,6 +517,7 @@ class SiteExporter:
 
         start_tx = float(batch.treatment_start[row])
         self.stay_start[encounter_id] = ref.start
+        self.encounter_of[(ref.batch, ref.row)] = encounter_id
         self.stay_truth.append(
             StayTruth(
                 encounter_id=encounter_id,
@@ -633,8 +636,22 @@ def generate_site(
     history_start, export_date = config.history_start, config.export_date
 
     population = generate_population(profile, config.patients_per_site, history_start, rng_pop)
+    # The counterfactual sample has its own seed: it must never consume a stream the export depends on.
+    counterfactuals = CounterfactualPlan(
+        stays=config.counterfactual_stays,
+        horizon_hours=config.counterfactual_horizon_hours,
+        export_time=to_seconds(export_date),
+        seed=np.random.SeedSequence([config.seed, site_index, 0xCF5A3]),
+    )
     timeline = build_timeline(
-        profile, population, history_start, export_date, rng_course, rng_mc, replicates=MONTE_CARLO_REPLICATES
+        profile,
+        population,
+        history_start,
+        export_date,
+        rng_course,
+        rng_mc,
+        replicates=MONTE_CARLO_REPLICATES,
+        counterfactuals=counterfactuals,
     )
     consents = plan_consents(
         profile.consent, timeline.first_contact, to_seconds(history_start), timeline.export_time, rng_export
@@ -687,6 +704,12 @@ def generate_site(
         for i in range(population.n)
     ]
     denying = sum(1 for s in status if s in ("opt_out", "withdrawn"))
+    report("re-simulating counterfactuals", 0.96)
+
+    def identify(batch: int, row: int) -> tuple[str, str]:
+        patient = int(timeline.batches[batch].admissions.patient[row])
+        return exporter.encounter_of[(batch, row)], exporter.patient_ids[patient]
+
     truth = SiteGroundTruth(
         site_id=profile.site_id,
         site_name=profile.name,
@@ -716,6 +739,9 @@ def generate_site(
         ),
         patients=patients,
         stays=stays,
+        counterfactual_design=counterfactuals.design(),
+        counterfactuals=counterfactuals.counterfactual_stays(identify),
+        confounding=counterfactuals.confounding(),
     )
     report("writing ground truth", 0.97)
     truth_file = out_dir / "ground-truth" / f"{profile.site_id}.json"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from synthetic.config import AdmissionReason, SiteProfile
-from synthetic.inpatient import Admissions, StayOutcomes, simulate_stays
+from synthetic.inpatient import Admissions, CounterfactualHook, StayOutcomes, simulate_stays
 from synthetic.population import Population
 
 DAY = 86400.0
@@ -108,8 +108,13 @@ def build_timeline(
     rng: np.random.Generator,
     mc_rng: np.random.Generator,
     replicates: int = 64,
+    counterfactuals: CounterfactualHook | None = None,
 ) -> Timeline:
-    """Simulate every patient's encounters over the window [history_start, export_date)."""
+    """Simulate every patient's encounters over the window [history_start, export_date).
+
+    `counterfactuals` follows each wave of stays for the counterfactual ground truth (it draws nothing from
+    `rng` or `mc_rng`, so the timeline is the same with or without it).
+    """
     n = pop.n
     t0, t_end = to_seconds(history_start), to_seconds(export_date)
     years = (t_end - t0) / (365.25 * DAY)
@@ -173,6 +178,7 @@ def build_timeline(
             rng,
             mc_rng,
             replicates=replicates,
+            counterfactuals=counterfactuals,
         )
         batches.append(outcome)
         for row, p in enumerate(pid):

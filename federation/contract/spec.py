@@ -827,11 +827,14 @@ class FederationSpec(_Strict):
         return self
 
 
+STUDY_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{1,63}$"  # what a study id may be (ids of derived studies too)
+
+
 class StudyInfo(_Strict):
     """Who runs the study and what its model is for: the model card's first lines (TRIPOD asks for the
     intended use and the limitations the developers know of)."""
 
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{1,63}$")
+    id: str = Field(pattern=STUDY_ID_PATTERN)
     title: str = Field(min_length=1)
     description: str = ""
     sponsor: str = ""

@@ -34,12 +34,12 @@ from pydantic import BaseModel, ConfigDict
 
 from federation.contract import StudySpec, canonical_json, load_study, parse_study, study_hash
 from federation.contract.receipts import Participation, RoundReceipt, read_receipts
-from federation.contract.spec import SECURE_AGGREGATION_MIN_SITES
+from federation.contract.spec import SECURE_AGGREGATION_MIN_SITES, STUDY_ID_PATTERN
 from federation.twins import kind_of
 from federation.twins.pooling import Estimate
 
-STUDY_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{1,63}$")  # federation.contract.spec.StudyInfo.id
-MAX_ID_LENGTH = 64
+STUDY_ID = re.compile(STUDY_ID_PATTERN)
+MAX_ID_LENGTH = 64  # the pattern's 1 + 63 characters
 MARK = ".without-"
 HASH_CHARS = 8
 FOLDER = "leave-one-site-out"  # under studies/<study-id>/: the variant files and the report

@@ -174,14 +174,13 @@ def _treatment_grid(
     n = len(examples)
     out = np.zeros((n, steps))
     window = hours_window("index_s", start_hours, start_hours + steps * step_hours)
-    events = events_in_window(source, treatment.domain, treatment.concept_ids, window)
+    dose = treatment.dose and treatment.domain == "drug"
+    events = events_in_window(source, treatment.domain, treatment.concept_ids, window,
+                              value_column="quantity" if dose else None, require_value=False)  # fmt: skip
     if not len(events):
         return out
-    amount = np.ones(len(events))
-    if treatment.dose and treatment.domain == "drug":  # the recorded quantity where there is one, else 1
-        dosed = events_in_window(source, "drug", treatment.concept_ids, window, value_column="quantity")
-        quantity = dict(zip(dosed["row_id"].to_numpy(), dosed["value"].to_numpy(dtype=np.float64), strict=True))
-        amount = np.array([quantity.get(row, 1.0) for row in events["row_id"].to_numpy()])
+    # the recorded quantity where there is one, else 1 per record
+    amount = events["value"].astype("float64").fillna(1.0).to_numpy() if dose else np.ones(len(events))
     if not np.isfinite(amount).all() or (amount < 0).any():
         raise CohortError(f"treatment '{treatment.name}': a drug_exposure quantity is negative or not a number")
     rows = row_positions(examples, events["person_id"].to_numpy())

@@ -95,11 +95,14 @@ def events_in_window(
     *,
     descendants: bool = False,
     value_column: str | None = None,
+    require_value: bool = True,
 ) -> pd.DataFrame:
     """Columns person_id, row_id, offset_s (seconds after the anchor) and, if asked, `value`.
 
     Rows without a value in `value_column` are left out: a measurement without a number says nothing
-    about the level. Only the chosen examples' persons are read (a join with the temporary index table).
+    about the level (`require_value=False` keeps them, with a missing value: a drug given without a
+    recorded quantity was still given). Only the chosen examples' persons are read (a join with the
+    temporary index table).
     """
     spec = EVENT_TABLES[domain]
     events = source.table(spec.table)
@@ -115,7 +118,7 @@ def events_in_window(
         .where(offset <= window.end if window.include_end else offset < window.end)
         .where(offset >= window.start if window.include_start else offset > window.start)
     )
-    if value_column is not None:
+    if value_column is not None and require_value:
         statement = statement.where(events.c[value_column].is_not(None))
     frame = source.frame(statement)
     if frame.empty:
@@ -128,9 +131,10 @@ def events_in_window(
             }
         )
     frame = frame.dropna(subset=["offset_s"]).astype({"person_id": "int64", "row_id": "int64", "offset_s": "int64"})
-    if value_column == "value_as_number":
+    if value_column in ("value_as_number", "quantity"):  # numbers; the others are concept ids
         frame["value"] = frame["value"].astype("float64")
-        frame = frame[np.isfinite(frame["value"].to_numpy())]  # PostgreSQL NUMERIC can hold 'NaN'
+        if require_value:
+            frame = frame[np.isfinite(frame["value"].to_numpy())]  # PostgreSQL NUMERIC can hold 'NaN'
     elif value_column is not None:
         frame["value"] = frame["value"].astype("int64")
     return frame

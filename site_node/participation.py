@@ -51,6 +51,7 @@ from site_node.governance import (
     load_policy,
     suppress_small_counts,
 )
+from site_node.governance.data_period import data_period
 from site_node.governance.ledger import (
     EVALUATE,
     NON_PRIVATE,
@@ -647,6 +648,9 @@ class SiteNode:
         answer: dict[str, object],
     ) -> RoundOutcome:
         """A trained round's update leaves: audited with exactly what left, kept for a retry, answered."""
+        period = None
+        if self.policy.disclose_data_period and plan.dataset.index_s is not None:
+            period = data_period(plan.dataset.index_s[plan.dataset.split == "train"], self.policy.min_cell_count)
         self.governance.audit.append(
             "round-trained",
             {
@@ -659,6 +663,7 @@ class SiteNode:
                     "update_norm": result.update_norm,
                     "metrics": metrics,
                     "suppressed": suppressed,
+                    "data_period": period,
                 },
             },
         )
@@ -668,6 +673,7 @@ class SiteNode:
             suppressed=",".join(suppressed) or None,
             cohort_snapshot=plan.dataset.snapshot_hash,
             consent_snapshot=plan.consent_snapshot,
+            data_period=period,
             **answer,
         )
         self.releases.save(

@@ -221,7 +221,11 @@ def test_a_kind_runs_a_dp_round_an_evaluation_pooling_and_a_model_card_at_a_real
             "phase": "train",
             "sites": [
                 SiteReceipt(
-                    node_id=1, site_id=node.config.site_id, status=Participation.TRAINED, num_examples=train_size
+                    node_id=1,
+                    site_id=node.config.site_id,
+                    status=Participation.TRAINED,
+                    num_examples=train_size,
+                    data_period=trained.answer.data_period,
                 )
             ],
         }
@@ -244,5 +248,7 @@ def test_a_kind_runs_a_dp_round_an_evaluation_pooling_and_a_model_card_at_a_real
     assert data["sites"] == {node.config.site_id: train_size} and data["training_examples"] == train_size
     assert data["cohort"] == spec.cohort.summary() and data["outcome"] == spec.outcome.summary()
     assert "Research only: ranking by risk." in html and escape(spec.study.limitations) in html
-    assert f"{node.config.site_id} ({train_size})" in html
+    start, end = trained.answer.data_period.split("/")
+    assert data["periods"] == {node.config.site_id: trained.answer.data_period}
+    assert f"{node.config.site_id} ({train_size}; index dates {start} to {end})" in html
     assert Path(folder / "final-model.pt").exists()

@@ -14,7 +14,7 @@ from typing import Literal
 
 import orjson
 from flwr.app import ConfigRecord
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from federation.contract import StudySpec, canonical_json, parse_study, study_hash
 
@@ -144,6 +144,9 @@ class SiteAnswer(_Record):
     # witness outside the site against which `twinfed site audit verify --receipts` checks the chain. The hash
     # only: the entry's number would tell how many events (consent withdrawals among them) happened in between.
     audit_hash: str | None = None
+    # The calendar months the round's training examples cover, "YYYY-MM/YYYY-MM", trimmed and coarsened under the
+    # site's cell-count floor (site_node.governance.data_period); None when withheld or the policy says not to.
+    data_period: str | None = Field(None, pattern=r"^\d{4}-\d{2}/\d{4}-\d{2}$")
 
 
 class ReleaseMode(StrEnum):

@@ -52,6 +52,7 @@ class SiteReceipt(BaseModel):
     # The site's audit head (its hash) as it answered: a witness, kept outside the site, of what its chain held then
     # (`twinfed site audit verify --receipts` checks the site's chain against it).
     audit_hash: str | None = None
+    data_period: str | None = None  # the months the site's training examples cover, as it disclosed them
     seconds: float | None = None
     evaluation: EvaluationRelease | None = None  # what the site released for an evaluation
 

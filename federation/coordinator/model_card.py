@@ -27,7 +27,7 @@ import torch
 from federation.contract import StudySpec, canonical_json, study_hash, twin_code_version
 from federation.contract.receipts import Participation, read_receipts
 from federation.twins import kind_of
-from federation.twins.cards import epsilon_text
+from federation.twins.cards import epsilon_text, period_text
 
 
 def _sites(folder: Path) -> dict[str, dict]:
@@ -44,6 +44,7 @@ def _sites(folder: Path) -> dict[str, dict]:
                 entry["rounds_trained"] += 1
                 if site.num_examples is not None:  # the count the site disclosed (0 under its cell floor)
                     entry["training_examples"] = site.num_examples
+                entry["data_period"] = site.data_period  # its last training round's (None: withheld)
                 entry["cohort_snapshot"] = site.cohort_snapshot
                 entry["consent_snapshot"] = site.consent_snapshot
             elif site.status == Participation.EVALUATED and site.evaluation is not None:
@@ -133,6 +134,9 @@ def _training_data(spec: StudySpec, sites: dict[str, dict], held_out: str | None
         "split": spec.evaluation.split.model_dump(mode="json"),
         "sites": trained,
         "training_examples": sum(counts) if counts else None,
+        # The months each site's training examples cover, trimmed and coarsened under its cell floor (None: the
+        # site withheld it: too few patients, or its policy's disclose_data_period is false).
+        "periods": {name: site.get("data_period") for name, site in sorted(sites.items()) if site["rounds_trained"]},
         "held_out_site": held_out,
     }
 
@@ -142,8 +146,10 @@ def _training_html(card: dict) -> str:
     study, data = card["study"], card["training_data"]
     use = study.get("intended_use") or "not stated in the study file (study.intended_use)"
     limits = study.get("limitations") or "not stated in the study file (study.limitations)"
+    periods = data.get("periods", {})
     sites = ", ".join(
-        f"{esc(name)} ({'count not disclosed' if n is None else 'under its cell floor' if n == 0 else n})"
+        f"{esc(name)} ({'count not disclosed' if n is None else 'under its cell floor' if n == 0 else n}; "
+        f"{esc(period_text(periods.get(name)))})"
         for name, n in data["sites"].items()
     )
     if data["training_examples"]:
@@ -161,7 +167,9 @@ def _training_html(card: dict) -> str:
 <p><b>Limitations:</b> {esc(limits)}</p>
 <h2>Training data</h2>
 <p><b>Cohort:</b> {esc(data["cohort"])}. <b>Outcome:</b> {esc(data["outcome"])}.</p>
-<p><b>Sites that trained</b> (training examples each disclosed): {sites or "none"}; {esc(total)}.</p>{held_out}"""
+<p><b>Sites that trained</b> (training examples each disclosed; the months their index dates cover, from the
+month of the k-th earliest to that of the k-th latest, k the site's cell floor): {sites or "none"};
+{esc(total)}.</p>{held_out}"""
 
 
 def _privacy_statement(spec: StudySpec, private: bool) -> str:

@@ -538,6 +538,7 @@ class StudyRunner:
             cohort_snapshot=answer.cohort_snapshot,
             consent_snapshot=answer.consent_snapshot,
             audit_hash=answer.audit_hash,
+            data_period=answer.data_period,
             seconds=seconds,
         )
         return receipt, reply

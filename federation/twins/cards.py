@@ -32,6 +32,14 @@ def epsilon_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def period_text(period: str | None) -> str:
+    """A site's disclosed data period ("2016-03/2024-11", see site_node.governance.data_period) in words."""
+    if not period:
+        return "period not disclosed"
+    start, _, end = period.partition("/")
+    return f"index dates {start} to {end}"
+
+
 def releases_html(sites: Sequence[SiteRelease]) -> str:
     """How each site's evaluation left it (DP, exact under the floor, withheld), as a table."""
     esc = html.escape

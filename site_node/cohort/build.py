@@ -93,7 +93,8 @@ def build_dataset(
     if not np.isfinite(features).all():
         raise CohortError("a feature came out as NaN or infinite; the database holds a value the scaling cannot take")
     split_spec = spec.evaluation.split
-    split = assign_split(person_ids, examples["index_s"].to_numpy(dtype=np.float64), split_spec, split_key)
+    index_s = examples["index_s"].to_numpy(dtype=np.float64)
+    split = assign_split(person_ids, index_s, split_spec, split_key)
     cut = [part for part in SPLIT_PARTS if part != "validation" or split_spec.has_validation]
     return StudyDataset(
         person_ids=person_ids,
@@ -110,6 +111,7 @@ def build_dataset(
         attrition=attrition.with_parts(split, cut),
         sex=_sex(examples["gender_concept_id"].to_numpy(dtype=np.float64)),
         age_years=examples["age_years"].to_numpy(dtype=np.float64),
+        index_s=index_s,
     )
 
 

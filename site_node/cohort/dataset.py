@@ -69,6 +69,9 @@ class StudyDataset:
     # the kind's histograms within each subgroup leave, noised.
     sex: np.ndarray | None = None  # '<U6' (n,)
     age_years: np.ndarray | None = None  # float64 (n,)
+    # When each example's index falls (seconds since 1970, UTC as the database holds it): for the calendar period
+    # the training data cover, which leaves only coarsened under the cell floor (site_node.governance.data_period).
+    index_s: np.ndarray | None = None  # float64 (n,)
 
     def __len__(self) -> int:
         return int(self.person_ids.shape[0])
@@ -101,4 +104,5 @@ class StudyDataset:
             attrition=self.attrition,
             sex=None if self.sex is None else self.sex[rows],
             age_years=None if self.age_years is None else self.age_years[rows],
+            index_s=None if self.index_s is None else self.index_s[rows],
         )

@@ -51,6 +51,11 @@ class SitePolicy(BaseModel):
     )
     min_cohort_size: int = Field(100, ge=1, description="Smallest cohort this site will train or evaluate on.")
     min_cell_count: int = Field(10, ge=1, description="Any count that leaves the site below this is suppressed.")
+    disclose_data_period: bool = Field(
+        True,
+        description="Send the calendar months the training data cover (from the month of the min_cell_count-th "
+        "earliest index date to that of the min_cell_count-th latest) for the model card; false sends none.",
+    )
     require_secure_aggregation: bool = Field(False, description="Only join rounds that use secure aggregation.")
     evaluation_release: Literal["dp", "exact"] = Field(
         "dp",

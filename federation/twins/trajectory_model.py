@@ -8,20 +8,51 @@ time-varying input. Per step ahead and signal it gives the spec's quantiles, bui
 plus cumulative positive steps each way) so intervals never cross; from the encoder's state and the
 decoder's last state, the logit of the study's event over the horizon.
 
-Recurrent layers are Opacus' DPGRU: an nn.GRU that Opacus can compute per-sample gradients of, so the
-patient-level clipping of DP-SGD applies (the single-pass engine in site_node/training clips Linear
-layers only). The loss is returned per patient: the mean over that patient's used decision times, so a
-patient with many windows counts once, as the privacy unit requires.
+The recurrent layers are a plain GRU written out over Linear layers (`GRU`): the same equations as
+torch.nn.GRU, in operations torch.func can take a per-patient gradient of. DP-SGD here clips each *patient's*
+gradient, summed over every decision time cut from their series, so the network is trained through
+`TrajectoryExamples`, which takes one flat row per patient (all their windows, `TrajectoryLayout`) and
+returns one flat row of outputs: the trainer's sampling, clipping and accounting then see patients, never
+windows (site_node.training.engines, the per-patient engine). The loss is returned per patient: the mean
+over that patient's used decision times, so a patient with many windows counts once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
-from opacus.layers import DPGRU
 from torch import nn
 from torch.nn import functional
 
 from federation.contract.twin_specs import TrajectorySpec
+
+
+class GRU(nn.Module):
+    """One GRU layer, batch first, with torch.nn.GRU's equations (reset gate applied to the hidden part of the
+    candidate): r = s(W_ir x + W_hr h), z = s(W_iz x + W_hz h), n = tanh(W_in x + r (W_hn h)),
+    h' = (1 - z) n + z h. Two Linear layers hold every weight; the input projection runs once over all steps."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.input_map = nn.Linear(input_size, 3 * hidden_size)
+        self.hidden_map = nn.Linear(hidden_size, 3 * hidden_size)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, input) and the initial state (B, hidden) -> every step's state (B, T, hidden), the last."""
+        h = x.new_zeros(x.shape[0], self.hidden_size) if state is None else state
+        projected = self.input_map(x)  # (B, T, 3 hidden)
+        outputs = []
+        for t in range(x.shape[1]):
+            ir, iz, inew = projected[:, t].chunk(3, dim=-1)
+            hr, hz, hnew = self.hidden_map(h).chunk(3, dim=-1)
+            reset, update = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+            candidate = torch.tanh(inew + reset * hnew)
+            h = (1 - update) * candidate + update * h
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), h
 
 
 class TrajectoryNet(nn.Module):
@@ -35,8 +66,8 @@ class TrajectoryNet(nn.Module):
         self.median = self.quantiles.index(0.5)
         hidden = spec.hidden
         self.static = nn.Linear(static_features, hidden) if static_features else None
-        self.encoder = DPGRU(self.signals * 3 + self.treatments + hidden, hidden, batch_first=True)
-        self.decoder = DPGRU(self.treatments + hidden, hidden, batch_first=True)
+        self.encoder = GRU(self.signals * 3 + self.treatments + hidden, hidden)
+        self.decoder = GRU(self.treatments + hidden, hidden)
         self.quantile_head = nn.Linear(hidden, self.signals * len(self.quantiles))
         self.event_head = nn.Linear(2 * hidden, 1)
         self.hidden = hidden
@@ -65,7 +96,7 @@ class TrajectoryNet(nn.Module):
         ahead, last = self.decoder(planned, state)
         raw = self.quantile_head(ahead).reshape(batch, self.horizon_steps, self.signals, len(self.quantiles))
         quantiles = _monotone(raw, self.median)
-        logit = self.event_head(torch.cat([state[-1], last[-1]], dim=-1)).squeeze(-1)
+        logit = self.event_head(torch.cat([state, last], dim=-1)).squeeze(-1)
         return quantiles, logit
 
 
@@ -107,3 +138,117 @@ def patient_loss(
     risk = functional.binary_cross_entropy_with_logits(logit, event, reduction="none")
     window = (forecast + event_weight * risk) * weights * valid
     return window.sum(dim=-1) / (weights * valid).sum(dim=-1).clamp(min=1e-6)
+
+
+@dataclass(frozen=True)
+class TrajectoryLayout:
+    """How one patient's windows lie in one flat row, so that a row is a patient (the privacy unit) for the
+    trainer: inputs are the static covariates, then per window the history (H, S, 3) and the treatments of
+    history and horizon (H + F, R); targets are per window the future values and their observed mask
+    (F, S each), then per window the event, whether the window is used, and its weight; outputs are per
+    window the quantiles (F, S, Q), then per window the event's logit."""
+
+    statics: int
+    windows: int
+    history: int
+    horizon: int
+    signals: int
+    treatments: int
+    quantiles: int
+
+    @classmethod
+    def of(cls, spec: TrajectorySpec, statics: int) -> TrajectoryLayout:
+        return cls(statics, spec.windows_per_patient, spec.history_steps, spec.horizon_steps, len(spec.signals),
+                   len(spec.treatments), len(spec.quantiles))  # fmt: skip
+
+    @property
+    def _window_inputs(self) -> tuple[int, int]:
+        return self.history * self.signals * 3, (self.history + self.horizon) * self.treatments
+
+    @property
+    def input_width(self) -> int:
+        return self.statics + self.windows * sum(self._window_inputs)
+
+    @property
+    def target_width(self) -> int:
+        return self.windows * (2 * self.horizon * self.signals + 3)
+
+    @property
+    def output_width(self) -> int:
+        return self.windows * (self.horizon * self.signals * self.quantiles + 1)
+
+    def pack_inputs(self, statics: np.ndarray, history: np.ndarray, controls: np.ndarray) -> np.ndarray:
+        """(n, statics), (n, W, H, S, 3), (n, W, H + F, R) -> (n, input_width) float32."""
+        n = len(statics)
+        parts = [statics.reshape(n, -1), history.reshape(n, self.windows, -1), controls.reshape(n, self.windows, -1)]
+        per_window = np.concatenate(parts[1:], axis=2).reshape(n, -1)
+        return np.concatenate([parts[0], per_window], axis=1).astype(np.float32)
+
+    def unpack_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(P, input_width) -> statics (P, d), history (P, W, H, S, 3), controls (P, W, H + F, R)."""
+        p = x.shape[0]
+        history_width, control_width = self._window_inputs
+        statics = x[:, : self.statics]
+        windows = x[:, self.statics :].reshape(p, self.windows, history_width + control_width)
+        history = windows[..., :history_width].reshape(p, self.windows, self.history, self.signals, 3)
+        controls = windows[..., history_width:].reshape(p, self.windows, self.history + self.horizon, self.treatments)
+        return statics, history, controls
+
+    def pack_targets(
+        self, future: np.ndarray, mask: np.ndarray, event: np.ndarray, valid: np.ndarray, weights: np.ndarray
+    ) -> np.ndarray:
+        """(n, W, F, S) x 2 and (n, W) x 3 -> (n, target_width) float32."""
+        n = len(future)
+        values = np.concatenate([future.reshape(n, self.windows, -1), mask.reshape(n, self.windows, -1)], axis=2)
+        flags = np.stack([event, valid, weights], axis=2)
+        return np.concatenate([values.reshape(n, -1), flags.reshape(n, -1)], axis=1).astype(np.float32)
+
+    def unpack_targets(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(P, target_width) -> future, mask (P, W, F, S); event, valid, weights (P, W)."""
+        p, values = y.shape[0], self.horizon * self.signals
+        head = y[:, : self.windows * 2 * values].reshape(p, self.windows, 2, self.horizon, self.signals)
+        flags = y[:, self.windows * 2 * values :].reshape(p, self.windows, 3)
+        return head[:, :, 0], head[:, :, 1], flags[..., 0], flags[..., 1], flags[..., 2]
+
+    def unpack_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, output_width) -> quantiles (P, W, F, S, Q), logit (P, W)."""
+        p, forecast = out.shape[0], self.horizon * self.signals * self.quantiles
+        quantiles = out[:, : self.windows * forecast].reshape(p, self.windows, self.horizon, self.signals,
+                                                              self.quantiles)  # fmt: skip
+        return quantiles, out[:, self.windows * forecast :]
+
+
+class TrajectoryExamples(nn.Module):
+    """The trajectory network over patients: one flat row of inputs per patient (every window of theirs,
+    TrajectoryLayout) to one flat row of outputs, the windows run through TrajectoryNet together.
+
+    `per_patient_gradients` tells the trainer to clip each row's gradient as a whole (engines.py): a
+    patient's windows share one clipping bound and one sampling chance, however many they are."""
+
+    per_patient_gradients = True
+
+    def __init__(self, spec: TrajectorySpec, static_features: int) -> None:
+        super().__init__()
+        self.layout = TrajectoryLayout.of(spec, static_features)
+        self.net = TrajectoryNet(spec, static_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout, p = self.layout, x.shape[0]
+        statics, history, controls = layout.unpack_inputs(x)
+        w = layout.windows
+        repeated = statics[:, None, :].expand(p, w, layout.statics).reshape(p * w, layout.statics)
+        quantiles, logit = self.net(
+            history.reshape(p * w, layout.history, layout.signals, 3),
+            controls.reshape(p * w, layout.history + layout.horizon, layout.treatments),
+            repeated,
+        )
+        return torch.cat([quantiles.reshape(p, -1), logit.reshape(p, w)], dim=1)
+
+
+def examples_loss(
+    layout: TrajectoryLayout, levels: list[float], outputs: torch.Tensor, targets: torch.Tensor, event_weight: float
+) -> torch.Tensor:
+    """Each patient's loss (P,) from TrajectoryExamples' outputs and the packed targets (patient_loss)."""
+    quantiles, logit = layout.unpack_outputs(outputs)
+    future, mask, event, valid, weights = layout.unpack_targets(targets)
+    return patient_loss(quantiles, logit, future, mask, event, valid, weights, levels, event_weight)

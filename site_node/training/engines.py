@@ -3,6 +3,9 @@ batch size q n, tell the accountant. Two interchangeable engines compute it:
 
 * `SinglePassStep` for the registry's models (Sequential Linear/ReLU/Dropout): ghost clipping in one
   backward pass (ghost.py), noise drawn in one call for all parameters;
+* `PerPatientStep` for models whose rows are whole patients with many windows each (the trajectory
+  kind: `per_patient_gradients`): each row's gradient exactly, by torch.func (a vmap of the gradient over
+  the batch's rows), so everything a patient's windows contribute is clipped together, once;
 * `OpacusGhostStep` for any other model Opacus can clip: Opacus' own fast-gradient-clipping module,
   optimizer and loss (what `PrivacyEngine.make_private(grad_sample_mode="ghost")` assembles), built here
   directly so the accountant is told the sample rate q = batch_size / n of our own Poisson sampler
@@ -23,9 +26,9 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.validators import ModuleValidator
-from torch import nn
+from torch import func, nn
 
-from site_node.training.ghost import BINARY, Objective, SinglePassGhostClipping, supports
+from site_node.training.ghost import BINARY, NORM_EPSILON, Objective, SinglePassGhostClipping, supports
 
 
 class _KindLoss(nn.Module):
@@ -83,6 +86,69 @@ class SinglePassStep:
         noise = torch.randn(sum(self._sizes), generator=self._generator, dtype=grads[0].dtype)
         for p, grad, chunk in zip(self._params, grads, noise.split(self._sizes), strict=True):
             p.grad = grad.add_(chunk.view_as(grad), alpha=self._noise_std)
+        self._accountant.step(noise_multiplier=self._noise_multiplier, sample_rate=self._sample_rate)
+        return loss_sum
+
+    def close(self) -> None:
+        """Nothing is attached to the model."""
+
+
+class PerPatientStep:
+    """The DP-SGD step for a model whose every input row is one patient, however many windows of their series
+    it holds: the gradient of each row's loss, taken with torch.func over the batch's rows (vmap of grad,
+    `chunk` rows at a time), clipped to C as a whole, summed, noised once for all parameters.
+
+    Sampling, clipping and the accountant therefore all count patients: a patient with eight decision times
+    is one example with one clipping bound, not eight (a per-window clip would let one patient move the
+    model eight times as far as the accountant assumes)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        expected_batch_size: float,
+        accountant: IAccountant,
+        generator: torch.Generator,
+        objective: Objective = BINARY,
+        chunk: int = 256,
+    ) -> None:
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self._names = [name for name, _ in named]
+        self._params = [p for _, p in named]
+        self._sizes = [p.numel() for p in self._params]
+        buffers = dict(model.named_buffers())
+
+        def row_loss(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            outputs = func.functional_call(model, (dict(zip(self._names, params, strict=True)), buffers), (x[None],))
+            loss = objective.loss(outputs, y[None]).sum()
+            return loss, loss.detach()
+
+        self._row_gradients = func.vmap(func.grad(row_loss, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk)
+        self._max_grad_norm = max_grad_norm
+        self._scale = 1.0 / expected_batch_size
+        self._noise_std = noise_multiplier * max_grad_norm * self._scale
+        self._noise_multiplier = noise_multiplier
+        self._sample_rate = sample_rate
+        self._accountant = accountant
+        self._generator = generator
+
+    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The sum of the rows' gradients, each clipped to C (before any scaling), and the rows' loss sum."""
+        if len(x) == 0:
+            return [torch.zeros_like(p) for p in self._params], torch.zeros(())
+        grads, losses = self._row_gradients([p.detach() for p in self._params], x, y)
+        norms = torch.sqrt(sum(g.reshape(len(x), -1).square().sum(dim=1) for g in grads))
+        factors = (self._max_grad_norm / (norms + NORM_EPSILON)).clamp(max=1.0)
+        return [torch.tensordot(factors, g, dims=1) for g in grads], losses.sum()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        sums, loss_sum = self.clipped_sum(x, y)
+        noise = torch.randn(sum(self._sizes), generator=self._generator, dtype=self._params[0].dtype)
+        for p, total, chunk in zip(self._params, sums, noise.split(self._sizes), strict=True):
+            p.grad = (total * self._scale).add_(chunk.view_as(total), alpha=self._noise_std)
         self._accountant.step(noise_multiplier=self._noise_multiplier, sample_rate=self._sample_rate)
         return loss_sum
 
@@ -148,7 +214,8 @@ def make_step(
     generator: torch.Generator,
     objective: Objective = BINARY,
 ) -> DPStep:
-    """The engine named (`"single-pass"`, `"opacus"`), or with `"auto"` the fastest one that fits `model`."""
+    """The engine named (`"single-pass"`, `"per-patient"`, `"opacus"`), or with `"auto"` the one that fits
+    `model`: per-patient for models whose rows are patients with windows, else the fastest that clips it."""
     settings = {
         "noise_multiplier": noise_multiplier,
         "max_grad_norm": max_grad_norm,
@@ -159,11 +226,16 @@ def make_step(
         "objective": objective,
     }
     if engine == "auto":
-        engine = "single-pass" if supports(model) else "opacus"
+        if getattr(model, "per_patient_gradients", False):
+            engine = "per-patient"
+        else:
+            engine = "single-pass" if supports(model) else "opacus"
+    if engine == "per-patient":
+        return PerPatientStep(model, **settings)
     if engine == "single-pass":
         if not isinstance(model, nn.Sequential) or not supports(model):
             raise ValueError("the single-pass engine needs an nn.Sequential of Linear, ReLU and Dropout layers")
         return SinglePassStep(model, **settings)
     if engine == "opacus":
         return OpacusGhostStep(model, optimizer, **settings)
-    raise ValueError(f"unknown DP engine '{engine}'; use 'auto', 'single-pass' or 'opacus'")
+    raise ValueError(f"unknown DP engine '{engine}'; use 'auto', 'single-pass', 'per-patient' or 'opacus'")

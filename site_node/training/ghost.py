@@ -38,7 +38,8 @@ class Objective:
     targets, and its gradient at the outputs (n, k) in closed form."""
 
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    gradient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # None for a kind whose gradient is left to autograd (the trajectory kind: the per-patient engine)
+    gradient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def _bce_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -71,6 +72,8 @@ class SinglePassGhostClipping:
     def __init__(self, model: nn.Sequential, max_grad_norm: float, objective: Objective = BINARY) -> None:
         if not supports(model):
             raise ValueError("single-pass ghost clipping needs an nn.Sequential of Linear, ReLU and Dropout layers")
+        if objective.gradient is None:
+            raise ValueError("single-pass ghost clipping needs the loss's gradient at the outputs in closed form")
         self.layers = list(model)
         self.max_grad_norm = max_grad_norm
         self.objective = objective

@@ -18,7 +18,8 @@ from site_node.training.ghost import Objective
 from site_node.training.privacy import restore_accountant
 
 SPEC = TrajectorySpec(
-    signals=[{"name": "glucose", "concept_ids": [1]}, {"name": "sbp", "concept_ids": [2]}],
+    signals=[{"name": "glucose", "concept_ids": [1], "normal_range": [70, 180]},
+             {"name": "sbp", "concept_ids": [2], "normal_range": [100, 140]}],
     treatments=[{"name": "insulin", "concept_ids": [3], "dose": True}],
     step_hours=4, history_steps=3, horizon_steps=2, windows_per_patient=3, hidden=6,
 )  # fmt: skip
@@ -55,9 +56,9 @@ def test_the_layout_round_trips_every_part_of_a_patient():
     for got, want in zip(back, (statics, history, controls), strict=True):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
     future, mask = rng.normal(size=(5, 3, 2, 2)), rng.uniform(size=(5, 3, 2, 2))
-    flags = rng.uniform(size=(3, 5, 3))
-    back = layout.unpack_targets(torch.from_numpy(layout.pack_targets(future, mask, *flags)))
-    for got, want in zip(back, (future, mask, *flags), strict=True):
+    flags, treated = rng.uniform(size=(3, 5, 3)), rng.uniform(size=(5, 3, 1))
+    back = layout.unpack_targets(torch.from_numpy(layout.pack_targets(future, mask, *flags, treated)))
+    for got, want in zip(back, (future, mask, *flags, treated), strict=True):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
 
 

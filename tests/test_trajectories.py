@@ -58,9 +58,10 @@ def _raw(url: str, table: str, concept_column: str, concept: int, when: str, val
 def test_each_step_holds_what_the_database_records_and_windows_stay_per_patient(site):
     url, key, drug = site
     spec = TrajectorySpec(
-        signals=[{"name": "glucose", "concept_ids": [GLUCOSE]},
-                 {"name": "creatinine", "concept_ids": [CREATININE], "transform": "log"},
-                 {"name": "heart_rate", "concept_ids": [HEART_RATE]}],
+        signals=[{"name": "glucose", "concept_ids": [GLUCOSE], "normal_range": [70, 180]},
+                 {"name": "creatinine", "concept_ids": [CREATININE], "transform": "log",
+                  "normal_range": [0.6, 1.3]},
+                 {"name": "heart_rate", "concept_ids": [HEART_RATE], "normal_range": [60, 100]}],
         treatments=[{"name": "drug", "concept_ids": [drug], "dose": True}],
         step_hours=4, history_steps=6, horizon_steps=6, windows_per_patient=3,
     )  # fmt: skip

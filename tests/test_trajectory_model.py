@@ -10,7 +10,8 @@ from federation.contract.twin_specs import TrajectorySpec
 from federation.twins.trajectory_model import TrajectoryNet, patient_loss, pinball
 
 SPEC = TrajectorySpec(
-    signals=[{"name": "glucose", "concept_ids": [1]}, {"name": "sbp", "concept_ids": [2]}],
+    signals=[{"name": "glucose", "concept_ids": [1], "normal_range": [70, 180]},
+             {"name": "sbp", "concept_ids": [2], "normal_range": [100, 140]}],
     treatments=[{"name": "insulin", "concept_ids": [3], "dose": True}],
     step_hours=4, history_steps=5, horizon_steps=3, hidden=8,
 )  # fmt: skip
@@ -28,16 +29,17 @@ def test_quantiles_never_cross_and_the_planned_treatment_moves_the_forecast():
     torch.manual_seed(0)
     net = TrajectoryNet(SPEC, static_features=4)
     history, controls, statics = _inputs(16)
-    quantiles, logit = net(history, controls, statics)
+    quantiles, logit, propensity = net(history, controls, statics)
+    assert propensity.shape == (16, 1)
     assert quantiles.shape == (16, 3, 2, 5) and logit.shape == (16,)
     assert (quantiles.diff(dim=-1) > 0).all()
     # a scenario: another dose on the steps ahead only
     scenario = controls.clone()
     scenario[:, 5:] += 2.0
-    changed, _ = net(history, scenario, statics)
+    changed, *_ = net(history, scenario, statics)
     assert not torch.allclose(changed, quantiles)
     # the history is the patient's state: another history, another forecast; the same inputs, the same one
-    other, _ = net(history + 1.0, controls, statics)
+    other, *_ = net(history + 1.0, controls, statics)
     assert not torch.allclose(other, quantiles)
     assert torch.equal(net(history, controls.clone(), statics)[0], quantiles)
 
@@ -53,7 +55,7 @@ def test_a_patient_counts_once_however_many_decision_times_they_give():
     torch.manual_seed(1)
     net = TrajectoryNet(SPEC, static_features=4)
     history, controls, statics = _inputs(1, seed=3)
-    quantiles, logit = net(history, controls, statics)
+    quantiles, logit, _ = net(history, controls, statics)
     future = torch.randn(1, 3, 2)
     mask = torch.ones(1, 3, 2)
     event = torch.ones(1)
@@ -72,3 +74,19 @@ def test_a_patient_counts_once_however_many_decision_times_they_give():
                           torch.cat([event[:, None], torch.zeros(1, 1)], dim=1),
                           torch.tensor([[1.0, 0.0]]), torch.ones(1, 2), levels)  # fmt: skip
     assert torch.allclose(padded, one)
+
+
+def test_inverse_propensity_weights_up_weight_the_windows_whose_treatment_the_policy_rarely_gives():
+    from federation.twins.trajectory_model import WEIGHT_RANGE, propensity_weights
+
+    logit = torch.logit(torch.tensor(0.9))
+    propensity = torch.full((2, 1, 1), float(logit))  # the policy treats 90% of patients like these
+    base = torch.zeros(2, 1)  # half of all patients are treated
+    treated = torch.tensor([[[1.0]], [[0.0]]])
+    weights = propensity_weights(propensity, base, treated)
+    assert torch.allclose(weights, torch.tensor([[0.5 / 0.9], [0.5 / 0.1]]), rtol=1e-5)
+    # an almost-never-given treatment is truncated, and no treatments means weight 1
+    rare = propensity_weights(torch.full((1, 1, 1), -12.0), base[:1], torch.ones(1, 1, 1))
+    assert float(rare) == WEIGHT_RANGE[1]
+    assert torch.equal(propensity_weights(torch.zeros(3, 2, 0), torch.zeros(3, 0), torch.zeros(3, 2, 0)),
+                       torch.ones(3, 2))  # fmt: skip

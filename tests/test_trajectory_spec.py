@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from federation.contract.twin_specs import INTERVALS, TRAJECTORY, TrajectorySpec
 
-GLUCOSE = {"name": "glucose", "concept_ids": [3004501]}
-CREATININE = {"name": "creatinine", "concept_ids": [3016723], "transform": "log"}
+GLUCOSE = {"name": "glucose", "concept_ids": [3004501], "normal_range": [70, 180], "unit": "mg/dL"}
+CREATININE = {"name": "creatinine", "concept_ids": [3016723], "transform": "log", "normal_range": [0.6, 1.3]}
 INSULIN = {"name": "insulin", "domain": "drug", "concept_ids": [1550023], "dose": True}
 
 
@@ -19,7 +19,7 @@ def test_a_ward_twin_and_an_oncology_twin_are_both_one_spec():
                           horizon_steps=12)  # fmt: skip
     assert ward.targets == TRAJECTORY and ward.history_hours == 24 and ward.horizon_hours == 48
     oncology = TrajectorySpec(
-        signals=[{"name": "tumour_volume", "concept_ids": [36768255], "transform": "log"}],
+        signals=[{"name": "tumour_volume", "concept_ids": [36768255], "transform": "log", "normal_range": [1, 50]}],
         treatments=[{"name": "chemotherapy", "domain": "procedure", "concept_ids": [4273629]}],
         step_hours=24,
         history_steps=30,
@@ -37,7 +37,9 @@ def test_a_ward_twin_and_an_oncology_twin_are_both_one_spec():
         ({"quantiles": [0.1, 0.5, 0.9]}, "0.025/0.975 missing"),
         ({"quantiles": [0.025, 0.1, 0.9, 0.975, 0.6]}, "strictly increasing"),
         ({"quantiles": [0.025, 0.1, 0.4, 0.9, 0.975]}, "include 0.5"),
-        ({"signals": [{"name": "Glucose!", "concept_ids": [1]}]}, "should match pattern"),
+        ({"signals": [{"name": "Glucose!", "concept_ids": [1], "normal_range": [1, 2]}]}, "should match pattern"),
+        ({"signals": [{**GLUCOSE, "normal_range": [180, 70]}]}, "low < high"),
+        ({"signals": [{**CREATININE, "normal_range": [0, 1.3]}]}, "above 0"),
         ({"signals": []}, "at least 1 item"),
         ({"horizon_steps": 500}, "less than or equal to 168"),
         ({"conformal_fraction": 0.8}, "less than or equal to 0.5"),

@@ -13,6 +13,7 @@ site can run.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -103,6 +104,24 @@ class Signal(Strict):
     concept_ids: list[int] = Field(min_length=1, max_length=50)
     # 'log': a signal that is positive and multiplicative (creatinine, lactate, a volume) is modelled as its log
     transform: Literal["none", "log"] = "none"
+    # The usual range in the measurement's own unit (glucose [70, 180] mg/dL): the twin sees the value scaled so
+    # this range is -1..1 (after the transform), the same at every site, whatever its own patients look like.
+    normal_range: tuple[float, float]
+    unit: str = Field("", max_length=40)  # for people: the plot's axis and the forecast table
+
+    @model_validator(mode="after")
+    def _range(self) -> Signal:
+        low, high = self.normal_range
+        if not low < high:
+            raise ValueError(f"signal '{self.name}': normal_range must be [low, high] with low < high")
+        if self.transform == "log" and low <= 0:
+            raise ValueError(f"signal '{self.name}' is modelled as its log: its normal_range must be above 0")
+        return self
+
+    def centre_and_half_width(self) -> tuple[float, float]:
+        """Where the scaled value is 0 and what one unit of it is, in the transformed measurement."""
+        low, high = (math.log(v) for v in self.normal_range) if self.transform == "log" else self.normal_range
+        return (low + high) / 2, (high - low) / 2
 
 
 class Treatment(Strict):
@@ -113,6 +132,8 @@ class Treatment(Strict):
     domain: Literal["drug", "procedure"] = "drug"
     concept_ids: list[int] = Field(min_length=1, max_length=50)
     dose: bool = False
+    # With `dose`: the dose the twin sees as 1 (insulin 4 units), so doses of every drug enter on one scale.
+    typical_dose: float = Field(1.0, gt=0)
 
 
 class TrajectorySpec(Strict):

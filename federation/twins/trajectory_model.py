@@ -70,12 +70,18 @@ class TrajectoryNet(nn.Module):
         self.decoder = GRU(self.treatments + hidden, hidden)
         self.quantile_head = nn.Linear(hidden, self.signals * len(self.quantiles))
         self.event_head = nn.Linear(2 * hidden, 1)
+        # The treatment policy, for inverse-propensity weighting: the logit that each treatment is given in the
+        # first step ahead, from what was known at the decision time (the encoder's state), and without it (a
+        # learnt base rate per treatment: the numerator of the stabilised weight).
+        self.propensity_head = nn.Linear(hidden, self.treatments) if self.treatments else None
+        self.base_rate = nn.Parameter(torch.zeros(self.treatments))
         self.hidden = hidden
 
     def forward(
         self, history: torch.Tensor, controls: torch.Tensor, statics: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """history (B, H, S, 3), controls (B, H + F, R), statics (B, d) -> quantiles (B, F, S, Q), logit (B,)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """history (B, H, S, 3), controls (B, H + F, R), statics (B, d) -> quantiles (B, F, S, Q), the event's
+        logit (B,), and each treatment's propensity logit at the first step ahead (B, R)."""
         batch = history.shape[0]
         context = (
             torch.tanh(self.static(statics)) if self.static is not None else history.new_zeros(batch, self.hidden)
@@ -97,7 +103,8 @@ class TrajectoryNet(nn.Module):
         raw = self.quantile_head(ahead).reshape(batch, self.horizon_steps, self.signals, len(self.quantiles))
         quantiles = _monotone(raw, self.median)
         logit = self.event_head(torch.cat([state, last], dim=-1)).squeeze(-1)
-        return quantiles, logit
+        propensity = self.propensity_head(state) if self.propensity_head is not None else state[:, :0]
+        return quantiles, logit, propensity
 
 
 def _monotone(raw: torch.Tensor, median: int) -> torch.Tensor:
@@ -143,10 +150,11 @@ def patient_loss(
 @dataclass(frozen=True)
 class TrajectoryLayout:
     """How one patient's windows lie in one flat row, so that a row is a patient (the privacy unit) for the
-    trainer: inputs are the static covariates, then per window the history (H, S, 3) and the treatments of
-    history and horizon (H + F, R); targets are per window the future values and their observed mask
-    (F, S each), then per window the event, whether the window is used, and its weight; outputs are per
-    window the quantiles (F, S, Q), then per window the event's logit."""
+    trainer. Inputs: the static covariates, then per window the history (H, S, 3) and the treatments of
+    history and horizon (H + F, R). Targets: per window the future values and their observed mask (F, S
+    each); per window the event, whether the window is used, and its weight; per window whether each
+    treatment was given in the first step ahead (R). Outputs: per window the quantiles (F, S, Q); per window
+    the event's logit; per window the treatments' propensity logits (R); the treatments' base-rate logits (R)."""
 
     statics: int
     windows: int
@@ -171,18 +179,18 @@ class TrajectoryLayout:
 
     @property
     def target_width(self) -> int:
-        return self.windows * (2 * self.horizon * self.signals + 3)
+        return self.windows * (2 * self.horizon * self.signals + 3 + self.treatments)
 
     @property
     def output_width(self) -> int:
-        return self.windows * (self.horizon * self.signals * self.quantiles + 1)
+        return self.windows * (self.horizon * self.signals * self.quantiles + 1 + self.treatments) + self.treatments
 
     def pack_inputs(self, statics: np.ndarray, history: np.ndarray, controls: np.ndarray) -> np.ndarray:
         """(n, statics), (n, W, H, S, 3), (n, W, H + F, R) -> (n, input_width) float32."""
         n = len(statics)
-        parts = [statics.reshape(n, -1), history.reshape(n, self.windows, -1), controls.reshape(n, self.windows, -1)]
-        per_window = np.concatenate(parts[1:], axis=2).reshape(n, -1)
-        return np.concatenate([parts[0], per_window], axis=1).astype(np.float32)
+        per_window = np.concatenate([history.reshape(n, self.windows, -1), controls.reshape(n, self.windows, -1)],
+                                    axis=2)  # fmt: skip
+        return np.concatenate([statics.reshape(n, -1), per_window.reshape(n, -1)], axis=1).astype(np.float32)
 
     def unpack_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(P, input_width) -> statics (P, d), history (P, W, H, S, 3), controls (P, W, H + F, R)."""
@@ -195,27 +203,40 @@ class TrajectoryLayout:
         return statics, history, controls
 
     def pack_targets(
-        self, future: np.ndarray, mask: np.ndarray, event: np.ndarray, valid: np.ndarray, weights: np.ndarray
+        self,
+        future: np.ndarray,
+        mask: np.ndarray,
+        event: np.ndarray,
+        valid: np.ndarray,
+        weights: np.ndarray,
+        treated: np.ndarray | None = None,
     ) -> np.ndarray:
-        """(n, W, F, S) x 2 and (n, W) x 3 -> (n, target_width) float32."""
+        """(n, W, F, S) x 2, (n, W) x 3 and (n, W, R) -> (n, target_width) float32."""
         n = len(future)
+        if treated is None:
+            treated = np.zeros((n, self.windows, self.treatments))
         values = np.concatenate([future.reshape(n, self.windows, -1), mask.reshape(n, self.windows, -1)], axis=2)
         flags = np.stack([event, valid, weights], axis=2)
-        return np.concatenate([values.reshape(n, -1), flags.reshape(n, -1)], axis=1).astype(np.float32)
+        parts = [values.reshape(n, -1), flags.reshape(n, -1), np.asarray(treated).reshape(n, -1)]
+        return np.concatenate(parts, axis=1).astype(np.float32)
 
     def unpack_targets(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(P, target_width) -> future, mask (P, W, F, S); event, valid, weights (P, W)."""
+        """(P, target_width) -> future, mask (P, W, F, S); event, valid, weights (P, W); treated (P, W, R)."""
         p, values = y.shape[0], self.horizon * self.signals
-        head = y[:, : self.windows * 2 * values].reshape(p, self.windows, 2, self.horizon, self.signals)
-        flags = y[:, self.windows * 2 * values :].reshape(p, self.windows, 3)
-        return head[:, :, 0], head[:, :, 1], flags[..., 0], flags[..., 1], flags[..., 2]
+        first, second = self.windows * 2 * values, self.windows * (2 * values + 3)
+        head = y[:, :first].reshape(p, self.windows, 2, self.horizon, self.signals)
+        flags = y[:, first:second].reshape(p, self.windows, 3)
+        treated = y[:, second:].reshape(p, self.windows, self.treatments)
+        return head[:, :, 0], head[:, :, 1], flags[..., 0], flags[..., 1], flags[..., 2], treated
 
-    def unpack_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, output_width) -> quantiles (P, W, F, S, Q), logit (P, W)."""
-        p, forecast = out.shape[0], self.horizon * self.signals * self.quantiles
-        quantiles = out[:, : self.windows * forecast].reshape(p, self.windows, self.horizon, self.signals,
-                                                              self.quantiles)  # fmt: skip
-        return quantiles, out[:, self.windows * forecast :]
+    def unpack_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(P, output_width) -> quantiles (P, W, F, S, Q), logit (P, W), propensity (P, W, R), base rate (P, R)."""
+        p, w, r = out.shape[0], self.windows, self.treatments
+        forecast = w * self.horizon * self.signals * self.quantiles
+        quantiles = out[:, :forecast].reshape(p, w, self.horizon, self.signals, self.quantiles)
+        logit = out[:, forecast : forecast + w]
+        propensity = out[:, forecast + w : forecast + w + w * r].reshape(p, w, r)
+        return quantiles, logit, propensity, out[:, forecast + w + w * r :]
 
 
 class TrajectoryExamples(nn.Module):
@@ -237,18 +258,56 @@ class TrajectoryExamples(nn.Module):
         statics, history, controls = layout.unpack_inputs(x)
         w = layout.windows
         repeated = statics[:, None, :].expand(p, w, layout.statics).reshape(p * w, layout.statics)
-        quantiles, logit = self.net(
+        quantiles, logit, propensity = self.net(
             history.reshape(p * w, layout.history, layout.signals, 3),
             controls.reshape(p * w, layout.history + layout.horizon, layout.treatments),
             repeated,
         )
-        return torch.cat([quantiles.reshape(p, -1), logit.reshape(p, w)], dim=1)
+        base = self.net.base_rate[None, :].expand(p, layout.treatments)
+        return torch.cat([quantiles.reshape(p, -1), logit.reshape(p, w), propensity.reshape(p, -1), base], dim=1)
+
+
+# Stabilised inverse-propensity weights are truncated to this range (Cole and Hernan 2008): a window whose
+# treatment the policy almost never gives would otherwise dominate its patient's forecast loss.
+WEIGHT_RANGE = (0.1, 10.0)
+
+
+def propensity_weights(propensity: torch.Tensor, base: torch.Tensor, treated: torch.Tensor) -> torch.Tensor:
+    """(P, W): the stabilised weight P(a) / P(a | history) of the treatments received in each window's first
+    step ahead, product over treatments, truncated, and detached (it weights the forecast loss; the policy is
+    learnt by its own cross-entropy). Both probabilities come from the model's parameters and the patient's
+    own data, so one patient's loss still depends on that patient alone."""
+    if propensity.shape[-1] == 0:
+        return propensity.new_ones(propensity.shape[:-1])
+    given = treated > 0
+    conditional = torch.where(given, functional.logsigmoid(propensity), functional.logsigmoid(-propensity))
+    marginal_logit = base[:, None, :].expand_as(propensity)
+    marginal = torch.where(given, functional.logsigmoid(marginal_logit), functional.logsigmoid(-marginal_logit))
+    weight = torch.exp((marginal - conditional).sum(dim=-1))
+    return weight.clamp(*WEIGHT_RANGE).detach()
 
 
 def examples_loss(
-    layout: TrajectoryLayout, levels: list[float], outputs: torch.Tensor, targets: torch.Tensor, event_weight: float
+    layout: TrajectoryLayout,
+    levels: list[float],
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    event_weight: float = 1.0,
+    adjustment: str = "inverse_propensity",
 ) -> torch.Tensor:
-    """Each patient's loss (P,) from TrajectoryExamples' outputs and the packed targets (patient_loss)."""
-    quantiles, logit = layout.unpack_outputs(outputs)
-    future, mask, event, valid, weights = layout.unpack_targets(targets)
-    return patient_loss(quantiles, logit, future, mask, event, valid, weights, levels, event_weight)
+    """Each patient's loss (P,) from TrajectoryExamples' outputs and the packed targets: patient_loss with the
+    forecast weighted by the inverse-propensity weights (adjustment 'inverse_propensity'), plus the
+    cross-entropy of the treatment policy and of its base rate, averaged over the patient's used windows."""
+    quantiles, logit, propensity, base = layout.unpack_outputs(outputs)
+    future, mask, event, valid, weights, treated = layout.unpack_targets(targets)
+    if adjustment == "inverse_propensity":
+        weights = weights * propensity_weights(propensity, base, treated)
+    loss = patient_loss(quantiles, logit, future, mask, event, valid, weights, levels, event_weight)
+    if layout.treatments:
+        given = (treated > 0).to(propensity.dtype)
+        policy = functional.binary_cross_entropy_with_logits(propensity, given, reduction="none").sum(dim=-1)
+        rate = functional.binary_cross_entropy_with_logits(base[:, None, :].expand_as(propensity), given,
+                                                           reduction="none").sum(dim=-1)  # fmt: skip
+        used = valid.sum(dim=-1).clamp(min=1.0)
+        loss = loss + ((policy + rate) * valid).sum(dim=-1) / used
+    return loss

@@ -106,7 +106,7 @@ def _scored(spec: StudySpec | None, model: nn.Module, data: StudyDataset):
     patients (without a study: a risk score)."""
     model_spec = spec.model if spec is not None else LogisticRegressionSpec()
     kind = kind_of(model_spec)
-    targets = kind.targets_of(model_spec, data.labels, data.event_days)
+    targets = data.targets if data.targets is not None else kind.targets_of(model_spec, data.labels, data.event_days)
     return kind, model_spec, model_outputs(model, data.features), targets
 
 
@@ -135,6 +135,9 @@ def dp_release(
     `subgroup_sd` the same within each of the study's subgroups (each partition one more such release)."""
     kind, model_spec, outputs, targets = _scored(spec, model, data)
     histograms = kind.histograms(model_spec, outputs, targets, strata)
+    # a kind whose patients are in a cell of each of several histograms: the noise grows with the sensitivity
+    noise_sd *= kind.release_sensitivity
+    subgroup_sd = None if subgroup_sd is None else subgroup_sd * kind.release_sensitivity
     extra: dict[str, object] = {}
     if spec is not None and subgroup_sd is not None and spec.evaluation.subgroups:
         labels, counts = [], []

@@ -420,13 +420,13 @@ class SiteNode:
         return f"the criterion that removed the most patients was '{top.criterion}'."
 
     def _model(self, spec: StudySpec, dataset: StudyDataset, global_state: dict[str, torch.Tensor]) -> torch.nn.Module:
-        model = build_model(spec.model, dataset.features.shape[1], seed=spec.training.seed)
+        model = build_model(spec.model, len(dataset.feature_names), seed=spec.training.seed)
         try:
             model.load_state_dict(global_state)
         except RuntimeError as exc:
             raise Refusal(
                 RefusalCode.SITE_ERROR,
-                f"the global model does not fit this site's {dataset.features.shape[1]} features: {exc}",
+                f"the global model does not fit this site's {len(dataset.feature_names)} features: {exc}",
             ) from None
         return model
 
@@ -434,6 +434,8 @@ class SiteNode:
     def _targets(spec: StudySpec, data: StudyDataset):
         """What the study's twin kind learns from, per patient of `data`."""
         try:
+            if data.targets is not None:  # cut from the patients' series with the cohort (the trajectory kind)
+                return data.targets
             return kind_of(spec.model).targets_of(spec.model, data.labels, data.event_days)
         except ValueError as exc:
             raise Refusal(

@@ -38,7 +38,26 @@ KIND_STUDIES: dict[str, dict] = {
         "model": {"kind": "discrete_time_survival", "interval_days": [3, 7, 14, 30], "hidden": []},
         "outcome": {"kind": "time_to_event", "prediction_hours": 24, "window_days": 30},
     },
+    "trajectory": {
+        "model": {
+            "kind": "trajectory",
+            "signals": [
+                {"name": "glucose", "concept_ids": [3004501], "normal_range": [70, 180], "unit": "mg/dL"},
+                {"name": "creatinine", "concept_ids": [3016723], "transform": "log", "normal_range": [0.6, 1.3]},
+                {"name": "heart_rate", "concept_ids": [3027018], "normal_range": [60, 100]},
+            ],
+            "treatments": [{"name": "insulin", "concept_ids": [40166274], "dose": True, "typical_dose": 4}],
+            "step_hours": 4,
+            "history_steps": 6,
+            "horizon_steps": 3,
+            "windows_per_patient": 3,
+            "hidden": 8,
+        },
+    },
 }
+# The kinds whose loss gradient is written out: the single-pass engine's, checked against autograd and Opacus
+# (the trajectory kind's per-patient engine is checked in tests/test_patient_level_dp.py).
+CLOSED_FORM = sorted(name for name in KIND_STUDIES if KINDS[name].closed_form_gradient)
 
 
 def test_every_registered_kind_has_a_study_here():
@@ -64,7 +83,7 @@ def _targets(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return kind.targets_of(spec, labels, days)
 
 
-@pytest.mark.parametrize("name", sorted(KIND_STUDIES))
+@pytest.mark.parametrize("name", CLOSED_FORM)
 def test_single_pass_clipping_equals_per_example_autograd_and_opacus(name):
     rng = np.random.default_rng(3)
     spec = kind_study(name).model
@@ -113,7 +132,7 @@ def test_single_pass_clipping_equals_per_example_autograd_and_opacus(name):
     step.close()
 
 
-@pytest.mark.parametrize("name", sorted(KIND_STUDIES))
+@pytest.mark.parametrize("name", CLOSED_FORM)
 def test_a_patients_loss_depends_on_that_patient_alone(name):
     rng = np.random.default_rng(4)
     spec = kind_study(name).model
@@ -131,7 +150,7 @@ def test_a_patients_loss_depends_on_that_patient_alone(name):
     assert torch.allclose(outputs.grad, kind.output_gradient(spec, outputs.detach(), y), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(KIND_STUDIES))
+@pytest.mark.parametrize("name", CLOSED_FORM)
 def test_a_kind_trains_through_both_dp_engines_with_the_same_accounting(name):
     rng = np.random.default_rng(5)
     spec = kind_study(name)
@@ -183,9 +202,11 @@ def test_a_kind_runs_a_dp_round_an_evaluation_pooling_and_a_model_card_at_a_real
     assert score is not None and 0.0 <= score <= 1.0
     assert pooled.patients.value == pytest.approx(test_size, abs=6 * release.noise_sd * np.sqrt(30) + 5)
     assert kind.headline(pooled.model_dump(mode="json"))
+    if name == "trajectory":  # the forecast part: interval coverage and error from the per-patient histograms
+        assert 0 <= pooled.coverage_80.value <= pooled.coverage_95.value + 0.15 and pooled.forecast_mae.value > 0
     # the lines the demo prints: calibration, then the metric by sex, by age and by site
     lines = kind.validation_lines(pooled.model_dump(mode="json"))
-    assert lines[0].startswith(("calibration slope", "observed / expected"))
+    assert lines[0].startswith(("calibration slope", "observed / expected", "interval coverage"))
     by = [f"{kind.selection_label} by {group}" for group in ("sex", "age", "site")]
     assert [line.split(":")[0] for line in lines[1:]] == by
     # performance by subgroup: every sex and age band from the release's subgroup histograms, and the site
@@ -243,6 +264,8 @@ def test_a_kind_runs_a_dp_round_an_evaluation_pooling_and_a_model_card_at_a_real
     assert any(isinstance(v, float) for v in card["metrics"].values()), card["metrics"]
     assert "NaN" not in json.dumps(card) and "<table>" in html and "data:image/png;base64," in html
     assert "Subgroups (pooled test)" in html
+    if name == "trajectory":
+        assert "Forecasts (pooled, test)" in html and card["metrics"]["held_out_coverage_80"]["value"] is not None
     # TRIPOD: what the model is for, and whose data trained it, in words and disclosed counts
     data = card["training_data"]
     assert data["sites"] == {node.config.site_id: train_size} and data["training_examples"] == train_size

@@ -178,7 +178,9 @@ class EvaluationRelease(_Record):
     score_edges: list[float] | None = None  # the strata the histograms below are cut at (DP outcome releases)
     positives: list[float] | None = None  # risk kinds: patients with the outcome per stratum
     negatives: list[float] | None = None  # risk kinds: patients without it
-    cells: list[float] | None = None  # survival: patients per (stratum, interval, event), flattened in that order
+    # survival: patients per (stratum, interval, event), flattened in that order; trajectory: patients per bin of
+    # their 80% coverage, 95% coverage and forecast error (federation.twins.trajectory)
+    cells: list[float] | None = None
     # The same histograms within subgroups of patients (TRIPOD): `subgroups` names them ('sex:female',
     # 'age:50-69', ...), `subgroup_counts` holds each one's histograms in turn (the kind's fields in order),
     # with noise of standard deviation `subgroup_noise_sd`. Each way of grouping is a partition (every patient
@@ -201,6 +203,11 @@ class EvaluationRelease(_Record):
     c_index_se: float | None = None  # score at the horizon and the integrated Brier score up to it
     brier_at_horizon: float | None = None
     integrated_brier: float | None = None
+    # trajectory, exact: the share of observed future values inside the 80% and 95% intervals, and the mean
+    # absolute error of the median forecast in normal-range units (DP: histograms of each patient's in `cells`)
+    coverage_80: float | None = None
+    coverage_95: float | None = None
+    forecast_mae: float | None = None
     withheld: str | None = None  # comma-separated names of what was withheld
     withheld_reason: str | None = None
     cell_floor: int | None = None  # the site's floor, for exact releases

@@ -5,9 +5,7 @@ because it is part of what is hashed and approved, and the contract must be read
 `targets` says what the kind learns from, so a study pairing a kind with an outcome it cannot learn
 (a risk model on censored times, a survival model on a yes/no label) is refused when it is read.
 
-`TrajectorySpec`, the patient twin's model, is specified here ahead of its kind: it joins `ModelSpec` (and so
-becomes writable in a study) together with the kind that trains it, so that no study can name a kind that no
-site can run.
+`TrajectorySpec` is the patient twin's model (federation.twins.trajectory).
 """
 
 from __future__ import annotations
@@ -200,6 +198,6 @@ INTERVALS: dict[float, tuple[float, float]] = {0.8: (0.1, 0.9), 0.95: (0.025, 0.
 
 
 ModelSpec = Annotated[
-    LogisticRegressionSpec | MlpSpec | DiscreteTimeSurvivalSpec,
+    LogisticRegressionSpec | MlpSpec | DiscreteTimeSurvivalSpec | TrajectorySpec,
     Field(discriminator="kind"),
 ]

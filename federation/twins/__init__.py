@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from federation.twins import risk, survival  # noqa: F401 (each registers its kinds)
+from federation.twins import risk, survival, trajectory  # noqa: F401 (each registers its kinds)
 from federation.twins.kind import ExactEvaluation, TwinKind
 from federation.twins.registry import KINDS, kind_of
 

@@ -66,6 +66,13 @@ class TwinKind(ABC):
     selection_metric: ClassVar[str]  # the pooled metric (higher is better) that picks the study's round
     selection_label: ClassVar[str]  # its name for people: 'AUROC', 'C-index'
     histogram_fields: ClassVar[tuple[str, ...]]  # the release fields `histograms` fills, in their order
+    # How many cells of all the histograms together one patient is in, as the L2 norm of their counts (1 when
+    # they are in exactly one cell; sqrt(m) when in one cell of each of m histograms): the release's noise is
+    # this times the stage's, so the ledger's noise multiplier stays what it says.
+    release_sensitivity: ClassVar[float] = 1.0
+    # The loss's gradient at the outputs is written out (`output_gradient`), for the single-pass engine; a kind
+    # that leaves it to autograd (trained by the per-patient engine) says False.
+    closed_form_gradient: ClassVar[bool] = True
 
     @property
     def targets(self) -> Target:
@@ -102,7 +109,7 @@ class TwinKind(ABC):
         self, spec: Strict, outputs: np.ndarray, targets: np.ndarray, strata: Strata
     ) -> dict[str, np.ndarray]:
         """The counts a DP evaluation release is made of, by wire field: every patient in exactly one cell of
-        all of them together (so the release's sensitivity is 1)."""
+        all of them together (sensitivity 1), or of each of several histograms (`release_sensitivity`)."""
 
     @abstractmethod
     def histogram_sizes(self, spec: Strict, strata: int) -> list[int]:

@@ -8,6 +8,8 @@ from datetime import datetime
 import numpy as np
 
 from federation.contract.spec import IndexEvent, StudySpec
+from federation.contract.twin_specs import TrajectorySpec
+from federation.twins import kind_of
 from site_node.cohort.attrition import CONSENT
 from site_node.cohort.consent import denying_person_ids
 from site_node.cohort.dataset import StudyDataset, snapshot_hash
@@ -21,6 +23,7 @@ from site_node.cohort.outcomes import DOMAINS as OUTCOME_DOMAINS
 from site_node.cohort.outcomes import labels as outcome_labels
 from site_node.cohort.selection import criteria, select_cohort
 from site_node.cohort.split import SPLIT_PARTS, assign_split
+from site_node.cohort.trajectories import build_trajectories
 from site_node.cohort.windows import EVENT_TABLES
 
 
@@ -89,6 +92,11 @@ def build_dataset(
         features = static_features(source, examples, spec.covariates)
         series = series_features(source, examples, spec.covariates)
         labels, event_days = outcome_labels(source, examples, cohort.visits, spec.outcome, spec.cohort)
+        targets = None
+        if isinstance(spec.model, TrajectorySpec):  # the patient twin: every window of each patient, packed
+            windows = build_trajectories(source, examples, spec.model, spec.outcome.prediction_hours,
+                                         visit_level=spec.cohort.visit_level)  # fmt: skip
+            features, targets = kind_of(spec.model).pack(spec.model, features, windows, labels)
     person_ids = examples["person_id"].to_numpy(dtype=np.int64)
     if not np.isfinite(features).all():
         raise CohortError("a feature came out as NaN or infinite; the database holds a value the scaling cannot take")
@@ -107,11 +115,12 @@ def build_dataset(
         split=split,
         cohort_size=cohort_size,
         excluded_by_consent=cohort_size - len(examples),
-        snapshot_hash=snapshot_hash(person_ids, features, labels, event_days, series),
+        snapshot_hash=snapshot_hash(person_ids, features, labels, event_days, series, targets),
         attrition=attrition.with_parts(split, cut),
         sex=_sex(examples["gender_concept_id"].to_numpy(dtype=np.float64)),
         age_years=examples["age_years"].to_numpy(dtype=np.float64),
         index_s=index_s,
+        targets=targets,
     )
 
 

@@ -17,6 +17,7 @@ def snapshot_hash(
     labels: np.ndarray,
     event_days: np.ndarray | None = None,
     series: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
 ) -> str:
     """SHA-256 (hex) of the data a round used, in person-id order, so a model card can name its data.
 
@@ -36,6 +37,8 @@ def snapshot_hash(
         parts.append(("event_days", np.asarray(event_days, dtype="<f4")[order]))
     if series is not None:
         parts.append(("series", np.asarray(series, dtype="<f4")[order]))
+    if targets is not None:
+        parts.append(("targets", np.asarray(targets, dtype="<f4")[order]))
     for name, array in parts:
         digest.update(f"{name}:{array.shape}\x00".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
@@ -72,6 +75,10 @@ class StudyDataset:
     # When each example's index falls (seconds since 1970, UTC as the database holds it): for the calendar period
     # the training data cover, which leaves only coarsened under the cell floor (site_node.governance.data_period).
     index_s: np.ndarray | None = None  # float64 (n,)
+    # What the twin kind learns from, when the cohort builder cuts it from the patients' series (the trajectory
+    # kind: each patient's windows, federation.twins.trajectory); `features` are then the packed inputs and
+    # `feature_names` the static covariates. None: the kind's targets come from `labels` and `event_days`.
+    targets: np.ndarray | None = None  # float32 (n, k)
 
     def __len__(self) -> int:
         return int(self.person_ids.shape[0])
@@ -99,10 +106,16 @@ class StudyDataset:
             cohort_size=self.cohort_size,
             excluded_by_consent=self.excluded_by_consent,
             snapshot_hash=snapshot_hash(
-                self.person_ids[rows], self.features[rows], self.labels[rows], event_days, series
+                self.person_ids[rows],
+                self.features[rows],
+                self.labels[rows],
+                event_days,
+                series,
+                None if self.targets is None else self.targets[rows],
             ),
             attrition=self.attrition,
             sex=None if self.sex is None else self.sex[rows],
             age_years=None if self.age_years is None else self.age_years[rows],
             index_s=None if self.index_s is None else self.index_s[rows],
+            targets=None if self.targets is None else self.targets[rows],
         )

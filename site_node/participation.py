@@ -35,6 +35,7 @@ from federation.contract.strata import Strata
 from federation.twins import build_model, kind_of
 from site_node.cohort import CohortError, StudyDataset, most_removed, render_attrition
 from site_node.cohort.cache import cached_dataset
+from site_node.cohort.dataset import CALIBRATION
 from site_node.config import SiteConfig
 from site_node.evaluation_release import (
     dp_release,
@@ -431,6 +432,15 @@ class SiteNode:
         return model
 
     @staticmethod
+    def _at_site(spec: StudySpec, model: torch.nn.Module, dataset: StudyDataset) -> torch.nn.Module:
+        """The global model with this site's own calibration on top (the trajectory kind's conformal step,
+        from the calibration patients kept out of training); other kinds as they are."""
+        if dataset.targets is None or not (dataset.split == CALIBRATION).any():
+            return model
+        calibration = dataset.subset(CALIBRATION)
+        return kind_of(spec.model).at_site(spec.model, model, (calibration.features, calibration.targets))
+
+    @staticmethod
     def _targets(spec: StudySpec, data: StudyDataset):
         """What the study's twin kind learns from, per patient of `data`."""
         try:
@@ -806,7 +816,7 @@ class SiteNode:
                 f"the study's split leaves no {part} examples at {self.config.site_id} (its evaluation.split, e.g. "
                 "a temporal split whose period lies after this site's data).",
             )
-        model = self._model(spec, data, global_state)
+        model = self._at_site(spec, self._model(spec, data, global_state), plan.dataset)
         if spec.privacy.private and self.policy.evaluation_release == "dp":
             release = self._dp_evaluation(spec, digest, instruction, plan, data, model)
         elif instruction.stage == "scores":  # exact aggregates need no strata: nothing leaves at this stage

@@ -104,6 +104,12 @@ class TwinKind(ABC):
 
     # --- evaluation at a site -----------------------------------------------------------------------
 
+    def at_site(self, spec: Strict, model: nn.Module, calibration: tuple[np.ndarray, np.ndarray] | None) -> nn.Module:
+        """The model as the site evaluates and uses it: the global model, or (a kind that calibrates at each
+        site, from the site's own calibration patients' inputs and targets) the model with that site's
+        calibration on top. Nothing of the calibration leaves the site."""
+        return model
+
     @abstractmethod
     def histograms(
         self, spec: Strict, outputs: np.ndarray, targets: np.ndarray, strata: Strata

@@ -198,6 +198,16 @@ class TrajectoryKind(RiskKind):
 
     # --- evaluation at a site -----------------------------------------------------------------------
 
+    def at_site(self, spec: TrajectorySpec, model: torch.nn.Module, calibration) -> torch.nn.Module:
+        """The model with this site's split-conformal widening of every interval (`ConformalTrajectory`),
+        from its calibration patients; without any, the model as it is."""
+        if calibration is None or not len(calibration[0]):
+            return model
+        features, targets = calibration
+        with torch.no_grad():
+            outputs = model(torch.as_tensor(np.asarray(features, dtype=np.float32))).numpy()
+        return ConformalTrajectory(model, conformal_offsets(spec, outputs, targets))
+
     def histograms(self, spec, outputs: np.ndarray, targets: np.ndarray, strata: Strata) -> dict[str, np.ndarray]:
         risk = super().histograms(spec, outputs, self.event_labels(spec, targets), strata)
         scores = forecast_scores(spec, outputs, targets)
@@ -266,6 +276,63 @@ class TrajectoryKind(RiskKind):
             f"({html.escape(_ranges(study.model))}).</p><h3>Event risk at the prediction time</h3>"
         )
         return forecast + super().card_html(study, pooled, selection)
+
+
+# Fewer calibration values than this for a (step ahead, signal): the interval is widened by the largest score
+# seen instead of a quantile of them (the conformal quantile needs at least 1/alpha - 1 values to exist).
+MIN_CONFORMAL_VALUES = 20
+
+
+def conformal_offsets(spec: TrajectorySpec, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(intervals, F, S): how far to move each interval's ends outwards (negative: inwards) so that, on the
+    calibration patients, the conformalised quantile regression (Romano, Patterson and Candes 2019) covers
+    its nominal share. Per step ahead and signal, the score of an observed value y is max(lo - y, y - hi)
+    and the offset its ceil((n + 1)(1 - alpha))-th smallest of n (windows of one patient are not
+    exchangeable with each other, so the guarantee is approximate; the benchmark measures it per site)."""
+    layout = _layout(spec)
+    quantiles, *_ = layout.unpack_outputs(torch.as_tensor(np.asarray(outputs)))
+    future, mask, _, valid, _, _ = layout.unpack_targets(torch.as_tensor(np.asarray(targets)))
+    q, y = quantiles.numpy().astype(np.float64), future.numpy().astype(np.float64)
+    seen = (mask.numpy() > 0) & (valid.numpy() > 0)[:, :, None, None]
+    levels = list(spec.quantiles)
+    offsets = np.zeros((len(INTERVALS), layout.horizon, layout.signals))
+    for index, (nominal, (low, high)) in enumerate(INTERVALS.items()):
+        score = np.maximum(q[..., levels.index(low)] - y, y - q[..., levels.index(high)])
+        for step in range(layout.horizon):
+            for signal in range(layout.signals):
+                values = np.sort(score[:, :, step, signal][seen[:, :, step, signal]])
+                if not len(values):
+                    continue
+                rank = int(np.ceil((len(values) + 1) * nominal))
+                offsets[index, step, signal] = values[-1] if len(values) < MIN_CONFORMAL_VALUES else values[
+                    min(rank, len(values)) - 1]  # fmt: skip
+    return offsets
+
+
+class ConformalTrajectory(torch.nn.Module):
+    """A trajectory model with one site's conformal offsets on its intervals: each interval's lower quantile
+    moved down and upper moved up by the offset of its step ahead and signal, the quantiles then sorted
+    (rearrangement never makes a set of quantiles worse, Chernozhukov et al. 2010)."""
+
+    def __init__(self, model: torch.nn.Module, offsets: np.ndarray) -> None:
+        super().__init__()
+        self.model = model
+        self.layout: TrajectoryLayout = model.layout
+        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.float32))
+        levels = [float(v) for v in model.net.quantiles]
+        self.ends = [(levels.index(low), levels.index(high)) for low, high in INTERVALS.values()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        layout = self.layout
+        quantiles, logit, propensity, base = layout.unpack_outputs(out)
+        moved = quantiles.clone()
+        for index, (low, high) in enumerate(self.ends):
+            moved[..., low] = moved[..., low] - self.offsets[index]
+            moved[..., high] = moved[..., high] + self.offsets[index]
+        moved = torch.sort(moved, dim=-1).values
+        p = out.shape[0]
+        return torch.cat([moved.reshape(p, -1), logit, propensity.reshape(p, -1), base], dim=1)
 
 
 def _ranges(spec: TrajectorySpec) -> str:

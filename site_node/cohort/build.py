@@ -12,12 +12,12 @@ from federation.contract.twin_specs import TrajectorySpec
 from federation.twins import kind_of
 from site_node.cohort.attrition import CONSENT
 from site_node.cohort.consent import denying_person_ids
-from site_node.cohort.dataset import StudyDataset, snapshot_hash
+from site_node.cohort.dataset import CALIBRATION, StudyDataset, snapshot_hash
 from site_node.cohort.errors import CohortError
 from site_node.cohort.features import feature_names, series_features, series_names, static_features
 from site_node.cohort.features.demographics import FEMALE, MALE
 from site_node.cohort.index_events import INDEX_DOMAINS
-from site_node.cohort.keyed_hash import check_key
+from site_node.cohort.keyed_hash import check_key, keyed_uniform
 from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.outcomes import DOMAINS as OUTCOME_DOMAINS
 from site_node.cohort.outcomes import labels as outcome_labels
@@ -104,6 +104,10 @@ def build_dataset(
     index_s = examples["index_s"].to_numpy(dtype=np.float64)
     split = assign_split(person_ids, index_s, split_spec, split_key)
     cut = [part for part in SPLIT_PARTS if part != "validation" or split_spec.has_validation]
+    if isinstance(spec.model, TrajectorySpec):  # the site's own conformal calibration patients, out of training
+        chosen = keyed_uniform(split_key, "conformal", person_ids) < spec.model.conformal_fraction
+        split = np.where((split == "train") & chosen, CALIBRATION, split)
+        cut.append(CALIBRATION)
     return StudyDataset(
         person_ids=person_ids,
         features=features,

@@ -10,6 +10,11 @@ import numpy as np
 from site_node.cohort.attrition import Attrition
 from site_node.cohort.keyed_hash import SPLIT_PARTS
 
+# The study's parts, and the training patients a kind calibrating at each site keeps out of training for it
+# (the trajectory kind's split-conformal step: `conformal_fraction`, never released).
+CALIBRATION = "calibration"
+PARTS = (*SPLIT_PARTS, CALIBRATION)
+
 
 def snapshot_hash(
     person_ids: np.ndarray,
@@ -89,8 +94,8 @@ class StudyDataset:
         A part the study does not cut (or that this site has no examples for) gives an empty dataset, not
         an error: whoever needs the part decides what an empty one means (a refusal, with its reason).
         """
-        if part not in SPLIT_PARTS:
-            raise ValueError(f"'{part}' is not a split part; use one of {', '.join(SPLIT_PARTS)}")
+        if part not in PARTS:
+            raise ValueError(f"'{part}' is not a split part; use one of {', '.join(PARTS)}")
         rows = self.split == part
         event_days = None if self.event_days is None else self.event_days[rows]
         series = None if self.series is None else self.series[rows]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from federation.contract import StudySpec
 from federation.contract.twin_specs import INTERVALS, TRAJECTORY, TrajectorySpec
 
 GLUCOSE = {"name": "glucose", "concept_ids": [3004501], "normal_range": [70, 180], "unit": "mg/dL"}
@@ -49,3 +50,19 @@ def test_a_ward_twin_and_an_oncology_twin_are_both_one_spec():
 def test_a_spec_that_breaks_a_rule_is_refused_naming_it(change, says):
     with pytest.raises(ValidationError, match=says):
         TrajectorySpec.model_validate({"signals": [GLUCOSE], **change})
+
+
+def test_the_example_patient_twin_study_reads_and_says_what_it_computes():
+    from pathlib import Path
+
+    from federation.contract import load_study
+    from federation.twins import kind_of
+
+    spec = load_study(Path(__file__).resolve().parents[1] / "configs" / "study-patient-twin-example.yaml")
+    assert isinstance(spec.model, TrajectorySpec) and spec.model.history_hours == spec.model.horizon_hours == 24
+    words = kind_of(spec.model).describe(spec.model, spec.evaluation)
+    assert "glucose, creatinine, potassium, lactate, heart_rate, sbp every 4 h" in words
+    assert "insulin (dose)" in words and "inverse-propensity" in words and "20% of its training patients" in words
+    with pytest.raises(ValidationError, match="time_to_event"):  # the event is yes/no: not a survival outcome
+        StudySpec.model_validate({**spec.model_dump(mode="json"),
+                                  "outcome": {"kind": "time_to_event", "prediction_hours": 24, "window_days": 30}})

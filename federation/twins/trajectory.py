@@ -153,6 +153,21 @@ class TrajectoryKind(RiskKind):
     release_sensitivity = 2.0
     closed_form_gradient = False
 
+    def describe(self, spec: TrajectorySpec, evaluation) -> str:
+        treatments = ", ".join(t.name + (" (dose)" if t.dose else "") for t in spec.treatments) or "none"
+        adjustment = (
+            "inverse-propensity weights for confounding" if spec.adjustment == "inverse_propensity" else "no "
+            "adjustment for confounding (the naive model)"
+        )
+        return (
+            f"a patient twin forecasting {', '.join(s.name for s in spec.signals)} every "
+            f"{spec.step_hours:g} h, {spec.horizon_hours:g} h ahead from the last {spec.history_hours:g} h, at up "
+            f"to {spec.windows_per_patient} decision times per patient (one DP example each patient), under the "
+            f"planned treatments ({treatments}); {adjustment}; 80% and 95% intervals calibrated at each site on "
+            f"{spec.conformal_fraction:.0%} of its training patients (kept out of training); and the risk of "
+            "the study's outcome"
+        )
+
     def build(self, spec: TrajectorySpec, n_features: int) -> torch.nn.Module:
         return TrajectoryExamples(spec, n_features)
 

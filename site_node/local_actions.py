@@ -55,8 +55,9 @@ def evaluate_locally(node: SiteNode, spec: StudySpec, state: dict[str, torch.Ten
     data = plan.dataset.subset(part)
     if len(data) == 0:
         return {"num_examples": 0}
-    model = node._model(spec, data, state)
-    metrics = evaluate(model, data.features, data.labels)
+    model = node._at_site(spec, node._model(spec, data, state), plan.dataset)
+    metrics = evaluate(model, data.features, data.labels, model_spec=spec.model, event_days=data.event_days,
+                       threshold=spec.evaluation.threshold, targets=data.targets)  # fmt: skip
     node.governance.audit.append(
         "evaluated-locally",
         {

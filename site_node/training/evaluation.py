@@ -78,6 +78,7 @@ def evaluate(
     model_spec=None,
     event_days: np.ndarray | None = None,
     threshold: float = 0.5,
+    targets: np.ndarray | None = None,
 ) -> dict[str, float | int | None]:
     """The twin kind's exact metrics of `model` on the data, with `num_examples` and `num_positive` (patients
     with the outcome, or the event): for the risk kinds loss, AUROC and Brier score; for survival the C-index
@@ -94,7 +95,8 @@ def evaluate(
         raise ValueError(
             f"evaluation needs (n, d) features and (n,) labels with n > 0; got {np.shape(features)}, {y.shape}"
         )
-    targets = kind.targets_of(spec, y, event_days)
+    if targets is None:  # a kind whose targets the cohort builder cuts (trajectory) passes them
+        targets = kind.targets_of(spec, y, event_days)
     result = kind.exact(spec, model_outputs(model, features), targets, threshold)
     n, n_pos = result.examples, result.with_outcome
     metrics: dict[str, float | int | None] = {**result.metrics, "num_examples": n, "num_positive": n_pos}

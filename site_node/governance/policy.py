@@ -56,6 +56,11 @@ class SitePolicy(BaseModel):
         description="Send the calendar months the training data cover (from the month of the min_cell_count-th "
         "earliest index date to that of the min_cell_count-th latest) for the model card; false sends none.",
     )
+    twin_query_studies: tuple[str, ...] = Field(
+        (),
+        description="Studies whose patient twin may be run on this site's patients (`twinfed twin patient`), by "
+        "study id; none by default.",
+    )
     require_secure_aggregation: bool = Field(False, description="Only join rounds that use secure aggregation.")
     evaluation_release: Literal["dp", "exact"] = Field(
         "dp",

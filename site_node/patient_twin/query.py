@@ -1,0 +1,317 @@
+"""The patient twin at its hospital: one patient's state, forecast with calibrated intervals, and what-if.
+
+`PatientTwin.open` loads, once, what every query needs: the study's model (the global model the coordinator
+last sent this site, or a model card's final-model.pt), the study's cohort at this site as a round builds
+it (consent and withdrawals applied), and this site's conformal calibration of the intervals (from its
+calibration patients, kept out of training). `answer` then takes one patient, named by the hospital's own
+Patient id (or MRN), resolved through the ETL's keyed id map and never shown back in clear, and returns
+their recorded history, the twin's forecast, and the forecast under each scenario: many patients and
+scenarios per loaded twin (batch mode), each query one audit entry.
+
+The twin answers at the study's decision times (the prediction time, then every horizon while the patient
+is in hospital): `at` picks the latest of the patient's decision times at or before it (default: their
+latest). The planned treatments of the factual forecast are those recorded after the decision time (none
+when it is now); a scenario changes them, nothing else.
+
+Governance: the study must be approved at this site and listed in the policy's `twin_query_studies`;
+nothing patient-level leaves the site (the answer is for the clinician at the site).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import MetaData, Table, select
+from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+
+from federation.contract import StudySpec, study_hash
+from federation.contract.twin_specs import INTERVALS, TrajectorySpec
+from federation.twins.trajectory import unscale_signals
+from federation.twins.trajectory_model import TrajectoryLayout
+from omop_etl.database import open_engine
+from omop_etl.identity import SiteKeys, load_or_create_secret
+from site_node.participation import Refusal, SiteNode
+from site_node.patient_twin.scenario import Scenario, apply
+from site_node.releases import load_global_model
+
+
+class TwinQueryError(RuntimeError):
+    """A twin query that cannot be answered; the message says why and what to do."""
+
+
+class SignalForecast(BaseModel):
+    """One signal: what was recorded in the history, and the forecast per step ahead (own unit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    signal: str
+    unit: str
+    history_hours: list[float]  # hours relative to the decision time (negative: before it)
+    history: list[float | None]  # the step's mean value, None where not measured
+    last_measured_hours_ago: float | None  # None: not measured in the history
+    ahead_hours: list[float]  # the end of each step ahead
+    median: list[float]
+    interval_80: list[tuple[float, float]]
+    interval_95: list[tuple[float, float]]
+
+
+class ScenarioForecast(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scenario: str
+    description: str
+    planned: dict[str, list[float]]  # per treatment, per step ahead, in its own unit (dose) or 0/1
+    signals: list[SignalForecast]
+    event_risk: float
+    median_change: dict[str, list[float]]  # scenario minus factual median, per signal and step ahead
+
+
+class TwinAnswer(BaseModel):
+    """What `twinfed twin patient` shows and writes (it stays at the site)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study_id: str
+    study_hash: str
+    model_source: str
+    person_key: str  # a keyed hash of the hospital's id: the same patient, the same key; never the id
+    decision_time: dt.datetime
+    decision_hours_after_index: float
+    event: str
+    factual: ScenarioForecast
+    scenarios: list[ScenarioForecast]
+
+
+@dataclass
+class PatientTwin:
+    """A loaded twin of one study at one site: answer many patients and scenarios."""
+
+    node: SiteNode
+    spec: StudySpec
+    digest: str
+    model: torch.nn.Module
+    model_source: str
+    features: np.ndarray
+    person_ids: np.ndarray
+    index_s: np.ndarray
+    valid: np.ndarray
+    layout: TrajectoryLayout
+
+    @classmethod
+    def open(cls, node: SiteNode, spec: StudySpec, model_file: Path | None = None) -> PatientTwin:
+        if not isinstance(spec.model, TrajectorySpec):
+            raise TwinQueryError(
+                f"study '{spec.study.id}' has model kind '{spec.model.kind}': a patient twin needs a 'trajectory' "
+                "study (docs/twins.md)"
+            )
+        digest = study_hash(spec)
+        if not node.governance.approvals.is_approved(digest):
+            raise TwinQueryError(
+                f"study '{spec.study.id}' (hash {digest[:12]}) is not approved at {node.config.site_id}: its twin is "
+                "not run on this site's patients."
+            )
+        if spec.study.id not in node.policy.twin_query_studies:
+            raise TwinQueryError(
+                f"the site policy does not allow twin queries for study '{spec.study.id}': the data steward lists "
+                "the study under `twin_query_studies` in the policy file to allow them."
+            )
+        state, source = _weights(node, spec, digest, model_file)
+        try:
+            plan = node._data(spec, digest)
+        except Refusal as exc:
+            raise TwinQueryError(str(exc)) from None
+        dataset = plan.dataset
+        model = node._model(spec, dataset, state)
+        model = node._at_site(spec, model, dataset)
+        model.eval()
+        layout = TrajectoryLayout.of(spec.model, len(dataset.feature_names))
+        targets = torch.from_numpy(dataset.targets)
+        valid = layout.unpack_targets(targets)[3].numpy() > 0
+        return cls(node, spec, digest, model, source, dataset.features, dataset.person_ids, dataset.index_s, valid,
+                   layout)  # fmt: skip
+
+    # --- one query ------------------------------------------------------------------------------------
+
+    def answer(self, hospital_id: str, scenarios: list[Scenario], *, at: dt.datetime | None = None,
+               by: str = "") -> TwinAnswer:  # fmt: skip
+        """The twin of the patient the hospital knows as `hospital_id`, at their decision time at or before
+        `at`, under the factual plan and each scenario. Audited (who, study, keyed person, when)."""
+        person_key = self._person_key(hospital_id)
+        person_id = resolve_person(self.node, hospital_id)
+        rows = np.flatnonzero(self.person_ids == person_id)
+        if not len(rows):
+            raise TwinQueryError(
+                f"patient {person_key[:12]} (keyed) is not in study '{self.spec.study.id}' at this site: not in its "
+                "cohort, or withheld by consent or a withdrawal."
+            )
+        row = int(rows[0])
+        window = self._window(row, at)
+        spec: TrajectorySpec = self.spec.model  # type: ignore[assignment]
+        decision_hours = self.spec.outcome.prediction_hours + window * spec.horizon_hours
+        decision_time = dt.datetime.fromtimestamp(float(self.index_s[row]) + decision_hours * 3600, dt.UTC)
+        statics, history, controls = self.layout.unpack_inputs(torch.from_numpy(self.features[row : row + 1]))
+        base_history, base_controls = history[:, window], controls[:, window]
+        plans = [("factual", "the treatments recorded after the decision time (none when it is now)",
+                  base_controls[0, spec.history_steps :].numpy())]  # fmt: skip
+        plans += [(s.name, s.description, apply(s, spec, plans[0][2])) for s in scenarios]
+        batch = torch.cat([base_controls] * len(plans))
+        for index, (_, _, planned) in enumerate(plans):
+            batch[index, spec.history_steps :] = torch.as_tensor(planned, dtype=batch.dtype)
+        quantiles, risks = self._run(statics, base_history, batch)
+        forecasts = [
+            self._forecast(name, words, planned, quantiles[i], risks[i], base_history[0].numpy())
+            for i, (name, words, planned) in enumerate(plans)
+        ]
+        for forecast in forecasts:
+            forecast.median_change = {
+                s.signal: [a - b for a, b in zip(s.median, f.median, strict=True)]
+                for s, f in zip(forecast.signals, forecasts[0].signals, strict=True)
+            }
+        self.node.governance.audit.append(
+            "twin-query",
+            {
+                "study_hash": self.digest,
+                "study_id": self.spec.study.id,
+                "by": by or "unknown",
+                "person_key": person_key,
+                "decision_time": decision_time.isoformat(),
+                "scenarios": [s.name for s in scenarios],
+                "note": "answered at the site; nothing left it",
+            },
+        )
+        return TwinAnswer(
+            study_id=self.spec.study.id,
+            study_hash=self.digest,
+            model_source=self.model_source,
+            person_key=person_key,
+            decision_time=decision_time,
+            decision_hours_after_index=decision_hours,
+            event=self.spec.outcome.summary(),
+            factual=forecasts[0],
+            scenarios=forecasts[1:],
+        )
+
+    def _run(self, statics: torch.Tensor, history: torch.Tensor, controls: torch.Tensor):
+        """Quantiles (K, F, S, Q) and event risks (K,) of K plans of one window, through the site's model
+        (the conformal step included): the window is put in the first slot of a patient row."""
+        layout, k = self.layout, controls.shape[0]
+        rows_history = torch.zeros(k, layout.windows, *history.shape[1:])
+        rows_controls = torch.zeros(k, layout.windows, *controls.shape[1:])
+        rows_history[:, 0], rows_controls[:, 0] = history, controls
+        x = torch.cat([statics.expand(k, -1), torch.cat([rows_history.reshape(k, layout.windows, -1),
+                                                         rows_controls.reshape(k, layout.windows, -1)], dim=2)
+                       .reshape(k, -1)], dim=1)  # fmt: skip
+        with torch.no_grad():
+            quantiles, logit, _, _ = layout.unpack_outputs(self.model(x))
+        return quantiles[:, 0].numpy(), torch.sigmoid(logit[:, 0]).numpy()
+
+    def _forecast(self, name: str, words: str, planned: np.ndarray, quantiles: np.ndarray, risk: float,
+                  history: np.ndarray) -> ScenarioForecast:  # fmt: skip
+        spec: TrajectorySpec = self.spec.model  # type: ignore[assignment]
+        levels = list(spec.quantiles)
+        own = unscale_signals(spec, quantiles, axis=1)  # (F, S, Q): the signals on axis 1
+        seen = history[..., 1] > 0  # (H, S)
+        past = unscale_signals(spec, history[..., 0], axis=1)
+        hours_back = -(spec.history_steps - np.arange(spec.history_steps) - 0.5) * spec.step_hours
+        ahead = (np.arange(spec.horizon_steps) + 1) * spec.step_hours
+        signals = []
+        for s, signal in enumerate(spec.signals):
+            measured = np.flatnonzero(seen[:, s])
+            since = None
+            if len(measured):  # hours since last measured at the decision time, from the scaled input
+                since = float(history[-1, s, 2] * (spec.history_steps + spec.windows_per_patient * spec.horizon_steps)
+                              * spec.step_hours)  # fmt: skip
+            intervals = {}
+            for nominal, (low, high) in INTERVALS.items():
+                intervals[nominal] = [(float(own[f, s, levels.index(low)]), float(own[f, s, levels.index(high)]))
+                                      for f in range(spec.horizon_steps)]  # fmt: skip
+            signals.append(SignalForecast(
+                signal=signal.name,
+                unit=signal.unit,
+                history_hours=[float(h) for h in hours_back],
+                history=[float(past[h, s]) if seen[h, s] else None for h in range(spec.history_steps)],
+                last_measured_hours_ago=since,
+                ahead_hours=[float(h) for h in ahead],
+                median=[float(v) for v in own[:, s, levels.index(0.5)]],
+                interval_80=intervals[0.8],
+                interval_95=intervals[0.95],
+            ))  # fmt: skip
+        doses = {t.name: [float(v) * (t.typical_dose if t.dose else 1.0) for v in planned[:, r]]
+                 for r, t in enumerate(spec.treatments)}  # fmt: skip
+        return ScenarioForecast(scenario=name, description=words, planned=doses, signals=signals,
+                                event_risk=float(risk), median_change={})  # fmt: skip
+
+    def _window(self, row: int, at: dt.datetime | None) -> int:
+        """The latest used decision time of the patient at or before `at` (default: their latest)."""
+        spec: TrajectorySpec = self.spec.model  # type: ignore[assignment]
+        used = np.flatnonzero(self.valid[row])
+        if at is not None:
+            moment = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+            hours = (moment.timestamp() - float(self.index_s[row])) / 3600 - self.spec.outcome.prediction_hours
+            used = used[used * spec.horizon_hours <= hours + 1e-9]
+            if not len(used):
+                first = dt.datetime.fromtimestamp(float(self.index_s[row]) + self.spec.outcome.prediction_hours * 3600,
+                                                  dt.UTC)  # fmt: skip
+                raise TwinQueryError(
+                    f"the patient's first decision time is {first.isoformat(timespec='minutes')} (the study's "
+                    f"prediction time, {self.spec.outcome.prediction_hours:g} h after admission): --at is before it."
+                )
+        return int(used[-1])
+
+    def _person_key(self, hospital_id: str) -> str:
+        secret, _ = load_or_create_secret(self.node.config.secret_file, create=False)
+        return hmac.new(secret, f"twinfed twin query person v1\x00{hospital_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def resolve_person(node: SiteNode, hospital_id: str) -> int:
+    """The OMOP person_id of the patient the hospital knows as `hospital_id` (their FHIR Patient id or MRN),
+    through the keyed id map the ETL wrote: the id itself is never stored, only its keyed hash."""
+    secret, _ = load_or_create_secret(node.config.secret_file, create=False)
+    keys = SiteKeys(secret)
+    candidates = [keys.key(f"Patient/{hospital_id}"), keys.key(f"Patient/MRN:{hospital_id}")]
+    try:
+        engine = open_engine(node.config.omop.url)
+        with engine.connect() as connection:
+            id_map = Table("twinfed_id_map", MetaData(schema=node.config.omop.schema_name), autoload_with=connection)
+            found = connection.execute(
+                select(id_map.c.omop_id).where(id_map.c.source_key.in_(candidates), id_map.c.omop_table == "person")
+            ).scalars().all()
+    except NoSuchTableError:
+        raise TwinQueryError(
+            "this OMOP database has no twinfed id map (it was not loaded by `twinfed etl`), so a hospital id cannot "
+            "be resolved to a person here."
+        ) from None
+    except SQLAlchemyError as exc:
+        raise TwinQueryError(f"the site's OMOP database cannot be read: {exc.__class__.__name__}") from None
+    ids = sorted({int(v) for v in found})
+    if not ids:
+        raise TwinQueryError(
+            "no patient with that id was loaded at this site (the id is the hospital's FHIR Patient id or MRN, as "
+            "exported to the ETL)."
+        )
+    if len(ids) > 1:
+        raise TwinQueryError("that id names more than one loaded patient (one's Patient id, another's MRN)")
+    return ids[0]
+
+
+def _weights(node: SiteNode, spec: StudySpec, digest: str, model_file: Path | None) -> tuple[dict, str]:
+    if model_file is not None:
+        try:
+            return torch.load(model_file, weights_only=True), str(model_file)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise TwinQueryError(f"{model_file}: cannot read the model weights: {exc}") from None
+    kept = load_global_model(node.config.base_dir / "models", digest)
+    if kept is None:
+        raise TwinQueryError(
+            f"this site holds no model of study '{spec.study.id}' yet (it keeps the global model the coordinator sends "
+            "it for evaluation); pass --model with the study's final-model.pt from its model card."
+        )
+    return kept[1], f"global model of round {kept[0]} (kept at this site)"
+

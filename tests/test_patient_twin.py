@@ -1,0 +1,171 @@
+"""`twinfed twin patient` (issue 12): the patient twin at its hospital, from the study's model, on the site's
+own data. Scenario files are validated with errors that name the file, the scenario, the change and the rule;
+a scenario changes the planned treatments over the horizon only; a query runs only for an approved study the
+policy lists, names the patient by the hospital's own id (resolved through the ETL's keyed map, never shown
+or audited in clear), and is one audit entry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from federation.contract import StudySpec, study_hash
+from federation.contract.twin_specs import TrajectorySpec
+from site_node.config import load_site_config
+from site_node.participation import SiteNode
+from site_node.patient_twin import PatientTwin, ScenarioError, TwinQueryError, load_scenarios
+from site_node.patient_twin.scenario import Scenario, apply
+from tests.site_helpers import fresh_site, initial_state, instruction
+from twinfed.cli import app
+
+STUDY = Path(__file__).resolve().parents[1] / "configs" / "study-patient-twin-example.yaml"
+
+
+def _spec(**model) -> StudySpec:
+    data = yaml.safe_load(STUDY.read_text())
+    data["model"].update(hidden=8, **model)
+    data["training"]["rounds"] = 1
+    return StudySpec.model_validate(data)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "scenario.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("name: a\nchanges: [{treatment: heparin, action: stop}]",
+         "scenario 'a', change 1: treatment 'heparin' is not one of the study's (insulin, furosemide, noradrenaline)"),
+        ("name: a\nchanges: [{treatment: insulin, action: stop, from_hours: 30}]", "beyond the twin's horizon of 24 h"),
+        ("name: a\nchanges: [{treatment: furosemide, action: start, dose: 40}]", "not as a dose; drop `dose`"),
+        ("name: a\nchanges: [{treatment: insulin, action: set_dose}]", "needs a dose"),
+        ("name: a\nchanges: [{treatment: insulin, action: double}]", "action"),
+        ("name: a\nchanges: [{treatment: insulin, action: stop, from_hours: 8, to_hours: 4}]", "must come after"),
+        ("scenarios:\n  - {name: a, changes: [{treatment: insulin, action: stop}]}\n"
+         "  - {name: a, changes: [{treatment: insulin, action: start}]}", "a repeated"),
+        ("name: a\nchange: []", "change"),
+    ],
+)  # fmt: skip
+def test_a_bad_scenario_file_is_refused_naming_the_file_the_change_and_the_rule(text, says, tmp_path):
+    path = _write(tmp_path, text)
+    with pytest.raises(ScenarioError) as caught:
+        load_scenarios(path, _spec().model)
+    assert says in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_a_scenario_changes_only_the_steps_and_treatment_it_names():
+    spec: TrajectorySpec = _spec().model
+    planned = np.zeros((spec.horizon_steps, len(spec.treatments)))
+    planned[:, 1] = 1.0  # furosemide given every step
+    insulin = Scenario(name="more-insulin", changes=[
+        {"treatment": "insulin", "action": "set_dose", "dose": 8, "from_hours": 4, "to_hours": 12},
+        {"treatment": "furosemide", "action": "stop", "from_hours": 20},
+    ])  # fmt: skip
+    out = apply(insulin, spec, planned)
+    # steps of 4 h: +0-4, +4-8, ... ; 8 units over a typical dose of 4 is 2 on the twin's scale
+    assert out[:, 0].tolist() == [0, 2, 2, 0, 0, 0]
+    assert out[:, 1].tolist() == [1, 1, 1, 1, 1, 0]
+    assert out[:, 2].tolist() == [0] * 6 and planned[:, 0].sum() == 0  # the input is not changed
+
+
+@pytest.fixture(scope="module")
+def twin_site(prepared_site, tmp_path_factory):
+    """A site with the example patient-twin study approved and allowed, a model trained one DP round here,
+    and the hospital's Patient ids of its export."""
+    folder = tmp_path_factory.mktemp("twin")
+    spec = _spec()
+    site = fresh_site(prepared_site, folder / "site", twin_query_studies=[spec.study.id])
+    node = SiteNode(load_site_config(site))
+    node.governance.approvals.approve(study_hash(spec), spec.study.id, "test steward")
+    trained = node.train(instruction(spec), initial_state(spec, node.feature_count(spec)))
+    torch.save(trained.state_dict, folder / "model.pt")
+    study = folder / "study.yaml"
+    study.write_text(yaml.safe_dump(spec.model_dump(mode="json")), encoding="utf-8")
+    return {"site": site, "spec": spec, "model": folder / "model.pt", "study": study}
+
+
+def _hospital_ids(medium_consortium: Path) -> list[str]:
+    lines = (medium_consortium / "aster-university" / "fhir" / "Patient.ndjson").read_text().splitlines()
+    return [json.loads(line)["id"] for line in lines]
+
+
+def test_a_twin_query_answers_at_the_site_audits_a_keyed_patient_and_never_the_id(twin_site, medium_consortium,
+                                                                                  tmp_path):  # fmt: skip
+    node = SiteNode(load_site_config(twin_site["site"]))
+    twin = PatientTwin.open(node, twin_site["spec"], model_file=twin_site["model"])
+    scenario = Scenario(name="noradrenaline-started", changes=[{"treatment": "noradrenaline", "action": "start"}])
+    answered = []
+    for hospital_id in _hospital_ids(medium_consortium):
+        try:
+            answered.append((hospital_id, twin.answer(hospital_id, [scenario], by="dr test")))
+        except TwinQueryError as exc:
+            assert "not in study" in str(exc)
+        if len(answered) == 3:
+            break
+    assert len(answered) == 3
+    hospital_id, answer = answered[0]
+    assert [s.signal for s in answer.factual.signals] == [s.name for s in twin_site["spec"].model.signals]
+    glucose = answer.factual.signals[0]
+    assert len(glucose.median) == 6 and all(lo <= m <= hi for (lo, hi), m in zip(glucose.interval_80, glucose.median,
+                                                                                  strict=True))  # fmt: skip
+    assert all(a[0] <= b[0] and b[1] <= a[1] for a, b in zip(glucose.interval_95, glucose.interval_80, strict=True))
+    started = answer.scenarios[0]
+    assert started.planned["noradrenaline"] == [1.0] * 6
+    assert any(abs(v) > 0 for changes in started.median_change.values() for v in changes)  # the decoder took it
+    assert 0 < answer.factual.event_risk < 1
+    # the audit: one entry per query, the patient keyed, never the hospital's id
+    entries = node.governance.audit.entries("twin-query")
+    assert len(entries) == 3 and entries[0].payload["by"] == "dr test"
+    assert entries[0].payload["person_key"] == answer.person_key and entries[0].payload["scenarios"] == [scenario.name]
+    everything = json.dumps([e.payload for e in node.governance.audit.entries()])
+    assert all(hid not in everything for hid, _ in answered) and hospital_id not in answer.model_dump_json()
+    # the same patient, the same key
+    assert twin.answer(hospital_id, []).person_key == answer.person_key
+    # a hospital id nobody has
+    with pytest.raises(TwinQueryError, match="no patient with that id was loaded"):
+        twin.answer("no-such-patient", [])
+
+
+def test_twin_queries_need_the_policy_and_an_approval(twin_site, prepared_site, tmp_path):
+    spec = twin_site["spec"]
+    refused = SiteNode(load_site_config(fresh_site(prepared_site, tmp_path / "off")))
+    refused.governance.approvals.approve(study_hash(spec), spec.study.id, "test steward")
+    with pytest.raises(TwinQueryError, match="twin_query_studies"):
+        PatientTwin.open(refused, spec, model_file=twin_site["model"])
+    unapproved = SiteNode(load_site_config(fresh_site(prepared_site, tmp_path / "new",
+                                                      twin_query_studies=[spec.study.id])))  # fmt: skip
+    with pytest.raises(TwinQueryError, match="not approved"):
+        PatientTwin.open(unapproved, spec, model_file=twin_site["model"])
+
+
+def test_the_command_writes_the_answer_and_its_plot_and_batch_mode_one_line_per_patient(twin_site, medium_consortium,
+                                                                                        tmp_path):  # fmt: skip
+    runner = CliRunner()
+    scenario = _write(tmp_path, "name: insulin-withheld\nchanges: [{treatment: insulin, action: stop}]\n")
+    ids = _hospital_ids(medium_consortium)[:40]
+    batch = tmp_path / "patients.txt"
+    batch.write_text("\n".join(ids) + "\n", encoding="utf-8")
+    common = ["twin", "patient", "-s", str(twin_site["site"]), "--study", str(twin_site["study"]),
+              "--model", str(twin_site["model"]), "--scenario", str(scenario),
+              "--out", str(tmp_path / "out")]  # fmt: skip
+    result = runner.invoke(app, [*common, "--batch", str(batch)])
+    lines = [json.loads(line) for line in (tmp_path / "out" / "patients.jsonl").read_text().splitlines()]
+    assert len(lines) == 40 and "Answered" in result.output
+    answered = [line for line in lines if "error" not in line]
+    assert answered and all(line["scenarios"][0]["scenario"] == "insulin-withheld" for line in answered)
+    one = ids[next(i for i, line in enumerate(lines) if "error" not in line)]
+    result = runner.invoke(app, [*common, "--person", one])
+    assert result.exit_code == 0, result.output
+    key = answered[0]["person_key"][:16]
+    assert (tmp_path / "out" / f"{key}.json").exists() and (tmp_path / "out" / f"{key}.png").stat().st_size > 5000
+    assert oct((tmp_path / "out" / f"{key}.json").stat().st_mode & 0o777) == "0o600"
+    assert "glucose" in result.output and "95% interval" in result.output and one not in result.output

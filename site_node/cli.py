@@ -36,6 +36,16 @@ SiteFile = Annotated[
         help="The site file (site id, OMOP database, governance database, policy). Env: TWINFED_SITE_CONFIG.",
     ),
 ]
+ModelFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        exists=True,
+        dir_okay=False,
+        help="Weights to apply (a model card's final-model.pt). Default: the latest global model of the study the "
+        "coordinator sent this site.",
+    ),
+]
 Who = Annotated[
     str, typer.Option("--by", help="Who does this (name or role); recorded in the audit log. Default: the OS user.")
 ]
@@ -540,16 +550,7 @@ def score(
         Path | None,
         typer.Option("--out", dir_okay=False, help="CSV to write (default: SITE-FOLDER/scores/<study-id>.csv)."),
     ] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            exists=True,
-            dir_okay=False,
-            help="Weights to apply (a model card's final-model.pt). Default: the latest global model of the study "
-            "the coordinator sent this site.",
-        ),
-    ] = None,
+    model: ModelFile = None,
     by: Who = "",
 ) -> None:
     """Apply a study's model to this site's own cohort, locally: one risk per patient in a CSV.

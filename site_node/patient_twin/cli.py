@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from site_node.cli import SiteFile, Who, _fail, _node, _study, _user
+from site_node.cli import ModelFile, SiteFile, Who, _fail, _node, _study, _user
 
 twin_app = typer.Typer(help="Run a study's twin on this site's own patients (nothing leaves the site).",
                        no_args_is_help=True)  # fmt: skip
@@ -46,15 +46,7 @@ def patient(
         Path | None,
         typer.Option("--out", file_okay=False, help="Folder for the JSON and the plot (default: SITE/twins/<study>)."),
     ] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            exists=True,
-            dir_okay=False,
-            help="Weights to use (a model card's final-model.pt); default: the study's latest global model.",
-        ),
-    ] = None,
+    model: ModelFile = None,
     by: Who = "",
 ) -> None:
     """The patient twin: recorded history, forecast of every signal with 80% and 95% intervals, and the same

@@ -55,7 +55,34 @@ class DPStep(Protocol):
         ...
 
 
-class SinglePassStep:
+class _NoisedSum:
+    """What the two hand-written engines share: the noise on a clipped sum and the accountant's step.
+
+    Noise on the sum has std sigma C; the sum is divided by the expected batch size q n (Opacus' mean)."""
+
+    def __init__(self, params: list[torch.Tensor], noise_multiplier: float, max_grad_norm: float, sample_rate: float,
+                 expected_batch_size: float, accountant: IAccountant, generator: torch.Generator) -> None:  # fmt: skip
+        self._params = params
+        self._sizes = [p.numel() for p in params]
+        self._scale = 1.0 / expected_batch_size
+        self._noise_std = noise_multiplier * max_grad_norm * self._scale
+        self._noise_multiplier = noise_multiplier
+        self._sample_rate = sample_rate
+        self._accountant = accountant
+        self._generator = generator
+
+    def _release(self, scaled_sums: list[torch.Tensor]) -> None:
+        """Set each parameter's `.grad` to its scaled clipped sum plus noise, and step the accountant."""
+        noise = torch.randn(sum(self._sizes), generator=self._generator, dtype=scaled_sums[0].dtype)
+        for p, total, chunk in zip(self._params, scaled_sums, noise.split(self._sizes), strict=True):
+            p.grad = total.add_(chunk.view_as(total), alpha=self._noise_std)
+        self._accountant.step(noise_multiplier=self._noise_multiplier, sample_rate=self._sample_rate)
+
+    def close(self) -> None:
+        """Nothing is attached to the model."""
+
+
+class SinglePassStep(_NoisedSum):
     """The DP-SGD step for the registry's models, with per-step work kept to a few tensor operations."""
 
     def __init__(
@@ -71,29 +98,17 @@ class SinglePassStep:
         objective: Objective = BINARY,
     ) -> None:
         self._clipping = SinglePassGhostClipping(model, max_grad_norm, objective)
-        self._params = self._clipping.parameters
-        self._sizes = [p.numel() for p in self._params]
-        # Noise on the sum has std sigma C; dividing the sum by q n is folded into the clip factors.
-        self._scale = 1.0 / expected_batch_size
-        self._noise_std = noise_multiplier * max_grad_norm * self._scale
-        self._noise_multiplier = noise_multiplier
-        self._sample_rate = sample_rate
-        self._accountant = accountant
-        self._generator = generator
+        super().__init__(self._clipping.parameters, noise_multiplier, max_grad_norm, sample_rate, expected_batch_size,
+                         accountant, generator)  # fmt: skip
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # dividing the sum by q n is folded into the clip factors
         grads, loss_sum = self._clipping.clipped_sum(x, y, scale=self._scale)
-        noise = torch.randn(sum(self._sizes), generator=self._generator, dtype=grads[0].dtype)
-        for p, grad, chunk in zip(self._params, grads, noise.split(self._sizes), strict=True):
-            p.grad = grad.add_(chunk.view_as(grad), alpha=self._noise_std)
-        self._accountant.step(noise_multiplier=self._noise_multiplier, sample_rate=self._sample_rate)
+        self._release(grads)
         return loss_sum
 
-    def close(self) -> None:
-        """Nothing is attached to the model."""
 
-
-class PerPatientStep:
+class PerPatientStep(_NoisedSum):
     """The DP-SGD step for a model whose every input row is one patient, however many windows of their series
     it holds: the gradient of each row's loss, taken with torch.func over the batch's rows (vmap of grad,
     `chunk` rows at a time), clipped to C as a whole, summed, noised once for all parameters.
@@ -117,8 +132,8 @@ class PerPatientStep:
     ) -> None:
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self._names = [name for name, _ in named]
-        self._params = [p for _, p in named]
-        self._sizes = [p.numel() for p in self._params]
+        super().__init__([p for _, p in named], noise_multiplier, max_grad_norm, sample_rate, expected_batch_size,
+                         accountant, generator)  # fmt: skip
         buffers = dict(model.named_buffers())
 
         def row_loss(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,12 +143,6 @@ class PerPatientStep:
 
         self._row_gradients = func.vmap(func.grad(row_loss, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk)
         self._max_grad_norm = max_grad_norm
-        self._scale = 1.0 / expected_batch_size
-        self._noise_std = noise_multiplier * max_grad_norm * self._scale
-        self._noise_multiplier = noise_multiplier
-        self._sample_rate = sample_rate
-        self._accountant = accountant
-        self._generator = generator
 
     def clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The sum of the rows' gradients, each clipped to C (before any scaling), and the rows' loss sum."""
@@ -146,14 +155,8 @@ class PerPatientStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         sums, loss_sum = self.clipped_sum(x, y)
-        noise = torch.randn(sum(self._sizes), generator=self._generator, dtype=self._params[0].dtype)
-        for p, total, chunk in zip(self._params, sums, noise.split(self._sizes), strict=True):
-            p.grad = (total * self._scale).add_(chunk.view_as(total), alpha=self._noise_std)
-        self._accountant.step(noise_multiplier=self._noise_multiplier, sample_rate=self._sample_rate)
+        self._release([total * self._scale for total in sums])
         return loss_sum
-
-    def close(self) -> None:
-        """Nothing is attached to the model."""
 
 
 class OpacusGhostStep:

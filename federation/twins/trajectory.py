@@ -296,6 +296,7 @@ class TrajectoryKind(RiskKind):
 # Fewer calibration values than this for a (step ahead, signal): the interval is widened by the largest score
 # seen instead of a quantile of them (the conformal quantile needs at least 1/alpha - 1 values to exist).
 MIN_CONFORMAL_VALUES = 20
+CONFORMAL_MARGIN = 1e-5
 
 
 def conformal_offsets(spec: TrajectorySpec, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -321,7 +322,9 @@ def conformal_offsets(spec: TrajectorySpec, outputs: np.ndarray, targets: np.nda
                 rank = int(np.ceil((len(values) + 1) * nominal))
                 offsets[index, step, signal] = values[-1] if len(values) < MIN_CONFORMAL_VALUES else values[
                     min(rank, len(values)) - 1]  # fmt: skip
-    return offsets
+    # a hair's margin (normal-range units) so that a value exactly at its conformal quantile stays inside once
+    # the model adds the offset in float32
+    return offsets + CONFORMAL_MARGIN
 
 
 class ConformalTrajectory(torch.nn.Module):

@@ -4,8 +4,9 @@ planned treatments, so a what-if scenario changes the forecast through the same 
 The encoder reads each decision time's history (per step: every signal's value, observed mask and hours
 since last measured, and the treatments given), with the patient's static covariates; the decoder runs
 over the horizon from the encoder's state with the treatments planned for each step ahead as its only
-time-varying input. Per step ahead and signal it gives the spec's quantiles, built monotone (the median
-plus cumulative positive steps each way) so intervals never cross; from the encoder's state and the
+time-varying input. Per step ahead and signal it gives the spec's quantiles as a change from the signal's
+last recorded value, built monotone (the median plus cumulative positive steps each way) so intervals
+never cross; from the encoder's state and the
 decoder's last state, the logit of the study's event over the horizon.
 
 The recurrent layers are a plain GRU written out over Linear layers (`GRU`): the same equations as
@@ -101,10 +102,20 @@ class TrajectoryNet(nn.Module):
         )
         ahead, last = self.decoder(planned, state)
         raw = self.quantile_head(ahead).reshape(batch, self.horizon_steps, self.signals, len(self.quantiles))
-        quantiles = _monotone(raw, self.median)
+        # The forecast is a change from each signal's last recorded value (persistence is the baseline a
+        # forecast must beat; a signal never recorded starts from the middle of its normal range, 0).
+        quantiles = _monotone(raw, self.median) + last_recorded(history)[:, None, :, None]
         logit = self.event_head(torch.cat([state, last], dim=-1)).squeeze(-1)
         propensity = self.propensity_head(state) if self.propensity_head is not None else state[:, :0]
         return quantiles, logit, propensity
+
+
+def last_recorded(history: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, 3) -> (B, S): each signal's last recorded value in the history (0 where never recorded)."""
+    last = history.new_zeros(history.shape[0], history.shape[2])
+    for t in range(history.shape[1]):
+        last = torch.where(history[:, t, :, 1] > 0, history[:, t, :, 0], last)
+    return last
 
 
 def _monotone(raw: torch.Tensor, median: int) -> torch.Tensor:

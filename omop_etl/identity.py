@@ -92,6 +92,10 @@ class SiteKeys:
         """
         return hashlib.blake2b(reference.encode("utf-8"), key=self._mac_key, digest_size=16).digest()
 
+    def keyed_hex(self, message: str) -> str:
+        """HMAC-SHA256 of `message` under the site secret, hex: a stable pseudonym that reveals nothing."""
+        return hmac.new(self._secret, message.encode(), hashlib.sha256).hexdigest()
+
     def person_source_value(self, patient_id: str) -> str:
         """What OMOP stores in person_source_value: base64url of HMAC-SHA256 (43 characters)."""
         digest = hmac.new(self._secret, f"Patient/{patient_id}".encode(), hashlib.sha256).digest()

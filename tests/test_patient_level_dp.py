@@ -145,3 +145,20 @@ def test_training_without_dp_lowers_the_loss_of_a_learnable_trajectory():
     model.load_state_dict(plain.state_dict)
     after = float(objective.loss(model(torch.from_numpy(x)), torch.from_numpy(y)).mean())
     assert after < 0.7 * before
+
+
+def test_the_kinds_output_gradient_is_each_patients_own_and_autograds():
+    from federation.twins import kind_of
+    from federation.twins.trajectory import TrajectoryKind
+
+    kind = kind_of("trajectory")
+    assert isinstance(kind, TrajectoryKind) and not kind.closed_form_gradient
+    torch.manual_seed(4)
+    model = TrajectoryExamples(SPEC, STATICS)
+    x, y = (torch.from_numpy(a) for a in _patients(6, seed=8))
+    outputs = model(x).detach()
+    gradient = kind.output_gradient(SPEC, outputs, y)
+    for i in range(6):  # one patient alone gives the same gradient row: the loss couples no two patients
+        alone = kind.output_gradient(SPEC, outputs[i : i + 1], y[i : i + 1])
+        torch.testing.assert_close(gradient[i : i + 1], alone, rtol=1e-5, atol=1e-7)
+    assert gradient.abs().sum() > 0

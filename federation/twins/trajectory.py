@@ -200,7 +200,12 @@ class TrajectoryKind(RiskKind):
         return examples_loss(_layout(spec), list(spec.quantiles), outputs, targets, adjustment=spec.adjustment)
 
     def output_gradient(self, spec, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("the trajectory kind's gradient is autograd's (the per-patient engine)")
+        """d loss_i / d outputs_i by autograd (the loss is too involved to write out; each patient's loss
+        depends on their own outputs only, so the gradient of the sum is every patient's own)."""
+        with torch.enable_grad():
+            out = outputs.detach().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(self.loss(spec, out, targets).sum(), out)
+        return gradient
 
     def risk_logits(self, spec: TrajectorySpec, outputs: np.ndarray) -> np.ndarray:
         """The event's logit at the first decision time (the study's prediction time)."""

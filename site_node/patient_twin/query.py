@@ -20,15 +20,13 @@ nothing patient-level leaves the site (the answer is for the clinician at the si
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import MetaData, Table, select
+from sqlalchemy import Engine, MetaData, Table, select
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from federation.contract import StudySpec, study_hash
@@ -103,6 +101,8 @@ class PatientTwin:
     index_s: np.ndarray
     valid: np.ndarray
     layout: TrajectoryLayout
+    keys: SiteKeys  # the site secret's keys, read once: every query resolves and keys a hospital id
+    engine: Engine  # the OMOP database, opened once for every query's id lookup
 
     @classmethod
     def open(cls, node: SiteNode, spec: StudySpec, model_file: Path | None = None) -> PatientTwin:
@@ -134,8 +134,9 @@ class PatientTwin:
         layout = TrajectoryLayout.of(spec.model, len(dataset.feature_names))
         targets = torch.from_numpy(dataset.targets)
         valid = layout.unpack_targets(targets)[3].numpy() > 0
+        secret, _ = load_or_create_secret(node.config.secret_file, create=False)
         return cls(node, spec, digest, model, source, dataset.features, dataset.person_ids, dataset.index_s, valid,
-                   layout)  # fmt: skip
+                   layout, SiteKeys(secret), open_engine(node.config.omop.url))  # fmt: skip
 
     # --- one query ------------------------------------------------------------------------------------
 
@@ -144,7 +145,7 @@ class PatientTwin:
         """The twin of the patient the hospital knows as `hospital_id`, at their decision time at or before
         `at`, under the factual plan and each scenario. Audited (who, study, keyed person, when)."""
         person_key = self._person_key(hospital_id)
-        person_id = resolve_person(self.node, hospital_id)
+        person_id = resolve_person(self.node, hospital_id, self.keys, self.engine)
         rows = np.flatnonzero(self.person_ids == person_id)
         if not len(rows):
             raise TwinQueryError(
@@ -266,18 +267,17 @@ class PatientTwin:
         return int(used[-1])
 
     def _person_key(self, hospital_id: str) -> str:
-        secret, _ = load_or_create_secret(self.node.config.secret_file, create=False)
-        return hmac.new(secret, f"twinfed twin query person v1\x00{hospital_id}".encode(), hashlib.sha256).hexdigest()
+        return self.keys.keyed_hex(f"twinfed twin query person v1\x00{hospital_id}")
 
 
-def resolve_person(node: SiteNode, hospital_id: str) -> int:
+def resolve_person(node: SiteNode, hospital_id: str, keys: SiteKeys | None = None, engine: Engine | None = None) -> int:
     """The OMOP person_id of the patient the hospital knows as `hospital_id` (their FHIR Patient id or MRN),
     through the keyed id map the ETL wrote: the id itself is never stored, only its keyed hash."""
-    secret, _ = load_or_create_secret(node.config.secret_file, create=False)
-    keys = SiteKeys(secret)
+    if keys is None:
+        keys = SiteKeys(load_or_create_secret(node.config.secret_file, create=False)[0])
     candidates = [keys.key(f"Patient/{hospital_id}"), keys.key(f"Patient/MRN:{hospital_id}")]
     try:
-        engine = open_engine(node.config.omop.url)
+        engine = engine if engine is not None else open_engine(node.config.omop.url)
         with engine.connect() as connection:
             id_map = Table("twinfed_id_map", MetaData(schema=node.config.omop.schema_name), autoload_with=connection)
             found = connection.execute(

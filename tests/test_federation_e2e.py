@@ -153,7 +153,11 @@ def test_a_coordinator_killed_mid_study_resumes_from_its_last_round(prepared_sit
         live.coordinator = Running(coordinator_command(root, live.port))
         live.coordinator.wait_for("Coordinator running", timeout=60)
         resumed = Running([*command, "--resume"])
-        assert resumed.wait(timeout=300) == 0, resumed.output
+        code = resumed.wait(timeout=300)
+        # On failure, say what each site saw: its SuperNode log holds the messages it pulled and sent.
+        logs = {site: (path.parent / "supernode.log") for site, path in site_files.items()}
+        seen = "\n".join(f"--- {s}: ...{p.read_text(errors='replace')[-6000:]}" for s, p in logs.items() if p.exists())
+        assert code == 0, f"{resumed.output}\n{seen}"
         assert "Resuming run" in resumed.output and "Round 1/3" not in resumed.output
         assert "Round 3/3" in resumed.output
 

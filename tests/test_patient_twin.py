@@ -17,9 +17,11 @@ from typer.testing import CliRunner
 
 from federation.contract import StudySpec, study_hash
 from federation.contract.twin_specs import TrajectorySpec
+from site_node.cohort.build import build_dataset
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
-from site_node.patient_twin import PatientTwin, ScenarioError, TwinQueryError, load_scenarios
+from site_node.patient_twin import PatientTwin, ScenarioError, TwinQueryError, TwinSite, load_scenarios
+from site_node.patient_twin.calibration import calibration_file
 from site_node.patient_twin.scenario import Scenario, apply
 from tests.site_helpers import fresh_site, initial_state, instruction
 from twinfed.cli import app
@@ -169,3 +171,53 @@ def test_the_command_writes_the_answer_and_its_plot_and_batch_mode_one_line_per_
     assert (tmp_path / "out" / f"{key}.json").exists() and (tmp_path / "out" / f"{key}.png").stat().st_size > 5000
     assert oct((tmp_path / "out" / f"{key}.json").stat().st_mode & 0o777) == "0o600"
     assert "glucose" in result.output and "95% interval" in result.output and one not in result.output
+
+
+def test_a_patients_row_built_alone_is_exactly_their_row_in_the_whole_cohort(twin_site):
+    """A query builds only the asked patients' rows (only their events are read): the row must be the one a
+    round builds for them, so the twin answers on the same inputs it was trained and calibrated on."""
+    config = load_site_config(twin_site["site"])
+    spec = twin_site["spec"]
+    whole = build_dataset(config.omop.url, spec, split_key=config.split_key())
+    chosen = [int(p) for p in whole.person_ids[[0, len(whole.person_ids) // 2, -1]]]
+    alone = build_dataset(config.omop.url, spec, split_key=config.split_key(), only_person_ids=[*chosen, -5])
+    assert sorted(alone.person_ids.tolist()) == sorted(chosen)  # an id outside the cohort gets no row
+    rows = [int(np.flatnonzero(whole.person_ids == p)[0]) for p in alone.person_ids]
+    np.testing.assert_array_equal(alone.features, whole.features[rows])
+    np.testing.assert_array_equal(alone.targets, whole.targets[rows])
+    assert alone.split.tolist() == whole.split[rows].tolist()  # the split and calibration part are keyed per patient
+
+
+def test_the_sites_calibration_is_kept_and_recomputed_when_the_model_or_who_is_withheld_changes(
+    twin_site, prepared_site, tmp_path
+):
+    spec = twin_site["spec"]
+    site = fresh_site(prepared_site, tmp_path / "site", twin_query_studies=[spec.study.id])
+    config = load_site_config(site)
+    SiteNode(config).governance.approvals.approve(study_hash(spec), spec.study.id, "test steward")
+    first = PatientTwin.open(TwinSite.of(config), spec, model_file=twin_site["model"])
+    kept = calibration_file(config.base_dir, study_hash(spec))
+    assert first.calibration.calibration_patients > 0 and kept.exists() and oct(kept.stat().st_mode & 0o777) == "0o600"
+    assert len(first.rows.person_ids) > 0  # computing it built the cohort, whose rows the twin keeps
+
+    again = PatientTwin.open(TwinSite.of(config), spec, model_file=twin_site["model"])
+    assert again.calibration == first.calibration and len(again.rows.person_ids) == 0  # read back, nothing built
+    # the same offsets on the same inputs: the same answer
+    patient = int(first.rows.person_ids[0])
+    again.load([patient])
+    row = int(np.flatnonzero(first.rows.person_ids == patient)[0])
+    x = torch.from_numpy(again.rows.features[:1])
+    assert row >= 0 and torch.equal(again.model(x), first.model(torch.from_numpy(first.rows.features[row : row + 1])))
+
+    # a withdrawal: the offsets are computed again without that patient's data
+    governance = TwinSite.of(config).governance
+    governance.withdrawals.withdraw(patient, "records.office")
+    withdrawn = PatientTwin.open(TwinSite.of(config), spec, model_file=twin_site["model"])
+    assert withdrawn.calibration.data_key != first.calibration.data_key and patient not in withdrawn.rows.person_ids
+    # new weights: computed again
+    state = torch.load(twin_site["model"], weights_only=True)
+    state = {name: value + 0.01 for name, value in state.items()}
+    torch.save(state, tmp_path / "other.pt")
+    other = PatientTwin.open(TwinSite.of(config), spec, model_file=tmp_path / "other.pt")
+    assert other.calibration.weights_sha256 != withdrawn.calibration.weights_sha256
+    assert other.calibration.computed_at > withdrawn.calibration.computed_at

@@ -198,10 +198,13 @@ class TrajectoryLayout:
 
     def pack_inputs(self, statics: np.ndarray, history: np.ndarray, controls: np.ndarray) -> np.ndarray:
         """(n, statics), (n, W, H, S, 3), (n, W, H + F, R) -> (n, input_width) float32."""
-        n = len(statics)
-        per_window = np.concatenate([history.reshape(n, self.windows, -1), controls.reshape(n, self.windows, -1)],
-                                    axis=2)  # fmt: skip
-        return np.concatenate([statics.reshape(n, -1), per_window.reshape(n, -1)], axis=1).astype(np.float32)
+        n = len(statics)  # the widths are spelled out: with no patient (n = 0) numpy cannot infer them
+        history_width, control_width = self._window_inputs
+        per_window = np.concatenate([history.reshape(n, self.windows, history_width),
+                                     controls.reshape(n, self.windows, control_width)], axis=2)  # fmt: skip
+        return np.concatenate([statics.reshape(n, self.statics),
+                               per_window.reshape(n, self.windows * (history_width + control_width))],
+                              axis=1).astype(np.float32)  # fmt: skip
 
     def unpack_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(P, input_width) -> statics (P, d), history (P, W, H, S, 3), controls (P, W, H + F, R)."""
@@ -226,9 +229,11 @@ class TrajectoryLayout:
         n = len(future)
         if treated is None:
             treated = np.zeros((n, self.windows, self.treatments))
-        values = np.concatenate([future.reshape(n, self.windows, -1), mask.reshape(n, self.windows, -1)], axis=2)
+        w, values = self.windows, self.horizon * self.signals  # spelled out: with n = 0 numpy cannot infer them
+        both = np.concatenate([future.reshape(n, w, values), mask.reshape(n, w, values)], axis=2)
         flags = np.stack([event, valid, weights], axis=2)
-        parts = [values.reshape(n, -1), flags.reshape(n, -1), np.asarray(treated).reshape(n, -1)]
+        treated = np.asarray(treated).reshape(n, w * self.treatments)
+        parts = [both.reshape(n, w * 2 * values), flags.reshape(n, w * 3), treated]
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     def unpack_targets(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:

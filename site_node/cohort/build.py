@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime
 
 import numpy as np
@@ -61,6 +61,7 @@ def build_dataset(
     schema: str | None = None,
     extra_excluded_person_ids: Iterable[int] = (),
     as_of: datetime | None = None,
+    only_person_ids: Collection[int] | None = None,
 ) -> StudyDataset:
     """The study's examples at this site: one per qualifying patient who has not denied research use.
 
@@ -72,6 +73,11 @@ def build_dataset(
     now). A database without the registry table (an OMOP database twinfed did not load) has no denials.
     Every build records its attrition table (`StudyDataset.attrition`): each criterion in order, consent,
     and the size of each part.
+
+    `only_person_ids` keeps, of the selected and consented examples, those patients only, before any of
+    their features are read: the patient twin answers a few patients without building the whole cohort.
+    Each patient's row is then exactly what a full build gives them (the scaling is fixed by the study,
+    the split is keyed per patient); the attrition and snapshot describe the kept rows only.
 
     Raises CohortError when the database is not an OMOP database (no CDM tables, no person table, a table
     the study reads is missing) and DatabaseUnavailable when it cannot be reached.
@@ -88,6 +94,8 @@ def build_dataset(
         cohort_size = len(examples)
         examples = examples[consented].reset_index(drop=True)
         attrition = cohort.attrition.then(CONSENT, criteria(spec.cohort, spec.outcome)[CONSENT], examples["person_id"])
+        if only_person_ids is not None:
+            examples = examples[examples["person_id"].isin({int(p) for p in only_person_ids})].reset_index(drop=True)
         source.write_index(examples)
         features = static_features(source, examples, spec.covariates)
         series = series_features(source, examples, spec.covariates)

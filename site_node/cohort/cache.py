@@ -56,8 +56,13 @@ class CohortKey:
     study_hash: str
     database: str  # a digest of the URL and schema
     split_key: str  # a digest of the site's split key
-    omop_state: str
+    omop_state: str | None  # None: the database's state cannot be read (nothing built from it is reused)
     withheld: str  # a digest of the sorted withheld person ids
+
+    @property
+    def digest(self) -> str:
+        """One hex digest of the whole key, for what is kept on disk (the patient twin's calibration)."""
+        return _digest([self.study_hash, self.database, self.split_key, self.omop_state, self.withheld])
 
     @property
     def slot(self) -> tuple[str, str]:
@@ -153,6 +158,30 @@ def omop_state(db_url: str, source: OmopSource) -> str | None:
     return None
 
 
+def cohort_key(
+    db_url: str,
+    study_hash: str,
+    *,
+    split_key: bytes,
+    schema: str | None = None,
+    withdrawn: Iterable[int] = (),
+    as_of: dt.datetime | None = None,
+) -> CohortKey:
+    """What a study's dataset at this site is built from, as of now: the key of the module docstring (its
+    `omop_state` None when the database's state cannot be read). Reads the consent registry, nothing else."""
+    moment = as_of if as_of is not None else dt.datetime.now()
+    with OmopSource.open(db_url, schema) as source:
+        state = omop_state(db_url, source)
+        withheld = denying_person_ids(source, moment) | {int(p) for p in withdrawn}
+    return CohortKey(
+        study_hash=study_hash,
+        database=_digest([db_url, schema or ""]),
+        split_key=hashlib.sha256(split_key).hexdigest(),
+        omop_state=state,
+        withheld=_digest(sorted(withheld)),
+    )
+
+
 def cached_dataset(
     db_url: str,
     spec: StudySpec,
@@ -166,18 +195,10 @@ def cached_dataset(
     """`build_dataset` for this round, reusing the last build when its key (module docstring) matches."""
     moment = dt.datetime.now()
     extra = {int(p) for p in withdrawn}
-    with OmopSource.open(db_url, schema) as source:
-        state = omop_state(db_url, source)
-        withheld = denying_person_ids(source, moment) | extra if state is not None else set()
-    if state is None:
+    key = cohort_key(db_url, study_hash, split_key=split_key, schema=schema, withdrawn=extra, as_of=moment)
+    if key.omop_state is None:
         return build_dataset(db_url, spec, split_key=split_key, schema=schema, extra_excluded_person_ids=extra)
-    key = CohortKey(
-        study_hash=study_hash,
-        database=_digest([db_url, schema or ""]),
-        split_key=hashlib.sha256(split_key).hexdigest(),
-        omop_state=state,
-        withheld=_digest(sorted(withheld)),
-    )
+    state = key.omop_state
     reused = cache.get(key)
     if reused is not None:
         return reused

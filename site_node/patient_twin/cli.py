@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from site_node.cli import ModelFile, SiteFile, Who, _fail, _node, _study, _user
+from site_node.cli import ModelFile, SiteFile, Who, _fail, _study, _user
 
 twin_app = typer.Typer(help="Run a study's twin on this site's own patients (nothing leaves the site).",
                        no_args_is_help=True)  # fmt: skip
@@ -57,10 +57,15 @@ def patient(
     map and shown back only as a keyed hash. Every query is an audit entry (who, study, keyed patient,
     when). Writes <key>.json and <key>.png per patient (0600) or, with --batch, one JSON line per patient.
     """
-    from site_node.patient_twin import PatientTwin, ScenarioError, TwinQueryError, load_scenarios
+    from site_node.config import SiteConfigError, load_site_config
+    from site_node.governance import PolicyError
+    from site_node.patient_twin import PatientTwin, ScenarioError, TwinQueryError, TwinSite, load_scenarios
     from site_node.patient_twin.report import plot, summary, tables
 
-    node = _node(site_config)
+    try:  # the site without its training machinery: a cold query does not import Opacus or Flower's client
+        node = TwinSite.of(load_site_config(site_config))
+    except (SiteConfigError, PolicyError) as exc:
+        raise _fail(str(exc)) from None
     spec, _ = _study(study)
     ids = list(person or [])
     if batch is not None:
@@ -75,6 +80,8 @@ def patient(
     folder = out or node.config.base_dir / "twins" / spec.study.id
     folder.mkdir(parents=True, exist_ok=True)
     lines, failed = [], 0
+    if batch is not None:  # every patient's row in one pass over the database
+        twin.load(twin.resolvable(ids))
     for hospital_id in ids:
         try:
             answer = twin.answer(hospital_id, scenarios, at=at, by=by or _user())

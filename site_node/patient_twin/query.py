@@ -1,12 +1,15 @@
 """The patient twin at its hospital: one patient's state, forecast with calibrated intervals, and what-if.
 
 `PatientTwin.open` loads, once, what every query needs: the study's model (the global model the coordinator
-last sent this site, or a model card's final-model.pt), the study's cohort at this site as a round builds
-it (consent and withdrawals applied), and this site's conformal calibration of the intervals (from its
-calibration patients, kept out of training). `answer` then takes one patient, named by the hospital's own
-Patient id (or MRN), resolved through the ETL's keyed id map and never shown back in clear, and returns
-their recorded history, the twin's forecast, and the forecast under each scenario: many patients and
-scenarios per loaded twin (batch mode), each query one audit entry.
+last sent this site, or a model card's final-model.pt) and this site's conformal calibration of the
+intervals (from its calibration patients, kept out of training; kept on disk while current, see
+site_node.patient_twin.calibration). `answer` then takes one patient, named by the hospital's own Patient
+id (or MRN), resolved through the ETL's keyed id map and never shown back in clear, builds that patient's
+row as a round would (cohort criteria, consent and withdrawals applied; only their events are read), and
+returns their recorded history, the twin's forecast, and the forecast under each scenario: many patients
+and scenarios per loaded twin (batch mode: `load` builds all their rows in one pass), each query one
+audit entry. It opens neither Opacus nor Flower: a cold query costs the imports of torch and the database
+driver, the cohort selection, and that patient's events.
 
 The twin answers at the study's decision times (the prediction time, then every horizon while the patient
 is in hospital): `at` picks the latest of the patient's decision times at or before it (default: their
@@ -22,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,14 +34,31 @@ from sqlalchemy import Engine, MetaData, Table, select
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from federation.contract import StudySpec, study_hash
+from federation.contract.features import feature_names
 from federation.contract.twin_specs import INTERVALS, TrajectorySpec
-from federation.twins.trajectory import unscale_signals
+from federation.twins import build_model, kind_of
+from federation.twins.trajectory import ConformalTrajectory, unscale_signals
 from federation.twins.trajectory_model import TrajectoryLayout
 from omop_etl.database import open_engine
 from omop_etl.identity import SiteKeys, load_or_create_secret
-from site_node.participation import Refusal, SiteNode
+from site_node.cohort import CohortError, StudyDataset
+from site_node.cohort.build import build_dataset
+from site_node.cohort.cache import cached_dataset, cohort_key
+from site_node.cohort.dataset import CALIBRATION
+from site_node.config import SiteConfig
+from site_node.governance import Governance, SitePolicy, load_policy
+from site_node.patient_twin.calibration import (
+    SiteCalibration,
+    calibration_file,
+    load_calibration,
+    save_calibration,
+    weights_digest,
+)
 from site_node.patient_twin.scenario import Scenario, apply
 from site_node.releases import load_global_model
+
+if TYPE_CHECKING:
+    from site_node.participation import SiteNode
 
 
 class TwinQueryError(RuntimeError):
@@ -88,24 +109,51 @@ class TwinAnswer(BaseModel):
 
 
 @dataclass
+class TwinSite:
+    """What a twin query needs of a site: its configuration, policy and governance. A `SiteNode` is one;
+    `TwinSite.of` opens one without the training machinery (Opacus, Flower), so a cold query starts fast."""
+
+    config: SiteConfig
+    policy: SitePolicy
+    governance: Governance
+
+    @classmethod
+    def of(cls, config: SiteConfig) -> TwinSite:
+        policy = load_policy(config.policy)
+        return cls(config, policy, Governance.of_site(config, policy))
+
+
+@dataclass
+class _Rows:
+    """The loaded patients' packed rows (features, index times, which decision times are used)."""
+
+    person_ids: np.ndarray
+    features: np.ndarray
+    index_s: np.ndarray
+    valid: np.ndarray
+
+
+@dataclass
 class PatientTwin:
     """A loaded twin of one study at one site: answer many patients and scenarios."""
 
-    node: SiteNode
+    node: TwinSite | SiteNode
     spec: StudySpec
     digest: str
     model: torch.nn.Module
     model_source: str
-    features: np.ndarray
-    person_ids: np.ndarray
-    index_s: np.ndarray
-    valid: np.ndarray
     layout: TrajectoryLayout
     keys: SiteKeys  # the site secret's keys, read once: every query resolves and keys a hospital id
     engine: Engine  # the OMOP database, opened once for every query's id lookup
+    withdrawn: set[int]
+    rows: _Rows
+    calibration: SiteCalibration | None = None  # set by `open`
 
     @classmethod
-    def open(cls, node: SiteNode, spec: StudySpec, model_file: Path | None = None) -> PatientTwin:
+    def open(cls, node: TwinSite | SiteNode, spec: StudySpec, model_file: Path | None = None) -> PatientTwin:
+        """The study's model with this site's conformal calibration (read back from the site folder while it
+        is current, else computed from the calibration patients and kept: site_node.patient_twin.calibration).
+        Patients' rows are built when first asked for (`load`), one build for a whole batch."""
         if not isinstance(spec.model, TrajectorySpec):
             raise TwinQueryError(
                 f"study '{spec.study.id}' has model kind '{spec.model.kind}': a patient twin needs a 'trajectory' "
@@ -123,20 +171,95 @@ class PatientTwin:
                 "the study under `twin_query_studies` in the policy file to allow them."
             )
         state, source = _weights(node, spec, digest, model_file)
+        features = feature_names(spec)
+        model = build_model(spec.model, len(features), seed=spec.training.seed)
         try:
-            plan = node._data(spec, digest)
-        except Refusal as exc:
-            raise TwinQueryError(str(exc)) from None
-        dataset = plan.dataset
-        model = node._model(spec, dataset, state)
-        model = node._at_site(spec, model, dataset)
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise TwinQueryError(f"the model ({source}) does not fit study '{spec.study.id}': {exc}") from None
         model.eval()
-        layout = TrajectoryLayout.of(spec.model, len(dataset.feature_names))
-        targets = torch.from_numpy(dataset.targets)
-        valid = layout.unpack_targets(targets)[3].numpy() > 0
+        layout = TrajectoryLayout.of(spec.model, len(features))
         secret, _ = load_or_create_secret(node.config.secret_file, create=False)
-        return cls(node, spec, digest, model, source, dataset.features, dataset.person_ids, dataset.index_s, valid,
-                   layout, SiteKeys(secret), open_engine(node.config.omop.url))  # fmt: skip
+        withdrawn = node.governance.withdrawals.person_ids()
+        empty = _Rows(np.zeros(0, np.int64), np.zeros((0, len(features)), np.float32), np.zeros(0), np.zeros((0, 0)))
+        twin = cls(node, spec, digest, model, source, layout, SiteKeys(secret), open_engine(node.config.omop.url),
+                   withdrawn, empty)  # fmt: skip
+        twin.calibration = twin._calibrate(weights_digest(state))
+        offsets = twin.calibration.offsets_array()
+        if offsets is not None:
+            twin.model = ConformalTrajectory(model, offsets).eval()
+        return twin
+
+    def load(self, person_ids: list[int]) -> None:
+        """Build the rows of these patients (those not loaded yet), in one pass over the database: only their
+        events are read. A patient outside the study's cohort, or withheld, simply gets no row."""
+        missing = sorted({int(p) for p in person_ids} - set(self.rows.person_ids.tolist()))
+        if missing:
+            self._add(self._build(missing))
+
+    def resolvable(self, hospital_ids: list[str]) -> list[int]:
+        """The OMOP person ids of those hospital ids that resolve (the others fail, each with its reason,
+        when asked)."""
+        found = []
+        for hospital_id in hospital_ids:
+            try:
+                found.append(resolve_person(self.node, hospital_id, self.keys, self.engine))
+            except TwinQueryError:
+                continue
+        return found
+
+    def _build(self, only: list[int] | None) -> StudyDataset:
+        config = self.node.config
+        try:
+            if only is None:
+                return cached_dataset(config.omop.url, self.spec, self.digest, split_key=config.split_key(),
+                                      schema=config.omop.schema_name, withdrawn=self.withdrawn)  # fmt: skip
+            return build_dataset(config.omop.url, self.spec, split_key=config.split_key(),
+                                 schema=config.omop.schema_name, extra_excluded_person_ids=self.withdrawn,
+                                 only_person_ids=only)  # fmt: skip
+        except CohortError as exc:
+            raise TwinQueryError(f"the cohort cannot be built at {config.site_id}: {exc}") from None
+
+    def _add(self, dataset: StudyDataset) -> None:
+        if not len(dataset.person_ids):  # none of them in the cohort (or all withheld)
+            return
+        valid = self.layout.unpack_targets(torch.from_numpy(dataset.targets))[3].numpy() > 0
+        old = self.rows
+        if len(old.person_ids):
+            keep = ~np.isin(dataset.person_ids, old.person_ids)
+            self.rows = _Rows(np.concatenate([old.person_ids, dataset.person_ids[keep]]),
+                              np.concatenate([old.features, dataset.features[keep]]),
+                              np.concatenate([old.index_s, dataset.index_s[keep]]),
+                              np.concatenate([old.valid, valid[keep]]))  # fmt: skip
+        else:
+            self.rows = _Rows(dataset.person_ids, dataset.features, dataset.index_s, valid)
+
+    def _calibrate(self, weights_sha256: str) -> SiteCalibration:
+        """This site's conformal offsets for these weights and this data: kept ones while current, else
+        computed from the calibration patients (building the whole cohort once, whose rows are kept too)."""
+        config = self.node.config
+        try:
+            key = cohort_key(config.omop.url, self.digest, split_key=config.split_key(),
+                             schema=config.omop.schema_name, withdrawn=self.withdrawn)  # fmt: skip
+        except CohortError as exc:
+            raise TwinQueryError(f"the cohort cannot be built at {config.site_id}: {exc}") from None
+        path = calibration_file(config.base_dir, self.digest)
+        now = dt.datetime.now(dt.UTC)
+        kept = load_calibration(path)
+        if kept is not None and kept.current(self.digest, weights_sha256, key.digest, now):
+            return kept
+        dataset = self._build(None)
+        self._add(dataset)
+        calibration = dataset.subset(CALIBRATION)
+        conformal = kind_of(self.spec.model).at_site(self.spec.model, self.model,
+                                                     (calibration.features, calibration.targets))  # fmt: skip
+        offsets = conformal.offsets.numpy().tolist() if isinstance(conformal, ConformalTrajectory) else None
+        fresh = SiteCalibration(study_hash=self.digest, weights_sha256=weights_sha256, data_key=key.digest,
+                                data_state_readable=key.omop_state is not None,
+                                calibration_patients=len(calibration.person_ids), offsets=offsets,
+                                computed_at=now)  # fmt: skip
+        save_calibration(path, fresh)
+        return fresh
 
     # --- one query ------------------------------------------------------------------------------------
 
@@ -146,7 +269,8 @@ class PatientTwin:
         `at`, under the factual plan and each scenario. Audited (who, study, keyed person, when)."""
         person_key = self._person_key(hospital_id)
         person_id = resolve_person(self.node, hospital_id, self.keys, self.engine)
-        rows = np.flatnonzero(self.person_ids == person_id)
+        self.load([person_id])
+        rows = np.flatnonzero(self.rows.person_ids == person_id)
         if not len(rows):
             raise TwinQueryError(
                 f"patient {person_key[:12]} (keyed) is not in study '{self.spec.study.id}' at this site: not in its "
@@ -156,8 +280,8 @@ class PatientTwin:
         window = self._window(row, at)
         spec: TrajectorySpec = self.spec.model  # type: ignore[assignment]
         decision_hours = self.spec.outcome.prediction_hours + window * spec.horizon_hours
-        decision_time = dt.datetime.fromtimestamp(float(self.index_s[row]) + decision_hours * 3600, dt.UTC)
-        statics, history, controls = self.layout.unpack_inputs(torch.from_numpy(self.features[row : row + 1]))
+        decision_time = dt.datetime.fromtimestamp(float(self.rows.index_s[row]) + decision_hours * 3600, dt.UTC)
+        statics, history, controls = self.layout.unpack_inputs(torch.from_numpy(self.rows.features[row : row + 1]))
         base_history, base_controls = history[:, window], controls[:, window]
         plans = [("factual", "the treatments recorded after the decision time (none when it is now)",
                   base_controls[0, spec.history_steps :].numpy())]  # fmt: skip
@@ -252,14 +376,14 @@ class PatientTwin:
     def _window(self, row: int, at: dt.datetime | None) -> int:
         """The latest used decision time of the patient at or before `at` (default: their latest)."""
         spec: TrajectorySpec = self.spec.model  # type: ignore[assignment]
-        used = np.flatnonzero(self.valid[row])
+        used = np.flatnonzero(self.rows.valid[row])
         if at is not None:
             moment = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
-            hours = (moment.timestamp() - float(self.index_s[row])) / 3600 - self.spec.outcome.prediction_hours
+            hours = (moment.timestamp() - float(self.rows.index_s[row])) / 3600 - self.spec.outcome.prediction_hours
             used = used[used * spec.horizon_hours <= hours + 1e-9]
             if not len(used):
-                first = dt.datetime.fromtimestamp(float(self.index_s[row]) + self.spec.outcome.prediction_hours * 3600,
-                                                  dt.UTC)  # fmt: skip
+                first_s = float(self.rows.index_s[row]) + self.spec.outcome.prediction_hours * 3600
+                first = dt.datetime.fromtimestamp(first_s, dt.UTC)
                 raise TwinQueryError(
                     f"the patient's first decision time is {first.isoformat(timespec='minutes')} (the study's "
                     f"prediction time, {self.spec.outcome.prediction_hours:g} h after admission): --at is before it."
@@ -270,7 +394,9 @@ class PatientTwin:
         return self.keys.keyed_hex(f"twinfed twin query person v1\x00{hospital_id}")
 
 
-def resolve_person(node: SiteNode, hospital_id: str, keys: SiteKeys | None = None, engine: Engine | None = None) -> int:
+def resolve_person(
+    node: TwinSite | SiteNode, hospital_id: str, keys: SiteKeys | None = None, engine: Engine | None = None
+) -> int:
     """The OMOP person_id of the patient the hospital knows as `hospital_id` (their FHIR Patient id or MRN),
     through the keyed id map the ETL wrote: the id itself is never stored, only its keyed hash."""
     if keys is None:
@@ -301,7 +427,7 @@ def resolve_person(node: SiteNode, hospital_id: str, keys: SiteKeys | None = Non
     return ids[0]
 
 
-def _weights(node: SiteNode, spec: StudySpec, digest: str, model_file: Path | None) -> tuple[dict, str]:
+def _weights(node: TwinSite | SiteNode, spec: StudySpec, digest: str, model_file: Path | None) -> tuple[dict, str]:
     if model_file is not None:
         try:
             return torch.load(model_file, weights_only=True), str(model_file)

@@ -53,16 +53,15 @@ def summary(answer: TwinAnswer) -> str:
 
 
 def plot(answer: TwinAnswer, path: Path) -> Path:
-    """The twin's figure: one panel per signal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The twin's figure: one panel per signal. Drawn on a bare Figure (no pyplot, no GUI backend): pyplot's
+    import alone is a second of a cold query."""
+    from matplotlib.figure import Figure
 
     signals = answer.factual.signals
     columns = min(3, len(signals))
     rows = -(-len(signals) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    figure = Figure(figsize=(4.2 * columns, 3.0 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     colours = ["tab:red", "tab:purple", "tab:brown", "tab:olive", "tab:cyan"]
     for index, signal in enumerate(signals):
         axis = axes[index // columns][index % columns]
@@ -88,5 +87,4 @@ def plot(answer: TwinAnswer, path: Path) -> Path:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path

@@ -7,7 +7,14 @@ hospital as separate `twinfed` processes talking TLS on loopback, runs the study
 verifies every site's audit log, and writes a report folder. Every process is stopped at the end, on
 error and on Ctrl-C; a second run starts from fresh governance state (the OMOP databases are kept).
 
-It only ever runs `twinfed` commands, so it exercises exactly what hospital IT and a consortium run.
+With a patient-twin study (`twin_study`), the same consortium then trains it too, each hospital's data
+steward having approved it and listed it in the site policy's `twin_query_studies`; after the consortium
+stops, one hospital runs `twinfed twin patient` on one of its own patients under the example scenarios
+(the first patients of its FHIR export, asked in batch mode, then the first in the cohort alone) and the
+answer's table, JSON and plot go into the report.
+
+It only ever runs `twinfed` commands (and edits a policy file as a steward would), so it exercises
+exactly what hospital IT, a consortium and a data steward run.
 """
 
 from __future__ import annotations
@@ -118,7 +125,22 @@ def _stopped_on_signals(processes: Processes) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def run_demo(omop_dir: Path, out: Path, study: Path, say: Callable[[str], None] = print) -> Path:
+@dataclass(frozen=True)
+class TwinDemo:
+    """The demo's patient twin: the study, the scenarios asked, and the hospitals' FHIR exports (a patient
+    is named by the hospital's own id, which only its export knows)."""
+
+    study: Path
+    scenarios: Path
+    exports: Path  # <site>/fhir/Patient.ndjson per hospital
+
+
+TWIN_CANDIDATES = 60  # the first patients of the export asked in batch mode; the first in the cohort is shown
+
+
+def run_demo(
+    omop_dir: Path, out: Path, study: Path, say: Callable[[str], None] = print, twin: TwinDemo | None = None
+) -> Path:
     """Run the federated demo; returns the report's index.html."""
     hospitals = find_hospitals(omop_dir)
     root = out / "consortium"
@@ -136,10 +158,13 @@ def run_demo(omop_dir: Path, out: Path, study: Path, say: Callable[[str], None] 
         _run(["site", "init", str(folder), "--site-id", hospital.site_id, "--omop-url", f"sqlite:///{hospital.omop_db}",
               "--secret-file", str(hospital.secret)], f"site init at {hospital.site_id}", steps)  # fmt: skip
         site_files[hospital.site_id] = folder / "site.yaml"
-        _run(["site", "approve", str(study), "--site-config", str(folder / "site.yaml"),
-              "--by", f"{hospital.site_id} data steward", "--note", "make demo"],
-             f"approval at {hospital.site_id}", steps)  # fmt: skip
-    say("Each hospital's data steward approved the study by its hash.")
+        for approved in [study] + ([twin.study] if twin else []):
+            _run(["site", "approve", str(approved), "--site-config", str(folder / "site.yaml"),
+                  "--by", f"{hospital.site_id} data steward", "--note", "make demo"],
+                 f"approval at {hospital.site_id}", steps)  # fmt: skip
+        if twin:
+            _allow_twin_queries(folder / "policy.yaml", twin.study)
+    say("Each hospital's data steward approved the " + ("studies" if twin else "study") + " by its hash.")
     processes = Processes(logs)
     port = free_loopback_port()
     with _stopped_on_signals(processes):
@@ -159,6 +184,13 @@ def run_demo(omop_dir: Path, out: Path, study: Path, say: Callable[[str], None] 
         run = subprocess.run(command, env=flower_env(), check=False)
         if run.returncode != 0:
             raise DemoError(f"the study did not complete (exit {run.returncode}); see {logs}")
+        if twin:
+            say("Running the patient-twin study (a trajectory model, DP at the patient unit):")
+            command = [TWINFED, "study", "run", str(twin.study), "--coordinator-dir", str(root),
+                       "--wait-for-sites", "60"]  # fmt: skip
+            run = subprocess.run(command, env=flower_env(), check=False)
+            if run.returncode != 0:
+                raise DemoError(f"the patient-twin study did not complete (exit {run.returncode}); see {logs}")
     say("All processes stopped.")
     audits = {
         site_id: subprocess.run(
@@ -170,7 +202,90 @@ def run_demo(omop_dir: Path, out: Path, study: Path, say: Callable[[str], None] 
         )
         for site_id, site_file in site_files.items()
     }
-    return write_report(out / "report", root, study, audits, say)
+    index = write_report(out / "report", root, study, audits, say)
+    if twin:
+        site_id = next(iter(site_files))
+        shown = patient_twin(twin, root, site_id, site_files[site_id], out / "report", steps, say)
+        _link_twin(index, shown, twin, site_id)
+        say(f"Report: {index}")
+    return index
+
+
+def _allow_twin_queries(policy_file: Path, study: Path) -> None:
+    """The steward's edit: list the study under `twin_query_studies` in the site policy."""
+    import yaml
+
+    from federation.contract import load_study
+
+    policy = yaml.safe_load(policy_file.read_text(encoding="utf-8")) or {}
+    listed = list(policy.get("twin_query_studies") or [])
+    study_id = load_study(study).study.id
+    if study_id not in listed:
+        policy["twin_query_studies"] = [*listed, study_id]
+    policy_file.write_text(yaml.safe_dump(policy, sort_keys=False), encoding="utf-8")
+
+
+def patient_twin(
+    twin: TwinDemo, root: Path, site_id: str, site_file: Path, report: Path, steps: Path, say: Callable[[str], None]
+) -> Path:
+    """One hospital's patient twin of one of its patients, from the study's final model; returns the plot
+    copied into the report. The answer itself stays in the site's folder (SITE/twins/<study>)."""
+    from federation.contract import load_study
+
+    spec = load_study(twin.study)
+    model = root / "studies" / spec.study.id / spec.study.id / "final-model.pt"
+    export = twin.exports / site_id / "fhir" / "Patient.ndjson"
+    try:
+        lines = export.read_text(encoding="utf-8").splitlines()[:TWIN_CANDIDATES]
+        ids = [str(json.loads(line)["id"]) for line in lines if line.strip()]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DemoError(f"{export}: cannot read the hospital's Patient ids for its patient twin: {exc}") from None
+    folder = site_file.parent / "twins" / spec.study.id
+    candidates = folder / "demo-candidates.txt"
+    folder.mkdir(parents=True, exist_ok=True)
+    candidates.write_text("\n".join(ids) + "\n", encoding="utf-8")
+    common = ["twin", "patient", "-s", str(site_file), "--study", str(twin.study), "--model", str(model),
+              "--scenario", str(twin.scenarios), "--by", f"{site_id} demo clinician"]  # fmt: skip
+    done = subprocess.run([TWINFED, *common, "--batch", str(candidates)], env=flower_env(), capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    with steps.open("a", encoding="utf-8") as handle:
+        handle.write(f"$ twinfed {' '.join(common)} --batch {candidates}\n{done.stdout}{done.stderr}\n")
+    answers = folder / "demo-candidates.jsonl"
+    rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()] if answers.exists() else []
+    first = next((i for i, row in enumerate(rows) if "error" not in row), None)
+    if first is None:
+        raise DemoError(f"none of the first {len(ids)} patients of {export} is in the patient-twin study's cohort at "
+                        f"{site_id}; see {steps}")  # fmt: skip
+    say(f"Patient twin at {site_id}: {sum('error' not in r for r in rows)} of {len(ids)} patients asked are in the "
+        "study's cohort; the first of them, under the example scenarios:")  # fmt: skip
+    say(_run([*common, "--person", ids[first]], f"the patient twin at {site_id}", steps).rstrip())
+    key = rows[first]["person_key"][:16]  # the files are named by the keyed patient, never by the id
+    plot, answer = folder / f"{key}.png", folder / f"{key}.json"
+    if not plot.exists() or not answer.exists():
+        raise DemoError(f"the patient twin at {site_id} did not write {plot.name} and {answer.name}; see {steps}")
+    shutil.copy2(plot, report / "patient-twin.png")
+    shutil.copy2(answer, report / "patient-twin.json")
+    return report / "patient-twin.png"
+
+
+def _link_twin(index: Path, plot: Path, twin: TwinDemo, site_id: str) -> None:
+    """The report's patient-twin section, before its end."""
+    from federation.contract import load_study
+
+    spec = load_study(twin.study)
+    answer = json.loads(plot.with_suffix(".json").read_text(encoding="utf-8"))
+    risks = ", ".join(f"{s['scenario']} {s['event_risk']:.1%}" for s in [answer["factual"], *answer["scenarios"]])
+    section = (
+        f"<h2>Patient twin at {html.escape(site_id)}</h2><p>{html.escape(spec.study.title)}: one patient "
+        f"(keyed {html.escape(answer['person_key'][:12])}), {html.escape(answer['event'])}: {html.escape(risks)}. "
+        "Recorded values (dots), the forecast median with its 80% and 95% intervals (calibrated at the site), "
+        "and each scenario's median (dashed). Computed at the hospital; the demo copies it here because every "
+        "site runs on this machine. Decision support for research, not a medical device.</p>"
+        f'<p><img src="{plot.name}" style="max-width:100%"></p>'
+        f'<p><a href="{plot.with_suffix(".json").name}">the answer (JSON)</a></p>'
+    )
+    text = index.read_text(encoding="utf-8")
+    index.write_text(text.replace("</body></html>", section + "</body></html>"), encoding="utf-8")
 
 
 def write_report(

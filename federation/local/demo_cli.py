@@ -21,6 +21,18 @@ def demo(
     study: Annotated[Path, typer.Option("--study", dir_okay=False, help="The study to run.")] = Path(
         "configs/study-inpatient-mortality.yaml"
     ),
+    twin_study: Annotated[
+        Path | None,
+        typer.Option("--twin-study", dir_okay=False, help="A patient-twin (trajectory) study to train next and show."),
+    ] = None,
+    scenarios: Annotated[
+        Path, typer.Option("--scenarios", dir_okay=False, help="The what-if scenarios the patient twin is asked.")
+    ] = Path("configs/scenario-example.yaml"),
+    exports: Annotated[
+        Path,
+        typer.Option("--exports", file_okay=False, help="The hospitals' exports (<site>/fhir/Patient.ndjson): the "
+                     "patient twin names its patient by the hospital's own id."),
+    ] = Path("demo-output/consortium"),
 ) -> None:
     """Run a whole consortium on this machine: keys, coordinator, one site node per hospital, the study.
 
@@ -28,11 +40,16 @@ def demo(
     consortium start them: `provision init`, `site init`, `site approve` (each hospital's data steward),
     `coordinator start`, `site start`, `study run`, then `site audit verify` at every hospital. Writes
     OUT/report/index.html (model card with plots, receipts, audit results). Ctrl-C stops every process.
-    """
-    from federation.local.demo import DemoError, run_demo
 
+    With --twin-study, each steward also approves that study and allows its twin queries, the consortium
+    trains it next, and one hospital then runs `twinfed twin patient` on one of its patients under the
+    --scenarios: the table is printed and the plot goes into the report.
+    """
+    from federation.local.demo import DemoError, TwinDemo, run_demo
+
+    twin = TwinDemo(twin_study.resolve(), scenarios.resolve(), exports.resolve()) if twin_study else None
     try:
-        run_demo(omop.resolve(), out.resolve(), study.resolve(), say=console.print)
+        run_demo(omop.resolve(), out.resolve(), study.resolve(), say=console.print, twin=twin)
     except DemoError as exc:
         Console(stderr=True, soft_wrap=True).print(f"Demo failed: {exc}", markup=False, highlight=False)
         raise typer.Exit(1) from None

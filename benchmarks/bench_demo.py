@@ -4,7 +4,8 @@ Runs the real `make demo` (the Makefile's own steps, into a separate output fold
 demo-output/ is left alone) with `.venv` already set up, timestamps every line it prints as it comes,
 and splits the wall time at the lines each step prints first: synthetic consortium and its summary,
 FHIR -> OMOP and data quality per hospital, then the consortium (keys, coordinator and site nodes
-starting, approvals), the study's rounds, and the audits and report after the last round.
+starting, approvals), the mortality study's rounds, the patient-twin study's rounds, the audits and report
+after the consortium stops, and the patient twin one hospital then shows.
 
 `python -m benchmarks.bench_demo [--no-write]`
 """
@@ -30,8 +31,10 @@ MARKERS = (
     ("synthetic consortium and summary", re.compile(r"twinfed synth ")),
     ("FHIR -> OMOP and data quality, 3 hospitals", re.compile(r"^== .*: FHIR -> OMOP ==")),
     ("consortium start: keys, coordinator, site nodes, approvals", re.compile(r"twinfed demo ")),
-    ("study rounds", re.compile(r"starting at round 1")),
-    ("audits and report", re.compile(r"^Study completed")),
+    ("mortality study rounds", re.compile(r"starting at round 1")),
+    ("patient-twin study rounds", re.compile(r"^Running the patient-twin study")),
+    ("consortium stop, audits and report", re.compile(r"^All processes stopped")),
+    ("patient twin at one hospital (batch, then one patient)", re.compile(r"^Patient twin at")),
 )
 
 
@@ -81,9 +84,11 @@ def report(timing: DemoTiming) -> str:
         "The real `make demo` with `.venv` already set up (a fresh machine first spends a few minutes "
         "installing it): 3 synthetic hospitals of 2,000 patients, each loaded into its own SQLite OMOP "
         "database and checked, then a coordinator and three site nodes as separate processes over TLS on "
-        f"loopback running the example study ({timing.rounds} rounds"
+        "loopback running the example mortality study and then the example patient-twin study "
+        f"({timing.rounds} rounds in all"
         + (", secure aggregation (SecAgg+)" if timing.secure else "")
-        + ", DP-SGD at every site), audits verified at each site, report written.",
+        + ", DP-SGD at every site), audits verified at each site, report written, and one hospital's patient "
+        "twin of one patient under the example scenarios (`twinfed twin patient`, batch then single).",
         "",
         "| step | seconds |",
         "|---|---|",

@@ -19,7 +19,7 @@ help:
 	@echo "make demo   - 3 synthetic hospitals -> OMOP -> data quality -> federated DP studies over TLS -> a patient twin -> report"
 	@echo "make test   - run the whole test suite (creates .venv on first use)"
 	@echo "make lint   - ruff"
-	@echo "make bench  - run the benchmarks and update docs/benchmarks.md"
+	@echo "make bench  - run every benchmark (hours; BENCH_ARGS='--only NAME') and update docs/benchmarks.md"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "twinfed needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
@@ -58,7 +58,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m benchmarks.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) benchmarks/output .pytest_cache .ruff_cache

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.machine import write_section
+from benchmarks.machine import save_figure, write_section
 
 OUTPUT = Path(__file__).resolve().parent / "output" / "patient-twin"
 STUDY = Path(__file__).resolve().parents[1] / "configs" / "study-patient-twin-example.yaml"
@@ -249,10 +249,7 @@ def _plot(hours: list[str], mae: dict, baselines: dict, seen: np.ndarray) -> Non
     axis.set_xticks(x, hours)
     axis.set(xlabel="step ahead", ylabel="MAE (normal-range units)", title="Patient twin: forecast error")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(PLOT, dpi=120)
-    plt.close(figure)
+    save_figure(figure, PLOT, dpi=120)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import yaml
 
-from benchmarks.machine import write_section
+from benchmarks.machine import save_figure, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = Path(__file__).resolve().parent / "output" / "twin-whatif"
@@ -133,7 +133,7 @@ def _asked(site: dict, site_file: Path) -> list[tuple[str, dt.datetime, dict]]:
 
     node = TwinSite.of(load_site_config(site_file))
     dataset = site["dataset"]
-    layout = TrajectoryLayout.of(node_spec(site), len(dataset.feature_names))
+    layout = TrajectoryLayout.of(site["spec"].model, len(dataset.feature_names))
     first_used = layout.unpack_targets(torch.from_numpy(dataset.targets))[3][:, 0].numpy() > 0
     test = (dataset.split == "test") & first_used  # answered at the first decision time, 24 h after admission
     # OMOP keeps the hospital's wall-clock times; the twin reads a time without a zone as that wall clock
@@ -150,10 +150,6 @@ def _asked(site: dict, site_file: Path) -> list[tuple[str, dt.datetime, dict]]:
         if len(rows) and abs(float(dataset.index_s[rows[0]]) - start.timestamp()) < 60:
             asked.append((stay["patient_id"], start + dt.timedelta(hours=stay["decision_hour"]), stay))
     return asked
-
-
-def node_spec(site: dict):
-    return site["spec"].model
 
 
 def _true_effect(spec, stay: dict, scenario: str) -> np.ndarray:
@@ -264,25 +260,23 @@ def main(write: bool = True) -> None:
 
 
 def _test_ids(site: dict, site_file: Path) -> list[str]:
-    """The hospital ids (FHIR Patient ids) of the first hospital's test patients, from its export."""
-    from sqlalchemy import create_engine, text
+    """The hospital ids (FHIR Patient ids) of the first hospital's test patients, from its export, resolved
+    as a query resolves them."""
+    from site_node.config import load_site_config
+    from site_node.patient_twin import TwinQueryError, TwinSite, resolve_person
 
-    from omop_etl.identity import SiteKeys, load_or_create_secret
-
-    keys = SiteKeys(load_or_create_secret(site["secret"], create=False)[0])
+    node = TwinSite.of(load_site_config(site_file))
     dataset = site["dataset"]
     test = set(dataset.person_ids[dataset.split == "test"].tolist())
-    engine = create_engine(site["url"])
-    with engine.connect() as connection:
-        mapping = dict(connection.execute(text(
-            "select source_key, omop_id from twinfed_id_map where omop_table = 'person'")).all())  # fmt: skip
-    export = Path(site["url"].removeprefix("sqlite:///")).with_suffix("")
-    patients = OUTPUT / "consortium" / export.name / "fhir" / "Patient.ndjson"
+    export = OUTPUT / "consortium" / Path(site["url"].removeprefix("sqlite:///")).stem / "fhir" / "Patient.ndjson"
     ids = []
-    for line in patients.read_text(encoding="utf-8").splitlines():
+    for line in export.read_text(encoding="utf-8").splitlines():
         hospital_id = json.loads(line)["id"]
-        if mapping.get(keys.key(f"Patient/{hospital_id}")) in test:
-            ids.append(hospital_id)
+        try:
+            if resolve_person(node, hospital_id) in test:
+                ids.append(hospital_id)
+        except TwinQueryError:
+            continue
     return ids
 
 
@@ -361,10 +355,7 @@ def _plot(spec, truth: dict, predicted: dict) -> None:
         axis.set(title=f"{name}: {signals[main]}", xlabel="true effect (normal-range units)",
                  ylabel="predicted effect")  # fmt: skip
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(PLOT, dpi=110)
-    plt.close(figure)
+    save_figure(figure, PLOT, dpi=110)
 
 
 if __name__ == "__main__":

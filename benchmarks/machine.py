@@ -40,3 +40,13 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     DOCS.write_text(text, encoding="utf-8")
+
+
+def save_figure(figure, path: Path, dpi: int = 110) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure a benchmark drew."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from federation.contract import StudySpec, study_hash
 from federation.contract.protocol import RoundInstruction, SiteStatus
 from federation.twins import build_model, kind_of
 from site_node.participation import Refusal, SiteNode
-from site_node.releases import load_global_model
+from site_node.releases import load_global_model, weights_digest
 from site_node.training.evaluation import evaluate, model_outputs
 
 
@@ -102,14 +101,6 @@ class ScoreReport(BaseModel):
     threshold: float
 
 
-def _weights_digest(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].detach().cpu().numpy().astype("<f4").tobytes())
-    return digest.hexdigest()
-
-
 def score(
     node: SiteNode,
     spec: StudySpec,
@@ -162,7 +153,7 @@ def score(
         study_id=spec.study.id,
         study_hash=digest,
         model_source=source,
-        model_sha256=_weights_digest(state),
+        model_sha256=weights_digest(state),
         out=str(out.resolve()),
         patients=len(plan.dataset),
         at_or_above_threshold=int(flagged.sum()),

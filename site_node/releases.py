@@ -9,6 +9,7 @@ release), so the site keeps each released update until the study is over, under 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,3 +83,14 @@ def load_global_model(folder: Path, study_hash: str) -> tuple[str, dict[str, tor
         return None
     data = torch.load(path, weights_only=True)
     return data["round"], data["state_dict"]
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a model's weights (names and float32 values, in name order): the same weights give the
+    same digest whatever file they came from. Reports name the model by it; the patient twin keys its kept
+    calibration by it."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().numpy().astype("<f4").tobytes())
+    return digest.hexdigest()

@@ -11,7 +11,7 @@ With a patient-twin study (`twin_study`), the same consortium then trains it too
 steward having approved it and listed it in the site policy's `twin_query_studies`; after the consortium
 stops, one hospital runs `twinfed twin patient` on one of its own patients under the example scenarios
 (the first patients of its FHIR export, asked in batch mode, then the first in the cohort alone) and the
-answer's table, JSON and plot go into the report.
+report links to the answer's plot and JSON, which stay in that hospital's site folder.
 
 It only ever runs `twinfed` commands (and edits a policy file as a steward would), so it exercises
 exactly what hospital IT, a consortium and a data steward run.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -205,7 +206,7 @@ def run_demo(
     index = write_report(out / "report", root, study, audits, say)
     if twin:
         site_id = next(iter(site_files))
-        shown = patient_twin(twin, root, site_id, site_files[site_id], out / "report", steps, say)
+        shown = patient_twin(twin, root, site_id, site_files[site_id], steps, say)
         _link_twin(index, shown, twin, site_id)
         say(f"Report: {index}")
     return index
@@ -226,10 +227,11 @@ def _allow_twin_queries(policy_file: Path, study: Path) -> None:
 
 
 def patient_twin(
-    twin: TwinDemo, root: Path, site_id: str, site_file: Path, report: Path, steps: Path, say: Callable[[str], None]
+    twin: TwinDemo, root: Path, site_id: str, site_file: Path, steps: Path, say: Callable[[str], None]
 ) -> Path:
-    """One hospital's patient twin of one of its patients, from the study's final model; returns the plot
-    copied into the report. The answer itself stays in the site's folder (SITE/twins/<study>)."""
+    """One hospital's patient twin of one of its patients, from the study's final model; returns its plot.
+    The plot and the answer stay in the site's folder (SITE/twins/<study>): the report links to them there
+    and copies nothing patient-level into the consortium's folders."""
     from federation.contract import load_study
 
     spec = load_study(twin.study)
@@ -263,9 +265,7 @@ def patient_twin(
     plot, answer = folder / f"{key}.png", folder / f"{key}.json"
     if not plot.exists() or not answer.exists():
         raise DemoError(f"the patient twin at {site_id} did not write {plot.name} and {answer.name}; see {steps}")
-    shutil.copy2(plot, report / "patient-twin.png")
-    shutil.copy2(answer, report / "patient-twin.json")
-    return report / "patient-twin.png"
+    return plot
 
 
 def _link_twin(index: Path, plot: Path, twin: TwinDemo, site_id: str) -> None:
@@ -275,14 +275,16 @@ def _link_twin(index: Path, plot: Path, twin: TwinDemo, site_id: str) -> None:
     spec = load_study(twin.study)
     answer = json.loads(plot.with_suffix(".json").read_text(encoding="utf-8"))
     risks = ", ".join(f"{s['scenario']} {s['event_risk']:.1%}" for s in [answer["factual"], *answer["scenarios"]])
+    here = Path(os.path.relpath(plot, index.parent)).as_posix()  # the site's own folder, on this machine
     section = (
         f"<h2>Patient twin at {html.escape(site_id)}</h2><p>{html.escape(spec.study.title)}: one patient "
         f"(keyed {html.escape(answer['person_key'][:12])}), {html.escape(answer['event'])}: {html.escape(risks)}. "
         "Recorded values (dots), the forecast median with its 80% and 95% intervals (calibrated at the site), "
-        "and each scenario's median (dashed). Computed at the hospital; the demo copies it here because every "
-        "site runs on this machine. Decision support for research, not a medical device.</p>"
-        f'<p><img src="{plot.name}" style="max-width:100%"></p>'
-        f'<p><a href="{plot.with_suffix(".json").name}">the answer (JSON)</a></p>'
+        "and each scenario's median (dashed). It stays in the hospital's own folder; this page can show it "
+        "only because every site of the demo runs on this machine. Decision support for research, not a "
+        "medical device.</p>"
+        f'<p><img src="{html.escape(here)}" style="max-width:100%"></p>'
+        f'<p><a href="{html.escape(here.removesuffix(".png"))}.json">the answer (JSON, at the site)</a></p>'
     )
     text = index.read_text(encoding="utf-8")
     index.write_text(text.replace("</body></html>", section + "</body></html>"), encoding="utf-8")

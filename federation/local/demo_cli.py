@@ -43,7 +43,7 @@ def demo(
 
     With --twin-study, each steward also approves that study and allows its twin queries, the consortium
     trains it next, and one hospital then runs `twinfed twin patient` on one of its patients under the
-    --scenarios: the table is printed and the plot goes into the report.
+    --scenarios: the table is printed, and the report links to the plot kept in that site's folder.
     """
     from federation.local.demo import DemoError, TwinDemo, run_demo
 

@@ -8,7 +8,7 @@ computed from, so the first query after a new model computes them and saves them
 (SITE-FOLDER/twins/calibration/<study hash>.json, 0600; aggregates of the site's own patients, they never
 leave it); every later query reads them back while they are provably current:
 
-* the same study (hash) and model weights (SHA-256 of the loaded state);
+* the same study (hash) and model weights (site_node.releases.weights_digest);
 * the same data: the cohort key of site_node.cohort.cache (database, split key, the OMOP database's
   state, and who is withheld by consent or a withdrawal, re-read at every query). A consent withdrawal
   or a new load therefore recomputes the offsets without that patient's data;
@@ -21,12 +21,10 @@ leave it); every later query reads them back while they are provably current:
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 UNREADABLE_STATE_MAX_AGE = dt.timedelta(days=1)
@@ -52,16 +50,6 @@ class SiteCalibration(BaseModel):
 
     def offsets_array(self) -> np.ndarray | None:
         return None if self.offsets is None else np.asarray(self.offsets, dtype=np.float64)
-
-
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a model's weights as saved: the same weights, the same digest, whatever file they came from."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
 
 
 def calibration_file(base_dir: Path, study_hash: str) -> Path:

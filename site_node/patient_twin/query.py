@@ -23,7 +23,7 @@ nothing patient-level leaves the site (the answer is for the clinician at the si
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,10 +52,9 @@ from site_node.patient_twin.calibration import (
     calibration_file,
     load_calibration,
     save_calibration,
-    weights_digest,
 )
 from site_node.patient_twin.scenario import Scenario, apply
-from site_node.releases import load_global_model
+from site_node.releases import load_global_model, weights_digest
 
 if TYPE_CHECKING:
     from site_node.participation import SiteNode
@@ -148,6 +147,7 @@ class PatientTwin:
     withdrawn: set[int]
     rows: _Rows
     calibration: SiteCalibration | None = None  # set by `open`
+    resolved: dict[str, int] = field(default_factory=dict)  # hospital id -> person_id, this twin's lifetime
 
     @classmethod
     def open(cls, node: TwinSite | SiteNode, spec: StudySpec, model_file: Path | None = None) -> PatientTwin:
@@ -181,7 +181,8 @@ class PatientTwin:
         layout = TrajectoryLayout.of(spec.model, len(features))
         secret, _ = load_or_create_secret(node.config.secret_file, create=False)
         withdrawn = node.governance.withdrawals.person_ids()
-        empty = _Rows(np.zeros(0, np.int64), np.zeros((0, len(features)), np.float32), np.zeros(0), np.zeros((0, 0)))
+        empty = _Rows(np.zeros(0, np.int64), np.zeros((0, layout.input_width), np.float32), np.zeros(0),
+                      np.zeros((0, layout.windows), bool))  # fmt: skip
         twin = cls(node, spec, digest, model, source, layout, SiteKeys(secret), open_engine(node.config.omop.url),
                    withdrawn, empty)  # fmt: skip
         twin.calibration = twin._calibrate(weights_digest(state))
@@ -203,10 +204,16 @@ class PatientTwin:
         found = []
         for hospital_id in hospital_ids:
             try:
-                found.append(resolve_person(self.node, hospital_id, self.keys, self.engine))
+                found.append(self._person_id(hospital_id))
             except TwinQueryError:
                 continue
         return found
+
+    def _person_id(self, hospital_id: str) -> int:
+        """`resolve_person`, once per hospital id for this loaded twin (a batch resolves each id up front)."""
+        if hospital_id not in self.resolved:
+            self.resolved[hospital_id] = resolve_person(self.node, hospital_id, self.keys, self.engine)
+        return self.resolved[hospital_id]
 
     def _build(self, only: list[int] | None) -> StudyDataset:
         config = self.node.config
@@ -221,18 +228,14 @@ class PatientTwin:
             raise TwinQueryError(f"the cohort cannot be built at {config.site_id}: {exc}") from None
 
     def _add(self, dataset: StudyDataset) -> None:
-        if not len(dataset.person_ids):  # none of them in the cohort (or all withheld)
-            return
+        """Append the rows of a build of patients not loaded yet (`load` asks only for those; the calibration
+        builds the whole cohort into a twin that has none)."""
         valid = self.layout.unpack_targets(torch.from_numpy(dataset.targets))[3].numpy() > 0
         old = self.rows
-        if len(old.person_ids):
-            keep = ~np.isin(dataset.person_ids, old.person_ids)
-            self.rows = _Rows(np.concatenate([old.person_ids, dataset.person_ids[keep]]),
-                              np.concatenate([old.features, dataset.features[keep]]),
-                              np.concatenate([old.index_s, dataset.index_s[keep]]),
-                              np.concatenate([old.valid, valid[keep]]))  # fmt: skip
-        else:
-            self.rows = _Rows(dataset.person_ids, dataset.features, dataset.index_s, valid)
+        self.rows = _Rows(np.concatenate([old.person_ids, dataset.person_ids]),
+                          np.concatenate([old.features, dataset.features]),
+                          np.concatenate([old.index_s, dataset.index_s]),
+                          np.concatenate([old.valid, valid]))  # fmt: skip
 
     def _calibrate(self, weights_sha256: str) -> SiteCalibration:
         """This site's conformal offsets for these weights and this data: kept ones while current, else
@@ -268,7 +271,7 @@ class PatientTwin:
         """The twin of the patient the hospital knows as `hospital_id`, at their decision time at or before
         `at`, under the factual plan and each scenario. Audited (who, study, keyed person, when)."""
         person_key = self._person_key(hospital_id)
-        person_id = resolve_person(self.node, hospital_id, self.keys, self.engine)
+        person_id = self._person_id(hospital_id)
         self.load([person_id])
         rows = np.flatnonzero(self.rows.person_ids == person_id)
         if not len(rows):

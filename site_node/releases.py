@@ -13,8 +13,12 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where a file is read or written: a cold twin query digests numpy weights
+    import torch
 
 
 @dataclass
@@ -40,6 +44,8 @@ class ReleasedUpdates:
         path = self._path(study_hash, round_key)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        import torch
+
         torch.save(
             {
                 "state_dict": release.state_dict,
@@ -56,6 +62,8 @@ class ReleasedUpdates:
         path = self._path(study_hash, round_key)
         if not path.exists():
             return None
+        import torch
+
         data = torch.load(path, weights_only=True)
         return Release(
             data["state_dict"], data["metrics"], data["answer"], data.get("num_examples"), data.get("evaluation")
@@ -68,7 +76,9 @@ LATEST_MODEL = "latest.pt"
 def save_global_model(folder: Path, study_hash: str, round_key: str, state: dict[str, torch.Tensor]) -> Path:
     """Keep the global model the coordinator sent for evaluation: the latest one is what `twinfed site score`
     applies to this site's patients (the coordinator evaluates the study's model last)."""
-    path = folder / study_hash[:16] / LATEST_MODEL
+    import torch
+
+    path = global_model_file(folder, study_hash)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save({"study_hash": study_hash, "round": round_key, "state_dict": dict(state)}, temporary)
@@ -76,21 +86,30 @@ def save_global_model(folder: Path, study_hash: str, round_key: str, state: dict
     return path
 
 
+def global_model_file(folder: Path, study_hash: str) -> Path:
+    """Where the latest global model of a study is kept (it may not exist yet)."""
+    return folder / study_hash[:16] / LATEST_MODEL
+
+
 def load_global_model(folder: Path, study_hash: str) -> tuple[str, dict[str, torch.Tensor]] | None:
     """(round key, weights) of the latest global model kept for the study, or None."""
-    path = folder / study_hash[:16] / LATEST_MODEL
+    path = global_model_file(folder, study_hash)
     if not path.exists():
         return None
+    import torch
+
     data = torch.load(path, weights_only=True)
     return data["round"], data["state_dict"]
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
+def weights_digest(state: dict[str, torch.Tensor] | dict[str, np.ndarray]) -> str:
     """SHA-256 of a model's weights (names and float32 values, in name order): the same weights give the
-    same digest whatever file they came from. Reports name the model by it; the patient twin keys its kept
-    calibration by it."""
+    same digest whatever file they came from, as tensors or as numpy arrays. Reports name the model by it;
+    the patient twin keys its kept calibration and its numpy copy of the weights by it."""
     digest = hashlib.sha256()
     for name in sorted(state):
+        value = state[name]
+        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
         digest.update(name.encode())
-        digest.update(state[name].detach().cpu().numpy().astype("<f4").tobytes())
+        digest.update(array.astype("<f4").tobytes())
     return digest.hexdigest()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from site_node.cohort.build import build_dataset
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
 from site_node.patient_twin import PatientTwin, ScenarioError, TwinQueryError, TwinSite, load_scenarios
-from site_node.patient_twin.calibration import calibration_file
+from site_node.patient_twin.calibration import calibration_file, weights_file
 from site_node.patient_twin.scenario import Scenario, apply
 from site_node.training import train_plain
 from site_node.training.objectives import objective_of
@@ -211,8 +213,20 @@ def test_the_sites_calibration_is_kept_and_recomputed_when_the_model_or_who_is_w
     patient = int(first.rows.person_ids[0])
     again.load([patient])
     row = int(np.flatnonzero(first.rows.person_ids == patient)[0])
-    x = torch.from_numpy(again.rows.features[:1])
-    assert row >= 0 and torch.equal(again.model(x), first.model(torch.from_numpy(first.rows.features[row : row + 1])))
+    before = first.model(first.rows.features[row : row + 1])
+    assert row >= 0 and np.array_equal(again.model(again.rows.features[:1]), before)
+    # ... through the numpy copy of the weights kept beside the offsets (a cold query reads no torch file)
+    copy = weights_file(kept)
+    assert copy.exists() and oct(copy.stat().st_mode & 0o777) == "0o600"
+    # the same weights in a new file: the offsets are kept, only the file they are known by changes
+    torch.save(torch.load(twin_site["model"], weights_only=True), tmp_path / "resaved.pt")
+    resaved = PatientTwin.open(TwinSite.of(config), spec, model_file=tmp_path / "resaved.pt")
+    assert resaved.calibration.computed_at == first.calibration.computed_at and len(resaved.rows.person_ids) == 0
+    assert resaved.calibration.model_file_sha256 != first.calibration.model_file_sha256
+    # a copy that is not the calibrated weights is not used: the weights are read from the model file again
+    np.savez(copy, **{name: np.zeros_like(value) for name, value in np.load(copy).items()})
+    mended = PatientTwin.open(TwinSite.of(config), spec, model_file=tmp_path / "resaved.pt")
+    assert np.array_equal(mended.model.weights["net.event_head.weight"], first.model.weights["net.event_head.weight"])
 
     # a withdrawal: the offsets are computed again without that patient's data
     governance = TwinSite.of(config).governance
@@ -226,6 +240,33 @@ def test_the_sites_calibration_is_kept_and_recomputed_when_the_model_or_who_is_w
     other = PatientTwin.open(TwinSite.of(config), spec, model_file=tmp_path / "other.pt")
     assert other.calibration.weights_sha256 != withdrawn.calibration.weights_sha256
     assert other.calibration.computed_at > withdrawn.calibration.computed_at
+
+
+
+def test_a_cold_query_imports_neither_torch_nor_flower(twin_site, medium_consortium, tmp_path):
+    """A clinician's question is answered in seconds only when the twin runs on its numpy copy of the weights:
+    once the site's calibration is current, `twinfed twin patient` must not import torch, Opacus or Flower."""
+    node = SiteNode(load_site_config(twin_site["site"]))
+    twin = PatientTwin.open(node, twin_site["spec"], model_file=twin_site["model"])  # the calibration is current
+    hospital_id = next(h for h in _hospital_ids(medium_consortium) if twin.resolvable([h]) and _in_cohort(twin, h))
+    argv = ["twin", "patient", "-s", str(twin_site["site"]), "--study", str(twin_site["study"]),
+            "--model", str(twin_site["model"]), "--person", hospital_id, "--out", str(tmp_path)]  # fmt: skip
+    script = "\n".join([
+        "import sys", "from twinfed.cli import main", "try:", f"    main({argv!r})", "except SystemExit as exit:",
+        "    code = exit.code",
+        "print('LOADED', sorted(m for m in ('torch', 'opacus', 'flwr') if m in sys.modules), code)",
+    ])  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "LOADED [] 0", done.stdout + done.stderr
+    assert list(tmp_path.glob("*.png")) and list(tmp_path.glob("*.json"))
+
+
+def _in_cohort(twin: PatientTwin, hospital_id: str) -> bool:
+    try:
+        twin.answer(hospital_id, [])
+    except TwinQueryError:
+        return False
+    return True
 
 
 FUROSEMIDE_STARTED = Scenario.model_validate({"name": "furosemide-started", "changes": [

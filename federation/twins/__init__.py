@@ -2,35 +2,42 @@
 same kind from `kind_of`, which builds the same architecture (so weights can be averaged), trains with its
 loss, releases and pools its evaluation, and writes its part of the model card (federation.twins.kind).
 
-A new kind is a new module here that subclasses `TwinKind`, registers itself, and is imported below; its
-spec goes into federation.contract.twin_specs. tests/test_twin_kinds.py runs every registered kind through a
-DP round, an evaluation, pooling and a model card.
+A new kind is a new module here that subclasses `TwinKind`, registers itself, and is listed in
+registry.KIND_MODULES; its spec goes into federation.contract.twin_specs. tests/test_twin_kinds.py runs every
+registered kind through a DP round, an evaluation, pooling and a model card.
+
+The names are loaded on first use (PEP 562), and the kinds when the registry is first asked: what needs
+only a torch-free part of a kind (trajectory_rows, for the cohort build and a cold patient-twin query)
+imports it without paying for torch and Flower.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-from federation.twins import risk, survival, trajectory  # noqa: F401 (each registers its kinds)
-from federation.twins.kind import ExactEvaluation, TwinKind
-from federation.twins.registry import KINDS, kind_of
+if TYPE_CHECKING:
+    from federation.twins.kind import ExactEvaluation, TwinKind
+    from federation.twins.models import build_model, parameter_count
+    from federation.twins.registry import KINDS, kind_of
+
+_WHERE = {
+    "KINDS": "registry",
+    "kind_of": "registry",
+    "ExactEvaluation": "kind",
+    "TwinKind": "kind",
+    "build_model": "models",
+    "parameter_count": "models",
+}
 
 __all__ = ["KINDS", "ExactEvaluation", "TwinKind", "build_model", "kind_of", "parameter_count"]
 
 
-def build_model(spec, n_features: int, seed: int = 0) -> nn.Module:
-    """The study's model for `n_features` inputs, initialised from `seed` (the same weights everywhere)."""
-    if n_features < 1:
-        raise ValueError("a model needs at least one input feature")
-    kind = kind_of(spec)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return kind.build(spec, n_features)
-    finally:
-        torch.random.set_rng_state(generator_state)
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name == "KINDS":
+        from federation.twins.registry import load_kinds
 
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+        load_kinds()
+    return getattr(import_module(f"federation.twins.{_WHERE[name]}"), name)

@@ -2,8 +2,8 @@
 
 A study names `model: {kind: trajectory, signals: [...], treatments: [...], ...}` (TrajectorySpec). At a
 site, the cohort builder cuts each patient's series into decision-time windows (site_node.cohort
-.trajectories) and this kind packs them into one row per patient (`pack`), values scaled by each signal's
-normal range (so the scale is the study's, never a site's): the trainer's Poisson sampling, clipping and
+.trajectories) and trajectory_rows packs them into one row per patient, values scaled by each signal's normal
+range (so the scale is the study's, never a site's): the trainer's Poisson sampling, clipping and
 accounting then see patients, and the per-patient engine clips everything one patient's windows contribute
 together (site_node.training.engines). The network is trajectory_model.TrajectoryNet; the loss its
 pinball loss over the quantiles, weighted by inverse-propensity weights, plus the event's cross-entropy
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -39,7 +38,8 @@ from federation.twins.pooling import REPLICATES, Estimate, feasible, interval
 from federation.twins.registry import register
 from federation.twins.risk import RiskKind
 from federation.twins.risk_pooling import PooledEvaluation
-from federation.twins.trajectory_model import TrajectoryExamples, TrajectoryLayout, examples_loss
+from federation.twins.trajectory_model import TrajectoryExamples, examples_loss
+from federation.twins.trajectory_rows import TrajectoryLayout
 
 # Per-patient forecast histograms: the share of values inside an interval in bins of 0.05, and the mean
 # absolute error in normal-range units over these edges (the last bin open); each with a last cell for a
@@ -53,16 +53,6 @@ FORECAST_METRICS = {
 }
 
 
-class SeriesWindows(Protocol):
-    """What `pack` reads of a cohort's windows (site_node.cohort.trajectories.Trajectories)."""
-
-    valid: np.ndarray
-    history: np.ndarray
-    future: np.ndarray
-    future_mask: np.ndarray
-    controls: np.ndarray
-
-
 class PooledTrajectoryEvaluation(PooledEvaluation):
     """The event part pooled as a risk model's, and the forecast part."""
 
@@ -74,24 +64,6 @@ class PooledTrajectoryEvaluation(PooledEvaluation):
 def _layout(spec: TrajectorySpec) -> TrajectoryLayout:
     """The layout of outputs and targets (they do not depend on the static covariates)."""
     return TrajectoryLayout.of(spec, 0)
-
-
-def scale_signals(spec: TrajectorySpec, values: np.ndarray, observed: np.ndarray) -> np.ndarray:
-    """(..., S) values in each signal's transformed unit -> normal-range units (0 where not observed)."""
-    centre, half = (np.array(v) for v in zip(*(s.centre_and_half_width() for s in spec.signals), strict=True))
-    return np.where(observed > 0, (values - centre) / half, 0.0)
-
-
-def unscale_signals(spec: TrajectorySpec, scaled: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Normal-range units back to each signal's own unit (undoing the log for a log signal); the signals lie
-    along `axis`."""
-    shape = [1] * scaled.ndim
-    shape[axis] = len(spec.signals)
-    centre, half = (np.array(v).reshape(shape) for v in zip(*(s.centre_and_half_width() for s in spec.signals),
-                                                            strict=True))  # fmt: skip
-    value = scaled * half + centre
-    logs = np.array([s.transform == "log" for s in spec.signals]).reshape(shape)
-    return np.where(logs, np.exp(value), value)
 
 
 def forecast_scores(spec: TrajectorySpec, outputs: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
@@ -176,25 +148,6 @@ class TrajectoryKind(RiskKind):
             "the trajectory kind learns from each patient's series after every decision time, which the cohort "
             "builder cuts from the OMOP database (StudyDataset.targets), not from a label alone"
         )
-
-    def pack(
-        self, spec: TrajectorySpec, statics: np.ndarray, windows: SeriesWindows, labels: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One row of inputs and one of targets per patient: every window, values in normal-range units, doses
-        in typical doses; the study's outcome is each window's event."""
-        layout = TrajectoryLayout.of(spec, statics.shape[1])
-        history = np.array(windows.history, dtype=np.float64)
-        history[..., 0] = scale_signals(spec, history[..., 0], history[..., 1])
-        future = scale_signals(spec, windows.future, windows.future_mask)
-        doses = np.array([t.typical_dose if t.dose else 1.0 for t in spec.treatments])
-        controls = np.asarray(windows.controls, dtype=np.float64) / (doses if len(doses) else 1.0)
-        valid = np.asarray(windows.valid, dtype=np.float64)
-        n, w = valid.shape
-        event = np.repeat(np.asarray(labels, dtype=np.float64)[:, None], w, axis=1)
-        treated = (controls[:, :, spec.history_steps, :] > 0).astype(np.float64)
-        inputs = layout.pack_inputs(statics, history, controls)
-        targets = layout.pack_targets(future, windows.future_mask, event, valid, np.ones((n, w)), treated)
-        return inputs, targets
 
     def loss(self, spec: TrajectorySpec, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return examples_loss(_layout(spec), list(spec.quantiles), outputs, targets, adjustment=spec.adjustment)

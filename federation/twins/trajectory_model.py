@@ -20,14 +20,12 @@ over that patient's used decision times, so a patient with many windows counts o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional
 
 from federation.contract.twin_specs import TrajectorySpec
+from federation.twins.trajectory_rows import TrajectoryLayout
 
 
 class GRU(nn.Module):
@@ -156,103 +154,6 @@ def patient_loss(
     risk = functional.binary_cross_entropy_with_logits(logit, event, reduction="none")
     window = (forecast + event_weight * risk) * weights * valid
     return window.sum(dim=-1) / (weights * valid).sum(dim=-1).clamp(min=1e-6)
-
-
-@dataclass(frozen=True)
-class TrajectoryLayout:
-    """How one patient's windows lie in one flat row, so that a row is a patient (the privacy unit) for the
-    trainer. Inputs: the static covariates, then per window the history (H, S, 3) and the treatments of
-    history and horizon (H + F, R). Targets: per window the future values and their observed mask (F, S
-    each); per window the event, whether the window is used, and its weight; per window whether each
-    treatment was given in the first step ahead (R). Outputs: per window the quantiles (F, S, Q); per window
-    the event's logit; per window the treatments' propensity logits (R); the treatments' base-rate logits (R)."""
-
-    statics: int
-    windows: int
-    history: int
-    horizon: int
-    signals: int
-    treatments: int
-    quantiles: int
-
-    @classmethod
-    def of(cls, spec: TrajectorySpec, statics: int) -> TrajectoryLayout:
-        return cls(statics, spec.windows_per_patient, spec.history_steps, spec.horizon_steps, len(spec.signals),
-                   len(spec.treatments), len(spec.quantiles))  # fmt: skip
-
-    @property
-    def _window_inputs(self) -> tuple[int, int]:
-        return self.history * self.signals * 3, (self.history + self.horizon) * self.treatments
-
-    @property
-    def input_width(self) -> int:
-        return self.statics + self.windows * sum(self._window_inputs)
-
-    @property
-    def target_width(self) -> int:
-        return self.windows * (2 * self.horizon * self.signals + 3 + self.treatments)
-
-    @property
-    def output_width(self) -> int:
-        return self.windows * (self.horizon * self.signals * self.quantiles + 1 + self.treatments) + self.treatments
-
-    def pack_inputs(self, statics: np.ndarray, history: np.ndarray, controls: np.ndarray) -> np.ndarray:
-        """(n, statics), (n, W, H, S, 3), (n, W, H + F, R) -> (n, input_width) float32."""
-        n = len(statics)  # the widths are spelled out: with no patient (n = 0) numpy cannot infer them
-        history_width, control_width = self._window_inputs
-        per_window = np.concatenate([history.reshape(n, self.windows, history_width),
-                                     controls.reshape(n, self.windows, control_width)], axis=2)  # fmt: skip
-        return np.concatenate([statics.reshape(n, self.statics),
-                               per_window.reshape(n, self.windows * (history_width + control_width))],
-                              axis=1).astype(np.float32)  # fmt: skip
-
-    def unpack_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(P, input_width) -> statics (P, d), history (P, W, H, S, 3), controls (P, W, H + F, R)."""
-        p = x.shape[0]
-        history_width, control_width = self._window_inputs
-        statics = x[:, : self.statics]
-        windows = x[:, self.statics :].reshape(p, self.windows, history_width + control_width)
-        history = windows[..., :history_width].reshape(p, self.windows, self.history, self.signals, 3)
-        controls = windows[..., history_width:].reshape(p, self.windows, self.history + self.horizon, self.treatments)
-        return statics, history, controls
-
-    def pack_targets(
-        self,
-        future: np.ndarray,
-        mask: np.ndarray,
-        event: np.ndarray,
-        valid: np.ndarray,
-        weights: np.ndarray,
-        treated: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """(n, W, F, S) x 2, (n, W) x 3 and (n, W, R) -> (n, target_width) float32."""
-        n = len(future)
-        if treated is None:
-            treated = np.zeros((n, self.windows, self.treatments))
-        w, values = self.windows, self.horizon * self.signals  # spelled out: with n = 0 numpy cannot infer them
-        both = np.concatenate([future.reshape(n, w, values), mask.reshape(n, w, values)], axis=2)
-        flags = np.stack([event, valid, weights], axis=2)
-        treated = np.asarray(treated).reshape(n, w * self.treatments)
-        parts = [both.reshape(n, w * 2 * values), flags.reshape(n, w * 3), treated]
-        return np.concatenate(parts, axis=1).astype(np.float32)
-
-    def unpack_targets(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(P, target_width) -> future, mask (P, W, F, S); event, valid, weights (P, W); treated (P, W, R)."""
-        p, values = y.shape[0], self.horizon * self.signals
-        first, second = self.windows * 2 * values, self.windows * (2 * values + 3)
-        head = y[:, :first].reshape(p, self.windows, 2, self.horizon, self.signals)
-        flags = y[:, first:second].reshape(p, self.windows, 3)
-        treated = y[:, second:].reshape(p, self.windows, self.treatments)
-        return head[:, :, 0], head[:, :, 1], flags[..., 0], flags[..., 1], flags[..., 2], treated
-
-    def unpack_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(P, output_width) -> quantiles (P, W, F, S, Q), logit (P, W), propensity (P, W, R), base rate (P, R)."""
-        p, w, r = out.shape[0], self.windows, self.treatments
-        forecast = w * self.horizon * self.signals * self.quantiles
-        quantiles = out[:, :forecast].reshape(p, w, self.horizon, self.signals, self.quantiles)
-        logit = out[:, forecast : forecast + w]
-        propensity = out[:, forecast + w : forecast + w + w * r].reshape(p, w, r)
-        return quantiles, logit, propensity, out[:, forecast + w + w * r :]
 
 
 class TrajectoryExamples(nn.Module):

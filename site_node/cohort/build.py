@@ -9,7 +9,7 @@ import numpy as np
 
 from federation.contract.spec import IndexEvent, StudySpec
 from federation.contract.twin_specs import TrajectorySpec
-from federation.twins import kind_of
+from federation.twins.trajectory_rows import pack as pack_trajectories
 from site_node.cohort.attrition import CONSENT
 from site_node.cohort.consent import denying_person_ids
 from site_node.cohort.dataset import CALIBRATION, StudyDataset, snapshot_hash
@@ -104,7 +104,7 @@ def build_dataset(
         if isinstance(spec.model, TrajectorySpec):  # the patient twin: every window of each patient, packed
             windows = build_trajectories(source, examples, spec.model, spec.outcome.prediction_hours,
                                          visit_level=spec.cohort.visit_level)  # fmt: skip
-            features, targets = kind_of(spec.model).pack(spec.model, features, windows, labels)
+            features, targets = pack_trajectories(spec.model, features, windows, labels)
     person_ids = examples["person_id"].to_numpy(dtype=np.int64)
     if not np.isfinite(features).all():
         raise CohortError("a feature came out as NaN or infinite; the database holds a value the scaling cannot take")

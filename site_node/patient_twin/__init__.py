@@ -12,12 +12,13 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from site_node.patient_twin.query import PatientTwin, TwinAnswer, TwinQueryError, TwinSite, resolve_person
+    from site_node.patient_twin.answer import TwinAnswer
+    from site_node.patient_twin.query import PatientTwin, TwinQueryError, TwinSite, resolve_person
     from site_node.patient_twin.scenario import Scenario, ScenarioError, load_scenarios
 
 _WHERE = {
     "PatientTwin": "query",
-    "TwinAnswer": "query",
+    "TwinAnswer": "answer",
     "TwinQueryError": "query",
     "TwinSite": "query",
     "resolve_person": "query",

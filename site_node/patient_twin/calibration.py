@@ -9,6 +9,10 @@ computed from, so the first query after a new model computes them and saves them
 leave it); every later query reads them back while they are provably current:
 
 * the same study (hash) and model weights (site_node.releases.weights_digest);
+* the same model file, by the SHA-256 of its bytes: a cold query then reads the weights from a numpy copy
+  kept beside the offsets (<study hash>.weights.npz, 0600, checked against the weights' digest) and
+  answers through federation.twins.trajectory_inference, never importing torch; a new file whose weights
+  are the same keeps the offsets and only refreshes the copy;
 * the same data: the cohort key of site_node.cohort.cache (database, split key, the OMOP database's
   state, and who is withheld by consent or a withdrawal, re-read at every query). A consent withdrawal
   or a new load therefore recomputes the offsets without that patient's data;
@@ -27,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from site_node.releases import weights_digest
+
 UNREADABLE_STATE_MAX_AGE = dt.timedelta(days=1)
 
 
@@ -37,14 +43,22 @@ class SiteCalibration(BaseModel):
 
     study_hash: str
     weights_sha256: str
+    model_file_sha256: str  # the bytes of the file the weights were read from
+    model_round: str | None  # the round of a kept global model (None: a model file given by hand)
     data_key: str  # CohortKey.digest of the data the offsets came from
     data_state_readable: bool  # False: the OMOP state could not be read; reused for a day only
     calibration_patients: int
     offsets: list[list[list[float]]] | None  # (intervals, steps ahead, signals); None: no calibration patients
     computed_at: dt.datetime
 
-    def current(self, study_hash: str, weights_sha256: str, data_key: str, now: dt.datetime) -> bool:
-        if (self.study_hash, self.weights_sha256, self.data_key) != (study_hash, weights_sha256, data_key):
+    def current(self, study_hash: str, weights_sha256: str | None, data_key: str, now: dt.datetime,
+                model_file_sha256: str | None = None) -> bool:  # fmt: skip
+        """Whether these offsets hold for this study, data, and either these weights or this model file."""
+        if (self.study_hash, self.data_key) != (study_hash, data_key):
+            return False
+        if weights_sha256 is not None and weights_sha256 != self.weights_sha256:
+            return False
+        if model_file_sha256 is not None and model_file_sha256 != self.model_file_sha256:
             return False
         return self.data_state_readable or now - self.computed_at < UNREADABLE_STATE_MAX_AGE
 
@@ -54,6 +68,11 @@ class SiteCalibration(BaseModel):
 
 def calibration_file(base_dir: Path, study_hash: str) -> Path:
     return base_dir / "twins" / "calibration" / f"{study_hash[:32]}.json"
+
+
+def weights_file(calibration: Path) -> Path:
+    """The numpy copy of the calibrated weights, beside the calibration."""
+    return calibration.with_suffix(".weights.npz")
 
 
 def load_calibration(path: Path) -> SiteCalibration | None:
@@ -71,3 +90,24 @@ def save_calibration(path: Path, calibration: SiteCalibration) -> None:
     temporary.write_text(calibration.model_dump_json(), encoding="utf-8")
     temporary.chmod(0o600)
     temporary.replace(path)
+
+
+def save_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
+    """The numpy copy of a model's weights (float32, as trained), written whole, readable by the site only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with temporary.open("wb") as handle:
+        np.savez(handle, **{name: np.asarray(value, dtype=np.float32) for name, value in weights.items()})
+    temporary.chmod(0o600)
+    temporary.replace(path)
+
+
+def load_weights(path: Path, weights_sha256: str) -> dict[str, np.ndarray] | None:
+    """The kept numpy weights when they are exactly the calibrated ones (their digest), else None (they are
+    then read from the model file again)."""
+    try:
+        with np.load(path, allow_pickle=False) as kept:
+            weights = {name: kept[name] for name in kept.files}
+    except (OSError, ValueError):
+        return None
+    return weights if weights_digest(weights) == weights_sha256 else None

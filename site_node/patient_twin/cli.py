@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -57,10 +56,19 @@ def patient(
     map and shown back only as a keyed hash. Every query is an audit entry (who, study, keyed patient,
     when). Writes <key>.json and <key>.png per patient (0600) or, with --batch, one JSON line per patient.
     """
+    from site_node.patient_twin.report import Plotter
+
+    with Plotter(start=batch is None) as plotter:  # matplotlib is imported beside everything below
+        _patient(plotter, site_config, study, person, batch, at, scenario, out, model, by)
+
+
+def _patient(plotter, site_config: Path, study: Path, person: list[str] | None, batch: Path | None,
+             at: dt.datetime | None, scenario: Path | None, out: Path | None, model: Path | None, by: str
+             ) -> None:  # fmt: skip
     from site_node.config import SiteConfigError, load_site_config
     from site_node.governance import PolicyError
     from site_node.patient_twin import PatientTwin, ScenarioError, TwinQueryError, TwinSite, load_scenarios
-    from site_node.patient_twin.report import plot, summary, tables
+    from site_node.patient_twin.report import summary, tables
 
     try:  # the site without its training machinery: a cold query does not import Opacus or Flower's client
         node = TwinSite.of(load_site_config(site_config))
@@ -79,33 +87,29 @@ def patient(
         raise _fail(str(exc), 1) from None
     folder = out or node.config.base_dir / "twins" / spec.study.id
     folder.mkdir(parents=True, exist_ok=True)
-    lines, failed = [], 0
     if batch is not None:  # every patient's row in one pass over the database
-        twin.load(twin.resolvable(ids))
+        _answer_batch(twin, ids, scenarios, at, by or _user(), folder / f"{batch.stem}.jsonl")
+        return
     for hospital_id in ids:
         try:
             answer = twin.answer(hospital_id, scenarios, at=at, by=by or _user())
         except TwinQueryError as exc:
-            failed += 1
-            if batch is None:
-                raise _fail(str(exc), 1) from None
-            lines.append(json.dumps({"error": str(exc), "line": ids.index(hospital_id) + 1}))
-            continue
-        if batch is not None:
-            lines.append(answer.model_dump_json())
-            continue
+            raise _fail(str(exc), 1) from None
+        key = answer.person_key[:16]
+        plotter.draw(answer, folder / f"{key}.png")  # drawn beside the tables
         console.print(summary(answer))
         for table in tables(answer):
             console.print(table)
-        key = answer.person_key[:16]
-        written = [_private(folder / f"{key}.json", answer.model_dump_json(indent=2))]
-        written.append(plot(answer, folder / f"{key}.png"))
+        written = [_private(folder / f"{key}.json", answer.model_dump_json(indent=2)), plotter.wait()]
         console.print("Wrote " + ", ".join(str(p) for p in written) + " (kept at this site).")
-    if batch is not None:
-        path = _private(folder / f"{batch.stem}.jsonl", "\n".join(lines) + "\n")
-        console.print(f"Answered {len(ids) - failed} of {len(ids)} patients x {1 + len(scenarios)} plans into {path}.")
-        if failed:
-            raise typer.Exit(1)
+
+
+def _answer_batch(twin, ids: list[str], scenarios, at: dt.datetime | None, by: str, path: Path) -> None:
+    lines, failed = twin.answer_lines(ids, scenarios, at=at, by=by)
+    _private(path, "\n".join(lines) + "\n")
+    console.print(f"Answered {len(ids) - failed} of {len(ids)} patients x {1 + len(scenarios)} plans into {path}.")
+    if failed:
+        raise typer.Exit(1)
 
 
 def _private(path: Path, text: str) -> Path:

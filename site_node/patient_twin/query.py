@@ -8,8 +8,10 @@ id (or MRN), resolved through the ETL's keyed id map and never shown back in cle
 row as a round would (cohort criteria, consent and withdrawals applied; only their events are read), and
 returns their recorded history, the twin's forecast, and the forecast under each scenario: many patients
 and scenarios per loaded twin (batch mode: `load` builds all their rows in one pass), each query one
-audit entry. It opens neither Opacus nor Flower: a cold query costs the imports of torch and the database
-driver, the cohort selection, and that patient's events.
+audit entry. It opens neither Opacus nor Flower, nor torch while the site's calibration is current: the
+answer comes from a numpy copy of the calibrated weights (federation.twins.trajectory_inference), so a cold
+query costs the database driver's import, the cohort selection, and that patient's events. Only the first
+query after a new model (or new data) imports torch, to read the weights and compute the calibration.
 
 The twin answers at the study's decision times (the prediction time, then every horizon while the patient
 is in hospital): `at` picks the latest of the patient's decision times at or before it (default: their
@@ -23,22 +25,21 @@ nothing patient-level leaves the site (the answer is for the clinician at the si
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Engine, MetaData, Table, select
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from federation.contract import StudySpec, study_hash
 from federation.contract.features import feature_names
 from federation.contract.twin_specs import INTERVALS, TrajectorySpec
-from federation.twins import build_model, kind_of
-from federation.twins.trajectory import ConformalTrajectory, unscale_signals
-from federation.twins.trajectory_model import TrajectoryLayout
+from federation.twins.trajectory_inference import TrajectoryForward
+from federation.twins.trajectory_rows import TrajectoryLayout, unscale_signals
 from omop_etl.database import open_engine
 from omop_etl.identity import SiteKeys, load_or_create_secret
 from site_node.cohort import CohortError, StudyDataset
@@ -47,14 +48,18 @@ from site_node.cohort.cache import cached_dataset, cohort_key
 from site_node.cohort.dataset import CALIBRATION
 from site_node.config import SiteConfig
 from site_node.governance import Governance, SitePolicy, load_policy
+from site_node.patient_twin.answer import ScenarioForecast, SignalForecast, TwinAnswer
 from site_node.patient_twin.calibration import (
     SiteCalibration,
     calibration_file,
     load_calibration,
+    load_weights,
     save_calibration,
+    save_weights,
+    weights_file,
 )
 from site_node.patient_twin.scenario import Scenario, apply
-from site_node.releases import load_global_model, weights_digest
+from site_node.releases import global_model_file, weights_digest
 
 if TYPE_CHECKING:
     from site_node.participation import SiteNode
@@ -62,49 +67,6 @@ if TYPE_CHECKING:
 
 class TwinQueryError(RuntimeError):
     """A twin query that cannot be answered; the message says why and what to do."""
-
-
-class SignalForecast(BaseModel):
-    """One signal: what was recorded in the history, and the forecast per step ahead (own unit)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    signal: str
-    unit: str
-    history_hours: list[float]  # hours relative to the decision time (negative: before it)
-    history: list[float | None]  # the step's mean value, None where not measured
-    last_measured_hours_ago: float | None  # None: not measured in the history
-    ahead_hours: list[float]  # the end of each step ahead
-    median: list[float]
-    interval_80: list[tuple[float, float]]
-    interval_95: list[tuple[float, float]]
-
-
-class ScenarioForecast(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    scenario: str
-    description: str
-    planned: dict[str, list[float]]  # per treatment, per step ahead, in its own unit (dose) or 0/1
-    signals: list[SignalForecast]
-    event_risk: float
-    median_change: dict[str, list[float]]  # scenario minus factual median, per signal and step ahead
-
-
-class TwinAnswer(BaseModel):
-    """What `twinfed twin patient` shows and writes (it stays at the site)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    study_id: str
-    study_hash: str
-    model_source: str
-    person_key: str  # a keyed hash of the hospital's id: the same patient, the same key; never the id
-    decision_time: dt.datetime
-    decision_hours_after_index: float
-    event: str
-    factual: ScenarioForecast
-    scenarios: list[ScenarioForecast]
 
 
 @dataclass
@@ -139,7 +101,7 @@ class PatientTwin:
     node: TwinSite | SiteNode
     spec: StudySpec
     digest: str
-    model: torch.nn.Module
+    model: TrajectoryForward | None  # set by `open`: the calibrated network, in numpy
     model_source: str
     layout: TrajectoryLayout
     keys: SiteKeys  # the site secret's keys, read once: every query resolves and keys a hospital id
@@ -152,8 +114,9 @@ class PatientTwin:
     @classmethod
     def open(cls, node: TwinSite | SiteNode, spec: StudySpec, model_file: Path | None = None) -> PatientTwin:
         """The study's model with this site's conformal calibration (read back from the site folder while it
-        is current, else computed from the calibration patients and kept: site_node.patient_twin.calibration).
-        Patients' rows are built when first asked for (`load`), one build for a whole batch."""
+        is current, with the numpy copy of the weights, else computed from the calibration patients and kept:
+        site_node.patient_twin.calibration). Patients' rows are built when first asked for (`load`), one
+        build for a whole batch."""
         if not isinstance(spec.model, TrajectorySpec):
             raise TwinQueryError(
                 f"study '{spec.study.id}' has model kind '{spec.model.kind}': a patient twin needs a 'trajectory' "
@@ -170,25 +133,27 @@ class PatientTwin:
                 f"the site policy does not allow twin queries for study '{spec.study.id}': the data steward lists "
                 "the study under `twin_query_studies` in the policy file to allow them."
             )
-        state, source = _weights(node, spec, digest, model_file)
-        features = feature_names(spec)
-        model = build_model(spec.model, len(features), seed=spec.training.seed)
+        path = model_file if model_file is not None else global_model_file(node.config.base_dir / "models", digest)
+        if model_file is None and not path.exists():
+            raise TwinQueryError(
+                f"this site holds no model of study '{spec.study.id}' yet (it keeps the global model the coordinator "
+                "sends it for evaluation); pass --model with the study's final-model.pt from its model card."
+            )
         try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise TwinQueryError(f"the model ({source}) does not fit study '{spec.study.id}': {exc}") from None
-        model.eval()
-        layout = TrajectoryLayout.of(spec.model, len(features))
+            file_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise TwinQueryError(f"{path}: cannot read the model weights: {exc}") from None
+        layout = TrajectoryLayout.of(spec.model, len(feature_names(spec)))
         secret, _ = load_or_create_secret(node.config.secret_file, create=False)
         withdrawn = node.governance.withdrawals.person_ids()
         empty = _Rows(np.zeros(0, np.int64), np.zeros((0, layout.input_width), np.float32), np.zeros(0),
                       np.zeros((0, layout.windows), bool))  # fmt: skip
-        twin = cls(node, spec, digest, model, source, layout, SiteKeys(secret), open_engine(node.config.omop.url),
+        twin = cls(node, spec, digest, None, str(path), layout, SiteKeys(secret), open_engine(node.config.omop.url),
                    withdrawn, empty)  # fmt: skip
-        twin.calibration = twin._calibrate(weights_digest(state))
-        offsets = twin.calibration.offsets_array()
-        if offsets is not None:
-            twin.model = ConformalTrajectory(model, offsets).eval()
+        twin.calibration, weights = twin._calibrated(path, file_sha256, by_hand=model_file is not None)
+        twin.model = TrajectoryForward(spec.model, layout.statics, weights, twin.calibration.offsets_array())
+        if model_file is None:
+            twin.model_source = f"global model of round {twin.calibration.model_round} (kept at this site)"
         return twin
 
     def load(self, person_ids: list[int]) -> None:
@@ -230,39 +195,73 @@ class PatientTwin:
     def _add(self, dataset: StudyDataset) -> None:
         """Append the rows of a build of patients not loaded yet (`load` asks only for those; the calibration
         builds the whole cohort into a twin that has none)."""
-        valid = self.layout.unpack_targets(torch.from_numpy(dataset.targets))[3].numpy() > 0
+        valid = self.layout.unpack_targets(dataset.targets)[3] > 0
         old = self.rows
         self.rows = _Rows(np.concatenate([old.person_ids, dataset.person_ids]),
                           np.concatenate([old.features, dataset.features]),
                           np.concatenate([old.index_s, dataset.index_s]),
                           np.concatenate([old.valid, valid]))  # fmt: skip
 
-    def _calibrate(self, weights_sha256: str) -> SiteCalibration:
-        """This site's conformal offsets for these weights and this data: kept ones while current, else
-        computed from the calibration patients (building the whole cohort once, whose rows are kept too)."""
+    def _calibrated(self, path: Path, file_sha256: str, *, by_hand: bool) -> tuple[SiteCalibration, dict]:
+        """This site's conformal offsets and the numpy weights they hold for: the kept ones while current for
+        this model file and this data (no torch), else read the file with torch and calibrate (`_calibrate`)."""
         config = self.node.config
         try:
             key = cohort_key(config.omop.url, self.digest, split_key=config.split_key(),
                              schema=config.omop.schema_name, withdrawn=self.withdrawn)  # fmt: skip
         except CohortError as exc:
             raise TwinQueryError(f"the cohort cannot be built at {config.site_id}: {exc}") from None
-        path = calibration_file(config.base_dir, self.digest)
+        kept_path = calibration_file(config.base_dir, self.digest)
+        kept = load_calibration(kept_path)
+        if kept is not None and kept.current(self.digest, None, key.digest, dt.datetime.now(dt.UTC), file_sha256):
+            weights = load_weights(weights_file(kept_path), kept.weights_sha256)
+            if weights is not None:
+                return kept, weights
+        return self._calibrate(path, file_sha256, by_hand, key, kept)
+
+    def _calibrate(self, path: Path, file_sha256: str, by_hand: bool, key, kept: SiteCalibration | None
+                   ) -> tuple[SiteCalibration, dict]:  # fmt: skip
+        """Read the model file (torch), and compute the offsets from the calibration patients (building the
+        whole cohort once, whose rows are kept too) unless the kept ones hold for these very weights; keep
+        both, with the numpy copy of the weights, for the queries to come."""
+        import torch
+
+        from federation.twins import build_model, kind_of
+        from federation.twins.trajectory import ConformalTrajectory
+
+        try:
+            data = torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise TwinQueryError(f"{path}: cannot read the model weights: {exc}") from None
+        state, model_round = (data, None) if by_hand else (data["state_dict"], data["round"])
+        model = build_model(self.spec.model, self.layout.statics, seed=self.spec.training.seed)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise TwinQueryError(f"the model ({self.model_source}) does not fit study '{self.spec.study.id}': {exc}"
+                                 ) from None  # fmt: skip
+        model.eval()
+        weights = {name: value.detach().cpu().numpy() for name, value in model.state_dict().items()}
+        weights_sha256 = weights_digest(state)
         now = dt.datetime.now(dt.UTC)
-        kept = load_calibration(path)
-        if kept is not None and kept.current(self.digest, weights_sha256, key.digest, now):
-            return kept
-        dataset = self._build(None)
-        self._add(dataset)
-        calibration = dataset.subset(CALIBRATION)
-        conformal = kind_of(self.spec.model).at_site(self.spec.model, self.model,
-                                                     (calibration.features, calibration.targets))  # fmt: skip
-        offsets = conformal.offsets.numpy().tolist() if isinstance(conformal, ConformalTrajectory) else None
-        fresh = SiteCalibration(study_hash=self.digest, weights_sha256=weights_sha256, data_key=key.digest,
-                                data_state_readable=key.omop_state is not None,
-                                calibration_patients=len(calibration.person_ids), offsets=offsets,
-                                computed_at=now)  # fmt: skip
-        save_calibration(path, fresh)
-        return fresh
+        if kept is not None and kept.current(self.digest, weights_sha256, key.digest, now):  # the same weights
+            fresh = kept.model_copy(update={"model_file_sha256": file_sha256, "model_round": model_round})
+        else:
+            dataset = self._build(None)
+            self._add(dataset)
+            calibration = dataset.subset(CALIBRATION)
+            conformal = kind_of(self.spec.model).at_site(self.spec.model, model,
+                                                         (calibration.features, calibration.targets))  # fmt: skip
+            offsets = conformal.offsets.numpy().tolist() if isinstance(conformal, ConformalTrajectory) else None
+            fresh = SiteCalibration(study_hash=self.digest, weights_sha256=weights_sha256,
+                                    model_file_sha256=file_sha256, model_round=model_round, data_key=key.digest,
+                                    data_state_readable=key.omop_state is not None,
+                                    calibration_patients=len(calibration.person_ids), offsets=offsets,
+                                    computed_at=now)  # fmt: skip
+        kept_path = calibration_file(self.node.config.base_dir, self.digest)
+        save_weights(weights_file(kept_path), weights)
+        save_calibration(kept_path, fresh)
+        return fresh, weights
 
     # --- one query ------------------------------------------------------------------------------------
 
@@ -284,17 +283,17 @@ class PatientTwin:
         spec: TrajectorySpec = self.spec.model  # type: ignore[assignment]
         decision_hours = self.spec.outcome.prediction_hours + window * spec.horizon_hours
         decision_time = dt.datetime.fromtimestamp(float(self.rows.index_s[row]) + decision_hours * 3600, dt.UTC)
-        statics, history, controls = self.layout.unpack_inputs(torch.from_numpy(self.rows.features[row : row + 1]))
+        statics, history, controls = self.layout.unpack_inputs(self.rows.features[row : row + 1])
         base_history, base_controls = history[:, window], controls[:, window]
         plans = [("factual", "the treatments recorded after the decision time (none when it is now)",
-                  base_controls[0, spec.history_steps :].numpy())]  # fmt: skip
+                  base_controls[0, spec.history_steps :])]  # fmt: skip
         plans += [(s.name, s.description, apply(s, spec, plans[0][2])) for s in scenarios]
-        batch = torch.cat([base_controls] * len(plans))
+        batch = np.concatenate([base_controls] * len(plans))
         for index, (_, _, planned) in enumerate(plans):
-            batch[index, spec.history_steps :] = torch.as_tensor(planned, dtype=batch.dtype)
+            batch[index, spec.history_steps :] = planned
         quantiles, risks = self._run(statics, base_history, batch)
         forecasts = [
-            self._forecast(name, words, planned, quantiles[i], risks[i], base_history[0].numpy())
+            self._forecast(name, words, planned, quantiles[i], risks[i], base_history[0])
             for i, (name, words, planned) in enumerate(plans)
         ]
         for forecast in forecasts:
@@ -326,19 +325,31 @@ class PatientTwin:
             scenarios=forecasts[1:],
         )
 
-    def _run(self, statics: torch.Tensor, history: torch.Tensor, controls: torch.Tensor):
-        """Quantiles (K, F, S, Q) and event risks (K,) of K plans of one window, through the site's model
-        (the conformal step included): the window is put in the first slot of a patient row."""
+    def answer_lines(self, hospital_ids: list[str], scenarios: list[Scenario], *, at: dt.datetime | None = None,
+                     by: str = "") -> tuple[list[str], int]:  # fmt: skip
+        """Batch mode: every patient under every plan, one JSON line each, their rows built in one pass; a
+        patient that cannot be answered gets a line with the error and their line number. Returns the lines
+        and how many failed."""
+        self.load(self.resolvable(hospital_ids))
+        lines, failed = [], 0
+        for number, hospital_id in enumerate(hospital_ids, start=1):
+            try:
+                lines.append(self.answer(hospital_id, scenarios, at=at, by=by).model_dump_json())
+            except TwinQueryError as exc:
+                failed += 1
+                lines.append(json.dumps({"error": str(exc), "line": number}))
+        return lines, failed
+
+    def _run(self, statics: np.ndarray, history: np.ndarray, controls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Quantiles (K, F, S, Q) and event risks (K,) of K plans of one window, through the site's calibrated
+        model: the window is put in the first slot of a patient row (the other slots empty)."""
         layout, k = self.layout, controls.shape[0]
-        rows_history = torch.zeros(k, layout.windows, *history.shape[1:])
-        rows_controls = torch.zeros(k, layout.windows, *controls.shape[1:])
+        rows_history = np.zeros((k, layout.windows, *history.shape[1:]))
+        rows_controls = np.zeros((k, layout.windows, *controls.shape[1:]))
         rows_history[:, 0], rows_controls[:, 0] = history, controls
-        x = torch.cat([statics.expand(k, -1), torch.cat([rows_history.reshape(k, layout.windows, -1),
-                                                         rows_controls.reshape(k, layout.windows, -1)], dim=2)
-                       .reshape(k, -1)], dim=1)  # fmt: skip
-        with torch.no_grad():
-            quantiles, logit, _, _ = layout.unpack_outputs(self.model(x))
-        return quantiles[:, 0].numpy(), torch.sigmoid(logit[:, 0]).numpy()
+        x = layout.pack_inputs(np.repeat(statics, k, axis=0), rows_history, rows_controls)
+        quantiles, logit, _, _ = layout.unpack_outputs(self.model(x))
+        return quantiles[:, 0], 0.5 * (1.0 + np.tanh(0.5 * logit[:, 0]))
 
     def _forecast(self, name: str, words: str, planned: np.ndarray, quantiles: np.ndarray, risk: float,
                   history: np.ndarray) -> ScenarioForecast:  # fmt: skip
@@ -428,19 +439,3 @@ def resolve_person(
     if len(ids) > 1:
         raise TwinQueryError("that id names more than one loaded patient (one's Patient id, another's MRN)")
     return ids[0]
-
-
-def _weights(node: TwinSite | SiteNode, spec: StudySpec, digest: str, model_file: Path | None) -> tuple[dict, str]:
-    if model_file is not None:
-        try:
-            return torch.load(model_file, weights_only=True), str(model_file)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise TwinQueryError(f"{model_file}: cannot read the model weights: {exc}") from None
-    kept = load_global_model(node.config.base_dir / "models", digest)
-    if kept is None:
-        raise TwinQueryError(
-            f"this site holds no model of study '{spec.study.id}' yet (it keeps the global model the coordinator sends "
-            "it for evaluation); pass --model with the study's final-model.pt from its model card."
-        )
-    return kept[1], f"global model of round {kept[0]} (kept at this site)"
-

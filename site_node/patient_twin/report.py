@@ -3,11 +3,15 @@ forecast median, 80% and 95% intervals, each scenario's median overlaid)."""
 
 from __future__ import annotations
 
+import multiprocessing
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from site_node.patient_twin.query import TwinAnswer
+if TYPE_CHECKING:
+    from site_node.patient_twin.answer import TwinAnswer
 
 
 def _value(value: float | None) -> str:
@@ -53,8 +57,11 @@ def summary(answer: TwinAnswer) -> str:
 
 
 def plot(answer: TwinAnswer, path: Path) -> Path:
-    """The twin's figure: one panel per signal. Drawn on a bare Figure (no pyplot, no GUI backend): pyplot's
-    import alone is a second of a cold query."""
+    """The twin's figure: one panel per signal. Drawn on a bare Figure (no pyplot, no GUI backend: pyplot's
+    import alone is a second of a cold query), with fixed margins and the title wrapped beforehand:
+    matplotlib's tight layout and wrapped text lay every label out again, a third of the drawing time."""
+    import textwrap
+
     from matplotlib.figure import Figure
 
     signals = answer.factual.signals
@@ -83,8 +90,74 @@ def plot(answer: TwinAnswer, path: Path) -> Path:
             axis.legend(fontsize=6)
     for index in range(len(signals), rows * columns):
         axes[index // columns][index % columns].axis("off")
-    figure.suptitle(summary(answer), fontsize=7, wrap=True)
-    figure.tight_layout()
+    figure.suptitle(textwrap.fill(summary(answer), width=int(34 * columns)), fontsize=7)
+    title = 0.42 / figure.get_figheight()  # inches of the title's three lines, as a share of the figure
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.6 / figure.get_figheight(), top=1.0 - title - 0.1 / rows,
+                           wspace=0.28, hspace=0.55)  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
+    path.chmod(0o600)  # a patient's figure: readable by the site's account only, like the answer itself
     return path
+
+
+class Plotter:
+    """Draws the twin's figures in a second process, started first: the process imports matplotlib (half a
+    second) while this one imports the rest and reads the patient's events, and draws while this one prints
+    the tables, so a cold query on two cores does not wait for both one after the other. Where a process
+    cannot be forked (not Linux), the figures are drawn here, in turn.
+
+    Use as a context manager; `draw` hands over an answer, `wait` returns its figure's path once written.
+    `start=False` (batch mode, which draws nothing) forks nothing."""
+
+    def __init__(self, start: bool = True) -> None:
+        self._pending: list[Path] = []
+        self._connection: Connection | None = None
+        self._process = None
+        if start and "fork" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("fork")
+            self._connection, child = context.Pipe()
+            self._process = context.Process(target=_draw_answers, args=(child,), daemon=True)
+            self._process.start()
+            child.close()
+
+    def __enter__(self) -> Plotter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process is not None and self._connection is not None:
+            self._connection.send(None)
+            self._process.join(timeout=30)
+            self._connection.close()
+
+    def draw(self, answer: TwinAnswer, path: Path) -> None:
+        if self._connection is None:
+            plot(answer, path)
+        else:
+            self._connection.send((answer.model_dump_json(), str(path)))
+        self._pending.append(path)
+
+    def wait(self) -> Path:
+        """The path of the oldest figure handed over, once written; a drawing that failed raises here."""
+        path = self._pending.pop(0)
+        if self._connection is not None:
+            failure = self._connection.recv()
+            if failure:
+                raise RuntimeError(f"the twin's figure {path} could not be drawn: {failure}")
+        return path
+
+
+def _draw_answers(connection: Connection) -> None:
+    """The plotting process: matplotlib and the answer's model first, then every answer it is handed, until
+    told to stop."""
+    import matplotlib.figure  # noqa: F401 (imported while the parent answers)
+
+    from site_node.patient_twin.answer import TwinAnswer
+
+    while (job := connection.recv()) is not None:
+        text, where = job
+        try:
+            plot(TwinAnswer.model_validate_json(text), Path(where))
+        except Exception as exc:
+            connection.send(f"{exc.__class__.__name__}: {exc}")
+        else:
+            connection.send("")

@@ -169,19 +169,22 @@ def _true_effect(spec, stay: dict, scenario: str) -> np.ndarray:
     return out
 
 
-def _predicted(spec, twin, asked) -> dict[str, list[np.ndarray]]:
-    """{scenario: [(F, S) predicted effect per asked stay]} through PatientTwin.answer."""
+def _predicted(spec, twin, asked) -> tuple[dict[str, list[np.ndarray]], dict[str, list[bool]]]:
+    """{scenario: [(F, S) predicted effect per asked stay]} through PatientTwin.answer, and {scenario: [whether
+    the twin flagged the plan as outside the hospitals' practice]}."""
     from site_node.patient_twin import Scenario
 
     scenarios = [Scenario.model_validate(SCENARIOS[name]) for name in SCENARIOS]
     halves = np.array([(s.normal_range[1] - s.normal_range[0]) / 2 for s in spec.model.signals])
     out: dict[str, list[np.ndarray]] = {name: [] for name in SCENARIOS}
+    flagged: dict[str, list[bool]] = {name: [] for name in SCENARIOS}
     for hospital_id, decision, _ in asked:
         answer = twin.answer(hospital_id, scenarios, at=decision + dt.timedelta(minutes=1), by="benchmark")
         for name, forecast in zip(SCENARIOS, answer.scenarios, strict=True):
             change = np.array([forecast.median_change[s.name] for s in spec.model.signals]).T  # (F, S)
             out[name].append(change / halves)
-    return out
+            flagged[name].append(bool(forecast.outside_practice))
+    return out, flagged
 
 
 def _train_all(specs, sites) -> dict[str, dict]:
@@ -233,17 +236,20 @@ def main(write: bool = True) -> None:
     print({n: len(a) for n, a in asked.items()}, "stays asked", flush=True)
     truth = {name: [_true_effect(specs[0], stay, name) for n in sites for _, _, stay in asked[n]] for name in SCENARIOS}
     models = _train_all(specs, sites)
-    predicted = {}
+    predicted, flagged = {}, {}
     for key, state in models.items():
         spec = specs[0] if key.startswith("IPW") else specs[1]
         path = OUTPUT / f"{key.replace(', ', '-').replace(' ', '')}.pt"
         torch.save(state, path)
         per_scenario: dict[str, list[np.ndarray]] = {name: [] for name in SCENARIOS}
+        per_flag: dict[str, list[bool]] = {name: [] for name in SCENARIOS}
         for n in sites:
             twin = PatientTwin.open(TwinSite.of(load_site_config(site_files[n])), spec, model_file=path)
-            for name, values in _predicted(spec, twin, asked[n]).items():
-                per_scenario[name] += values
-        predicted[key] = per_scenario
+            values, flags = _predicted(spec, twin, asked[n])
+            for name in SCENARIOS:
+                per_scenario[name] += values[name]
+                per_flag[name] += flags[name]
+        predicted[key], flagged[key] = per_scenario, per_flag
         print(key, "asked", flush=True)
     first_site = next(iter(sites))
     spec_file = OUTPUT / "study.yaml"
@@ -252,7 +258,7 @@ def main(write: bool = True) -> None:
     scenario_file.write_text(yaml.safe_dump({"scenarios": list(SCENARIOS.values())}), encoding="utf-8")
     test_ids = _test_ids(sites[first_site], site_files[first_site])
     times = _query_times(spec_file, site_files[first_site], OUTPUT / "IPW-epsilon3.pt", test_ids, scenario_file)
-    body = _report(specs[0], truth, predicted, times, {n: len(a) for n, a in asked.items()}, began)
+    body = _report(specs[0], truth, predicted, flagged, times, {n: len(a) for n, a in asked.items()}, began)
     print(body)
     if write:
         write_section("twin-whatif", body)
@@ -280,7 +286,7 @@ def _test_ids(site: dict, site_file: Path) -> list[str]:
     return ids
 
 
-def _report(spec, truth: dict, predicted: dict, times: dict, asked: dict, began: float) -> str:
+def _report(spec, truth: dict, predicted: dict, flagged: dict, times: dict, asked: dict, began: float) -> str:
     signals = [s.name for s in spec.model.signals]
     header = "| scenario | signal | affected | true effect | " + " | ".join(
         f"{k}: effect, error, sign right" for k in predicted) + " |"  # fmt: skip
@@ -306,6 +312,7 @@ def _report(spec, truth: dict, predicted: dict, times: dict, asked: dict, began:
             rows.append(f"| {name} | {signal} | {int(affected.sum())} | {mean_true[affected, s].mean():+.3f} | "
                         + " | ".join(cells) + " |")  # fmt: skip
     rates = {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in overall.items()}
+    supported = _supported(spec, truth, predicted, flagged)
     _plot(spec, truth, predicted)
     cold = times["cold"]
     rate = times["batch_patients"] * len(SCENARIOS) / times["batch"]
@@ -322,7 +329,8 @@ def _report(spec, truth: dict, predicted: dict, times: dict, asked: dict, began:
         + "\n".join(rows)
         + "\n\nSign right over every affected patient and signal (target >= 90%): "
         + ", ".join(f"{k} {v:.0%}" for k, v in rates.items())
-        + ".\n\n![predicted against true effect](img/patient-twin-whatif.png)\n\n"
+        + ".\n\n" + supported
+        + "\n\n![predicted against true effect](img/patient-twin-whatif.png)\n\n"
         "**Query times** (`twinfed twin patient`, each a fresh process, imports included; IPW model at epsilon 3, "
         f"first hospital): the first query after a new model {times['first']:.1f} s (it computes and keeps the "
         f"site's conformal calibration); then a cold single query with a scenario file of 3 scenarios, median "
@@ -331,6 +339,34 @@ def _report(spec, truth: dict, predicted: dict, times: dict, asked: dict, began:
         f"{times['batch']:.1f} s, start-up included: {rate:.0f} patient-scenarios per second (target >= 50). "
         f"Total {time.perf_counter() - began:.0f} s. Reproduce: `.venv/bin/python -m benchmarks.bench_twin_whatif`."
     )
+
+
+def _supported(spec, truth: dict, predicted: dict, flagged: dict) -> str:
+    """How often the twin flags each scenario as outside the hospitals' practice, and the sign right over the
+    affected patients and signals it does not flag (the answers it presents as forecasts)."""
+    signals = [s.name for s in spec.model.signals]
+    parts, signs = [], []
+    for key in predicted:
+        shares = ", ".join(f"{name} {np.mean(flagged[key][name]):.0%}" for name in SCENARIOS)
+        right = total = 0
+        for name in SCENARIOS:
+            mean_true = np.nanmean(np.array(truth[name]), axis=1)  # (n, S)
+            pred = np.array(predicted[key][name])
+            kept = ~np.array(flagged[key][name])
+            for s in range(len(signals)):
+                affected = np.abs(np.nan_to_num(mean_true[:, s])) >= AFFECTED
+                if affected.sum() < 3:
+                    continue
+                for i in np.flatnonzero(affected & kept):
+                    seen = np.isfinite(np.array(truth[name])[i, :, s])
+                    right += int(np.sign(pred[i, seen, s].mean()) == np.sign(mean_true[i, s]))
+                    total += 1
+        parts.append(f"{key}: {shares}")
+        signs.append(f"{key} {right / total:.0%} of {total}" if total else f"{key} none")
+    return ("**Outside practice.** Share of asked stays whose scenario the twin flags as outside the hospitals' "
+            "practice (the plan's first step at least 10 times rarer for this patient than on average at the site, "
+            "by the model's propensity head; docs/twins.md): " + "; ".join(parts) + ". Sign right over the affected "
+            "patients and signals it does not flag: " + ", ".join(signs) + ".")
 
 
 def _plot(spec, truth: dict, predicted: dict) -> None:

@@ -243,6 +243,44 @@ def test_the_sites_calibration_is_kept_and_recomputed_when_the_model_or_who_is_w
 
 
 
+
+def test_a_plan_the_practice_almost_never_makes_is_flagged_as_an_extrapolation():
+    """Withholding a drug the hospitals give nearly every patient in this state, or starting one they almost
+    never give such a patient, has no data behind it (positivity fails): the answer must say so. A drug that
+    is simply rare for everyone is not flagged."""
+    from site_node.patient_twin.query import _outside_practice
+
+    spec = _spec().model
+    plan = np.zeros((spec.horizon_steps, len(spec.treatments)))
+    plan[0, 1] = 1.0  # furosemide in the first step; insulin and noradrenaline withheld
+    overall = {"insulin": 0.2, "furosemide": 0.03, "noradrenaline": 0.02}
+    usual = {"insulin": 0.3, "furosemide": 0.03, "noradrenaline": 0.05}
+    assert _outside_practice(spec, usual, overall, plan) == []
+    hyperglycaemic = {**usual, "insulin": 0.97}  # withheld: 3% here against 80% on average
+    said = _outside_practice(spec, hyperglycaemic, overall, plan)
+    assert len(said) == 1 and said[0].startswith("withholds insulin in the next 4 h") and "3.0%" in said[0]
+    never = {**usual, "furosemide": 0.002}  # given: 0.2% of such patients, under 1% whatever the average
+    assert [s.split(" in the next")[0] for s in _outside_practice(spec, never, overall, plan)] == ["gives furosemide"]
+
+
+def test_the_twin_flags_a_scenario_against_what_its_model_learnt_of_practice(twin_site, medium_consortium, tmp_path):
+    """End to end: a model whose policy head says every patient gets insulin in the next step flags a scenario
+    withholding it, and leaves a scenario that keeps to that practice."""
+    state = torch.load(twin_site["model"], weights_only=True)
+    state["net.propensity_head.bias"] = torch.tensor([12.0, -1.0, -1.0])  # insulin: almost surely given
+    state["net.propensity_head.weight"] = torch.zeros_like(state["net.propensity_head.weight"])
+    torch.save(state, tmp_path / "always-insulin.pt")
+    twin = PatientTwin.open(SiteNode(load_site_config(twin_site["site"])), twin_site["spec"],
+                            model_file=tmp_path / "always-insulin.pt")  # fmt: skip
+    assert twin.calibration.practice_overall[0] > 0.99
+    withheld = Scenario(name="insulin-withheld", changes=[{"treatment": "insulin", "action": "stop"}])
+    given = Scenario(name="insulin-given", changes=[{"treatment": "insulin", "action": "start"}])
+    hospital_id = next(h for h in _hospital_ids(medium_consortium) if twin.resolvable([h]) and _in_cohort(twin, h))
+    answer = twin.answer(hospital_id, [withheld, given])
+    assert answer.practice["insulin"] > 0.99
+    assert [s.split(" in the next")[0] for s in answer.scenarios[0].outside_practice] == ["withholds insulin"]
+    assert answer.scenarios[1].outside_practice == []
+
 def test_a_cold_query_imports_neither_torch_nor_flower(twin_site, medium_consortium, tmp_path):
     """A clinician's question is answered in seconds only when the twin runs on its numpy copy of the weights:
     once the site's calibration is current, `twinfed twin patient` must not import torch, Opacus or Flower."""

@@ -77,7 +77,8 @@ def test_a_patient_counts_once_however_many_decision_times_they_give():
 
 
 def test_inverse_propensity_weights_up_weight_the_windows_whose_treatment_the_policy_rarely_gives():
-    from federation.twins.trajectory_model import WEIGHT_RANGE, propensity_weights
+    from federation.contract.twin_specs import WEIGHT_RANGE
+    from federation.twins.trajectory_model import propensity_weights
 
     logit = torch.logit(torch.tensor(0.9))
     propensity = torch.full((2, 1, 1), float(logit))  # the policy treats 90% of patients like these

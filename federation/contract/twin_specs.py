@@ -134,6 +134,12 @@ class Treatment(Strict):
     typical_dose: float = Field(1.0, gt=0)
 
 
+# `adjustment: inverse_propensity` truncates the stabilised weights P(a) / P(a | history) to this range (Cole
+# and Hernan 2008): a window whose treatment the practice almost never gives would otherwise dominate its
+# patient's forecast loss. A twin's plan beyond it is flagged as outside the hospitals' practice.
+WEIGHT_RANGE = (0.1, 10.0)
+
+
 class TrajectorySpec(Strict):
     """The patient twin: from a patient's history of `signals` and `treatments` on a grid of `step_hours`
     (each signal with a mask and the time since it was last measured, the study's covariates as static

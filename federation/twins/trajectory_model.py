@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from federation.contract.twin_specs import TrajectorySpec
+from federation.contract.twin_specs import WEIGHT_RANGE, TrajectorySpec
 from federation.twins.trajectory_rows import TrajectoryLayout
 
 
@@ -184,9 +184,6 @@ class TrajectoryExamples(nn.Module):
         return torch.cat([quantiles.reshape(p, -1), logit.reshape(p, w), propensity.reshape(p, -1), base], dim=1)
 
 
-# Stabilised inverse-propensity weights are truncated to this range (Cole and Hernan 2008): a window whose
-# treatment the policy almost never gives would otherwise dominate its patient's forecast loss.
-WEIGHT_RANGE = (0.1, 10.0)
 
 
 def propensity_weights(propensity: torch.Tensor, base: torch.Tensor, treated: torch.Tensor) -> torch.Tensor:

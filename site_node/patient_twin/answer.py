@@ -38,6 +38,9 @@ class ScenarioForecast(BaseModel):
     signals: list[SignalForecast]
     event_risk: float
     median_change: dict[str, list[float]]  # scenario minus factual median, per signal and step ahead
+    # Sentences, one per treatment whose first step ahead this plan sets against the hospitals' practice (see
+    # TwinAnswer.practice): the forecast under it is an extrapolation.
+    outside_practice: list[str] = []
 
 
 class TwinAnswer(BaseModel):
@@ -52,5 +55,13 @@ class TwinAnswer(BaseModel):
     decision_time: dt.datetime
     decision_hours_after_index: float
     event: str
+    # Per treatment, the probability that the hospitals' practice gives it in the first step ahead to a patient
+    # in this state, as the model learned it (its propensity head, that of the inverse-propensity weights),
+    # and the same averaged over this site's calibration patients. A plan whose choice the practice makes for
+    # under 1% of patients in this state, or 10 times (WEIGHT_RANGE's bound) fewer than on average, is outside
+    # what the data show: the positivity every observational effect estimate needs fails there, and the twin
+    # says so.
+    practice: dict[str, float]
+    practice_overall: dict[str, float]
     factual: ScenarioForecast
     scenarios: list[ScenarioForecast]

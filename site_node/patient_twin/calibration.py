@@ -49,6 +49,9 @@ class SiteCalibration(BaseModel):
     data_state_readable: bool  # False: the OMOP state could not be read; reused for a day only
     calibration_patients: int
     offsets: list[list[list[float]]] | None  # (intervals, steps ahead, signals); None: no calibration patients
+    # Per treatment, the model's mean probability that the practice gives it in the first step ahead, over the
+    # calibration patients' decision times: what a plan for one patient is compared with (TwinAnswer.practice).
+    practice_overall: list[float]
     computed_at: dt.datetime
 
     def current(self, study_hash: str, weights_sha256: str | None, data_key: str, now: dt.datetime,

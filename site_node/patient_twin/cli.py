@@ -68,7 +68,7 @@ def _patient(plotter, site_config: Path, study: Path, person: list[str] | None, 
     from site_node.config import SiteConfigError, load_site_config
     from site_node.governance import PolicyError
     from site_node.patient_twin import PatientTwin, ScenarioError, TwinQueryError, TwinSite, load_scenarios
-    from site_node.patient_twin.report import summary, tables
+    from site_node.patient_twin.report import summary, tables, warnings
 
     try:  # the site without its training machinery: a cold query does not import Opacus or Flower's client
         node = TwinSite.of(load_site_config(site_config))
@@ -98,6 +98,8 @@ def _patient(plotter, site_config: Path, study: Path, person: list[str] | None, 
         key = answer.person_key[:16]
         plotter.draw(answer, folder / f"{key}.png")  # drawn beside the tables
         console.print(summary(answer))
+        for sentence in warnings(answer):
+            console.print(f"[yellow]{sentence}[/yellow]")
         for table in tables(answer):
             console.print(table)
         written = [_private(folder / f"{key}.json", answer.model_dump_json(indent=2)), plotter.wait()]

@@ -37,7 +37,7 @@ from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from federation.contract import StudySpec, study_hash
 from federation.contract.features import feature_names
-from federation.contract.twin_specs import INTERVALS, TrajectorySpec
+from federation.contract.twin_specs import INTERVALS, WEIGHT_RANGE, TrajectorySpec
 from federation.twins.trajectory_inference import TrajectoryForward
 from federation.twins.trajectory_rows import TrajectoryLayout, unscale_signals
 from omop_etl.database import open_engine
@@ -63,6 +63,11 @@ from site_node.releases import global_model_file, weights_digest
 
 if TYPE_CHECKING:
     from site_node.participation import SiteNode
+
+
+# A plan choice the practice makes for fewer than this share of patients in the state is outside the data
+# whatever the average (see _outside_practice).
+RAREST = 0.01
 
 
 class TwinQueryError(RuntimeError):
@@ -257,11 +262,21 @@ class PatientTwin:
                                     model_file_sha256=file_sha256, model_round=model_round, data_key=key.digest,
                                     data_state_readable=key.omop_state is not None,
                                     calibration_patients=len(calibration.person_ids), offsets=offsets,
-                                    computed_at=now)  # fmt: skip
+                                    practice_overall=self._practice(weights, calibration), computed_at=now)  # fmt: skip
         kept_path = calibration_file(self.node.config.base_dir, self.digest)
         save_weights(weights_file(kept_path), weights)
         save_calibration(kept_path, fresh)
         return fresh, weights
+
+    def _practice(self, weights: dict, calibration: StudyDataset) -> list[float]:
+        """Per treatment, the model's mean probability of it in the first step ahead over the calibration
+        patients' used decision times (0.5 with none: no plan is then compared against anything)."""
+        valid = self.layout.unpack_targets(calibration.targets)[3] > 0  # (P, W)
+        if not valid.any():
+            return [0.5] * self.layout.treatments
+        outputs = TrajectoryForward(self.spec.model, self.layout.statics, weights)(calibration.features)
+        propensity = _sigmoid(self.layout.unpack_outputs(outputs)[2])  # (P, W, R)
+        return [float(v) for v in propensity[valid].mean(axis=0)]
 
     # --- one query ------------------------------------------------------------------------------------
 
@@ -291,11 +306,16 @@ class PatientTwin:
         batch = np.concatenate([base_controls] * len(plans))
         for index, (_, _, planned) in enumerate(plans):
             batch[index, spec.history_steps :] = planned
-        quantiles, risks = self._run(statics, base_history, batch)
+        quantiles, risks, given = self._run(statics, base_history, batch)
+        practice = {t.name: float(given[r]) for r, t in enumerate(spec.treatments)}
+        overall = self.calibration.practice_overall if self.calibration is not None else [0.5] * len(practice)
+        practice_overall = {t.name: float(overall[r]) for r, t in enumerate(spec.treatments)}
         forecasts = [
             self._forecast(name, words, planned, quantiles[i], risks[i], base_history[0])
             for i, (name, words, planned) in enumerate(plans)
         ]
+        for forecast, (_, _, planned) in zip(forecasts, plans, strict=True):
+            forecast.outside_practice = _outside_practice(spec, practice, practice_overall, planned)
         for forecast in forecasts:
             forecast.median_change = {
                 s.signal: [a - b for a, b in zip(s.median, f.median, strict=True)]
@@ -321,6 +341,8 @@ class PatientTwin:
             decision_time=decision_time,
             decision_hours_after_index=decision_hours,
             event=self.spec.outcome.summary(),
+            practice=practice,
+            practice_overall=practice_overall,
             factual=forecasts[0],
             scenarios=forecasts[1:],
         )
@@ -340,16 +362,18 @@ class PatientTwin:
                 lines.append(json.dumps({"error": str(exc), "line": number}))
         return lines, failed
 
-    def _run(self, statics: np.ndarray, history: np.ndarray, controls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, statics: np.ndarray, history: np.ndarray, controls: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
         """Quantiles (K, F, S, Q) and event risks (K,) of K plans of one window, through the site's calibrated
-        model: the window is put in the first slot of a patient row (the other slots empty)."""
+        model, and the practice's probability of each treatment in the first step ahead for this patient (R,:
+        from the history alone, the same for every plan): the window is put in the first slot of a patient row."""
         layout, k = self.layout, controls.shape[0]
         rows_history = np.zeros((k, layout.windows, *history.shape[1:]))
         rows_controls = np.zeros((k, layout.windows, *controls.shape[1:]))
         rows_history[:, 0], rows_controls[:, 0] = history, controls
         x = layout.pack_inputs(np.repeat(statics, k, axis=0), rows_history, rows_controls)
-        quantiles, logit, _, _ = layout.unpack_outputs(self.model(x))
-        return quantiles[:, 0], 0.5 * (1.0 + np.tanh(0.5 * logit[:, 0]))
+        quantiles, logit, propensity, _ = layout.unpack_outputs(self.model(x))
+        return quantiles[:, 0], _sigmoid(logit[:, 0]), _sigmoid(propensity[0, 0])
 
     def _forecast(self, name: str, words: str, planned: np.ndarray, quantiles: np.ndarray, risk: float,
                   history: np.ndarray) -> ScenarioForecast:  # fmt: skip
@@ -406,6 +430,29 @@ class PatientTwin:
 
     def _person_key(self, hospital_id: str) -> str:
         return self.keys.keyed_hex(f"twinfed twin query person v1\x00{hospital_id}")
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _outside_practice(spec: TrajectorySpec, practice: dict[str, float], overall: dict[str, float],
+                      planned: np.ndarray) -> list[str]:  # fmt: skip
+    """A sentence per treatment that the plan (F, R) gives, or withholds, in the first step ahead where the
+    practice almost never does so for a patient in this state: less than RAREST of such patients, or more
+    than WEIGHT_RANGE's bound times fewer than on average at the site (the stabilised weight would be cut)."""
+    hours = f"{spec.step_hours:g} h"
+    out = []
+    for r, treatment in enumerate(spec.treatments):
+        name = treatment.name
+        given = bool(planned[0, r] > 0)
+        here, anyone = (practice[name], overall[name]) if given else (1 - practice[name], 1 - overall[name])
+        if here < RAREST or here * WEIGHT_RANGE[1] < anyone:
+            verb = "gives" if given else "withholds"
+            out.append(f"{verb} {name} in the next {hours}, which the hospitals' practice does for {here:.1%} of "
+                       f"patients in this state ({anyone:.0%} on average here): the forecast under it is an "
+                       "extrapolation")  # fmt: skip
+    return out
 
 
 def resolve_person(

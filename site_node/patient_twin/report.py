@@ -56,6 +56,12 @@ def summary(answer: TwinAnswer) -> str:
     )
 
 
+def warnings(answer: TwinAnswer) -> list[str]:
+    """One sentence per plan that sets a treatment against the hospitals' practice (answer.PRACTICE_BOUNDS)."""
+    return [f"Outside practice: the {plan.scenario} plan {', and '.join(plan.outside_practice)}."
+            for plan in (answer.factual, *answer.scenarios) if plan.outside_practice]  # fmt: skip
+
+
 def plot(answer: TwinAnswer, path: Path) -> Path:
     """The twin's figure: one panel per signal. Drawn on a bare Figure (no pyplot, no GUI backend: pyplot's
     import alone is a second of a cold query), with fixed margins and the title wrapped beforehand:
@@ -81,8 +87,9 @@ def plot(answer: TwinAnswer, path: Path) -> Path:
                               label=label)  # fmt: skip
         axis.plot(ahead, signal.median, color="tab:blue", label="forecast")
         for number, scenario in enumerate(answer.scenarios):
+            outside = " (outside practice)" if scenario.outside_practice else ""
             axis.plot(ahead, scenario.signals[index].median, "--", color=colours[number % len(colours)],
-                      label=scenario.scenario)  # fmt: skip
+                      label=scenario.scenario + outside)  # fmt: skip
         axis.axvline(0.0, color="grey", linewidth=0.8)
         axis.set_title(f"{signal.signal} ({signal.unit})" if signal.unit else signal.signal, fontsize=9)
         axis.set_xlabel("hours from the decision time", fontsize=8)

@@ -195,6 +195,34 @@ def test_a_patients_row_built_alone_is_exactly_their_row_in_the_whole_cohort(twi
     assert alone.split.tolist() == whole.split[rows].tolist()  # the split and calibration part are keyed per patient
 
 
+def test_the_twin_answers_at_any_time_of_the_stay_from_the_history_up_to_it(twin_site, medium_consortium):
+    """A clinician asks "now", not at the study's decision times: a time between them gets the history up to
+    that very time (the rows built for it are the study's rows when the time is one of its decision times),
+    and a time before the first decision time or after the stay is refused, saying why."""
+    config = load_site_config(twin_site["site"])
+    spec = twin_site["spec"]
+    whole = build_dataset(config.omop.url, spec, split_key=config.split_key())
+    twin = PatientTwin.open(TwinSite.of(config), spec, model_file=twin_site["model"])
+    hospital_id = next(h for h in _hospital_ids(medium_consortium) if twin.resolvable([h]) and _in_cohort(twin, h))
+    person = twin.resolvable([hospital_id])[0]
+    row = int(np.flatnonzero(whole.person_ids == person)[0])
+    first = spec.outcome.prediction_hours
+    # anchored at the study's own first decision time, the rows are the study's
+    same = build_dataset(config.omop.url, spec, split_key=config.split_key(), only_person_ids=[person],
+                         decision_hours=first)  # fmt: skip
+    assert np.array_equal(same.features, whole.features[row : row + 1])
+    index = dt.datetime.fromtimestamp(float(whole.index_s[row]), dt.UTC)
+    between = twin.answer(hospital_id, [], at=index + dt.timedelta(hours=first + 2.5))
+    assert between.decision_hours_after_index == pytest.approx(first + 2.5)
+    on_grid = twin.answer(hospital_id, [], at=index + dt.timedelta(hours=first, seconds=20))
+    assert on_grid.decision_hours_after_index == first  # within a minute of a decision time: that one
+    assert between.factual.signals[0].median != on_grid.factual.signals[0].median or any(
+        a.history != b.history for a, b in zip(between.factual.signals, on_grid.factual.signals, strict=True))
+    with pytest.raises(TwinQueryError, match="before it"):
+        twin.answer(hospital_id, [], at=index + dt.timedelta(hours=first - 1))
+    with pytest.raises(TwinQueryError, match="no longer in hospital"):
+        twin.answer(hospital_id, [], at=index + dt.timedelta(days=400))
+
 def test_the_sites_calibration_is_kept_and_recomputed_when_the_model_or_who_is_withheld_changes(
     twin_site, prepared_site, tmp_path
 ):

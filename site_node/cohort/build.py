@@ -62,6 +62,7 @@ def build_dataset(
     extra_excluded_person_ids: Iterable[int] = (),
     as_of: datetime | None = None,
     only_person_ids: Collection[int] | None = None,
+    decision_hours: float | None = None,
 ) -> StudyDataset:
     """The study's examples at this site: one per qualifying patient who has not denied research use.
 
@@ -78,6 +79,11 @@ def build_dataset(
     their features are read: the patient twin answers a few patients without building the whole cohort.
     Each patient's row is then exactly what a full build gives them (the scaling is fixed by the study,
     the split is keyed per patient); the attrition and snapshot describe the kept rows only.
+
+    `decision_hours` (a trajectory study, for the patient twin) puts the first decision time that many hours
+    after each patient's index instead of at the study's prediction time: the twin asked at a time between
+    the study's decision times sees the history up to that very time. The windows run on from there; one
+    that begins after the end of the index visit is not used, the first included.
 
     Raises CohortError when the database is not an OMOP database (no CDM tables, no person table, a table
     the study reads is missing) and DatabaseUnavailable when it cannot be reached.
@@ -102,8 +108,9 @@ def build_dataset(
         labels, event_days = outcome_labels(source, examples, cohort.visits, spec.outcome, spec.cohort)
         targets = None
         if isinstance(spec.model, TrajectorySpec):  # the patient twin: every window of each patient, packed
-            windows = build_trajectories(source, examples, spec.model, spec.outcome.prediction_hours,
-                                         visit_level=spec.cohort.visit_level)  # fmt: skip
+            first = spec.outcome.prediction_hours if decision_hours is None else decision_hours
+            windows = build_trajectories(source, examples, spec.model, first, visit_level=spec.cohort.visit_level,
+                                         first_always_used=decision_hours is None)  # fmt: skip
             features, targets = pack_trajectories(spec.model, features, windows, labels)
     person_ids = examples["person_id"].to_numpy(dtype=np.int64)
     if not np.isfinite(features).all():

@@ -62,9 +62,12 @@ def build_trajectories(
     prediction_hours: float,
     *,
     visit_level: bool,
+    first_always_used: bool = True,
 ) -> Trajectories:
     """The examples' windows; `examples` (sorted by person id, with index_s and visit_end_s) are the study's
-    chosen examples after consent, whose person ids are in the source's index table."""
+    chosen examples after consent, whose person ids are in the source's index table. `prediction_hours` is
+    the first decision time; with `first_always_used` off (a twin query at a time of its own), the first
+    window of a visit-level cohort is used only when it begins before the end of the visit, like the others."""
     n, windows = len(examples), spec.windows_per_patient
     history, horizon, step_hours = spec.history_steps, spec.horizon_steps, spec.step_hours
     steps = history + windows * horizon
@@ -81,13 +84,12 @@ def build_trajectories(
     for column, treatment in enumerate(spec.treatments):
         controls[:, :, column] = _treatment_grid(source, examples, treatment, start_hours, steps, step_hours)
 
-    valid = np.zeros((n, windows), dtype=bool)
-    valid[:, 0] = True
+    valid = np.ones((n, windows), dtype=bool)
     if visit_level:
         stay_hours = (examples["visit_end_s"].to_numpy(float) - examples["index_s"].to_numpy(float)) / 3600.0
-        valid[:, 1:] = decision_hours[None, 1:] < stay_hours[:, None]
-    else:
-        valid[:, 1:] = True
+        valid[:] = decision_hours[None, :] < stay_hours[:, None]
+    if first_always_used:
+        valid[:, 0] = True
     history_out = np.zeros((n, windows, history, len(spec.signals), 3), dtype=np.float32)
     future = np.zeros((n, windows, horizon, len(spec.signals)), dtype=np.float32)
     future_mask = np.zeros_like(future)

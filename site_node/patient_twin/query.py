@@ -65,6 +65,10 @@ if TYPE_CHECKING:
     from site_node.participation import SiteNode
 
 
+# A time asked within this of one of the study's decision times is that decision time (OMOP times are to the
+# minute).
+SAME_TIME_HOURS = 1 / 60
+
 # A plan choice the practice makes for fewer than this share of patients in the state is outside the data
 # whatever the average (see _outside_practice).
 RAREST = 0.01
@@ -185,7 +189,7 @@ class PatientTwin:
             self.resolved[hospital_id] = resolve_person(self.node, hospital_id, self.keys, self.engine)
         return self.resolved[hospital_id]
 
-    def _build(self, only: list[int] | None) -> StudyDataset:
+    def _build(self, only: list[int] | None, decision_hours: float | None = None) -> StudyDataset:
         config = self.node.config
         try:
             if only is None:
@@ -193,7 +197,7 @@ class PatientTwin:
                                       schema=config.omop.schema_name, withdrawn=self.withdrawn)  # fmt: skip
             return build_dataset(config.omop.url, self.spec, split_key=config.split_key(),
                                  schema=config.omop.schema_name, extra_excluded_person_ids=self.withdrawn,
-                                 only_person_ids=only)  # fmt: skip
+                                 only_person_ids=only, decision_hours=decision_hours)  # fmt: skip
         except CohortError as exc:
             raise TwinQueryError(f"the cohort cannot be built at {config.site_id}: {exc}") from None
 
@@ -294,11 +298,17 @@ class PatientTwin:
                 "cohort, or withheld by consent or a withdrawal."
             )
         row = int(rows[0])
-        window = self._window(row, at)
         spec: TrajectorySpec = self.spec.model  # type: ignore[assignment]
-        decision_hours = self.spec.outcome.prediction_hours + window * spec.horizon_hours
+        window, decision_hours = self._decision(row, at)
+        features = self.rows.features[row : row + 1]
+        if window is None:  # a time between the study's decision times: the patient's rows up to that very time
+            anchored = self._build([person_id], decision_hours)
+            if not len(anchored.person_ids) or not self.layout.unpack_targets(anchored.targets)[3][0, 0]:
+                raise TwinQueryError(f"the patient {person_key[:12]} (keyed) was no longer in hospital at {at}: "
+                                     "the twin answers during the stay (omit --at for their latest decision time).")
+            window, features = 0, anchored.features
         decision_time = dt.datetime.fromtimestamp(float(self.rows.index_s[row]) + decision_hours * 3600, dt.UTC)
-        statics, history, controls = self.layout.unpack_inputs(self.rows.features[row : row + 1])
+        statics, history, controls = self.layout.unpack_inputs(features)
         base_history, base_controls = history[:, window], controls[:, window]
         plans = [("factual", "the treatments recorded after the decision time (none when it is now)",
                   base_controls[0, spec.history_steps :])]  # fmt: skip
@@ -411,22 +421,28 @@ class PatientTwin:
         return ScenarioForecast(scenario=name, description=words, planned=doses, signals=signals,
                                 event_risk=float(risk), median_change={})  # fmt: skip
 
-    def _window(self, row: int, at: dt.datetime | None) -> int:
-        """The latest used decision time of the patient at or before `at` (default: their latest)."""
+    def _decision(self, row: int, at: dt.datetime | None) -> tuple[int | None, float]:
+        """Where the twin answers, in hours after the index: the patient's latest used decision time by default
+        (its window), else the time asked, which is one of the study's decision times when within a minute of
+        one (its window) and otherwise a time of its own (no window: its rows are built for it)."""
         spec: TrajectorySpec = self.spec.model  # type: ignore[assignment]
+        first = self.spec.outcome.prediction_hours
         used = np.flatnonzero(self.rows.valid[row])
-        if at is not None:
-            moment = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
-            hours = (moment.timestamp() - float(self.rows.index_s[row])) / 3600 - self.spec.outcome.prediction_hours
-            used = used[used * spec.horizon_hours <= hours + 1e-9]
-            if not len(used):
-                first_s = float(self.rows.index_s[row]) + self.spec.outcome.prediction_hours * 3600
-                first = dt.datetime.fromtimestamp(first_s, dt.UTC)
-                raise TwinQueryError(
-                    f"the patient's first decision time is {first.isoformat(timespec='minutes')} (the study's "
-                    f"prediction time, {self.spec.outcome.prediction_hours:g} h after admission): --at is before it."
-                )
-        return int(used[-1])
+        if at is None:
+            return int(used[-1]), first + int(used[-1]) * spec.horizon_hours
+        moment = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+        hours = (moment.timestamp() - float(self.rows.index_s[row])) / 3600
+        if hours < first - SAME_TIME_HOURS:
+            first_time = dt.datetime.fromtimestamp(float(self.rows.index_s[row]) + first * 3600, dt.UTC)
+            raise TwinQueryError(
+                f"the patient's first decision time is {first_time.isoformat(timespec='minutes')} (the study's "
+                f"prediction time, {first:g} h after admission): --at is before it."
+            )
+        grid = first + used * spec.horizon_hours
+        near = np.flatnonzero(np.abs(grid - hours) <= SAME_TIME_HOURS)
+        if len(near):
+            return int(used[near[0]]), float(grid[near[0]])
+        return None, hours
 
     def _person_key(self, hospital_id: str) -> str:
         return self.keys.keyed_hex(f"twinfed twin query person v1\x00{hospital_id}")

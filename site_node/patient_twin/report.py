@@ -51,7 +51,8 @@ def summary(answer: TwinAnswer) -> str:
     risks = "; ".join(f"{s.scenario} {s.event_risk:.1%}" for s in answer.scenarios)
     return (
         f"Patient {answer.person_key[:12]} (keyed) at {answer.decision_time.isoformat(timespec='minutes')} "
-        f"({answer.decision_hours_after_index:g} h after admission), study {answer.study_id}: {answer.event}; "
+        f"({round(answer.decision_hours_after_index, 1):g} h after admission), study {answer.study_id}: "
+        f"{answer.event}; "
         f"risk {answer.factual.event_risk:.1%}" + (f" ({risks} under the scenarios)" if risks else "") + "."
     )
 

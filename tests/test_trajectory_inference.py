@@ -32,8 +32,9 @@ def test_the_numpy_forward_pass_gives_the_torch_models_outputs(statics, treatmen
     x = rng.normal(size=(7, model.layout.input_width)).astype(np.float32)
     weights = {name: value.numpy() for name, value in model.state_dict().items()}
     offsets = rng.uniform(0.0, 0.4, size=(2, spec.horizon_steps, len(spec.signals)))
-    for forward, reference in ((TrajectoryForward(spec, statics, weights), model),
-                               (TrajectoryForward(spec, statics, weights, offsets), ConformalTrajectory(model, offsets))):
+    pairs = [(TrajectoryForward(spec, statics, weights), model),
+             (TrajectoryForward(spec, statics, weights, offsets), ConformalTrajectory(model, offsets))]
+    for forward, reference in pairs:
         with torch.no_grad():
             expected = reference(torch.from_numpy(x)).numpy()
         got = forward(x)
@@ -46,5 +47,5 @@ def test_weights_of_another_model_are_refused_by_name():
                           hidden=8)  # fmt: skip
     weights = {name: value.numpy() for name, value in TrajectoryExamples(spec, 4).state_dict().items()}
     del weights["net.decoder.hidden_map.weight"]
-    with pytest.raises(ValueError, match="net.decoder.hidden_map.weight"):
+    with pytest.raises(ValueError, match=r"net\.decoder\.hidden_map\.weight"):
         TrajectoryForward(spec, 4, weights)

@@ -6,8 +6,10 @@ re-simulated a uniform sample of stays per hospital (alive in hospital 24 h afte
 decision hour under its standard scenarios with common random numbers, and wrote the noise-free course of
 every signal under each to the ground-truth file (never to the export; synthetic/counterfactuals.py). The
 example patient-twin study is trained federated (FedAvg of the 3 hospitals, the sites' own training code)
-twice over the same patients: as declared (confounding adjusted by inverse-propensity weights) and naive
-(`adjustment: none`), each at epsilon 3 and without DP.
+three times over the same patients: as declared (confounding adjusted by per-step inverse-propensity
+weights, every step ahead weighted given what the ward saw before it), with the weights of the first step
+ahead only (`adjustment: inverse_propensity`, the previous method) and naive (`adjustment: none`), each at
+epsilon 3 and without DP.
 
 Each sampled stay that is the patient's stay in the study's cohort and in a hospital's held-out test part is
 asked through the product path (`PatientTwin.answer`, at the decision time 24 h after admission) under the
@@ -26,7 +28,7 @@ in normal-range units (1 = half the signal's normal range). A patient is *affect
 true effect averaged over the horizon is at least 0.05 units; the sign is right when the predicted effect
 averaged over the horizon has the same sign (target: right for >= 90% of patients).
 
-Query times, with the IPW model at epsilon 3 at the first hospital, each command a fresh process (imports
+Query times, with the declared model at epsilon 3 at the first hospital, each command a fresh process (imports
 included) as hospital IT would run it: the first query after a new model (it computes and keeps the site's
 conformal calibration), then cold single queries (calibration read back); batch mode over its test
 patients, patient-scenarios per second (each patient under the 3 scenarios; target >= 50).
@@ -62,6 +64,7 @@ SEED = 0
 EPSILON = 3.0
 AFFECTED = 0.05  # normal-range units, mean true effect over the horizon
 COLD_QUERIES = 5
+LABELS = ("per-step IPW", "first-step IPW", "naive")  # the study as declared, then the two to compare
 SMOKE_ROUNDS: int | None = None  # --smoke: train this many rounds
 TWINFED = str(Path(sys.executable).parent / "twinfed")
 
@@ -83,8 +86,9 @@ def _specs():
     ipw = load_study(STUDY)
     if SMOKE_ROUNDS:
         ipw = ipw.model_copy(update={"training": ipw.training.model_copy(update={"rounds": SMOKE_ROUNDS})})
+    first = ipw.model_copy(update={"model": ipw.model.model_copy(update={"adjustment": "inverse_propensity"})})
     naive = ipw.model_copy(update={"model": ipw.model.model_copy(update={"adjustment": "none"})})
-    return ipw, naive
+    return ipw, first, naive
 
 
 def _consortium(spec) -> dict[str, dict]:
@@ -193,7 +197,7 @@ def _train_all(specs, sites) -> dict[str, dict]:
     parts = {n: (s["dataset"].subset("train").features, s["dataset"].subset("train").targets)
              for n, s in sites.items()}  # fmt: skip
     models = {}
-    for label, spec in zip(("IPW", "naive"), specs, strict=True):
+    for label, spec in zip(LABELS, specs, strict=True):
         for epsilon in (EPSILON, None):
             key = f"{label}, {'epsilon 3' if epsilon else 'no DP'}"
             started = time.perf_counter()
@@ -238,7 +242,7 @@ def main(write: bool = True) -> None:
     models = _train_all(specs, sites)
     predicted, flagged = {}, {}
     for key, state in models.items():
-        spec = specs[0] if key.startswith("IPW") else specs[1]
+        spec = specs[[key.startswith(label + ",") for label in LABELS].index(True)]
         path = OUTPUT / f"{key.replace(', ', '-').replace(' ', '')}.pt"
         torch.save(state, path)
         per_scenario: dict[str, list[np.ndarray]] = {name: [] for name in SCENARIOS}
@@ -257,7 +261,8 @@ def main(write: bool = True) -> None:
     scenario_file = OUTPUT / "scenarios.yaml"
     scenario_file.write_text(yaml.safe_dump({"scenarios": list(SCENARIOS.values())}), encoding="utf-8")
     test_ids = _test_ids(sites[first_site], site_files[first_site])
-    times = _query_times(spec_file, site_files[first_site], OUTPUT / "IPW-epsilon3.pt", test_ids, scenario_file)
+    times = _query_times(spec_file, site_files[first_site], OUTPUT / "per-stepIPW-epsilon3.pt", test_ids,
+                         scenario_file)  # fmt: skip
     body = _report(specs[0], truth, predicted, flagged, times, {n: len(a) for n, a in asked.items()}, began)
     print(body)
     if write:
@@ -321,7 +326,8 @@ def _report(spec, truth: dict, predicted: dict, flagged: dict, times: dict, aske
         f"3 hospitals x {PATIENTS:,} patients; {COUNTERFACTUAL_STAYS} stays per hospital re-simulated by the generator "
         "under each scenario with common random numbers; asked: the sampled stays that are their patient's stay in "
         f"the cohort and in a held-out test part ({', '.join(f'{n} {v}' for n, v in asked.items())}). The example "
-        "study trained federated (seed 0) with its inverse-propensity weights (IPW) and naive (`adjustment: none`). "
+        "study trained federated (seed 0) with its per-step inverse-propensity weights (per-step IPW), with the "
+        "first step's weights only (first-step IPW) and naive (`adjustment: none`). "
         "Effects in normal-range units (1 = half the normal range), scenario minus factual; *affected*: true effect "
         f"averaged over the 24 h horizon at least {AFFECTED} in size; *error*: mean absolute error of the effect per "
         "step ahead; *sign right*: the predicted effect averaged over the horizon has the true one's sign. "
@@ -331,7 +337,8 @@ def _report(spec, truth: dict, predicted: dict, flagged: dict, times: dict, aske
         + ", ".join(f"{k} {v:.0%}" for k, v in rates.items())
         + ".\n\n" + supported
         + "\n\n![predicted against true effect](img/patient-twin-whatif.png)\n\n"
-        "**Query times** (`twinfed twin patient`, each a fresh process, imports included; IPW model at epsilon 3, "
+        "**Query times** (`twinfed twin patient`, each a fresh process, imports included; per-step IPW model at "
+        "epsilon 3, "
         f"first hospital): the first query after a new model {times['first']:.1f} s (it computes and keeps the "
         f"site's conformal calibration); then a cold single query with a scenario file of 3 scenarios, median "
         f"{statistics.median(cold):.2f} s over {len(cold)} (range {min(cold):.2f}-{max(cold):.2f} s; target < 3 s); "
@@ -380,7 +387,7 @@ def _plot(spec, truth: dict, predicted: dict) -> None:
     for axis, name in zip(axes, SCENARIOS, strict=True):
         mean_true = np.nanmean(np.array(truth[name]), axis=1)  # (n, S)
         main = int(np.argmax(np.nanmean(np.abs(mean_true), axis=0)))
-        for key in ("IPW, epsilon 3", "naive, epsilon 3"):
+        for key in ("per-step IPW, epsilon 3", "first-step IPW, epsilon 3", "naive, epsilon 3"):
             pred = np.nanmean(np.array(predicted[key][name]), axis=1)
             axis.scatter(mean_true[:, main], pred[:, main], s=10, alpha=0.6, label=key)
         low = np.nanmin(mean_true[:, main])

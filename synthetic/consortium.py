@@ -17,7 +17,7 @@ from synthetic.config import SynthConfig
 from synthetic.site import ProgressSink, SiteResult, generate_site
 
 INDEX_FILE = "consortium.json"
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 
 class OutputDirectoryNotEmpty(RuntimeError):

@@ -4,7 +4,9 @@ A batch of admissions is simulated together in one-hour steps (numpy over stays)
 course (physiology.py) each stay carries fluid overload F, kidney injury K, blood glucose G and the
 active amounts of the drugs it received. Clinicians act only on what they measured:
 
-* insulin lispro (sliding scale) when a measured glucose exceeds 180 mg/dL lowers G over ~4 hours;
+* insulin lispro (sliding scale) when a measured glucose exceeds 180 mg/dL lowers G over ~4 hours; a
+  quarter of the doses due are missed (`INSULIN_MISSED`: the nurse is busy, the patient is off the ward,
+  the dose is held for a meal not eaten), so patients with the same glucose are treated and untreated;
 * furosemide every 12 h while the patient is fluid-overloaded lowers blood pressure and F (so SpO2
   and respiratory rate improve);
 * norepinephrine runs while measured systolic pressure is below 88 mmHg and raises it;
@@ -222,6 +224,12 @@ _NOISE = {
 # Items recorded whenever due (no missingness draw): admission facts, not ward routine.
 _ALWAYS_RECORDED = ("height", "bmi", "hba1c")
 
+# The share of sliding-scale insulin doses due that the ward misses (one draw per stay and hour). In-hospital
+# audits find missed or late insulin doses common; here it also gives the data the positivity a what-if on
+# insulin needs: without it, every measured glucose over 180 mg/dL is treated and no data say what happens
+# when it is not.
+INSULIN_MISSED = 0.25
+
 # Every purpose an hour draws random numbers for. A tape stores one value per stay, hour and purpose.
 DRAW_KEYS: tuple[str, ...] = (
     *(f"missing:{item}" for item in ITEMS if item not in _ALWAYS_RECORDED),
@@ -231,6 +239,7 @@ DRAW_KEYS: tuple[str, ...] = (
     "severity_noise",
     "death",
     "discharge",
+    "insulin_missed",
 )
 DRAW_INDEX = {key: i for i, key in enumerate(DRAW_KEYS)}
 
@@ -307,7 +316,8 @@ class GeneratorDraws:
     """The factual run's draws: straight from the batch generator, in the order the generator always used.
 
     The order is what keeps every export byte-identical: one uniform per stay for the missingness of each due
-    item, a normal per recorded value, the course's three draws, then death and discharge. With a tape, the
+    item, a normal per recorded value, one uniform per stay for a missed insulin dose, the course's three
+    draws, then death and discharge. With a tape, the
     values of the taped stays are copied as they are drawn; the generator is consumed the same either way.
     """
 
@@ -794,6 +804,7 @@ class Ward:
             measured.get("glucose", np.full(n, np.nan)), measured.get("glucose_poc", np.full(n, np.nan))
         )
         needs_insulin = glucose_seen > 180
+        needs_insulin &= draws.uniform(hour, "insulin_missed", needs_insulin) >= INSULIN_MISSED
         if ov is not None:
             needs_insulin &= ~ov.at(ov.withhold_insulin, hour)
         if needs_insulin.any():

@@ -51,14 +51,16 @@ def test_the_layout_round_trips_every_part_of_a_patient():
     layout = TrajectoryExamples(SPEC, STATICS).layout
     rng = np.random.default_rng(3)
     statics, history = rng.normal(size=(5, STATICS)), rng.normal(size=(5, 3, 3, 2, 3))
-    controls = rng.normal(size=(5, 3, 5, 1))
-    back = layout.unpack_inputs(torch.from_numpy(layout.pack_inputs(statics, history, controls)))
-    for got, want in zip(back, (statics, history, controls), strict=True):
+    controls, observed = rng.normal(size=(5, 3, 5, 1)), rng.normal(size=(5, 3, 2, 2, 2))
+    x = torch.from_numpy(layout.pack_inputs(statics, history, controls, observed))
+    for got, want in zip((*layout.unpack_inputs(x), layout.unpack_observed(x)), (statics, history, controls, observed),
+                         strict=True):  # fmt: skip
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
     future, mask = rng.normal(size=(5, 3, 2, 2)), rng.uniform(size=(5, 3, 2, 2))
-    flags, treated = rng.uniform(size=(3, 5, 3)), rng.uniform(size=(5, 3, 1))
-    back = layout.unpack_targets(torch.from_numpy(layout.pack_targets(future, mask, *flags, treated)))
-    for got, want in zip(back, (future, mask, *flags, treated), strict=True):
+    flags, ahead = rng.uniform(size=(3, 5, 3)), rng.uniform(size=(5, 3, 2, 1))
+    y = torch.from_numpy(layout.pack_targets(future, mask, *flags, ahead))
+    for got, want in zip((*layout.unpack_targets(y), layout.unpack_treated_ahead(y)),
+                         (future, mask, *flags, ahead[:, :, 0], ahead), strict=True):  # fmt: skip
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
 
 

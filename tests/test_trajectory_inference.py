@@ -16,7 +16,8 @@ from federation.twins.trajectory_model import TrajectoryExamples
 
 SIGNALS = [{"name": "glucose", "concept_ids": [1], "normal_range": [70, 180]},
            {"name": "sbp", "concept_ids": [2], "normal_range": [100, 140]}]  # fmt: skip
-TREATMENTS = [{"name": "insulin", "concept_ids": [3], "dose": True}, {"name": "furosemide", "concept_ids": [4]}]
+TREATMENTS = [{"name": "insulin", "concept_ids": [3], "dose": True, "dosed_on_measurement": True},
+              {"name": "furosemide", "concept_ids": [4]}]
 
 
 @pytest.mark.parametrize(("statics", "treatments"), [(4, TREATMENTS), (0, TREATMENTS), (3, [])])

@@ -26,7 +26,7 @@ def test_a_ward_twin_and_an_oncology_twin_are_both_one_spec():
         history_steps=30,
         horizon_steps=28,
     )
-    assert oncology.horizon_hours == 28 * 24 and oncology.adjustment == "inverse_propensity"
+    assert oncology.horizon_hours == 28 * 24 and oncology.adjustment == "per_step_inverse_propensity"
     # the defaults carry the median and both intervals' ends
     assert {0.5, *(q for pair in INTERVALS.values() for q in pair)} <= set(ward.quantiles)
 

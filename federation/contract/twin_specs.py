@@ -132,6 +132,10 @@ class Treatment(Strict):
     dose: bool = False
     # With `dose`: the dose the twin sees as 1 (insulin 4 units), so doses of every drug enter on one scale.
     typical_dose: float = Field(1.0, gt=0)
+    # The ward doses it on a value it measures in the same step (a sliding scale reads the glucose it treats):
+    # within a step the measurement then comes first, so the twin reads the dose from the next step on (read
+    # at its own step, it would learn that the drug comes with the value that triggered it).
+    dosed_on_measurement: bool = False
 
 
 # `adjustment: inverse_propensity` truncates the stabilised weights P(a) / P(a | history) to this range (Cole
@@ -149,9 +153,11 @@ class TrajectorySpec(Strict):
     `history_steps` steps before each decision time are the encoder's input; a patient gives up to
     `windows_per_patient` decision times, and all of them form one example (the privacy unit is the
     patient: DP-SGD samples and clips patients, not windows). `adjustment` is how treatment effects are
-    learnt despite treatment going to the sicker patients: `inverse_propensity` weights each decision
-    time by the inverse of the stabilised probability of the treatment received, `none` is the naive
-    model (for comparison). `conformal_fraction` of each site's training patients is kept aside at the
+    learnt despite treatment going to the sicker patients: `per_step_inverse_propensity` weights each step
+    ahead by the inverse of the stabilised probability of the treatments received up to it, each given what
+    was observed before it (the ward doses on what it measures during the horizon too);
+    `inverse_propensity` weights by the treatments of the first step ahead only, given the history; `none`
+    is the naive model (for comparison). `conformal_fraction` of each site's training patients is kept aside at the
     site to calibrate the intervals (split conformal), so the nominal coverage holds at every site.
     """
 
@@ -168,7 +174,7 @@ class TrajectorySpec(Strict):
     )
     encoder: Literal["gru", "tcn"] = "gru"
     hidden: int = Field(32, ge=4, le=512)
-    adjustment: Literal["inverse_propensity", "none"] = "inverse_propensity"
+    adjustment: Literal["per_step_inverse_propensity", "inverse_propensity", "none"] = "per_step_inverse_propensity"
     conformal_fraction: float = Field(0.2, gt=0, le=0.5)
     event_risk: bool = True
 

@@ -127,10 +127,10 @@ class TrajectoryKind(RiskKind):
 
     def describe(self, spec: TrajectorySpec, evaluation) -> str:
         treatments = ", ".join(t.name + (" (dose)" if t.dose else "") for t in spec.treatments) or "none"
-        adjustment = (
-            "inverse-propensity weights for confounding" if spec.adjustment == "inverse_propensity" else "no "
-            "adjustment for confounding (the naive model)"
-        )
+        adjustment = {
+            "per_step_inverse_propensity": "per-step inverse-propensity weights for confounding",
+            "inverse_propensity": "inverse-propensity weights of the first step ahead for confounding",
+        }.get(spec.adjustment, "no adjustment for confounding (the naive model)")
         return (
             f"a patient twin forecasting {', '.join(s.name for s in spec.signals)} every "
             f"{spec.step_hours:g} h, {spec.horizon_hours:g} h ahead from the last {spec.history_hours:g} h, at up "
@@ -150,7 +150,8 @@ class TrajectoryKind(RiskKind):
         )
 
     def loss(self, spec: TrajectorySpec, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return examples_loss(_layout(spec), list(spec.quantiles), outputs, targets, adjustment=spec.adjustment)
+        return examples_loss(_layout(spec), list(spec.quantiles), outputs, targets, adjustment=spec.adjustment,
+                             lagged=[r.dosed_on_measurement for r in spec.treatments])  # fmt: skip
 
     def output_gradient(self, spec, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """d loss_i / d outputs_i by autograd (the loss is too involved to write out; each patient's loss
@@ -308,7 +309,8 @@ class ConformalTrajectory(torch.nn.Module):
             moved[..., high] = moved[..., high] + self.offsets[index]
         moved = torch.sort(moved, dim=-1).values
         p = out.shape[0]
-        return torch.cat([moved.reshape(p, -1), logit, propensity.reshape(p, -1), base], dim=1)
+        return torch.cat([moved.reshape(p, -1), logit, propensity.reshape(p, -1), base,
+                          layout.unpack_policy(out).reshape(p, -1)], dim=1)  # fmt: skip
 
 
 def _ranges(spec: TrajectorySpec) -> str:

@@ -5,8 +5,9 @@ torch costs two seconds of import before the first multiplication, more than the
 (the cold-query target of issue 12 is three seconds), while the forward pass itself is a few small
 matrix products per step. `TrajectoryForward` computes exactly trajectory_model.TrajectoryExamples'
 outputs (the GRU equations of trajectory_model.GRU, the monotone quantiles, the event and propensity
-heads) with, when given, one site's conformal offsets applied as trajectory.ConformalTrajectory applies
-them. tests/test_trajectory_inference.py holds it to the torch model on random weights and inputs.
+heads, the per-step policy) with, when given, one site's conformal offsets applied as
+trajectory.ConformalTrajectory applies them. tests/test_trajectory_inference.py holds it to the torch model on
+random weights and inputs.
 
 Training, and computing a site's conformal calibration, stay in torch; this only reads weights (a mapping
 from the torch state dict's names to arrays), so it cannot drift from what was trained without the test
@@ -40,6 +41,7 @@ class TrajectoryForward:
         self.layout = TrajectoryLayout.of(spec, static_features)
         self.weights = {name: np.asarray(value, dtype=np.float64) for name, value in weights.items()}
         self.hidden = spec.hidden
+        self.lagged = [t.dosed_on_measurement for t in spec.treatments]
         levels = list(spec.quantiles)
         self.median = levels.index(0.5)
         self.offsets = None if offsets is None else np.asarray(offsets, dtype=np.float64)
@@ -52,12 +54,20 @@ class TrajectoryForward:
         names = [f"net.{part}.{map_}.{kind}" for part in ("encoder", "decoder") for map_ in ("input_map", "hidden_map")
                  for kind in ("weight", "bias")]  # fmt: skip
         names += ["net.quantile_head.weight", "net.quantile_head.bias", "net.event_head.weight", "net.event_head.bias",
-                  "net.base_rate"]  # fmt: skip
+                  "net.base_rate", "net.policy.0.weight", "net.policy.0.bias", "net.policy.2.weight",
+                  "net.policy.2.bias", "net.policy_at_decision.weight", "net.policy_at_decision.bias"]  # fmt: skip
         if self.layout.statics:
             names += ["net.static.weight", "net.static.bias"]
         if self.layout.treatments:
             names += ["net.propensity_head.weight", "net.propensity_head.bias"]
         return names
+
+    def _doses(self, controls: np.ndarray) -> np.ndarray:
+        """trajectory_model.decoder_doses, in numpy (each treatment at its step, or the step before's)."""
+        layout = self.layout
+        same = controls[:, layout.history : layout.history + layout.horizon]
+        before = controls[:, layout.history - 1 : layout.history - 1 + layout.horizon]
+        return np.where(np.asarray(self.lagged, dtype=bool), before, same) if self.lagged else same
 
     def _linear(self, name: str, x: np.ndarray) -> np.ndarray:
         return x @ self.weights[f"net.{name}.weight"].T + self.weights[f"net.{name}.bias"]
@@ -75,15 +85,16 @@ class TrajectoryForward:
             outputs.append(h)
         return np.stack(outputs, axis=1), h
 
-    def _net(self, history: np.ndarray, controls: np.ndarray, statics: np.ndarray):
-        """TrajectoryNet.forward: quantiles (B, F, S, Q), the event's logit (B,), propensity logits (B, R)."""
+    def _net(self, history: np.ndarray, controls: np.ndarray, statics: np.ndarray, observed: np.ndarray):
+        """TrajectoryNet.forward: quantiles (B, F, S, Q), the event's logit (B,), propensity logits (B, R), the
+        policy's logits at every step ahead (B, F, R, 2)."""
         layout, batch = self.layout, history.shape[0]
         context = np.tanh(self._linear("static", statics)) if layout.statics else np.zeros((batch, self.hidden))
         past = np.concatenate([history.reshape(batch, layout.history, -1), controls[:, : layout.history],
                                np.broadcast_to(context[:, None, :], (batch, layout.history, self.hidden))],
                               axis=-1)  # fmt: skip
         _, state = self._gru("encoder", past, np.zeros((batch, self.hidden)))
-        planned = np.concatenate([controls[:, layout.history :],
+        planned = np.concatenate([self._doses(controls),
                                   np.broadcast_to(context[:, None, :], (batch, layout.horizon, self.hidden))],
                                  axis=-1)  # fmt: skip
         ahead, last = self._gru("decoder", planned, state)
@@ -98,16 +109,25 @@ class TrajectoryForward:
         quantiles = np.concatenate([centre - down, centre, centre + up], axis=-1) + recorded[:, None, :, None]
         logit = self._linear("event_head", np.concatenate([state, last], axis=-1))[:, 0]
         propensity = self._linear("propensity_head", state) if layout.treatments else state[:, :0]
-        return quantiles, logit, propensity
+        now = observed.reshape(batch, layout.horizon, 2 * layout.signals)
+        before = np.concatenate([history[:, -1, :, :2].reshape(batch, 1, -1), now[:, :-1]], axis=1)
+        given = controls[:, layout.history - 1 : layout.history - 1 + layout.horizon]
+        inputs = np.concatenate([np.broadcast_to(state[:, None, :], (batch, layout.horizon, self.hidden)), now, before,
+                                 given], axis=-1)  # fmt: skip
+        seen = self._linear("policy.2", np.tanh(self._linear("policy.0", inputs)))
+        at_decision = self._linear("policy_at_decision", state).reshape(batch, layout.horizon, layout.treatments)
+        return quantiles, logit, propensity, np.stack([seen, at_decision], axis=-1)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         layout, p = self.layout, x.shape[0]
-        statics, history, controls = layout.unpack_inputs(np.asarray(x, dtype=np.float64))
+        x = np.asarray(x, dtype=np.float64)
+        statics, history, controls = layout.unpack_inputs(x)
         w = layout.windows
-        quantiles, logit, propensity = self._net(
+        quantiles, logit, propensity, policy = self._net(
             history.reshape(p * w, layout.history, layout.signals, 3),
             controls.reshape(p * w, layout.history + layout.horizon, layout.treatments),
             np.repeat(statics, w, axis=0),
+            layout.unpack_observed(x).reshape(p * w, layout.horizon, layout.signals, 2),
         )
         quantiles = quantiles.reshape(p, w, layout.horizon, layout.signals, layout.quantiles)
         if self.offsets is not None:  # ConformalTrajectory: each interval widened by its offset, then sorted
@@ -117,4 +137,5 @@ class TrajectoryForward:
                 quantiles[..., high] += self.offsets[index]
             quantiles = np.sort(quantiles, axis=-1)
         base = np.broadcast_to(self.weights["net.base_rate"][None, :], (p, layout.treatments))
-        return np.concatenate([quantiles.reshape(p, -1), logit.reshape(p, w), propensity.reshape(p, -1), base], axis=1)
+        return np.concatenate([quantiles.reshape(p, -1), logit.reshape(p, w), propensity.reshape(p, -1), base,
+                               policy.reshape(p, -1)], axis=1)  # fmt: skip

@@ -60,6 +60,7 @@ class TrajectoryNet(nn.Module):
     def __init__(self, spec: TrajectorySpec, static_features: int) -> None:
         super().__init__()
         self.signals, self.treatments = len(spec.signals), len(spec.treatments)
+        self.lagged = [t.dosed_on_measurement for t in spec.treatments]
         self.history_steps, self.horizon_steps = spec.history_steps, spec.horizon_steps
         self.quantiles = list(spec.quantiles)
         self.median = self.quantiles.index(0.5)
@@ -74,13 +75,24 @@ class TrajectoryNet(nn.Module):
         # learnt base rate per treatment: the numerator of the stabilised weight).
         self.propensity_head = nn.Linear(hidden, self.treatments) if self.treatments else None
         self.base_rate = nn.Parameter(torch.zeros(self.treatments))
+        # The per-step policy, for weighting every step of the horizon (`per_step_inverse_propensity`): the logit
+        # of each treatment at step k ahead from the history (the encoder's state), what was observed at steps k
+        # and k - 1, and what was given at k - 1. It reads the horizon's observed values, which nothing else does.
+        policy_inputs = hidden + 4 * self.signals + self.treatments
+        self.policy = nn.Sequential(nn.Linear(policy_inputs, hidden), nn.Tanh(), nn.Linear(hidden, self.treatments))
+        # ... and the same from the history alone: the numerator of the stabilised per-step weights, so that what
+        # the history already tells (a patient wet at the decision time gets furosemide) cancels and the weights
+        # carry only the ward's response to what it saw during the horizon.
+        self.policy_at_decision = nn.Linear(hidden, self.horizon_steps * self.treatments)
         self.hidden = hidden
 
     def forward(
-        self, history: torch.Tensor, controls: torch.Tensor, statics: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """history (B, H, S, 3), controls (B, H + F, R), statics (B, d) -> quantiles (B, F, S, Q), the event's
-        logit (B,), and each treatment's propensity logit at the first step ahead (B, R)."""
+        self, history: torch.Tensor, controls: torch.Tensor, statics: torch.Tensor, observed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """history (B, H, S, 3), controls (B, H + F, R), statics (B, d), the horizon's observed values and mask
+        (B, F, S, 2; zeros when not given) -> quantiles (B, F, S, Q), the event's logit (B,), each treatment's
+        propensity logit at the first step ahead (B, R), and the policy's logits at every step ahead given what was
+        observed up to it and given the history only (B, F, R, 2)."""
         batch = history.shape[0]
         context = (
             torch.tanh(self.static(statics)) if self.static is not None else history.new_zeros(batch, self.hidden)
@@ -94,10 +106,9 @@ class TrajectoryNet(nn.Module):
             dim=-1,
         )
         _, state = self.encoder(past)
-        planned = torch.cat(
-            [controls[:, self.history_steps :], context[:, None, :].expand(batch, self.horizon_steps, self.hidden)],
-            dim=-1,
-        )
+        h, f = self.history_steps, self.horizon_steps
+        doses = decoder_doses(controls, h, f, self.lagged)
+        planned = torch.cat([doses, context[:, None, :].expand(batch, f, self.hidden)], dim=-1)
         ahead, last = self.decoder(planned, state)
         raw = self.quantile_head(ahead).reshape(batch, self.horizon_steps, self.signals, len(self.quantiles))
         # The forecast is a change from each signal's last recorded value (persistence is the baseline a
@@ -105,7 +116,35 @@ class TrajectoryNet(nn.Module):
         quantiles = _monotone(raw, self.median) + last_recorded(history)[:, None, :, None]
         logit = self.event_head(torch.cat([state, last], dim=-1)).squeeze(-1)
         propensity = self.propensity_head(state) if self.propensity_head is not None else state[:, :0]
-        return quantiles, logit, propensity
+        at_decision = self.policy_at_decision(state).reshape(batch, self.horizon_steps, self.treatments)
+        policy = torch.stack([self._policy(state, history, controls, observed), at_decision], dim=-1)
+        return quantiles, logit, propensity, policy
+
+    def _policy(self, state: torch.Tensor, history: torch.Tensor, controls: torch.Tensor,
+                observed: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """(B, F, R): per step ahead k, from the state, the values observed at k and k - 1 (the history's last
+        step before the first) and the treatments given at k - 1."""
+        batch, f = history.shape[0], self.horizon_steps
+        if observed is None:
+            observed = history.new_zeros(batch, f, self.signals, 2)
+        now = observed.reshape(batch, f, 2 * self.signals)
+        last = history[:, -1, :, :2].reshape(batch, 1, 2 * self.signals)
+        before = torch.cat([last, now[:, :-1]], dim=1)
+        given = controls[:, self.history_steps - 1 : self.history_steps - 1 + f]
+        inputs = torch.cat([state[:, None, :].expand(batch, f, self.hidden), now, before, given], dim=-1)
+        return self.policy(inputs)
+
+
+def decoder_doses(controls: torch.Tensor, history: int, horizon: int, lagged: list[bool]) -> torch.Tensor:
+    """(B, H + F, R) -> the doses the decoder reads at each step ahead (B, F, R): each treatment's own step's,
+    or the step before's for one dosed on a measurement of the same step (Treatment.dosed_on_measurement:
+    its dose of step k acts from step k + 1 on)."""
+    same = controls[:, history : history + horizon]
+    if not any(lagged):
+        return same
+    before = controls[:, history - 1 : history - 1 + horizon]
+    columns = [before[..., r : r + 1] if lag else same[..., r : r + 1] for r, lag in enumerate(lagged)]
+    return torch.cat(columns, dim=-1)
 
 
 def last_recorded(history: torch.Tensor) -> torch.Tensor:
@@ -142,18 +181,21 @@ def patient_loss(
     levels: list[float],
     event_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Each patient's loss, (P,): over their used decision times (`valid`, (P, W)), the weighted mean of the
-    pinball loss on the observed future values and the event's cross-entropy.
+    """Each patient's loss, (P,): the mean over their used decision times (`valid`, (P, W)) of the pinball
+    loss on the observed future values, each step ahead's weighted by `weights`, and the event's
+    cross-entropy (unweighted: the risk is the factual one).
 
     quantiles (P, W, F, S, Q), logit (P, W), future and future_mask (P, W, F, S), event (P, W), weights
-    (P, W): the inverse-propensity weight of each decision time (1 without adjustment).
+    (P, W, F): the inverse-propensity weight of each step ahead (1 without adjustment). The weights are not
+    normalised within a patient: a patient whose treatment the practice rarely gives counts more, as IPW's
+    pseudo-population has more of them (normalising them per patient would cancel a one-window patient's).
     """
-    per_value = pinball(quantiles, future, levels).mean(dim=-1) * future_mask
+    per_value = pinball(quantiles, future, levels).mean(dim=-1) * future_mask  # (P, W, F, S)
     observed = future_mask.sum(dim=(-1, -2)).clamp(min=1.0)
-    forecast = per_value.sum(dim=(-1, -2)) / observed  # (P, W)
+    forecast = (per_value.sum(dim=-1) * weights).sum(dim=-1) / observed  # (P, W)
     risk = functional.binary_cross_entropy_with_logits(logit, event, reduction="none")
-    window = (forecast + event_weight * risk) * weights * valid
-    return window.sum(dim=-1) / (weights * valid).sum(dim=-1).clamp(min=1e-6)
+    window = (forecast + event_weight * risk) * valid
+    return window.sum(dim=-1) / valid.sum(dim=-1).clamp(min=1.0)
 
 
 class TrajectoryExamples(nn.Module):
@@ -175,15 +217,27 @@ class TrajectoryExamples(nn.Module):
         statics, history, controls = layout.unpack_inputs(x)
         w = layout.windows
         repeated = statics[:, None, :].expand(p, w, layout.statics).reshape(p * w, layout.statics)
-        quantiles, logit, propensity = self.net(
+        quantiles, logit, propensity, policy = self.net(
             history.reshape(p * w, layout.history, layout.signals, 3),
             controls.reshape(p * w, layout.history + layout.horizon, layout.treatments),
             repeated,
+            layout.unpack_observed(x).reshape(p * w, layout.horizon, layout.signals, 2),
         )
         base = self.net.base_rate[None, :].expand(p, layout.treatments)
-        return torch.cat([quantiles.reshape(p, -1), logit.reshape(p, w), propensity.reshape(p, -1), base], dim=1)
+        return torch.cat([quantiles.reshape(p, -1), logit.reshape(p, w), propensity.reshape(p, -1), base,
+                          policy.reshape(p, -1)], dim=1)  # fmt: skip
 
 
+
+
+def _log_ratio(logits: torch.Tensor, base: torch.Tensor, treated: torch.Tensor) -> torch.Tensor:
+    """log P(a) - log P(a | ...) of the treatments received (0/1 in `treated`), summed over treatments; `base`
+    broadcasts to `logits`."""
+    given = treated > 0
+    conditional = torch.where(given, functional.logsigmoid(logits), functional.logsigmoid(-logits))
+    marginal_logit = base.expand_as(logits)
+    marginal = torch.where(given, functional.logsigmoid(marginal_logit), functional.logsigmoid(-marginal_logit))
+    return (marginal - conditional).sum(dim=-1)
 
 
 def propensity_weights(propensity: torch.Tensor, base: torch.Tensor, treated: torch.Tensor) -> torch.Tensor:
@@ -193,12 +247,30 @@ def propensity_weights(propensity: torch.Tensor, base: torch.Tensor, treated: to
     own data, so one patient's loss still depends on that patient alone."""
     if propensity.shape[-1] == 0:
         return propensity.new_ones(propensity.shape[:-1])
-    given = treated > 0
-    conditional = torch.where(given, functional.logsigmoid(propensity), functional.logsigmoid(-propensity))
-    marginal_logit = base[:, None, :].expand_as(propensity)
-    marginal = torch.where(given, functional.logsigmoid(marginal_logit), functional.logsigmoid(-marginal_logit))
-    weight = torch.exp((marginal - conditional).sum(dim=-1))
-    return weight.clamp(*WEIGHT_RANGE).detach()
+    return torch.exp(_log_ratio(propensity, base[:, None, :], treated)).clamp(*WEIGHT_RANGE).detach()
+
+
+def step_propensity_weights(policy: torch.Tensor, treated_ahead: torch.Tensor, lagged: list[bool] | None = None
+                            ) -> torch.Tensor:  # fmt: skip
+    """(P, W, F): per step ahead k, the stabilised weight of the treatments received up to it (up to the step
+    before it for a treatment dosed on a measurement of the step, `lagged`: the decoder reads those from the
+    next step on, and the step's values came before the dose): each one's
+    probability given the history alone over its probability given what was known just before it (the
+    history, the values observed up to that step, the treatments before it), product over treatments and
+    steps (the marginal structural model's weights of Robins et al. 2000, with the numerator conditional on
+    the baseline the forecast conditions on too), truncated and detached. policy (P, W, F, R, 2)."""
+    if policy.shape[-2] == 0:
+        return policy.new_ones(policy.shape[:-2])
+    given = treated_ahead > 0
+    seen, baseline = policy[..., 0], policy[..., 1]
+    log = functional.logsigmoid
+    denominator = torch.where(given, log(seen), log(-seen))
+    numerator = torch.where(given, log(baseline), log(-baseline))
+    log_ratio = numerator - denominator  # (P, W, F, R)
+    upto = torch.cumsum(log_ratio, dim=-2)
+    if lagged is not None and any(lagged):
+        upto = upto - log_ratio * torch.tensor(lagged, dtype=log_ratio.dtype, device=log_ratio.device)
+    return torch.exp(upto.sum(dim=-1)).clamp(*WEIGHT_RANGE).detach()
 
 
 def examples_loss(
@@ -207,21 +279,29 @@ def examples_loss(
     outputs: torch.Tensor,
     targets: torch.Tensor,
     event_weight: float = 1.0,
-    adjustment: str = "inverse_propensity",
+    adjustment: str = "per_step_inverse_propensity",
+    lagged: list[bool] | None = None,
 ) -> torch.Tensor:
-    """Each patient's loss (P,) from TrajectoryExamples' outputs and the packed targets: patient_loss with the
-    forecast weighted by the inverse-propensity weights (adjustment 'inverse_propensity'), plus the
-    cross-entropy of the treatment policy and of its base rate, averaged over the patient's used windows."""
+    """Each patient's loss (P,) from TrajectoryExamples' outputs and the packed targets: patient_loss with each
+    step ahead's forecast weighted by the inverse-propensity weights of the adjustment (per step over the
+    horizon, of the first step only, or none), plus the cross-entropy of the treatment policies (at the first
+    step from the history, at every step ahead) and of the base rate, averaged over the patient's used windows."""
     quantiles, logit, propensity, base = layout.unpack_outputs(outputs)
     future, mask, event, valid, weights, treated = layout.unpack_targets(targets)
-    if adjustment == "inverse_propensity":
-        weights = weights * propensity_weights(propensity, base, treated)
-    loss = patient_loss(quantiles, logit, future, mask, event, valid, weights, levels, event_weight)
+    policy, treated_ahead = layout.unpack_policy(outputs), layout.unpack_treated_ahead(targets)
+    steps = weights[..., None].expand(*mask.shape[:3])  # (P, W, F)
+    if adjustment == "per_step_inverse_propensity":
+        steps = steps * step_propensity_weights(policy, treated_ahead, lagged)
+    elif adjustment == "inverse_propensity":
+        steps = steps * propensity_weights(propensity, base, treated)[..., None]
+    loss = patient_loss(quantiles, logit, future, mask, event, valid, steps, levels, event_weight)
     if layout.treatments:
         given = (treated > 0).to(propensity.dtype)
-        policy = functional.binary_cross_entropy_with_logits(propensity, given, reduction="none").sum(dim=-1)
+        first = functional.binary_cross_entropy_with_logits(propensity, given, reduction="none").sum(dim=-1)
         rate = functional.binary_cross_entropy_with_logits(base[:, None, :].expand_as(propensity), given,
                                                            reduction="none").sum(dim=-1)  # fmt: skip
+        both = (treated_ahead > 0).to(policy.dtype)[..., None].expand_as(policy)
+        ahead = functional.binary_cross_entropy_with_logits(policy, both, reduction="none").sum(dim=(-1, -2, -3))
         used = valid.sum(dim=-1).clamp(min=1.0)
-        loss = loss + ((policy + rate) * valid).sum(dim=-1) / used
+        loss = loss + ((first + rate + ahead) * valid).sum(dim=-1) / used
     return loss

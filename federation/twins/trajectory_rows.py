@@ -36,10 +36,15 @@ class SeriesWindows(Protocol):
 class TrajectoryLayout:
     """How one patient's windows lie in one flat row, so that a row is a patient (the privacy unit) for the
     trainer. Inputs: the static covariates, then per window the history (H, S, 3) and the treatments of
-    history and horizon (H + F, R). Targets: per window the future values and their observed mask (F, S
-    each); per window the event, whether the window is used, and its weight; per window whether each
-    treatment was given in the first step ahead (R). Outputs: per window the quantiles (F, S, Q); per window
-    the event's logit; per window the treatments' propensity logits (R); the treatments' base-rate logits (R).
+    history and horizon (H + F, R); last, per window, the values observed over the horizon and their mask
+    (F, S, 2), which only the treatment policy reads (the per-step weights: what the ward saw before it
+    treated) and which are zero when the twin is asked. Targets: per window the future values and their
+    observed mask (F, S each); per window the event, whether the window is used, and its weight; per window
+    whether each treatment was given in the first step ahead (R); last, per window, whether each was given
+    in each step ahead (F, R). Outputs: per window the quantiles (F, S, Q); per window the event's logit;
+    per window the treatments' propensity logits at the first step from the history (R); the treatments'
+    base-rate logits (R); last, per window, the policy's logits of each treatment at each step ahead given
+    what was observed up to it, and given the history only (F, R, 2).
     The unpacking works alike on numpy arrays and torch tensors (slices and reshapes only)."""
 
     statics: int
@@ -60,33 +65,48 @@ class TrajectoryLayout:
         return self.history * self.signals * 3, (self.history + self.horizon) * self.treatments
 
     @property
+    def _observed_width(self) -> int:
+        return self.windows * self.horizon * self.signals * 2
+
+    @property
     def input_width(self) -> int:
-        return self.statics + self.windows * sum(self._window_inputs)
+        return self.statics + self.windows * sum(self._window_inputs) + self._observed_width
 
     @property
     def target_width(self) -> int:
-        return self.windows * (2 * self.horizon * self.signals + 3 + self.treatments)
+        return self.windows * (2 * self.horizon * self.signals + 3 + self.treatments + self.horizon * self.treatments)
 
     @property
     def output_width(self) -> int:
-        return self.windows * (self.horizon * self.signals * self.quantiles + 1 + self.treatments) + self.treatments
+        forecast, policy = self.horizon * self.signals * self.quantiles, 2 * self.horizon * self.treatments
+        per_window = forecast + 1 + self.treatments + policy
+        return self.windows * per_window + self.treatments
 
-    def pack_inputs(self, statics: np.ndarray, history: np.ndarray, controls: np.ndarray) -> np.ndarray:
-        """(n, statics), (n, W, H, S, 3), (n, W, H + F, R) -> (n, input_width) float32."""
+    def pack_inputs(self, statics: np.ndarray, history: np.ndarray, controls: np.ndarray,
+                    observed: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+        """(n, statics), (n, W, H, S, 3), (n, W, H + F, R) and the horizon's observed values with their mask
+        (n, W, F, S, 2; zero when not given, as when the twin is asked) -> (n, input_width) float32."""
         n = len(statics)  # the widths are spelled out: with no patient (n = 0) numpy cannot infer them
         history_width, control_width = self._window_inputs
         per_window = np.concatenate([history.reshape(n, self.windows, history_width),
                                      controls.reshape(n, self.windows, control_width)], axis=2)  # fmt: skip
+        observed = np.zeros((n, self._observed_width)) if observed is None else observed.reshape(n, -1)
         return np.concatenate([statics.reshape(n, self.statics),
-                               per_window.reshape(n, self.windows * (history_width + control_width))],
+                               per_window.reshape(n, self.windows * (history_width + control_width)), observed],
                               axis=1).astype(np.float32)  # fmt: skip
+
+    def unpack_observed(self, x: A) -> A:
+        """(P, input_width) -> the horizon's observed values and mask (P, W, F, S, 2), for the policy only."""
+        return x[:, x.shape[1] - self._observed_width :].reshape(x.shape[0], self.windows, self.horizon,
+                                                                   self.signals, 2)  # fmt: skip
 
     def unpack_inputs(self, x: A) -> tuple[A, A, A]:
         """(P, input_width) -> statics (P, d), history (P, W, H, S, 3), controls (P, W, H + F, R)."""
         p = x.shape[0]
         history_width, control_width = self._window_inputs
         statics = x[:, : self.statics]
-        windows = x[:, self.statics :].reshape(p, self.windows, history_width + control_width)
+        end = self.statics + self.windows * (history_width + control_width)
+        windows = x[:, self.statics : end].reshape(p, self.windows, history_width + control_width)
         history = windows[..., :history_width].reshape(p, self.windows, self.history, self.signals, 3)
         controls = windows[..., history_width:].reshape(p, self.windows, self.history + self.horizon, self.treatments)
         return statics, history, controls
@@ -98,17 +118,19 @@ class TrajectoryLayout:
         event: np.ndarray,
         valid: np.ndarray,
         weights: np.ndarray,
-        treated: np.ndarray | None = None,
+        treated_ahead: np.ndarray | None = None,
     ) -> np.ndarray:
-        """(n, W, F, S) x 2, (n, W) x 3 and (n, W, R) -> (n, target_width) float32."""
+        """(n, W, F, S) x 2, (n, W) x 3 and whether each treatment was given in each step ahead (n, W, F, R)
+        -> (n, target_width) float32."""
         n = len(future)
-        if treated is None:
-            treated = np.zeros((n, self.windows, self.treatments))
+        if treated_ahead is None:
+            treated_ahead = np.zeros((n, self.windows, self.horizon, self.treatments))
         w, values = self.windows, self.horizon * self.signals  # spelled out: with n = 0 numpy cannot infer them
         both = np.concatenate([future.reshape(n, w, values), mask.reshape(n, w, values)], axis=2)
         flags = np.stack([event, valid, weights], axis=2)
-        treated = np.asarray(treated).reshape(n, w * self.treatments)
-        parts = [both.reshape(n, w * 2 * values), flags.reshape(n, w * 3), treated]
+        ahead = np.asarray(treated_ahead).reshape(n, w, self.horizon, self.treatments)
+        parts = [both.reshape(n, w * 2 * values), flags.reshape(n, w * 3), ahead[:, :, 0].reshape(n, -1),
+                 ahead.reshape(n, -1)]  # fmt: skip
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     def unpack_targets(self, y: A) -> tuple[A, ...]:
@@ -117,8 +139,13 @@ class TrajectoryLayout:
         first, second = self.windows * 2 * values, self.windows * (2 * values + 3)
         head = y[:, :first].reshape(p, self.windows, 2, self.horizon, self.signals)
         flags = y[:, first:second].reshape(p, self.windows, 3)
-        treated = y[:, second:].reshape(p, self.windows, self.treatments)
+        treated = y[:, second : second + self.windows * self.treatments].reshape(p, self.windows, self.treatments)
         return head[:, :, 0], head[:, :, 1], flags[..., 0], flags[..., 1], flags[..., 2], treated
+
+    def unpack_treated_ahead(self, y: A) -> A:
+        """(P, target_width) -> whether each treatment was given in each step ahead (P, W, F, R)."""
+        width = self.windows * self.horizon * self.treatments
+        return y[:, y.shape[1] - width :].reshape(y.shape[0], self.windows, self.horizon, self.treatments)
 
     def unpack_outputs(self, out: A) -> tuple[A, A, A, A]:
         """(P, output_width) -> quantiles (P, W, F, S, Q), logit (P, W), propensity (P, W, R), base rate (P, R)."""
@@ -127,7 +154,13 @@ class TrajectoryLayout:
         quantiles = out[:, :forecast].reshape(p, w, self.horizon, self.signals, self.quantiles)
         logit = out[:, forecast : forecast + w]
         propensity = out[:, forecast + w : forecast + w + w * r].reshape(p, w, r)
-        return quantiles, logit, propensity, out[:, forecast + w + w * r :]
+        return quantiles, logit, propensity, out[:, forecast + w + w * r : forecast + w + w * r + r]
+
+    def unpack_policy(self, out: A) -> A:
+        """(P, output_width) -> the policy's logits of each treatment at each step ahead, given what was
+        observed up to it and given the history only (P, W, F, R, 2)."""
+        width = self.windows * self.horizon * self.treatments * 2
+        return out[:, out.shape[1] - width :].reshape(out.shape[0], self.windows, self.horizon, self.treatments, 2)
 
 
 def scale_signals(spec: TrajectorySpec, values: np.ndarray, observed: np.ndarray) -> np.ndarray:
@@ -161,7 +194,8 @@ def pack(spec: TrajectorySpec, statics: np.ndarray, windows: SeriesWindows, labe
     valid = np.asarray(windows.valid, dtype=np.float64)
     n, w = valid.shape
     event = np.repeat(np.asarray(labels, dtype=np.float64)[:, None], w, axis=1)
-    treated = (controls[:, :, spec.history_steps, :] > 0).astype(np.float64)
-    inputs = layout.pack_inputs(statics, history, controls)
-    targets = layout.pack_targets(future, windows.future_mask, event, valid, np.ones((n, w)), treated)
+    treated_ahead = (controls[:, :, spec.history_steps :, :] > 0).astype(np.float64)
+    observed = np.stack([future, np.asarray(windows.future_mask, dtype=np.float64)], axis=-1)
+    inputs = layout.pack_inputs(statics, history, controls, observed)
+    targets = layout.pack_targets(future, windows.future_mask, event, valid, np.ones((n, w)), treated_ahead)
     return inputs, targets

@@ -35,7 +35,8 @@ def patient(
     ] = None,
     at: Annotated[
         dt.datetime | None,
-        typer.Option("--at", help="Answer at the patient's latest decision time at or before this (default: latest)."),
+        typer.Option("--at", help="Answer at this time of the stay, from the history up to it (default: the patient's "
+                     "latest decision time of the study)."),
     ] = None,
     scenario: Annotated[
         Path | None,

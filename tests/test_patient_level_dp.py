@@ -62,6 +62,12 @@ def test_the_layout_round_trips_every_part_of_a_patient():
     for got, want in zip((*layout.unpack_targets(y), layout.unpack_treated_ahead(y)),
                          (future, mask, *flags, ahead[:, :, 0], ahead), strict=True):  # fmt: skip
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    # no patient at all (a twin query whose patients are all outside the cohort): empty rows of the full width
+    none = layout.pack_inputs(np.zeros((0, STATICS)), np.zeros((0, 3, 3, 2, 3)), np.zeros((0, 3, 5, 1)),
+                              np.zeros((0, 3, 2, 2, 2)))  # fmt: skip
+    assert none.shape == (0, layout.input_width)
+    empty = layout.pack_targets(*(np.zeros((0, 3, 2, 2)),) * 2, *(np.zeros((0, 3)),) * 3, np.zeros((0, 3, 2, 1)))
+    assert empty.shape == (0, layout.target_width)
 
 
 def test_each_patients_gradient_is_clipped_as_a_whole_and_equals_autograd_of_that_patient_alone():

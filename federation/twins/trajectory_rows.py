@@ -90,7 +90,8 @@ class TrajectoryLayout:
         history_width, control_width = self._window_inputs
         per_window = np.concatenate([history.reshape(n, self.windows, history_width),
                                      controls.reshape(n, self.windows, control_width)], axis=2)  # fmt: skip
-        observed = np.zeros((n, self._observed_width)) if observed is None else observed.reshape(n, -1)
+        width = self._observed_width
+        observed = np.zeros((n, width)) if observed is None else observed.reshape(n, width)
         return np.concatenate([statics.reshape(n, self.statics),
                                per_window.reshape(n, self.windows * (history_width + control_width)), observed],
                               axis=1).astype(np.float32)  # fmt: skip
@@ -129,8 +130,9 @@ class TrajectoryLayout:
         both = np.concatenate([future.reshape(n, w, values), mask.reshape(n, w, values)], axis=2)
         flags = np.stack([event, valid, weights], axis=2)
         ahead = np.asarray(treated_ahead).reshape(n, w, self.horizon, self.treatments)
-        parts = [both.reshape(n, w * 2 * values), flags.reshape(n, w * 3), ahead[:, :, 0].reshape(n, -1),
-                 ahead.reshape(n, -1)]  # fmt: skip
+        r = self.treatments
+        parts = [both.reshape(n, w * 2 * values), flags.reshape(n, w * 3), ahead[:, :, 0].reshape(n, w * r),
+                 ahead.reshape(n, w * self.horizon * r)]  # fmt: skip
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     def unpack_targets(self, y: A) -> tuple[A, ...]:

@@ -178,6 +178,11 @@ class TrajectorySpec(Strict):
     conformal_fraction: float = Field(0.2, gt=0, le=0.5)
     event_risk: bool = True
 
+    @property
+    def lagged(self) -> list[bool]:
+        """Per treatment, whether the twin reads its dose from the next step on (`dosed_on_measurement`)."""
+        return [t.dosed_on_measurement for t in self.treatments]
+
     @model_validator(mode="after")
     def _consistent(self) -> TrajectorySpec:
         names = [s.name for s in self.signals] + [t.name for t in self.treatments]

@@ -151,7 +151,7 @@ class TrajectoryKind(RiskKind):
 
     def loss(self, spec: TrajectorySpec, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return examples_loss(_layout(spec), list(spec.quantiles), outputs, targets, adjustment=spec.adjustment,
-                             lagged=[r.dosed_on_measurement for r in spec.treatments])  # fmt: skip
+                             lagged=spec.lagged)  # fmt: skip
 
     def output_gradient(self, spec, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """d loss_i / d outputs_i by autograd (the loss is too involved to write out; each patient's loss

@@ -24,7 +24,7 @@ from federation.contract.twin_specs import INTERVALS, TrajectorySpec
 from federation.twins.trajectory_rows import TrajectoryLayout
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # the logistic function without overflow for large |x|
 
 
@@ -41,7 +41,7 @@ class TrajectoryForward:
         self.layout = TrajectoryLayout.of(spec, static_features)
         self.weights = {name: np.asarray(value, dtype=np.float64) for name, value in weights.items()}
         self.hidden = spec.hidden
-        self.lagged = [t.dosed_on_measurement for t in spec.treatments]
+        self.lagged = spec.lagged
         levels = list(spec.quantiles)
         self.median = levels.index(0.5)
         self.offsets = None if offsets is None else np.asarray(offsets, dtype=np.float64)
@@ -79,7 +79,7 @@ class TrajectoryForward:
         for t in range(x.shape[1]):
             ir, iz, inew = np.split(projected[:, t], 3, axis=-1)
             hr, hz, hnew = np.split(self._linear(f"{name}.hidden_map", h), 3, axis=-1)
-            reset, update = _sigmoid(ir + hr), _sigmoid(iz + hz)
+            reset, update = sigmoid(ir + hr), sigmoid(iz + hz)
             candidate = np.tanh(inew + reset * hnew)
             h = (1 - update) * candidate + update * h
             outputs.append(h)

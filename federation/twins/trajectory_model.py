@@ -60,7 +60,7 @@ class TrajectoryNet(nn.Module):
     def __init__(self, spec: TrajectorySpec, static_features: int) -> None:
         super().__init__()
         self.signals, self.treatments = len(spec.signals), len(spec.treatments)
-        self.lagged = [t.dosed_on_measurement for t in spec.treatments]
+        self.lagged = spec.lagged
         self.history_steps, self.horizon_steps = spec.history_steps, spec.horizon_steps
         self.quantiles = list(spec.quantiles)
         self.median = self.quantiles.index(0.5)
@@ -230,14 +230,13 @@ class TrajectoryExamples(nn.Module):
 
 
 
-def _log_ratio(logits: torch.Tensor, base: torch.Tensor, treated: torch.Tensor) -> torch.Tensor:
-    """log P(a) - log P(a | ...) of the treatments received (0/1 in `treated`), summed over treatments; `base`
-    broadcasts to `logits`."""
+def _log_ratio(logits: torch.Tensor, reference: torch.Tensor, treated: torch.Tensor) -> torch.Tensor:
+    """Per treatment, log P(a | reference) - log P(a | logits) of the treatments received (0/1 in `treated`);
+    `reference` (the numerator's logits) broadcasts to `logits`."""
     given = treated > 0
-    conditional = torch.where(given, functional.logsigmoid(logits), functional.logsigmoid(-logits))
-    marginal_logit = base.expand_as(logits)
-    marginal = torch.where(given, functional.logsigmoid(marginal_logit), functional.logsigmoid(-marginal_logit))
-    return (marginal - conditional).sum(dim=-1)
+    log = functional.logsigmoid
+    reference = reference.expand_as(logits)
+    return torch.where(given, log(reference), log(-reference)) - torch.where(given, log(logits), log(-logits))
 
 
 def propensity_weights(propensity: torch.Tensor, base: torch.Tensor, treated: torch.Tensor) -> torch.Tensor:
@@ -247,26 +246,22 @@ def propensity_weights(propensity: torch.Tensor, base: torch.Tensor, treated: to
     own data, so one patient's loss still depends on that patient alone."""
     if propensity.shape[-1] == 0:
         return propensity.new_ones(propensity.shape[:-1])
-    return torch.exp(_log_ratio(propensity, base[:, None, :], treated)).clamp(*WEIGHT_RANGE).detach()
+    log_ratio = _log_ratio(propensity, base[:, None, :], treated).sum(dim=-1)
+    return torch.exp(log_ratio).clamp(*WEIGHT_RANGE).detach()
 
 
 def step_propensity_weights(policy: torch.Tensor, treated_ahead: torch.Tensor, lagged: list[bool] | None = None
                             ) -> torch.Tensor:  # fmt: skip
     """(P, W, F): per step ahead k, the stabilised weight of the treatments received up to it (up to the step
     before it for a treatment dosed on a measurement of the step, `lagged`: the decoder reads those from the
-    next step on, and the step's values came before the dose): each one's
-    probability given the history alone over its probability given what was known just before it (the
-    history, the values observed up to that step, the treatments before it), product over treatments and
-    steps (the marginal structural model's weights of Robins et al. 2000, with the numerator conditional on
-    the baseline the forecast conditions on too), truncated and detached. policy (P, W, F, R, 2)."""
+    next step on, and the step's values came before the dose): each one's probability given the history
+    alone over its probability given what was known just before it (the history, the values observed up to
+    that step, the treatments before it), product over treatments and steps (the marginal structural
+    model's weights of Robins et al. 2000, with the numerator conditional on the baseline the forecast
+    conditions on too), truncated and detached. policy (P, W, F, R, 2)."""
     if policy.shape[-2] == 0:
         return policy.new_ones(policy.shape[:-2])
-    given = treated_ahead > 0
-    seen, baseline = policy[..., 0], policy[..., 1]
-    log = functional.logsigmoid
-    denominator = torch.where(given, log(seen), log(-seen))
-    numerator = torch.where(given, log(baseline), log(-baseline))
-    log_ratio = numerator - denominator  # (P, W, F, R)
+    log_ratio = _log_ratio(policy[..., 0], policy[..., 1], treated_ahead)  # (P, W, F, R)
     upto = torch.cumsum(log_ratio, dim=-2)
     if lagged is not None and any(lagged):
         upto = upto - log_ratio * torch.tensor(lagged, dtype=log_ratio.dtype, device=log_ratio.device)

@@ -13,10 +13,11 @@ answer comes from a numpy copy of the calibrated weights (federation.twins.traje
 query costs the database driver's import, the cohort selection, and that patient's events. Only the first
 query after a new model (or new data) imports torch, to read the weights and compute the calibration.
 
-The twin answers at the study's decision times (the prediction time, then every horizon while the patient
-is in hospital): `at` picks the latest of the patient's decision times at or before it (default: their
-latest). The planned treatments of the factual forecast are those recorded after the decision time (none
-when it is now); a scenario changes them, nothing else.
+The twin answers at the patient's latest decision time of the study by default (the prediction time, then
+every horizon while in hospital), or at any time `at` of the stay: within a minute of a decision time, that
+one; otherwise that patient's rows are built with the history up to that very time. The planned treatments
+of the factual forecast are those recorded after that time (none when it is now); a scenario changes them,
+nothing else.
 
 Governance: the study must be approved at this site and listed in the policy's `twin_query_studies`;
 nothing patient-level leaves the site (the answer is for the clinician at the site).
@@ -38,7 +39,7 @@ from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 from federation.contract import StudySpec, study_hash
 from federation.contract.features import feature_names
 from federation.contract.twin_specs import INTERVALS, WEIGHT_RANGE, TrajectorySpec
-from federation.twins.trajectory_inference import TrajectoryForward
+from federation.twins.trajectory_inference import TrajectoryForward, sigmoid
 from federation.twins.trajectory_rows import TrajectoryLayout, unscale_signals
 from omop_etl.database import open_engine
 from omop_etl.identity import SiteKeys, load_or_create_secret
@@ -226,10 +227,10 @@ class PatientTwin:
             weights = load_weights(weights_file(kept_path), kept.weights_sha256)
             if weights is not None:
                 return kept, weights
-        return self._calibrate(path, file_sha256, by_hand, key, kept)
+        return self._calibrate(path, file_sha256, by_hand, key, kept, kept_path)
 
-    def _calibrate(self, path: Path, file_sha256: str, by_hand: bool, key, kept: SiteCalibration | None
-                   ) -> tuple[SiteCalibration, dict]:  # fmt: skip
+    def _calibrate(self, path: Path, file_sha256: str, by_hand: bool, key, kept: SiteCalibration | None,
+                   kept_path: Path) -> tuple[SiteCalibration, dict]:  # fmt: skip
         """Read the model file (torch), and compute the offsets from the calibration patients (building the
         whole cohort once, whose rows are kept too) unless the kept ones hold for these very weights; keep
         both, with the numpy copy of the weights, for the queries to come."""
@@ -267,7 +268,6 @@ class PatientTwin:
                                     data_state_readable=key.omop_state is not None,
                                     calibration_patients=len(calibration.person_ids), offsets=offsets,
                                     practice_overall=self._practice(weights, calibration), computed_at=now)  # fmt: skip
-        kept_path = calibration_file(self.node.config.base_dir, self.digest)
         save_weights(weights_file(kept_path), weights)
         save_calibration(kept_path, fresh)
         return fresh, weights
@@ -279,7 +279,7 @@ class PatientTwin:
         if not valid.any():
             return [0.5] * self.layout.treatments
         outputs = TrajectoryForward(self.spec.model, self.layout.statics, weights)(calibration.features)
-        propensity = _sigmoid(self.layout.unpack_outputs(outputs)[2])  # (P, W, R)
+        propensity = sigmoid(self.layout.unpack_outputs(outputs)[2])  # (P, W, R)
         return [float(v) for v in propensity[valid].mean(axis=0)]
 
     # --- one query ------------------------------------------------------------------------------------
@@ -318,7 +318,7 @@ class PatientTwin:
             batch[index, spec.history_steps :] = planned
         quantiles, risks, given = self._run(statics, base_history, batch)
         practice = {t.name: float(given[r]) for r, t in enumerate(spec.treatments)}
-        overall = self.calibration.practice_overall if self.calibration is not None else [0.5] * len(practice)
+        overall = self.calibration.practice_overall  # type: ignore[union-attr] (set by `open`)
         practice_overall = {t.name: float(overall[r]) for r, t in enumerate(spec.treatments)}
         forecasts = [
             self._forecast(name, words, planned, quantiles[i], risks[i], base_history[0])
@@ -383,7 +383,7 @@ class PatientTwin:
         rows_history[:, 0], rows_controls[:, 0] = history, controls
         x = layout.pack_inputs(np.repeat(statics, k, axis=0), rows_history, rows_controls)
         quantiles, logit, propensity, _ = layout.unpack_outputs(self.model(x))
-        return quantiles[:, 0], _sigmoid(logit[:, 0]), _sigmoid(propensity[0, 0])
+        return quantiles[:, 0], sigmoid(logit[:, 0]), sigmoid(propensity[0, 0])
 
     def _forecast(self, name: str, words: str, planned: np.ndarray, quantiles: np.ndarray, risk: float,
                   history: np.ndarray) -> ScenarioForecast:  # fmt: skip
@@ -446,10 +446,6 @@ class PatientTwin:
 
     def _person_key(self, hospital_id: str) -> str:
         return self.keys.keyed_hex(f"twinfed twin query person v1\x00{hospital_id}")
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 def _outside_practice(spec: TrajectorySpec, practice: dict[str, float], overall: dict[str, float],

@@ -18,6 +18,7 @@ from federation.contract.receipts import Participation, RoundReceipt, SiteReceip
 from federation.coordinator.checkpoint import Checkpoint, CheckpointMismatch, load_checkpoint, save_checkpoint
 from federation.coordinator.model_card import write_model_card
 from federation.coordinator.runner import RunResult, initial_weights
+from federation.deploy.link_instance import INSTANCE_ENV, GuardedGrid, LinkInstance, RunSuperseded, start_instance
 from federation.twins.risk_pooling import hanley_mcneil_se, pool_evaluations
 from tests.site_helpers import study
 
@@ -178,3 +179,40 @@ def test_selection_keeps_the_best_validation_round_and_counts_rounds_without_imp
     assert selection.stale_rounds == 3, "early stopping with patience 3 ends training after round 5"
     selection.offer(6, weights, 0.80)
     assert selection.round == 6 and selection.stale_rounds == 0
+
+
+class _CountingGrid:
+    """The Flower Grid's boundary: what the runner asked of it (a real one needs a running SuperLink)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def push_messages(self, messages):
+        self.calls.append("push")
+        return ["m1"]
+
+    def pull_messages(self, message_ids):
+        self.calls.append("pull")
+        return []
+
+    def get_node_ids(self):
+        self.calls.append("nodes")
+        return [1, 2]
+
+
+def test_a_serverapp_left_over_from_a_killed_coordinator_stops_before_it_sends_anything(tmp_path, monkeypatch):
+    superlink_dir = tmp_path / "superlink"
+    monkeypatch.setenv(INSTANCE_ENV, start_instance(superlink_dir))
+    instance = LinkInstance.from_environment(superlink_dir)
+    assert instance is not None
+    grid = _CountingGrid()
+    guarded = GuardedGrid(grid, instance)
+    assert guarded.get_node_ids() == [1, 2] and guarded.push_messages([]) == ["m1"]
+    start_instance(superlink_dir)  # the coordinator is restarted over the same folder
+    with pytest.raises(RunSuperseded, match=r"restarted under this run.*--resume"):
+        guarded.push_messages([])
+    with pytest.raises(RunSuperseded):
+        guarded.pull_messages(["m1"])
+    assert grid.calls == ["nodes", "push"], "nothing reached the restarted SuperLink"
+    monkeypatch.delenv(INSTANCE_ENV)
+    assert LinkInstance.from_environment(superlink_dir) is None, "no guard where no coordinator started the run"

@@ -157,7 +157,13 @@ def test_a_coordinator_killed_mid_study_resumes_from_its_last_round(prepared_sit
         # On failure, say what each site saw: its SuperNode log holds the messages it pulled and sent.
         logs = {site: (path.parent / "supernode.log") for site, path in site_files.items()}
         seen = "\n".join(f"--- {s}: ...{p.read_text(errors='replace')[-6000:]}" for s, p in logs.items() if p.exists())
-        assert code == 0, f"{resumed.output}\n{seen}"
+        superlink = root / "superlink" / "superlink.log"
+        coordinator = "\n".join(live.coordinator.lines[-40:])
+        if superlink.exists():  # the SuperLink says which replies it stored, refused or expired
+            lines = superlink.read_text(errors="replace").splitlines()
+            kept = [ln for ln in lines if ln.strip() and "heartbeat" not in ln]
+            coordinator += "\n--- superlink.log: ...\n" + "\n".join(kept[-150:])
+        assert code == 0, f"{resumed.output}\n{seen}\n--- coordinator: ...\n{coordinator}"
         assert "Resuming run" in resumed.output and "Round 1/3" not in resumed.output
         assert "Round 3/3" in resumed.output
 

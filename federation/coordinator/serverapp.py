@@ -25,7 +25,8 @@ from federation.common.flower import quiet_by_default
 from federation.contract import parse_study
 from federation.coordinator.model_card import write_model_card
 from federation.coordinator.runner import StudyRunner, StudyStopped
-from federation.deploy.deployment import COORDINATOR_DIR_ENV
+from federation.deploy.deployment import COORDINATOR_DIR_ENV, CoordinatorLayout
+from federation.deploy.link_instance import GuardedGrid, LinkInstance, RunSuperseded
 
 quiet_by_default()
 DEFAULT_COORDINATOR_DIR = Path.home() / ".local" / "share" / "twinfed" / "coordinator"
@@ -48,9 +49,12 @@ def decode_study(value: str):
     return parse_study(data, source="submitted study")
 
 
+def coordinator_dir() -> Path:
+    return Path(os.environ.get(COORDINATOR_DIR_ENV) or DEFAULT_COORDINATOR_DIR)
+
+
 def run_folder(study_id: str, run_name: str) -> Path:
-    base = Path(os.environ.get(COORDINATOR_DIR_ENV) or DEFAULT_COORDINATOR_DIR)
-    return base / "studies" / study_id / run_name
+    return coordinator_dir() / "studies" / study_id / run_name
 
 
 @app.main()
@@ -61,6 +65,10 @@ def main(grid: Grid, context: Context) -> None:
     folder = run_folder(spec.study.id, run_name)
     held_out = str(config.get("held-out-site", "") or "").strip() or None
     print(f"twinfed coordinator: study {spec.study.id}, run '{run_name}', output in {folder}", flush=True)
+    instance = LinkInstance.from_environment(CoordinatorLayout(coordinator_dir()).keys.superlink_dir)
+    if instance is not None:
+        instance.check()
+        grid = GuardedGrid(grid, instance)  # type: ignore[assignment]
     runner = StudyRunner(
         grid,
         spec,
@@ -73,6 +81,9 @@ def main(grid: Grid, context: Context) -> None:
     )
     try:
         result = runner.run()
+    except RunSuperseded as superseded:
+        print(f"Study run stopped: {superseded}.", flush=True)
+        raise
     except StudyStopped as stopped:
         print(f"Study not run: {stopped}", flush=True)
         raise

@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -61,6 +61,7 @@ from federation.common.processes import (
     check_port_free,
     stop_signals,
 )
+from federation.deploy.link_instance import INSTANCE_ENV, start_instance
 from federation.deploy.provision import Consortium, ConsortiumLayout, load_consortium
 
 CONNECTION_NAME = "twinfed"
@@ -350,7 +351,10 @@ def _supervise_superlink(
     dial = local_dial_host(host)
     cli_config = write_cli_connection(layout.cli_home, format_address(dial, port), layout.keys.superlink_ca)
     layout.studies.mkdir(parents=True, exist_ok=True)
-    child = Supervised(spec)
+    # This start's own instance id: a ServerApp of an earlier start (still draining after a crash) sees
+    # the file change and stops instead of joining this SuperLink.
+    instance = start_instance(layout.keys.superlink_dir)
+    child = Supervised(replace(spec, env={**spec.env, INSTANCE_ENV: instance}))
     with stop_signals():
         try:
             child.start()

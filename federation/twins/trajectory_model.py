@@ -296,7 +296,11 @@ def examples_loss(
         rate = functional.binary_cross_entropy_with_logits(base[:, None, :].expand_as(propensity), given,
                                                            reduction="none").sum(dim=-1)  # fmt: skip
         both = (treated_ahead > 0).to(policy.dtype)[..., None].expand_as(policy)
-        ahead = functional.binary_cross_entropy_with_logits(policy, both, reduction="none").sum(dim=(-1, -2, -3))
+        # Averaged over the steps ahead and the two heads, so the per-step policy weighs as much as the
+        # first-step one: summed, its 2 x horizon terms per treatment took most of each patient's clipped
+        # gradient under DP-SGD and starved the forecast and event heads.
+        ahead = functional.binary_cross_entropy_with_logits(policy, both, reduction="none")
+        ahead = ahead.mean(dim=(-1, -3)).sum(dim=-1)
         used = valid.sum(dim=-1).clamp(min=1.0)
         loss = loss + ((first + rate + ahead) * valid).sum(dim=-1) / used
     return loss

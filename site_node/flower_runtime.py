@@ -21,7 +21,9 @@ What is used beyond Flower's documented CLI (tested with flwr 1.41 and 1.42, whe
 globals `time` and `_pull_and_store_message`; `flwr.supercore.superexec.run_superexec.run_superexec` and
 its module global `get_executor`; the executor interface in `flwr.supercore.superexec.executor.types`
 (ExecutionSpec's fields, LaunchResult); `flwr.supernode.runtime.run_clientapp.run_clientapp`;
-`flwr.supercore.exit.exit_handler.registered_exit_handlers`; `MAX_RETRY_DELAY` in
+`flwr.supercore.exit.exit_handler.registered_exit_handlers`; the SuperNode's in-memory message store
+(`InMemoryNodeState.msg_store`, `lock_msg_store`, `MessageEntry.is_retrieved`), looked at to send a reply
+the loop left behind (`paced_pull`); `MAX_RETRY_DELAY` in
 `flwr.supercore.retry.http_retry` and `grpc_retry` (the SuperNode's reconnect wait, capped); in a task's
 child, the defaults of `flwr.supercore.inflatable.inflatable_utils.pull_and_inflate_object_from_tree`.
 `check_flower()` verifies the version and every one of these before a site starts, and says what to do when they do not
@@ -34,7 +36,7 @@ import dataclasses
 import inspect
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
@@ -140,6 +142,13 @@ def _shape_mismatches() -> list[str]:
     fields = {f.name for f in dataclasses.fields(ExecutionSpec)} if dataclasses.is_dataclass(ExecutionSpec) else set()
     if not fields >= _EXECUTION_SPEC_FIELDS:
         problems.append(f"ExecutionSpec fields {sorted(_EXECUTION_SPEC_FIELDS - fields)}")
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState, MessageEntry
+
+    entry_fields = {f.name for f in dataclasses.fields(MessageEntry)} if dataclasses.is_dataclass(MessageEntry) else ()
+    state_init = inspect.getsource(InMemoryNodeState.__init__)
+    if not ({"message", "is_retrieved"} <= set(entry_fields) and "self.msg_store" in state_init
+            and "self.lock_msg_store" in state_init):  # fmt: skip
+        problems.append("InMemoryNodeState.msg_store of MessageEntry(message, is_retrieved)")
     parameters = tuple(inspect.signature(run_clientapp).parameters)
     if parameters[: len(_RUN_CLIENTAPP_PARAMETERS)] != _RUN_CLIENTAPP_PARAMETERS:
         problems.append(f"run_clientapp{parameters}")
@@ -194,6 +203,41 @@ class _PacedTime:
             time.sleep(seconds)
 
 
+def ready_reply_run(state: Any) -> int | None:
+    """The run of a reply that a ClientApp finished and the SuperNode has not taken to send, if any.
+
+    Looked at, not taken (Flower's get_messages_legacy marks what it returns as taken)."""
+    with state.lock_msg_store:
+        for entry in state.msg_store.values():
+            metadata = entry.message.metadata
+            if not entry.is_retrieved and metadata.reply_to_message_id:
+                return int(metadata.run_id)
+    return None
+
+
+def paced_pull(pull: Callable[..., int | None], pacing: Pacing) -> Callable[..., int | None]:
+    """The SuperNode loop's pull step, noting work for `pacing`, and never leaving a finished reply behind.
+
+    Why the second: Flower's loop sends replies only right after a pull that brought a message, and then
+    sends whatever reply is ready first. After a coordinator restart, a site may have pulled a message of
+    the dead run whose receipt the new SuperLink refused (the run is finished); Flower drops it but its
+    ClientApp has already started, so its reply is what the loop sends after the resumed run's message
+    (refused: an old run), and the resumed run's own reply then waits for a next message that never comes:
+    the round times out at every such site (seen in CI). So a pull that brings nothing but finds a reply
+    waiting hands its run to the loop, which sends it at once."""
+
+    def pull_and_note(*args: Any, **kwargs: Any) -> int | None:
+        run_id = pull(*args, **kwargs)
+        if run_id is None:
+            state = kwargs.get("state", args[0] if args else None)
+            run_id = ready_reply_run(state) if state is not None else None
+        if run_id is not None:
+            pacing.worked()
+        return run_id
+
+    return pull_and_note
+
+
 def run_paced_supernode(flower_supernode_args: Sequence[str], pacing: Pacing) -> None:
     """Run Flower's `flower-supernode` command in this process, with `pacing` for its waits.
 
@@ -206,16 +250,8 @@ def run_paced_supernode(flower_supernode_args: Sequence[str], pacing: Pacing) ->
     loop = import_module("flwr.supernode.start_client_internal")
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    pull = loop._pull_and_store_message
-
-    def pull_and_note(*args: Any, **kwargs: Any) -> int | None:
-        run_id = pull(*args, **kwargs)
-        if run_id is not None:
-            pacing.worked()
-        return run_id
-
     loop.time = _PacedTime(pacing)
-    loop._pull_and_store_message = pull_and_note
+    loop._pull_and_store_message = paced_pull(loop._pull_and_store_message, pacing)
     # argv[0] names the command: Flower picks its exit event by it, and argparse its usage line.
     sys.argv = ["flower-supernode", *flower_supernode_args]
     flower_supernode()

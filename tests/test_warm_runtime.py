@@ -86,3 +86,34 @@ def test_warm_runtime_trains_and_honours_a_withdrawal_recorded_between_rounds(pr
     log = (tmp_path / "aster" / "supernode.log").read_text(encoding="utf-8", errors="replace")
     assert READY_TEXT in log and FLOWER_CLIENTAPP_PROCESS not in log
     assert node.governance.audit.verify().ok
+
+
+def _message(run_id: int, message_id: str, reply_to: str = ""):
+    from flwr.app import Metadata, RecordDict
+    from flwr.app.message.message import make_message
+
+    metadata = Metadata(
+        run_id=run_id, message_id=message_id, src_node_id=1, dst_node_id=2, reply_to_message_id=reply_to,
+        group_id="2", created_at=time.time(), ttl=150.0, message_type="train",
+    )  # fmt: skip
+    return make_message(metadata=metadata, content=RecordDict())
+
+
+def test_a_reply_left_behind_by_a_dead_runs_message_is_sent_at_the_next_pull():
+    """After a coordinator restart the SuperNode sent a dead run's reply in the resumed run's turn; the
+    resumed run's own reply then waited for a next message that never came (CI, both sites timed out).
+    The paced pull hands the loop any reply that is waiting, and only then."""
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from site_node.flower_runtime import Pacing, paced_pull, ready_reply_run
+
+    state = InMemoryNodeState(ObjectStoreFactory().store())
+    nothing_new = paced_pull(lambda **_: None, Pacing())
+    state.store_message(_message(41, "a" * 64))  # the resumed run's message, its ClientApp still working
+    assert ready_reply_run(state) is None and nothing_new(state=state) is None, "no reply: nothing to send"
+    state.store_message(_message(41, "b" * 64, reply_to="a" * 64))  # its reply, finished after the loop moved on
+    assert nothing_new(state=state) == 41, "the loop is told to send it now"
+    assert [m.metadata.message_id for m in state.get_messages_legacy(is_reply=True)] == ["b" * 64], "still there"
+    assert nothing_new(state=state) is None, "a reply the loop took is not handed over twice"
+    assert paced_pull(lambda **_: 7, Pacing())(state=state) == 7, "a pulled message goes first, as in Flower"

@@ -1,0 +1,351 @@
+"""The hospital twin's discrete-event simulation of beds (issue 13), on SimPy.
+
+Why SimPy: the model is a network of wards whose beds block one another (a patient boards in the
+emergency department while their ward is full; a patient waiting for an ICU bed keeps the ward bed they
+are in), whose staffed capacity changes by shift, and which starts from the hospital's current state
+(who lies where since when). Ciw models queueing networks with blocking well but not capacity that
+changes by the hour or a warm start from named occupants; SimPy's processes and events express all of
+it directly, and it is small, maintained and pure Python.
+
+A replication draws every random quantity from numpy Generators seeded by the replication's number,
+one per arrival stream and one for the patients already in, and each patient's whole path (wards and
+stays) is drawn when they arrive. So a baseline and a scenario run with the same seed see the same
+patients, arriving when and staying as long, where the scenario does not change that (common random
+numbers: their difference is the scenario's, not the noise's). Each replication keeps only its per-day
+summaries (midnight census, peak occupancy, hours full, patients boarded and their boarding hours), so
+memory does not grow with the number of patients or of replications.
+
+Time is in hours from the simulation's start, which is a midnight; hour-of-day and hour-of-week are taken
+from `start_weekday` (0 = Monday).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+HOURS_PER_DAY = 24
+HOURS_PER_WEEK = 7 * HOURS_PER_DAY
+MAX_HOPS = 10  # wards in one patient's path at most (a loop of transfers is cut there)
+
+# A length-of-stay sampler: (generator, number of stays) -> hours, one per stay.
+StaySampler = Callable[[np.random.Generator, int], np.ndarray]
+
+
+def exponential_stay(mean_hours: float) -> StaySampler:
+    """Exponential lengths of stay (the M/M/c check's; real wards are far from it)."""
+
+    def sample(rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.exponential(mean_hours, n)
+
+    return sample
+
+
+@dataclass(frozen=True)
+class Ward:
+    """A ward: its beds, and the share of them staffed in each hour of the day (1.0: all of them)."""
+
+    name: str
+    beds: int
+    staffed_share: tuple[float, ...] = (1.0,) * HOURS_PER_DAY
+
+    def __post_init__(self) -> None:
+        if self.beds < 1:
+            raise ValueError(f"ward {self.name!r}: beds must be at least 1, not {self.beds}")
+        if len(self.staffed_share) != HOURS_PER_DAY or not all(0.0 <= s <= 1.0 for s in self.staffed_share):
+            raise ValueError(f"ward {self.name!r}: staffed_share needs 24 shares between 0 and 1")
+
+    def capacity(self, hour_of_day: int) -> int:
+        """Beds usable in that hour: the staffed share of the beds, at least one."""
+        return max(1, int(np.floor(self.beds * self.staffed_share[hour_of_day] + 1e-9)))
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """After a stay in `source`, the patient moves to `target` with `probability`, and stays there for a
+    stay drawn from `stay`. They keep their bed in `source` until a bed in `target` is free (blocking)."""
+
+    source: str
+    target: str
+    probability: float
+    stay: StaySampler
+
+
+@dataclass(frozen=True)
+class ArrivalStream:
+    """Patients who arrive needing a bed in `ward` (e.g. emergency admissions to the general ward).
+
+    `rate_per_hour` holds the mean arrivals in each hour of the week (168 values, Monday 00:00 first), or
+    one value for a constant rate; arrivals are a Poisson process with that piecewise-constant intensity.
+    `stay` draws their length of stay in `ward`."""
+
+    name: str
+    ward: str
+    rate_per_hour: tuple[float, ...]
+    stay: StaySampler
+
+    def __post_init__(self) -> None:
+        if len(self.rate_per_hour) not in (1, HOURS_PER_WEEK) or min(self.rate_per_hour) < 0:
+            raise ValueError(f"arrivals {self.name!r}: rate_per_hour needs 1 or 168 non-negative values")
+
+    def rate(self, hour_of_week: int) -> float:
+        return self.rate_per_hour[0] if len(self.rate_per_hour) == 1 else self.rate_per_hour[hour_of_week]
+
+
+@dataclass(frozen=True)
+class Occupant:
+    """Someone in a bed when the simulation starts: their ward and the hours they have still to stay
+    there (drawn by the caller from the length-of-stay model given the time already spent)."""
+
+    ward: str
+    remaining_hours: float
+
+
+@dataclass(frozen=True)
+class HospitalModel:
+    """Everything one replication needs: wards, arrival streams, transfers and the current state."""
+
+    wards: tuple[Ward, ...]
+    arrivals: tuple[ArrivalStream, ...]
+    transfers: tuple[Transfer, ...] = ()
+    occupants: tuple[Occupant, ...] = ()
+    start_weekday: int = 0
+
+    def __post_init__(self) -> None:
+        names = [w.name for w in self.wards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ward names must be unique: {names}")
+        known = set(names)
+        for stream in self.arrivals:
+            if stream.ward not in known:
+                raise ValueError(f"arrivals {stream.name!r} go to ward {stream.ward!r}, which is not one of {names}")
+        for transfer in self.transfers:
+            if transfer.source not in known or transfer.target not in known:
+                raise ValueError(f"transfer {transfer.source!r} -> {transfer.target!r}: both must be among {names}")
+            if not 0.0 <= transfer.probability <= 1.0:
+                raise ValueError(f"transfer {transfer.source!r} -> {transfer.target!r}: probability must be in [0, 1]")
+        for source in known:
+            total = sum(t.probability for t in self.transfers if t.source == source)
+            if total > 1.0 + 1e-9:
+                raise ValueError(f"transfers out of {source!r} add up to {total:.3f} > 1")
+        for occupant in self.occupants:
+            if occupant.ward not in known:
+                raise ValueError(f"an occupant lies in ward {occupant.ward!r}, which is not one of {names}")
+        per_ward = {name: sum(o.ward == name for o in self.occupants) for name in names}
+        for ward in self.wards:
+            if per_ward[ward.name] > ward.beds:
+                raise ValueError(f"ward {ward.name!r} has {per_ward[ward.name]} occupants for {ward.beds} beds")
+
+
+@dataclass
+class ReplicationResult:
+    """One replication's per-day summaries, (days, wards) arrays in the model's ward order, and each
+    arrival's wait for a first bed (hours; 0 for those admitted at once) summed and counted per day."""
+
+    midnight_census: np.ndarray
+    peak_occupancy: np.ndarray
+    hours_full: np.ndarray
+    boarded: np.ndarray  # arrivals per day (by arrival day) who waited for their first bed
+    boarding_hours: np.ndarray  # their waiting summed, per arrival day (up to the end for those still waiting)
+    arrived: np.ndarray  # arrivals per day needing a bed in each ward
+    still_boarding: int = 0  # arrivals still waiting for their first bed when the run ends
+    waits: list[float] = field(default_factory=list)  # every admitted arrival's wait, kept only when asked
+
+
+class _Beds:
+    """A ward's beds as the simulation sees them: occupied count, first-come queue, staffed capacity."""
+
+    def __init__(self, env: simpy.Environment, ward: Ward, index: int, days: int) -> None:
+        self.env = env
+        self.ward = ward
+        self.index = index
+        self.occupied = 0
+        self.queue: deque[simpy.Event] = deque()
+        self.capacity = ward.capacity(0)
+        self.peak = np.zeros(days, dtype=np.int32)
+        self.full_hours = np.zeros(days, dtype=np.float64)
+        self._full_since: float | None = None
+        self.days = days
+
+    def request(self) -> simpy.Event:
+        event = self.env.event()
+        if not self.queue and self.occupied < self.capacity:
+            self._take()
+            event.succeed()
+        else:
+            self.queue.append(event)
+        return event
+
+    def release(self) -> None:
+        self.occupied -= 1
+        self._note_fullness()
+        self.admit()
+
+    def set_capacity(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._note_fullness()
+        self.admit()
+
+    def admit(self) -> None:
+        while self.queue and self.occupied < self.capacity:
+            self._take()
+            self.queue.popleft().succeed()
+
+    def _take(self) -> None:
+        self.occupied += 1
+        day = min(int(self.env.now // HOURS_PER_DAY), self.days - 1)
+        if self.occupied > self.peak[day]:
+            self.peak[day] = self.occupied
+        self._note_fullness()
+
+    def _note_fullness(self) -> None:
+        full = self.occupied >= self.capacity
+        now = self.env.now
+        if full and self._full_since is None:
+            self._full_since = now
+        elif not full and self._full_since is not None:
+            self._add_full(self._full_since, now)
+            self._full_since = None
+
+    def _add_full(self, start: float, end: float) -> None:
+        """Spread a full spell's hours over the days it covers."""
+        while start < end:
+            day = int(start // HOURS_PER_DAY)
+            if day >= self.days:
+                return
+            stop = min(end, (day + 1) * HOURS_PER_DAY)
+            self.full_hours[day] += stop - start
+            start = stop
+
+    def close(self, horizon: float) -> None:
+        if self._full_since is not None:
+            self._add_full(self._full_since, horizon)
+            self._full_since = None
+
+
+def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = False) -> ReplicationResult:
+    """One replication of `days` days from the model's current state, with its own random stream `seed`."""
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    # One stream per arrival stream and one for the occupants: what each patient draws does not depend
+    # on the order in which the beds let the others move.
+    *streams, occupants_random = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(
+        len(model.arrivals) + 1))
+    env = simpy.Environment()
+    horizon = float(days * HOURS_PER_DAY)
+    wards = {w.name: _Beds(env, w, i, days) for i, w in enumerate(model.wards)}
+    n_wards = len(model.wards)
+    census = np.zeros((days, n_wards), dtype=np.int32)
+    boarded = np.zeros((days, n_wards), dtype=np.int32)
+    boarding_hours = np.zeros((days, n_wards), dtype=np.float64)
+    arrived = np.zeros((days, n_wards), dtype=np.int32)
+    waits: list[float] = []
+    waiting: dict[simpy.Event, tuple[int, int, float]] = {}  # boarding now: arrival day, ward, arrival time
+    transfers_from: dict[str, list[Transfer]] = {}
+    for transfer in model.transfers:
+        transfers_from.setdefault(transfer.source, []).append(transfer)
+
+    def path(random: np.random.Generator, ward: str, first_stay: float) -> list[tuple[_Beds, float]]:
+        """A patient's wards and stays, drawn up front from their own stream (so a scenario that changes
+        beds changes when they move, never where or for how long)."""
+        hops = [(wards[ward], first_stay)]
+        while len(hops) < MAX_HOPS:
+            options = transfers_from.get(hops[-1][0].ward.name)
+            if not options:
+                break
+            draw = random.random()
+            chosen = None
+            for transfer in options:
+                if draw < transfer.probability:
+                    chosen = transfer
+                    break
+                draw -= transfer.probability
+            if chosen is None:
+                break
+            hops.append((wards[chosen.target], float(chosen.stay(random, 1)[0])))
+        return hops
+
+    def stays(hops: list[tuple[_Beds, float]]):
+        """The stays after the first bed is taken: each next bed is waited for in the current one."""
+        current, hours = hops[0]
+        yield env.timeout(hours)
+        for following, hours in hops[1:]:
+            yield following.request()
+            current.release()
+            current = following
+            yield env.timeout(hours)
+        current.release()
+
+    def patient(hops: list[tuple[_Beds, float]], arrived_at: float):
+        ward = hops[0][0]
+        day = int(arrived_at // HOURS_PER_DAY)
+        arrived[day, ward.index] += 1
+        bed = ward.request()
+        if not bed.triggered:
+            boarded[day, ward.index] += 1
+            waiting[bed] = (day, ward.index, arrived_at)
+            yield bed
+            del waiting[bed]
+            boarding_hours[day, ward.index] += env.now - arrived_at
+        if keep_waits:
+            waits.append(env.now - arrived_at)
+        yield from stays(hops)
+
+    def arrivals(stream: ArrivalStream, random: np.random.Generator):
+        """A Poisson process with the stream's hourly rates: per hour, the count, then uniform times."""
+        for hour in range(int(horizon)):
+            rate = stream.rate((hour + model.start_weekday * HOURS_PER_DAY) % HOURS_PER_WEEK)
+            count = random.poisson(rate) if rate > 0 else 0
+            if count:
+                offsets = np.sort(random.random(count))
+                first = stream.stay(random, count)
+                for offset, stay in zip(offsets, first, strict=True):
+                    hops = path(random, stream.ward, float(stay))
+                    at = hour + float(offset)
+                    if at > env.now:
+                        yield env.timeout(at - env.now)
+                    env.process(patient(hops, at))
+            next_hour = hour + 1
+            if next_hour > env.now:
+                yield env.timeout(next_hour - env.now)
+
+    def shifts():
+        """Each hour: the staffed capacity of every ward that changes it; each midnight: the census."""
+        for hour in range(int(horizon)):
+            hour_of_day = hour % HOURS_PER_DAY
+            if hour_of_day == 0:
+                day = hour // HOURS_PER_DAY
+                for beds in wards.values():
+                    census[day, beds.index] = beds.occupied
+            for beds in wards.values():
+                capacity = beds.ward.capacity(hour_of_day)
+                if capacity != beds.capacity:
+                    beds.set_capacity(capacity)
+            yield env.timeout(1.0)
+
+    for occupant in model.occupants:
+        wards[occupant.ward].occupied += 1  # in their bed already; the fullness bookkeeping starts below
+        env.process(stays(path(occupants_random, occupant.ward, float(occupant.remaining_hours))))
+    for beds in wards.values():
+        beds.peak[0] = beds.occupied
+        beds._note_fullness()
+    env.process(shifts())
+    for stream, random in zip(model.arrivals, streams, strict=True):
+        env.process(arrivals(stream, random))
+    env.run(until=horizon)
+    peak = np.stack([wards[w.name].peak for w in model.wards], axis=1)
+    for beds in wards.values():
+        beds.close(horizon)
+    full = np.stack([wards[w.name].full_hours for w in model.wards], axis=1)
+    for day, index, arrived_at in waiting.values():  # still boarding at the end: their wait so far
+        boarding_hours[day, index] += horizon - arrived_at
+    return ReplicationResult(census, peak, full, boarded, boarding_hours, arrived, len(waiting), waits)
+
+
+def simulate_many(model: HospitalModel, days: int, seeds: Sequence[int]) -> list[ReplicationResult]:
+    """Replications one after the other (the caller spreads seeds over processes)."""
+    return [simulate(model, days, seed) for seed in seeds]

@@ -1,7 +1,9 @@
 """The hospital twin at its hospital (issue 13): beds, arrivals and lengths of stay simulated from the
-hospital's current state. `simulate` runs one replication of a `HospitalModel`.
+hospital's current state. `simulate` runs one replication of a `HospitalModel`; `fit_arrivals` fits the
+arrivals model from the hospital's history and `stream_rates` turns it into a run's hourly rates.
 """
 
+from site_node.hospital_twin.arrivals import ArrivalHistoryError, ArrivalModel, fit_arrivals, stream_rates
 from site_node.hospital_twin.simulator import (
     ArrivalStream,
     HospitalModel,
@@ -14,6 +16,8 @@ from site_node.hospital_twin.simulator import (
 )
 
 __all__ = [
+    "ArrivalHistoryError",
+    "ArrivalModel",
     "ArrivalStream",
     "HospitalModel",
     "Occupant",
@@ -21,5 +25,7 @@ __all__ = [
     "Transfer",
     "Ward",
     "exponential_stay",
+    "fit_arrivals",
     "simulate",
+    "stream_rates",
 ]

@@ -79,21 +79,33 @@ class Transfer:
 class ArrivalStream:
     """Patients who arrive needing a bed in `ward` (e.g. emergency admissions to the general ward).
 
-    `rate_per_hour` holds the mean arrivals in each hour of the week (168 values, Monday 00:00 first), or
-    one value for a constant rate; arrivals are a Poisson process with that piecewise-constant intensity.
-    `stay` draws their length of stay in `ward`."""
+    `rate_per_hour` holds the mean arrivals in each hour of the week (168 values, Monday 00:00 first), one
+    value for a constant rate, or one per hour of the run (more than 168: a fitted model's rates with its
+    trend and season, `arrivals.stream_rates`); arrivals are a Poisson process with that piecewise-constant
+    intensity, times a day effect with mean 1 and variance `day_dispersion` drawn per day (busier and
+    quieter days, as the history had them). `stay` draws their length of stay in `ward`."""
 
     name: str
     ward: str
     rate_per_hour: tuple[float, ...]
     stay: StaySampler
+    day_dispersion: float = 0.0
 
     def __post_init__(self) -> None:
-        if len(self.rate_per_hour) not in (1, HOURS_PER_WEEK) or min(self.rate_per_hour) < 0:
-            raise ValueError(f"arrivals {self.name!r}: rate_per_hour needs 1 or 168 non-negative values")
+        if len(self.rate_per_hour) not in (1, HOURS_PER_WEEK) and len(self.rate_per_hour) <= HOURS_PER_WEEK:
+            raise ValueError(f"arrivals {self.name!r}: rate_per_hour needs 1, 168 or one per hour of the run")
+        if min(self.rate_per_hour) < 0 or self.day_dispersion < 0:
+            raise ValueError(f"arrivals {self.name!r}: rates and day_dispersion must not be negative")
 
-    def rate(self, hour_of_week: int) -> float:
-        return self.rate_per_hour[0] if len(self.rate_per_hour) == 1 else self.rate_per_hour[hour_of_week]
+    def rate(self, hour: int, hour_of_week: int) -> float:
+        """The rate in the run's `hour` (which is `hour_of_week` of its week)."""
+        if len(self.rate_per_hour) == 1:
+            return self.rate_per_hour[0]
+        if len(self.rate_per_hour) == HOURS_PER_WEEK:
+            return self.rate_per_hour[hour_of_week]
+        if hour >= len(self.rate_per_hour):
+            raise ValueError(f"arrivals {self.name!r}: rates for {len(self.rate_per_hour)} hours, the run is longer")
+        return self.rate_per_hour[hour]
 
 
 @dataclass(frozen=True)
@@ -297,8 +309,12 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
 
     def arrivals(stream: ArrivalStream, random: np.random.Generator):
         """A Poisson process with the stream's hourly rates: per hour, the count, then uniform times."""
+        day_effect = 1.0
         for hour in range(int(horizon)):
-            rate = stream.rate((hour + model.start_weekday * HOURS_PER_DAY) % HOURS_PER_WEEK)
+            if hour % HOURS_PER_DAY == 0 and stream.day_dispersion > 0:
+                shape = 1.0 / stream.day_dispersion
+                day_effect = random.gamma(shape, 1.0 / shape)
+            rate = stream.rate(hour, (hour + model.start_weekday * HOURS_PER_DAY) % HOURS_PER_WEEK) * day_effect
             count = random.poisson(rate) if rate > 0 else 0
             if count:
                 offsets = np.sort(random.random(count))

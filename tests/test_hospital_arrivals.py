@@ -78,3 +78,20 @@ def test_two_years_of_history_give_the_winter_peak_and_the_growth():
     assert fitted.season[0] == pytest.approx(0.2, abs=0.03) and abs(fitted.season[1]) < 0.03
     january, july = fitted.rates(START + 731, 1).sum(), fitted.rates(START + 731 + 181, 1).sum()
     assert january > 1.3 * july
+
+
+def test_the_fit_is_the_maximum_likelihood_scikit_learn_finds_for_the_same_penalised_model():
+    from sklearn.linear_model import PoissonRegressor
+
+    from site_node.hospital_twin.arrivals import RIDGE, _design
+
+    days = 60
+    times = history(days, seed=9)
+    fitted = fit_arrivals("emergency", times, START, days)
+    day = np.repeat(np.arange(START, START + days), 24)
+    design = _design(day, np.tile(np.arange(24), days), START)[:, 1:-5]  # no season or trend under a year
+    counts = np.bincount(times.astype(int), minlength=days * 24)
+    reference = PoissonRegressor(alpha=RIDGE, max_iter=1000, tol=1e-10).fit(design, counts)
+    assert fitted.intercept == pytest.approx(reference.intercept_, abs=1e-4)
+    assert np.allclose(fitted.hour_of_day[1:], reference.coef_[:23], atol=1e-4)
+    assert np.allclose(fitted.day_of_week[1:], reference.coef_[23:29], atol=1e-4)

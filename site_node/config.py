@@ -26,6 +26,7 @@ from federation.common.validation import describe
 from federation.common.yaml_files import YamlLimits, read_yaml_file
 from omop_etl.database import normalise_url
 from omop_etl.identity import load_or_create_secret
+from site_node.hospital_twin.config import HospitalConfig
 
 # A site file is ten lines; 64 KiB leaves room for any comments and refuses a wrong file at once.
 SITE_FILE = YamlLimits(
@@ -94,6 +95,9 @@ class SiteConfig(BaseModel):
         None,
         description="The Ed25519 key that signs the audit chain, outside the database (default: beside the head "
         "file, with the suffix .key). Keep it where the database's users cannot read it, and back it up.",
+    )
+    hospital: HospitalConfig | None = Field(
+        None, description="The hospital twin's wards, beds and shifts (docs/twins.md); absent: no hospital twin."
     )
     base_dir: Path = Field(Path("."), exclude=True)
 

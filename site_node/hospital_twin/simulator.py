@@ -52,16 +52,27 @@ class Ward:
     name: str
     beds: int
     staffed_share: tuple[float, ...] = (1.0,) * HOURS_PER_DAY
+    bed_changes: tuple[tuple[int, int], ...] = ()  # (hour of the run, beds from then on), ascending
 
     def __post_init__(self) -> None:
-        if self.beds < 1:
-            raise ValueError(f"ward {self.name!r}: beds must be at least 1, not {self.beds}")
+        if self.beds < 1 or any(beds < 1 for _, beds in self.bed_changes):
+            raise ValueError(f"ward {self.name!r}: beds must be at least 1")
         if len(self.staffed_share) != HOURS_PER_DAY or not all(0.0 <= s <= 1.0 for s in self.staffed_share):
             raise ValueError(f"ward {self.name!r}: staffed_share needs 24 shares between 0 and 1")
+        hours = [hour for hour, _ in self.bed_changes]
+        if hours != sorted(hours) or any(h < 0 for h in hours):
+            raise ValueError(f"ward {self.name!r}: bed_changes must be in ascending order of hour")
 
-    def capacity(self, hour_of_day: int) -> int:
-        """Beds usable in that hour: the staffed share of the beds, at least one."""
-        return max(1, int(np.floor(self.beds * self.staffed_share[hour_of_day] + 1e-9)))
+    def beds_at(self, hour: int) -> int:
+        beds = self.beds
+        for start, count in self.bed_changes:
+            if hour >= start:
+                beds = count
+        return beds
+
+    def capacity(self, hour_of_day: int, hour: int = 0) -> int:
+        """Beds usable in the run's `hour` (its `hour_of_day`): the staffed share of the beds, at least one."""
+        return max(1, int(np.floor(self.beds_at(hour) * self.staffed_share[hour_of_day] + 1e-9)))
 
 
 @dataclass(frozen=True)
@@ -338,7 +349,7 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
                 for beds in wards.values():
                     census[day, beds.index] = beds.occupied
             for beds in wards.values():
-                capacity = beds.ward.capacity(hour_of_day)
+                capacity = beds.ward.capacity(hour_of_day, hour)
                 if capacity != beds.capacity:
                     beds.set_capacity(capacity)
             yield env.timeout(1.0)

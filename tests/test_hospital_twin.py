@@ -137,3 +137,39 @@ def test_scenario_files_are_checked_against_the_hospital(tmp_path):
     shares = nights.staffed_share("general", (1.0,) * 24)
     assert shares[23] == shares[3] == pytest.approx(0.85) and shares[12] == 1.0
     assert shorter.stay_factor("general", "emergency") == pytest.approx(0.9) and shorter.stay_factor("icu", "x") == 1
+
+
+def test_twinfed_twin_hospital_reports_baseline_and_scenario_and_audits_the_run(prepared_site, tmp_path):
+    import json
+    import subprocess
+
+    import yaml
+
+    from site_node.governance import Governance
+    from site_node.hospital_twin.report import HospitalTwinReport
+    from tests.process_helpers import TWINFED
+    from tests.site_helpers import fresh_site
+
+    site_file = fresh_site(prepared_site, tmp_path / "site")
+    command = [TWINFED, "twin", "hospital", "-s", str(site_file), "--days", "7", "--runs", "30", "--workers", "1"]
+    missing = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and "no `hospital:` section" in missing.stdout + missing.stderr
+    raw = yaml.safe_load(site_file.read_text())
+    site_file.write_text(yaml.safe_dump({**raw, "hospital": HOSPITAL}), encoding="utf-8")
+    scenario = tmp_path / "plus4.yaml"
+    scenario.write_text("name: plus4\nchanges:\n  - {change: beds, ward: general, beds: 18}\n", encoding="utf-8")
+    done = subprocess.run([*command, "--scenario", str(scenario), "--by", "bed manager"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Scenario minus baseline" in done.stdout and "kept at this site" in done.stdout
+    folder = site_file.parent / "twins" / "hospital"
+    (json_file,) = folder.glob("hospital-twin-*.json")
+    report = HospitalTwinReport.model_validate(json.loads(json_file.read_text()))
+    assert report.runs == 30 and report.days == 7 and [a.name for a in report.scenarios] == ["plus4"]
+    assert [w.name for w in report.baseline.wards] == ["general", "icu"]
+    assert report.scenarios[0].wards[0].beds == 18 and report.baseline.wards[0].beds == 14
+    assert (json_file.stat().st_mode & 0o777) == 0o600 and json_file.with_suffix(".html").exists()
+    governance = Governance.of_site(load_site_config(site_file))
+    runs = [e for e in governance.audit.entries() if e.kind == "hospital-twin-run"]
+    governance.close()
+    assert len(runs) == 1 and runs[0].payload["by"] == "bed manager" and runs[0].payload["scenarios"] == ["plus4"]

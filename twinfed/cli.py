@@ -32,6 +32,7 @@ from federation.local.demo_cli import demo
 from federation.study_cli import study_app
 from omop_etl.cli import register as register_data_commands
 from site_node.cli import site_app
+from site_node.hospital_twin.cli import hospital as hospital_twin
 from site_node.patient_twin.cli import twin_app
 from synthetic.cli import register as register_synthetic_commands
 
@@ -56,6 +57,7 @@ app = typer.Typer(
 register_synthetic_commands(app)
 register_data_commands(app)
 app.add_typer(site_app, name="site", rich_help_panel="Hospital site node")
+twin_app.command("hospital")(hospital_twin)
 app.add_typer(twin_app, name="twin", rich_help_panel="Hospital site node")
 app.add_typer(coordinator_app, name="coordinator", rich_help_panel="Consortium coordinator")
 app.add_typer(provision_app, name="provision", rich_help_panel="Consortium coordinator")

@@ -46,8 +46,8 @@ def test_the_arrivals_model_recovers_the_clock_the_week_and_the_day_to_day_sprea
 
 def test_the_simulation_fed_by_the_model_arrives_as_the_history_did(fitted):
     days = 56
-    stream = ArrivalStream("emergency", "ward", stream_rates(fitted, START + 180, days), exponential_stay(1.0),
-                           day_dispersion=fitted.day_dispersion)  # fmt: skip
+    stream = ArrivalStream("emergency", "ward", (0.0,), exponential_stay(1.0), day_dispersion=fitted.day_dispersion,
+                           run_rates=stream_rates(fitted, START + 180, days))  # fmt: skip
     model = HospitalModel(wards=(Ward("ward", 500),), arrivals=(stream,))
     daily = np.concatenate([simulate(model, days, seed).arrived[:, 0] for seed in range(6)])
     observed = np.bincount((history(180) // 24).astype(int))

@@ -3,6 +3,7 @@ it learns as of a day, replications from that day's state, and scenarios with co
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 
 import numpy as np
@@ -173,3 +174,65 @@ def test_twinfed_twin_hospital_reports_baseline_and_scenario_and_audits_the_run(
     runs = [e for e in governance.audit.entries() if e.kind == "hospital-twin-run"]
     governance.close()
     assert len(runs) == 1 and runs[0].payload["by"] == "bed manager" and runs[0].payload["scenarios"] == ["plus4"]
+
+
+def test_backtest_figures_on_a_hand_made_case():
+    from types import SimpleNamespace
+
+    from site_node.hospital_twin.backtest import compare
+    from site_node.hospital_twin.twin import ArmSummary
+
+    summary = ArmSummary(["ward"], days=3, top=10)
+    for value in range(10):  # ten replications: midnight census 5 on day 0, then 0, 1, ..., 9 on days 1 and 2
+        census = np.array([[5], [value], [value]])
+        zeros = np.zeros((3, 1))
+        summary.add(SimpleNamespace(midnight_census=census, peak_occupancy=census, hours_full=zeros, boarded=zeros,
+                                    boarding_hours=zeros))  # fmt: skip
+    # bands on days 1 and 2: 95% 0-9, 80% 0-8, median 4; what happened: 9 then 4 (day 0 is the start state)
+    report = compare(summary, np.array([[5, 9, 4]]), beds=[10], start=dt.datetime(2025, 6, 1))
+    (ward,) = report.wards
+    assert ward.days == 2 and ward.coverage_80 == 0.5 and ward.coverage_95 == 1.0
+    assert ward.census_mae_share_of_beds == pytest.approx((5 + 0) / 2 / 10)
+    assert report.coverage_80 == 0.5 and ward.actual_census == [5, 9, 4]
+
+
+def test_a_backtest_starts_from_the_past_state_and_counts_what_happened(history):
+    from site_node.hospital_twin.backtest import actual_census
+
+    at, running = _midnight_with_patients(history)
+    real = actual_census(history, ["general", "icu"], at, 5)
+    assert real[:, 0].tolist() == [int((running.ward == w).sum()) for w in ("general", "icu")]
+    plan = learn(history, HospitalConfig.model_validate(HOSPITAL), at)
+    result = run(plan, 5, 20, seed=1)
+    assert result.baseline.quantiles(result.baseline.census)[:, 0, 2].tolist() == real[:, 0].tolist()
+
+
+def test_twinfed_twin_hospital_backtests_a_past_month(prepared_site, tmp_path):
+    import json
+    import subprocess
+
+    import yaml
+
+    from site_node.hospital_twin.report import HospitalTwinReport
+    from tests.process_helpers import TWINFED
+    from tests.site_helpers import fresh_site
+
+    site_file = fresh_site(prepared_site, tmp_path / "site")
+    site_file.write_text(yaml.safe_dump({**yaml.safe_load(site_file.read_text()), "hospital": HOSPITAL}))
+    command = [TWINFED, "twin", "hospital", "-s", str(site_file), "--days", "30", "--runs", "40", "--workers", "2"]
+    both = subprocess.run([*command, "--backtest", "2025-09-01", "--start", "2025-09-01"], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert both.returncode == 2 and "not both" in both.stdout + both.stderr
+    late = subprocess.run([*command, "--backtest", "2025-12-20"], capture_output=True, text=True, timeout=300)
+    assert late.returncode == 1 and "runs past the data's end" in late.stdout + late.stderr
+    done = subprocess.run([*command, "--backtest", "2025-09-01"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Backtest from 2025-09-01" in done.stdout
+    report = HospitalTwinReport.model_validate_json(
+        (site_file.parent / "twins" / "hospital" / "hospital-twin-2025-09-01.json").read_text()
+    )
+    backtest = report.backtest
+    assert backtest is not None and [w.ward for w in backtest.wards] == ["general", "icu"]
+    assert all(len(w.actual_census) == 30 and w.days == 29 for w in backtest.wards)
+    assert 0.0 <= backtest.coverage_80 <= backtest.coverage_95 <= 1.0
+    assert json.loads(report.model_dump_json())["backtest"]["start"].startswith("2025-09-01")

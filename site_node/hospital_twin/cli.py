@@ -30,6 +30,11 @@ def hospital(
         typer.Option("--start", formats=["%Y-%m-%d"],
                      help="The first day (its midnight's state of the wards; default: the last day of the data)."),
     ] = None,
+    backtest: Annotated[
+        dt.datetime | None,
+        typer.Option("--backtest", formats=["%Y-%m-%d"],
+                     help="Simulate from this past day with only what was known then, and compare with what happened."),
+    ] = None,
     history_days: Annotated[
         int | None, typer.Option("--history-days", min=28, help="Learn from this many days before the start only.")
     ] = None,
@@ -59,6 +64,9 @@ def hospital(
     from site_node.hospital_twin.service import run_hospital_twin
     from site_node.hospital_twin.twin import HospitalTwinError
 
+    if backtest is not None and start is not None:
+        raise _fail("Give --start or --backtest, not both: a backtest starts on its own day.")
+    start = backtest or start
     try:
         config = load_site_config(site_config)
         governance = Governance.of_site(config)
@@ -72,7 +80,7 @@ def hospital(
             report = run_hospital_twin(
                 config, governance, days=days, runs=runs, scenario_file=scenario,
                 start=start.date() if start else None, history_days=history_days, seed=seed,
-                workers=workers or min(os.cpu_count() or 1, 8), by=by or _user(),
+                workers=workers or min(os.cpu_count() or 1, 8), backtest=backtest is not None, by=by or _user(),
                 on_start=lambda total: progress.update(task, total=total),
                 on_progress=lambda done: progress.update(task, completed=done),
             )  # fmt: skip

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 from rich.table import Table
 
+from site_node.hospital_twin.backtest import BacktestReport
 from site_node.hospital_twin.twin import EFFECTS, QUANTILES, ArmSummary, TwinRun
 
 
@@ -70,6 +71,7 @@ class HospitalTwinReport(BaseModel):
     notes: list[str]
     baseline: ArmReport
     scenarios: list[ArmReport]
+    backtest: BacktestReport | None = Field(None, description="with --backtest: the run against what happened")
 
 
 def _bands(summary: ArmSummary, histogram: np.ndarray) -> np.ndarray:
@@ -153,6 +155,17 @@ def tables(report: HospitalTwinReport, every: int = 7) -> list[Table]:
                 cells.append(f"{_band_text(day.census)}; {day.full_probability:.0%}; {day.boarded_mean:.1f}")
             table.add_row(ward.days[d].date.isoformat(), *cells)
         out.append(table)
+    if report.backtest is not None:
+        bt = report.backtest
+        table = Table(title=f"Backtest from {bt.start:%Y-%m-%d}: the real midnight census against the bands "
+                      f"(days 2-{bt.days}; nominal 80% and 95%)")  # fmt: skip
+        for column in ("ward", "beds", "inside 80% band", "inside 95% band", "median's error, share of beds"):
+            table.add_column(column)
+        for ward in bt.wards:
+            table.add_row(ward.ward, str(ward.beds), f"{ward.coverage_80:.0%}", f"{ward.coverage_95:.0%}",
+                          f"{ward.census_mae_share_of_beds:.1%}")  # fmt: skip
+        table.add_row("all", "", f"{bt.coverage_80:.0%}", f"{bt.coverage_95:.0%}", f"{bt.census_mae_share_of_beds:.1%}")
+        out.append(table)
     if report.scenarios:
         table = Table(title=f"Scenario minus baseline over {report.days} days, mean (95% interval), {report.runs} runs")
         table.add_column("effect")
@@ -193,7 +206,10 @@ def fan_chart_png(report: HospitalTwinReport) -> bytes:
         for arm, colour in zip(report.scenarios, colours, strict=False):
             axis.step(dates, [d.census.median for d in arm.wards[w].days], where="mid", color=colour,
                       linestyle="--", label=f"{arm.name} median")  # fmt: skip
-        axis.axhline(ward.beds, color="black", linewidth=1, label=f"{ward.beds} beds")
+        if report.backtest is not None:
+            axis.plot(dates, report.backtest.wards[w].actual_census, color="black", marker=".", linewidth=1.2,
+                      label="what happened")  # fmt: skip
+        axis.axhline(ward.beds, color="black", linewidth=1, linestyle=":", label=f"{ward.beds} beds")
         axis.set_title(f"{ward.name}: midnight census")
         axis.set_ylim(bottom=0)
         axis.legend(loc="upper left", fontsize=7, ncols=2)
@@ -216,6 +232,18 @@ def html_page(report: HospitalTwinReport) -> str:
         "<h2>Scenarios against the baseline</h2><table><tr><th>scenario</th><th>effect</th><th>mean</th>"
         f"<th>95% interval</th></tr>{''.join(rows)}</table>" if rows else ""
     )
+    if report.backtest is not None:
+        bt = report.backtest
+        cells = "".join(
+            f"<tr><td>{html.escape(w.ward)}</td><td>{w.coverage_80:.0%}</td><td>{w.coverage_95:.0%}</td>"
+            f"<td>{w.census_mae_share_of_beds:.1%}</td></tr>" for w in bt.wards
+        )
+        effects = (
+            f"<h2>Backtest from {bt.start:%Y-%m-%d}</h2><p>The real midnight census (black) against the bands "
+            f"simulated from the state and the history at the start only (days 2-{bt.days}).</p><table><tr>"
+            "<th>ward</th><th>inside 80% band</th><th>inside 95% band</th><th>median's error, share of beds</th>"
+            f"</tr>{cells}</table>" + effects
+        )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)
     occupants = ", ".join(f"{w} {n}" for w, n in report.occupants_at_start.items())
     return (

@@ -13,6 +13,7 @@ from pathlib import Path
 from site_node.cohort.omop_source import OmopSource
 from site_node.config import SiteConfig
 from site_node.governance import Governance
+from site_node.hospital_twin.backtest import actual_census, compare
 from site_node.hospital_twin.history import DAY_S, read_ward_stays
 from site_node.hospital_twin.report import HospitalTwinReport, build_report
 from site_node.hospital_twin.scenario import load_hospital_scenarios
@@ -44,12 +45,14 @@ def run_hospital_twin(
     history_days: int | None = None,
     seed: int = 0,
     workers: int = 1,
+    backtest: bool = False,
     by: str = "",
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> HospitalTwinReport:
-    """One run of the hospital twin; see the module's docstring. `on_start(total replications)` and
-    `on_progress(done)` drive a progress bar."""
+    """One run of the hospital twin; see the module's docstring. With `backtest`, `start` is a past day and
+    the report compares the run with what happened. `on_start(total replications)` and `on_progress(done)`
+    drive a progress bar."""
     if config.hospital is None:
         raise HospitalTwinError(
             "this site file has no `hospital:` section: list the wards the twin simulates, their beds and which "
@@ -59,11 +62,23 @@ def run_hospital_twin(
     with OmopSource.open(config.omop.url, config.omop.schema_name) as source:
         history = read_ward_stays(source, config.hospital)
     at = start_of(start, history.data_end_s)
+    if backtest:
+        if start is None:
+            raise HospitalTwinError("a backtest needs the past day to start from")
+        if at + days * DAY_S > history.data_end_s:
+            last = dt.datetime.fromtimestamp(history.data_end_s - days * DAY_S, tz=dt.UTC)
+            raise HospitalTwinError(
+                f"a {days}-day backtest from {start} runs past the data's end; start on {last:%Y-%m-%d} at the latest"
+            )
     plan = learn(history, config.hospital, at, history_days)
     if on_start:
         on_start(runs)
     result = run(plan, days, runs, scenarios, seed=seed, workers=workers, on_progress=on_progress)
     report = build_report(result, config.site_id, scenarios)
+    if backtest:
+        wards = [w.name for w in config.hospital.wards]
+        report.backtest = compare(result.baseline, actual_census(history, wards, at, days),
+                                  [w.beds for w in config.hospital.wards], plan.at)  # fmt: skip
     governance.audit.append(
         "hospital-twin-run",
         {
@@ -73,6 +88,7 @@ def run_hospital_twin(
             "runs": runs,
             "seed": seed,
             "scenarios": [s.name for s in scenarios],
+            "backtest": backtest,
             "note": "simulated at the site from its own history; nothing left it",
         },
     )

@@ -90,33 +90,34 @@ class Transfer:
 class ArrivalStream:
     """Patients who arrive needing a bed in `ward` (e.g. emergency admissions to the general ward).
 
-    `rate_per_hour` holds the mean arrivals in each hour of the week (168 values, Monday 00:00 first), one
-    value for a constant rate, or one per hour of the run (more than 168: a fitted model's rates with its
-    trend and season, `arrivals.stream_rates`); arrivals are a Poisson process with that piecewise-constant
-    intensity, times a day effect with mean 1 and variance `day_dispersion` drawn per day (busier and
-    quieter days, as the history had them). `stay` draws their length of stay in `ward`."""
+    `rate_per_hour` holds the mean arrivals in each hour of the week (168 values, Monday 00:00 first) or one
+    value for a constant rate; `run_rates`, when given, holds one rate per hour of the run instead (a fitted
+    model's rates with its trend and season, `arrivals.stream_rates`). Arrivals are a Poisson process with
+    that piecewise-constant intensity, times a day effect with mean 1 and variance `day_dispersion` drawn
+    per day (busier and quieter days, as the history had them). `stay` draws their length of stay in `ward`."""
 
     name: str
     ward: str
     rate_per_hour: tuple[float, ...]
     stay: StaySampler
     day_dispersion: float = 0.0
+    run_rates: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.rate_per_hour) not in (1, HOURS_PER_WEEK) and len(self.rate_per_hour) <= HOURS_PER_WEEK:
-            raise ValueError(f"arrivals {self.name!r}: rate_per_hour needs 1, 168 or one per hour of the run")
-        if min(self.rate_per_hour) < 0 or self.day_dispersion < 0:
+        if len(self.rate_per_hour) not in (1, HOURS_PER_WEEK):
+            raise ValueError(f"arrivals {self.name!r}: rate_per_hour needs 1 or 168 values (use run_rates per hour)")
+        if min(self.rate_per_hour) < 0 or (self.run_rates and min(self.run_rates) < 0) or self.day_dispersion < 0:
             raise ValueError(f"arrivals {self.name!r}: rates and day_dispersion must not be negative")
 
     def rate(self, hour: int, hour_of_week: int) -> float:
         """The rate in the run's `hour` (which is `hour_of_week` of its week)."""
+        if self.run_rates:
+            if hour >= len(self.run_rates):
+                raise ValueError(f"arrivals {self.name!r}: run_rates cover {len(self.run_rates)} hours, not the run")
+            return self.run_rates[hour]
         if len(self.rate_per_hour) == 1:
             return self.rate_per_hour[0]
-        if len(self.rate_per_hour) == HOURS_PER_WEEK:
-            return self.rate_per_hour[hour_of_week]
-        if hour >= len(self.rate_per_hour):
-            raise ValueError(f"arrivals {self.name!r}: rates for {len(self.rate_per_hour)} hours, the run is longer")
-        return self.rate_per_hour[hour]
+        return self.rate_per_hour[hour_of_week]
 
 
 @dataclass(frozen=True)

@@ -146,8 +146,8 @@ def replication_model(plan: HospitalPlan, days: int, seed: int, scenario: Hospit
         if scenario is not None:
             rates = rates * np.repeat(scenario.arrival_factor(ward, kind, days), 24)
         scale = scenario.stay_factor(ward, kind) if scenario is not None else 1.0
-        streams.append(ArrivalStream(f"{kind} to {ward}", ward, tuple(float(r) for r in rates),
-                                     plan.stay_model(ward, kind).sampler(scale), model.day_dispersion))  # fmt: skip
+        streams.append(ArrivalStream(f"{kind} to {ward}", ward, (0.0,), plan.stay_model(ward, kind).sampler(scale),
+                                     model.day_dispersion, tuple(float(r) for r in rates)))  # fmt: skip
     transfers = tuple(
         Transfer(source, target, p, plan.stay_model(target, ALL_KINDS).sampler(
             scenario.stay_factor(target, ALL_KINDS) if scenario is not None else 1.0))

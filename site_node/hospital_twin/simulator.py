@@ -320,26 +320,46 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
         yield from stays(hops)
 
     def arrivals(stream: ArrivalStream, random: np.random.Generator):
-        """A Poisson process with the stream's hourly rates: per hour, the count, then uniform times."""
-        day_effect = 1.0
-        for hour in range(int(horizon)):
-            if hour % HOURS_PER_DAY == 0 and stream.day_dispersion > 0:
-                shape = 1.0 / stream.day_dispersion
-                day_effect = random.gamma(shape, 1.0 / shape)
-            rate = stream.rate(hour, (hour + model.start_weekday * HOURS_PER_DAY) % HOURS_PER_WEEK) * day_effect
-            count = random.poisson(rate) if rate > 0 else 0
-            if count:
-                offsets = np.sort(random.random(count))
-                first = stream.stay(random, count)
-                for offset, stay in zip(offsets, first, strict=True):
-                    hops = path(random, stream.ward, float(stay))
-                    at = hour + float(offset)
-                    if at > env.now:
-                        yield env.timeout(at - env.now)
-                    env.process(patient(hops, at))
-            next_hour = hour + 1
-            if next_hour > env.now:
-                yield env.timeout(next_hour - env.now)
+        """A Poisson process with the stream's hourly rates, drawn for the whole run at once (the counts per
+        hour, then uniform times within it, the stays, the paths), then released at its times."""
+        hours = int(horizon)
+        rates = np.asarray([stream.rate(h, (h + model.start_weekday * HOURS_PER_DAY) % HOURS_PER_WEEK)
+                            for h in range(hours)], dtype=np.float64)  # fmt: skip
+        if stream.day_dispersion > 0:
+            shape = 1.0 / stream.day_dispersion
+            rates = rates * np.repeat(random.gamma(shape, 1.0 / shape, days), HOURS_PER_DAY)[:hours]
+        counts = random.poisson(rates)
+        times = np.repeat(np.arange(hours, dtype=np.float64), counts) + random.random(int(counts.sum()))
+        times.sort()
+        first = stream.stay(random, times.size)
+        for at, hops in zip(times.tolist(), paths(random, stream.ward, first), strict=True):
+            if at > env.now:
+                yield env.timeout(at - env.now)
+            env.process(patient(hops, at))
+
+    def paths(random: np.random.Generator, ward: str, first: np.ndarray) -> list[list[tuple[_Beds, float]]]:
+        """Every arriving patient's path (as `path`), drawn for all of them hop by hop."""
+        out = [[(wards[ward], float(hours))] for hours in first.tolist()]
+        active = np.arange(len(out))
+        where = np.full(len(out), ward, dtype=object)
+        for _ in range(MAX_HOPS - 1):
+            moving = []
+            for source in sorted(set(where[active].tolist()) & transfers_from.keys()):
+                members = active[where[active] == source]
+                draw = random.random(members.size)
+                for transfer in transfers_from[source]:
+                    chosen = members[(draw >= 0) & (draw < transfer.probability)]
+                    draw = np.where((draw >= 0) & (draw < transfer.probability), -1.0, draw - transfer.probability)
+                    if chosen.size:
+                        for index, hours in zip(chosen.tolist(), transfer.stay(random, chosen.size).tolist(),
+                                                strict=True):  # fmt: skip
+                            out[index].append((wards[transfer.target], float(hours)))
+                        where[chosen] = transfer.target
+                        moving.append(chosen)
+            if not moving:
+                break
+            active = np.sort(np.concatenate(moving))
+        return out
 
     def shifts():
         """Each hour: the staffed capacity of every ward that changes it; each midnight: the census."""

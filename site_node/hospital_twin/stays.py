@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from federation.twins.survival_maths import kaplan_meier
 
@@ -40,8 +40,13 @@ class StayModel(BaseModel):
     stays: int
     censored: int = Field(description="stays still running when the history was read")
 
+    _arrays: tuple[np.ndarray, np.ndarray] | None = PrivateAttr(None)
+
     def _curve(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self.times), np.asarray(self.survival)
+        """The curve as arrays, made once (a simulation draws from it thousands of times)."""
+        if self._arrays is None:
+            self._arrays = (np.asarray(self.times, dtype=np.float64), np.asarray(self.survival, dtype=np.float64))
+        return self._arrays
 
     def survival_at(self, hours: np.ndarray) -> np.ndarray:
         """S(t): the share of stays longer than `hours`."""

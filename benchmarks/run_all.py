@@ -36,6 +36,7 @@ ORDER = (
     "bench_simulation",
     "bench_patient_twin",
     "bench_twin_whatif",
+    "bench_hospital_twin",
 )
 NEEDS_DEMO_HOSPITALS = {"bench_simulation": ROOT / "demo-output" / "omop"}
 

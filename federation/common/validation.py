@@ -83,3 +83,28 @@ def describe(exc: ValidationError, model: type[BaseModel], what: str, show_value
     if exc.error_count() > MAX_PROBLEMS_SHOWN:
         problems.append(f"... and {exc.error_count() - MAX_PROBLEMS_SHOWN:,} more problems")
     return problems
+
+
+def read_one_or_many(
+    path,
+    limits,
+    one: type[BaseModel],
+    many: type[BaseModel],
+    key: str,
+    error: type[ValueError],
+    what: str,
+    missing_hint: str = "",
+) -> list:
+    """The items of a YAML file that holds one `one`, or `key: [...]` of them (validated as `many`, whose
+    field `key` is the list): e.g. a scenario file with one scenario or several. Problems are one
+    `error` naming the file and every field found wrong."""
+    from federation.common.yaml_files import read_yaml_file
+
+    data = read_yaml_file(path, limits, error, missing_hint=missing_hint)
+    try:
+        if isinstance(data, dict) and key in data:
+            return list(getattr(many.model_validate(data), key))
+        return [one.model_validate(data)]
+    except ValidationError as exc:
+        listed = "\n  - ".join(describe(exc, one, what))
+        raise error(f"{path}: the {what} file is not valid:\n  - {listed}") from None

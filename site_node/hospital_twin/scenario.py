@@ -16,10 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from federation.common.validation import describe
-from federation.common.yaml_files import YamlLimits, read_yaml_file
+from federation.common.validation import read_one_or_many
+from federation.common.yaml_files import YamlLimits
 from site_node.hospital_twin.config import HospitalConfig, Shift
 
 SCENARIO_FILE = YamlLimits(
@@ -52,11 +52,19 @@ class StaffingChange(BaseModel):
         return Shift(start_hour=self.start_hour, end_hour=self.end_hour, staffed_share=1.0).hours()
 
 
-class ArrivalChange(BaseModel):
+class _Targeted(BaseModel):
+    """A change to one ward's (or every ward's) patients of one kind (or every kind)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
-    change: Literal["arrivals"]
     ward: str | None = None
     kind: Literal["emergency", "elective"] | None = None
+
+    def applies(self, ward: str, kind: str) -> bool:
+        return self.ward in (None, ward) and self.kind in (None, kind)
+
+
+class ArrivalChange(_Targeted):
+    change: Literal["arrivals"]
     factor: float = Field(ge=0.0, le=10.0)
     from_day: int = Field(0, ge=0)
     to_day: int | None = Field(None, ge=1, description="exclusive; absent: to the end of the run")
@@ -68,11 +76,8 @@ class ArrivalChange(BaseModel):
         return self
 
 
-class StayChange(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class StayChange(_Targeted):
     change: Literal["length_of_stay"]
-    ward: str | None = None
-    kind: Literal["emergency", "elective"] | None = None
     factor: float = Field(gt=0.0, le=10.0)
 
 
@@ -105,7 +110,7 @@ class HospitalScenario(BaseModel):
         """Per day of the run, the factor on arrivals of `kind` to `ward`."""
         factors = [1.0] * days
         for c in self.changes:
-            if isinstance(c, ArrivalChange) and c.ward in (None, ward) and c.kind in (None, kind):
+            if isinstance(c, ArrivalChange) and c.applies(ward, kind):
                 for day in range(c.from_day, min(days, c.to_day or days)):
                     factors[day] *= c.factor
         return factors
@@ -113,7 +118,7 @@ class HospitalScenario(BaseModel):
     def stay_factor(self, ward: str, kind: str) -> float:
         factor = 1.0
         for c in self.changes:
-            if isinstance(c, StayChange) and c.ward in (None, ward) and c.kind in (None, kind):
+            if isinstance(c, StayChange) and c.applies(ward, kind):
                 factor *= c.factor
         return factor
 
@@ -125,16 +130,10 @@ class HospitalScenarioFile(BaseModel):
 
 def load_hospital_scenarios(path: Path, hospital: HospitalConfig) -> list[HospitalScenario]:
     """The scenarios of a YAML file (one scenario, or `scenarios: [...]`), checked against the wards."""
-    data = read_yaml_file(Path(path), SCENARIO_FILE, HospitalScenarioError, missing_hint="write one (docs/twins.md)")
-    try:
-        if isinstance(data, dict) and "scenarios" in data:
-            scenarios = HospitalScenarioFile.model_validate(data).scenarios
-        else:
-            scenarios = [HospitalScenario.model_validate(data)]
-    except ValidationError as exc:
-        problems = describe(exc, HospitalScenario, "scenario")
-        listed = "\n  - ".join(problems)
-        raise HospitalScenarioError(f"{path}: the scenario file is not valid:\n  - {listed}") from None
+    scenarios = read_one_or_many(
+        Path(path), SCENARIO_FILE, HospitalScenario, HospitalScenarioFile, "scenarios", HospitalScenarioError,
+        "scenario", missing_hint="write one (docs/twins.md)",
+    )
     wards = [w.name for w in hospital.wards]
     for scenario in scenarios:
         for number, change in enumerate(scenario.changes, start=1):

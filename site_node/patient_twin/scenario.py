@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from federation.common.validation import describe
-from federation.common.yaml_files import YamlLimits, read_yaml_file
+from federation.common.validation import read_one_or_many
+from federation.common.yaml_files import YamlLimits
 from federation.contract.twin_specs import TrajectorySpec
 
 SCENARIO_FILE = YamlLimits(
@@ -84,15 +84,8 @@ def check_scenario(scenario: Scenario, spec: TrajectorySpec, where: str) -> None
 
 def load_scenarios(path: Path, spec: TrajectorySpec) -> list[Scenario]:
     """The scenarios of a YAML file (one scenario, or `scenarios: [...]`), checked against the study."""
-    data = read_yaml_file(Path(path), SCENARIO_FILE, ScenarioError, missing_hint="write one (docs/twins.md)")
-    try:
-        if isinstance(data, dict) and "scenarios" in data:
-            scenarios = ScenarioFile.model_validate(data).scenarios
-        else:
-            scenarios = [Scenario.model_validate(data)]
-    except ValidationError as exc:
-        problems = describe(exc, Scenario, "scenario")
-        raise ScenarioError(f"{path}: the scenario file is not valid:\n  - " + "\n  - ".join(problems)) from None
+    scenarios = read_one_or_many(Path(path), SCENARIO_FILE, Scenario, ScenarioFile, "scenarios", ScenarioError,
+                                 "scenario", missing_hint="write one (docs/twins.md)")  # fmt: skip
     for scenario in scenarios:
         check_scenario(scenario, spec, str(path))
     names = [s.name for s in scenarios]

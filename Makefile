@@ -16,7 +16,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 .PHONY: demo test lint bench clean help
 
 help:
-	@echo "make demo   - 3 synthetic hospitals -> OMOP -> data quality -> federated DP studies over TLS -> a patient twin -> report"
+	@echo "make demo   - 3 synthetic hospitals -> OMOP -> data quality -> federated DP studies over TLS -> a patient twin -> a hospital twin -> report"
 	@echo "make test   - run the whole test suite (creates .venv on first use)"
 	@echo "make lint   - ruff"
 	@echo "make bench  - run every benchmark (hours; BENCH_ARGS='--only NAME') and update docs/benchmarks.md"
@@ -46,9 +46,11 @@ demo: $(STAMP)
 	done
 	@# The consortium: keys, a coordinator and one site node per hospital as real processes talking TLS on
 	@# loopback; each hospital approves the study; the study runs to its model card; audits are verified.
-	@# Then the consortium trains the patient twin, and one hospital shows one of its patients' twins.
+	@# Then the consortium trains the patient twin, and one hospital shows one of its patients' twins;
+	@# last, that hospital's bed manager runs its hospital twin for the next 30 days with two what-ifs.
 	$(BIN)/twinfed demo --omop $(DEMO_DIR)/omop --out $(DEMO_DIR)/federation --study configs/study-inpatient-mortality.yaml \
 		--twin-study configs/study-patient-twin-example.yaml --scenarios configs/scenario-example.yaml \
+		--hospital configs/hospital-example.yaml --hospital-scenarios configs/hospital-scenario-example.yaml \
 		--exports $(DEMO_DIR)/consortium
 
 test: $(STAMP)

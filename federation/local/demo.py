@@ -13,6 +13,10 @@ stops, one hospital runs `twinfed twin patient` on one of its own patients under
 (the first patients of its FHIR export, asked in batch mode, then the first in the cohort alone) and the
 report links to the answer's plot and JSON, which stay in that hospital's site folder.
 
+With a hospital section (`hospital_demo`), the first hospital's IT adds its wards and beds to its site file, and
+at the end its bed manager runs `twinfed twin hospital` for the next 30 days under the example what-ifs;
+the report links to the HTML page, which stays in that hospital's site folder.
+
 It only ever runs `twinfed` commands (and edits a policy file as a steward would), so it exercises
 exactly what hospital IT, a consortium and a data steward run.
 """
@@ -136,11 +140,27 @@ class TwinDemo:
     exports: Path  # <site>/fhir/Patient.ndjson per hospital
 
 
+@dataclass(frozen=True)
+class HospitalDemo:
+    """The demo's hospital twin: the `hospital:` section the first hospital's IT adds to its site file, and
+    the what-if scenarios its bed manager asks."""
+
+    hospital: Path
+    scenarios: Path
+
+
+HOSPITAL_TWIN_RUNS = 300  # replications of the demo's hospital twin (seconds on two cores)
+
 TWIN_CANDIDATES = 60  # the first patients of the export asked in batch mode; the first in the cohort is shown
 
 
 def run_demo(
-    omop_dir: Path, out: Path, study: Path, say: Callable[[str], None] = print, twin: TwinDemo | None = None
+    omop_dir: Path,
+    out: Path,
+    study: Path,
+    say: Callable[[str], None] = print,
+    twin: TwinDemo | None = None,
+    hospital_demo: HospitalDemo | None = None,
 ) -> Path:
     """Run the federated demo; returns the report's index.html."""
     hospitals = find_hospitals(omop_dir)
@@ -165,6 +185,8 @@ def run_demo(
                  f"approval at {hospital.site_id}", steps)  # fmt: skip
         if twin:
             _allow_twin_queries(folder / "policy.yaml", twin.study)
+        if hospital_demo and len(site_files) == 1:  # the first hospital's IT describes its wards for the twin
+            _add_hospital_section(folder / "site.yaml", hospital_demo.hospital)
     say("Each hospital's data steward approved the " + ("studies" if twin else "study") + " by its hash.")
     processes = Processes(logs)
     port = free_loopback_port()
@@ -208,8 +230,53 @@ def run_demo(
         site_id = next(iter(site_files))
         shown = patient_twin(twin, root, site_id, site_files[site_id], steps, say)
         _link_twin(index, shown, twin, site_id)
+    if hospital_demo:
+        site_id = next(iter(site_files))
+        page = hospital_twin(hospital_demo, site_id, site_files[site_id], steps, say)
+        _link_hospital_twin(index, page, site_id)
+    if twin or hospital_demo:
         say(f"Report: {index}")
     return index
+
+
+def _add_hospital_section(site_file: Path, hospital: Path) -> None:
+    """Hospital IT's edit: the wards, beds and care sites of the hospital twin, as `hospital:` in site.yaml."""
+    import yaml
+
+    section = yaml.safe_load(hospital.read_text(encoding="utf-8"))
+    site = yaml.safe_load(site_file.read_text(encoding="utf-8")) or {}
+    site["hospital"] = section
+    site_file.write_text(yaml.safe_dump(site, sort_keys=False), encoding="utf-8")
+
+
+def hospital_twin(hospital: HospitalDemo, site_id: str, site_file: Path, steps: Path, say: Callable[[str], None]
+                  ) -> Path:  # fmt: skip
+    """The first hospital's twin: the next 30 days from the state at the end of its data, baseline and the
+    example scenarios; returns the HTML page, which stays in the site's folder (SITE/twins/hospital)."""
+    say(f"Hospital twin at {site_id}: the next 30 days of its wards, {HOSPITAL_TWIN_RUNS} replications, "
+        "baseline and the example what-ifs:")  # fmt: skip
+    command = ["twin", "hospital", "-s", str(site_file), "--days", "30", "--runs", str(HOSPITAL_TWIN_RUNS),
+               "--scenario", str(hospital.scenarios), "--by", f"{site_id} demo bed manager"]  # fmt: skip
+    say(_run(command, f"the hospital twin at {site_id}", steps).rstrip())
+    pages = sorted((site_file.parent / "twins" / "hospital").glob("hospital-twin-*.html"))
+    if not pages:
+        raise DemoError(f"the hospital twin at {site_id} wrote no report; see {steps}")
+    return pages[-1]
+
+
+def _link_hospital_twin(index: Path, page: Path, site_id: str) -> None:
+    """The report's hospital-twin section, before its end."""
+    here = Path(os.path.relpath(page, index.parent)).as_posix()
+    section = (
+        f"<h2>Hospital twin at {html.escape(site_id)}</h2><p>The next 30 days of the hospital's wards from the "
+        "state at the end of its data, learnt from its own history only: midnight census bands per ward, the "
+        "chance of being full, patients waiting for a bed, and the example what-ifs (four more general-ward "
+        "beds; a two-week wave of 20% more emergency arrivals) against the baseline with their 95% intervals. "
+        "It stays in the hospital's own folder; this page links to it only because every site of the demo "
+        f'runs on this machine.</p><p><a href="{html.escape(here)}">the hospital twin\'s report (at the site)</a></p>'
+    )
+    text = index.read_text(encoding="utf-8")
+    index.write_text(text.replace("</body></html>", section + "</body></html>"), encoding="utf-8")
 
 
 def _allow_twin_queries(policy_file: Path, study: Path) -> None:

@@ -28,6 +28,14 @@ def demo(
     scenarios: Annotated[
         Path, typer.Option("--scenarios", dir_okay=False, help="The what-if scenarios the patient twin is asked.")
     ] = Path("configs/scenario-example.yaml"),
+    hospital: Annotated[
+        Path | None,
+        typer.Option("--hospital", dir_okay=False, help="A site file's `hospital:` section (wards, beds, care sites) "
+                     "for the first hospital, whose hospital twin is then shown."),
+    ] = None,
+    hospital_scenarios: Annotated[
+        Path, typer.Option("--hospital-scenarios", dir_okay=False, help="The what-ifs the hospital twin is asked.")
+    ] = Path("configs/hospital-scenario-example.yaml"),
     exports: Annotated[
         Path,
         typer.Option("--exports", file_okay=False, help="The hospitals' exports (<site>/fhir/Patient.ndjson): the "
@@ -44,12 +52,16 @@ def demo(
     With --twin-study, each steward also approves that study and allows its twin queries, the consortium
     trains it next, and one hospital then runs `twinfed twin patient` on one of its patients under the
     --scenarios: the table is printed, and the report links to the plot kept in that site's folder.
+
+    With --hospital, the first hospital's site file gets that `hospital:` section and, at the end, its
+    `twinfed twin hospital` runs the next 30 days under --hospital-scenarios; the report links its page.
     """
-    from federation.local.demo import DemoError, TwinDemo, run_demo
+    from federation.local.demo import DemoError, HospitalDemo, TwinDemo, run_demo
 
     twin = TwinDemo(twin_study.resolve(), scenarios.resolve(), exports.resolve()) if twin_study else None
+    beds = HospitalDemo(hospital.resolve(), hospital_scenarios.resolve()) if hospital else None
     try:
-        run_demo(omop.resolve(), out.resolve(), study.resolve(), say=console.print, twin=twin)
+        run_demo(omop.resolve(), out.resolve(), study.resolve(), say=console.print, twin=twin, hospital_demo=beds)
     except DemoError as exc:
         Console(stderr=True, soft_wrap=True).print(f"Demo failed: {exc}", markup=False, highlight=False)
         raise typer.Exit(1) from None

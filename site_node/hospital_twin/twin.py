@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -305,7 +306,9 @@ def run(
             if on_progress:
                 on_progress(done)
     else:
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(plan, days, list(scenarios)))
+        # forkserver, not fork: the caller may run threads (a progress bar's), and a fork copies their locks
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"),
+                                   initializer=_init, initargs=(plan, days, list(scenarios)))  # fmt: skip
         with pool:
             for results in pool.map(_one, seeds, chunksize=max(1, runs // (workers * 8))):
                 take(results)

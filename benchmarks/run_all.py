@@ -37,6 +37,7 @@ ORDER = (
     "bench_patient_twin",
     "bench_twin_whatif",
     "bench_hospital_twin",
+    "bench_hospital_backtest",
 )
 NEEDS_DEMO_HOSPITALS = {"bench_simulation": ROOT / "demo-output" / "omop"}
 

@@ -8,12 +8,13 @@ changes by the hour or a warm start from named occupants; SimPy's processes and 
 it directly, and it is small, maintained and pure Python.
 
 A replication draws every random quantity from numpy Generators seeded by the replication's number,
-one per arrival stream and one for the patients already in, and each patient's whole path (wards and
-stays) is drawn when they arrive. So a baseline and a scenario run with the same seed see the same
-patients, arriving when and staying as long, where the scenario does not change that (common random
-numbers: their difference is the scenario's, not the noise's). Each replication keeps only its per-day
-summaries (midnight census, peak occupancy, hours full, patients boarded and their boarding hours), so
-memory does not grow with the number of patients or of replications.
+one per arrival stream and one for the patients already in, and every patient's whole path (arrival
+time, wards and stays) is drawn up front, before any bed is taken. So a baseline and a scenario run with
+the same seed see the same patients, arriving when and staying as long, where the scenario does not
+change that (common random numbers: their difference is the scenario's, not the noise's). Each
+replication keeps only its per-day summaries (midnight census, peak occupancy, hours full, patients
+boarded and their boarding hours), so memory does not grow with the number of patients or of
+replications.
 
 Time is in hours from the simulation's start, which is a midnight; hour-of-day and hour-of-week are taken
 from `start_weekday` (0 = Monday).

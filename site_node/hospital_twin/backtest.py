@@ -43,11 +43,8 @@ class BacktestReport(BaseModel):
 def actual_census(history: WardStays, wards: list[str], start_s: int, days: int) -> np.ndarray:
     """(wards, days): patients in each ward at each midnight of the period, from the full history."""
     out = np.zeros((len(wards), days), dtype=np.int64)
-    stays = history.stays
     for d in range(days):
-        at = start_s + d * DAY_S
-        running = stays[(stays.start_s <= at) & ((stays.end_s > at) | ~stays.ended)]
-        counts = running.ward.value_counts()
+        counts = history.occupants(start_s + d * DAY_S).ward.value_counts()
         out[:, d] = [int(counts.get(w, 0)) for w in wards]
     return out
 

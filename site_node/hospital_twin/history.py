@@ -15,7 +15,6 @@ work); the simulation's arrivals are requests for a bed, and its boarding is any
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,12 +46,6 @@ class WardStays:
     stays: pd.DataFrame
     data_end_s: int
     unmatched_care_sites: dict[str, int]  # care sites of visit_detail rows that are no ward and no ED: rows
-
-    def arrivals(self, ward: str, kind: str) -> np.ndarray:
-        """Start times (s) of the visits' first ward stays in `ward`, for admissions of `kind`."""
-        first = self.stays.drop_duplicates("visit", keep="first")
-        rows = first[(first.ward == ward) & (first.kind == kind)]
-        return rows.start_s.to_numpy()
 
     def as_of(self, at_s: int) -> WardStays:
         """The history as it stood at `at_s`: stays begun by then, those running then cut there (censored),
@@ -166,7 +159,3 @@ def _merge_same_ward(rows: pd.DataFrame) -> pd.DataFrame:
     merged["next_ward"] = following.fillna("")
     return merged.reset_index(drop=True)
 
-
-def midnight_before(seconds: int) -> dt.datetime:
-    """The midnight at or before a time (seconds since 1970, wall clock read as UTC as OmopSource does)."""
-    return dt.datetime.fromtimestamp(seconds - seconds % DAY_S, tz=dt.UTC).replace(tzinfo=None)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from rich.table import Table
 
 from site_node.hospital_twin.backtest import BacktestReport
-from site_node.hospital_twin.twin import EFFECTS, QUANTILES, ArmSummary, TwinRun
+from site_node.hospital_twin.twin import EFFECTS, ArmSummary, TwinRun
 
 
 class Band(BaseModel):
@@ -75,7 +75,7 @@ class HospitalTwinReport(BaseModel):
 
 
 def _bands(summary: ArmSummary, histogram: np.ndarray) -> np.ndarray:
-    return summary.quantiles(histogram)  # (wards, days, 5) in QUANTILES order
+    return summary.quantiles(histogram)  # (wards, days, 5) in twin.QUANTILES order
 
 
 def _band(values: np.ndarray) -> Band:
@@ -260,4 +260,4 @@ def html_page(report: HospitalTwinReport) -> str:
     )
 
 
-__all__ = ["QUANTILES", "HospitalTwinReport", "build_report", "fan_chart_png", "html_page", "tables"]
+__all__ = ["HospitalTwinReport", "build_report", "fan_chart_png", "html_page", "tables"]

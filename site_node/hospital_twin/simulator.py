@@ -274,26 +274,6 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
     for transfer in model.transfers:
         transfers_from.setdefault(transfer.source, []).append(transfer)
 
-    def path(random: np.random.Generator, ward: str, first_stay: float) -> list[tuple[_Beds, float]]:
-        """A patient's wards and stays, drawn up front from their own stream (so a scenario that changes
-        beds changes when they move, never where or for how long)."""
-        hops = [(wards[ward], first_stay)]
-        while len(hops) < MAX_HOPS:
-            options = transfers_from.get(hops[-1][0].ward.name)
-            if not options:
-                break
-            draw = random.random()
-            chosen = None
-            for transfer in options:
-                if draw < transfer.probability:
-                    chosen = transfer
-                    break
-                draw -= transfer.probability
-            if chosen is None:
-                break
-            hops.append((wards[chosen.target], float(chosen.stay(random, 1)[0])))
-        return hops
-
     def stays(hops: list[tuple[_Beds, float]]):
         """The stays after the first bed is taken: each next bed is waited for in the current one."""
         current, hours = hops[0]
@@ -339,7 +319,9 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
             env.process(patient(hops, at))
 
     def paths(random: np.random.Generator, ward: str, first: np.ndarray) -> list[list[tuple[_Beds, float]]]:
-        """Every arriving patient's path (as `path`), drawn for all of them hop by hop."""
+        """The paths (wards and stays) of patients starting in `ward` with stays `first` there, drawn for all
+        of them up front, hop by hop (so a scenario that changes beds changes when they move, never where or
+        for how long)."""
         out = [[(wards[ward], float(hours))] for hours in first.tolist()]
         active = np.arange(len(out))
         where = np.full(len(out), ward, dtype=object)
@@ -376,9 +358,11 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
                     beds.set_capacity(capacity)
             yield env.timeout(1.0)
 
-    for occupant in model.occupants:
-        wards[occupant.ward].occupied += 1  # in their bed already; the fullness bookkeeping starts below
-        env.process(stays(path(occupants_random, occupant.ward, float(occupant.remaining_hours))))
+    for ward in model.wards:  # in their beds already; the fullness bookkeeping starts below
+        remaining = np.array([o.remaining_hours for o in model.occupants if o.ward == ward.name], dtype=np.float64)
+        wards[ward.name].occupied += remaining.size
+        for hops in paths(occupants_random, ward.name, remaining):
+            env.process(stays(hops))
     for beds in wards.values():
         beds.peak[0] = beds.occupied
         beds._note_fullness()

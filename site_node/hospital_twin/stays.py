@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import BaseModel, Field, PrivateAttr
 
-from federation.twins.survival_maths import kaplan_meier
+from federation.twins.survival_maths import kaplan_meier, survival_at
 
 MIN_STAYS = 20  # fewer finished stays than this: no curve worth drawing from
 TAIL_FROM = 0.75  # the tail's hazard is measured over the curve's last quarter of time
@@ -52,8 +52,7 @@ class StayModel(BaseModel):
         """S(t): the share of stays longer than `hours`."""
         times, survival = self._curve()
         hours = np.asarray(hours, dtype=np.float64)
-        index = np.searchsorted(times, hours, side="right") - 1
-        inside = np.where(index >= 0, survival[np.clip(index, 0, None)], 1.0)
+        inside = survival_at(times, survival, hours)
         beyond = survival[-1] * np.exp(-self.tail_rate_per_hour * np.clip(hours - times[-1], 0, None))
         return np.where(hours > times[-1], beyond, inside)
 

@@ -209,9 +209,10 @@ class ArmSummary:
         self.full_days = np.zeros(shape, dtype=np.int64)
         self.boarded = np.zeros(shape)
         self.boarding_hours = np.zeros(shape)
+        self._grid = np.meshgrid(np.arange(len(self.wards)), np.arange(self.days), indexing="ij")
 
     def add(self, result) -> None:
-        w, d = np.meshgrid(np.arange(len(self.wards)), np.arange(self.days), indexing="ij")
+        w, d = self._grid
         np.add.at(self.census, (w, d, np.clip(result.midnight_census.T, 0, self.top)), 1)
         np.add.at(self.peak, (w, d, np.clip(result.peak_occupancy.T, 0, self.top)), 1)
         self.full_days += (result.hours_full.T > 0).astype(np.int64)

@@ -265,3 +265,63 @@ def test_a_diagnostic_measurement_on_the_index_day(definitions_db):
     )
     # 6's 3.0 came 23 h after admission (in); 2's 2.5 came 47 h after (out); 5's 2.0 48 h after (out)
     assert labels(definitions_db, outcome, covariates=covariates) == {1: 0, 2: 0, 5: 0, 6: 1}
+
+
+# --- length of stay: time to discharge --------------------------------------------------------------------
+
+
+def _length_of_stay(window_days: float | None = None) -> OutcomeSpec:
+    return OutcomeSpec(
+        kind=OutcomeKind.TIME_TO_EVENT, event=OutcomeKind.DISCHARGE, prediction_hours=0, window_days=window_days
+    )
+
+
+def _stay_study(outcome: OutcomeSpec) -> StudySpec:
+    spec = study(outcome.model_copy(update={"window_days": None}))
+    return StudySpec.model_validate(
+        {
+            **spec.model_dump(),
+            "outcome": outcome.model_dump(),
+            "model": {"kind": "discrete_time_survival", "interval_days": [1, 2]},
+        }
+    )
+
+
+def test_length_of_stay_is_the_time_to_the_index_visits_end(definitions_db):
+    ds = build(definitions_db, _stay_study(_length_of_stay()))
+    assert ds.person_ids.tolist() == [1, 2, 5, 6] and ds.labels.tolist() == [1, 1, 1, 1]
+    np.testing.assert_allclose(ds.event_days, [3.0, 2.0, 4.0, 3.0], rtol=1e-6)  # V101, V201, V501, V601
+    # a window shorter than a stay censors it at the window's end
+    ds = build(definitions_db, _stay_study(_length_of_stay(window_days=2.5)))
+    assert ds.labels.tolist() == [0, 1, 0, 0]
+    np.testing.assert_allclose(ds.event_days, [2.5, 2.0, 2.5, 2.5], rtol=1e-6)
+
+
+def test_a_stay_still_running_at_the_data_end_is_censored_there(tmp_path):
+    rows = definition_rows()
+    visits = rows.tables["visit_occurrence"]
+    latest = max(v["visit_end_date"] for v in visits)
+    open_stay = next(v for v in visits if v["person_id"] == 6 and v["visit_concept_id"] == INPATIENT)
+    open_stay.update(visit_end_date=latest, visit_end_datetime=None)  # as the ETL writes an open encounter
+    ds = build(sqlite_copy(tmp_path, rows), _stay_study(_length_of_stay()))
+    assert ds.person_ids.tolist() == [1, 2, 5, 6] and ds.labels.tolist() == [1, 1, 1, 0]
+    start = datetime(2023, 8, 1, 12)
+    assert ds.event_days[3] == pytest.approx(
+        (datetime.combine(latest, datetime.min.time()) - start).total_seconds() / DAY
+    )
+
+
+def test_a_length_of_stay_needs_a_visit_cohort_indexed_at_admission():
+    outcome = {"kind": "time_to_event", "event": "discharge", "prediction_hours": 0}
+    base = _raw(outcome, {"start_hours": -24, "end_hours": 0})
+    base["model"] = {"kind": "discrete_time_survival", "interval_days": [1, 3, 7]}
+    with pytest.raises(StudyError, match="about the index visit"):
+        parse_study(base)  # a person-level cohort (a panel of measurements)
+    base["cohort"] = {"visit_concept_ids": [9201], "index": "visit_end"}
+    base["covariates"] = {"demographics": ["age"]}
+    with pytest.raises(StudyError, match="counted from the visit's start"):
+        parse_study(base)
+    with pytest.raises(StudyError, match="'discharge' is the event of a time_to_event outcome"):
+        parse_study({**base, "outcome": {"kind": "discharge"}})
+    base["cohort"]["index"] = "visit_start"
+    assert parse_study(base).outcome.summary() == "time to discharge after 0 h"

@@ -459,6 +459,7 @@ class OutcomeKind(StrEnum):
     DRUG = "drug"
     VISIT = "visit"
     MEASUREMENT = "measurement"
+    DISCHARGE = "discharge"  # only as a time_to_event outcome's event: the end of the index visit
 
 
 # Outcomes that are a record of concepts in a window (a measurement: with its value in a range).
@@ -469,8 +470,10 @@ EVENT_OUTCOMES = (
     OutcomeKind.VISIT,
     OutcomeKind.MEASUREMENT,
 )
-# Outcomes about the index visit itself: only a visit-level cohort has one.
-VISIT_OUTCOMES = (OutcomeKind.LONG_STAY, OutcomeKind.READMISSION)
+# Outcomes about the index visit itself: only a visit-level cohort has one (discharge as a time_to_event's event).
+VISIT_OUTCOMES = (OutcomeKind.LONG_STAY, OutcomeKind.READMISSION, OutcomeKind.DISCHARGE)
+# What a time_to_event outcome may wait for.
+TIME_TO_EVENT_EVENTS = (OutcomeKind.DEATH, OutcomeKind.DISCHARGE, *EVENT_OUTCOMES)
 
 
 class OutcomeTiming(StrEnum):
@@ -492,7 +495,9 @@ class OutcomeSpec(_Strict):
     * readmission: a new visit of the cohort's kind starts within `window_days` after discharge (visit-level);
     * time_to_event: days from the prediction time to `event` (death, or the first of one of the event kinds
       above), censored at the end of observation, at `window_days`, and (for an event other than death) at
-      death, which ends the follow-up as censoring.
+      death, which ends the follow-up as censoring. `event: discharge` is the length of stay (visit-level):
+      days from the prediction time to the end of the index visit, however it ends (home, transfer, death: the
+      bed is free), censored at `window_days` and, for a visit still running when the data end, there.
 
     With `timing: diagnostic` (condition, procedure, drug, visit, measurement) the outcome is what is
     recorded in `window` relative to the index, [start, end): it may overlap the covariates (a diagnosis
@@ -542,10 +547,15 @@ class OutcomeSpec(_Strict):
     @model_validator(mode="after")
     def _complete(self) -> OutcomeSpec:
         kind, looked_for = self.kind.value, self.event_kind
-        if self.kind == OutcomeKind.TIME_TO_EVENT and looked_for not in (OutcomeKind.DEATH, *EVENT_OUTCOMES):
+        if self.kind == OutcomeKind.DISCHARGE:
             raise ValueError(
-                f"a 'time_to_event' outcome's event is death, condition, procedure, drug, visit or measurement, not "
-                f"'{looked_for.value}'"
+                "'discharge' is the event of a time_to_event outcome (the length of stay: kind time_to_event, event "
+                "discharge); as a yes/no outcome use long_stay with threshold_days"
+            )
+        if self.kind == OutcomeKind.TIME_TO_EVENT and looked_for not in TIME_TO_EVENT_EVENTS:
+            raise ValueError(
+                f"a 'time_to_event' outcome's event is death, discharge, condition, procedure, drug, visit or "
+                f"measurement, not '{looked_for.value}'"
             )
         if self.kind != OutcomeKind.TIME_TO_EVENT and self.event is not None:
             raise ValueError(f"event names the event of a 'time_to_event' outcome; a '{kind}' outcome has none")
@@ -593,12 +603,17 @@ class OutcomeSpec(_Strict):
 
 
 def _cohort_fits_outcome(cohort: CohortSpec, outcome: OutcomeSpec) -> None:
-    """Outcomes about the index visit need a visit-level cohort."""
-    if cohort.visit_level:
-        return
+    """Outcomes about the index visit need a visit-level cohort (and a length of stay, one indexed at its start)."""
     event = cohort.index.event.value
-    kind = outcome.kind.value
-    if outcome.kind in VISIT_OUTCOMES:
+    kind = outcome.kind.value if outcome.kind != OutcomeKind.TIME_TO_EVENT else f"time to {outcome.event_kind.value}"
+    if cohort.visit_level:
+        if outcome.event_kind == OutcomeKind.DISCHARGE and cohort.index.event != IndexEvent.VISIT_START:
+            raise ValueError(
+                "a length of stay (time to discharge) is counted from the visit's start: the cohort's index is "
+                f"{event}, after the discharge; use index visit_start"
+            )
+        return
+    if outcome.kind in VISIT_OUTCOMES or outcome.event_kind == OutcomeKind.DISCHARGE:
         raise ValueError(
             f"outcome '{kind}' is about the index visit, and the cohort is person-level (cohort.index is a {event}, "
             "not a visit): use a visit-level cohort (index visit_start or visit_end) or another outcome"

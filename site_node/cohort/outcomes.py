@@ -24,6 +24,10 @@ the covariates, and leaves out its end so that a day window is that day alone.
   alive at the window end and is censored there. A person without an observation period counts as observed
   until the end of the visit (visit-level) or until the prediction time (person-level: no follow-up can be
   shown, so such a person is censored at 0 days unless they die).
+* time_to_event with event discharge (the length of stay, visit-level cohorts indexed at the visit's start):
+  the event is the end of the index visit, however it ends (home, transfer, death: the bed is free). It is
+  censored at the window end, and at the data's end for a visit still running then: one the database leaves
+  without an end time whose end date is the latest end date it holds (the ETL writes an open encounter so).
 """
 
 from __future__ import annotations
@@ -157,6 +161,22 @@ def observation_end_s(source: OmopSource, examples: pd.DataFrame) -> np.ndarray:
     return out
 
 
+def running_at_data_end(source: OmopSource, examples: pd.DataFrame) -> np.ndarray:
+    """Per example, whether its visit was still running when the data end: no end time, and an end date on
+    the latest end date of any visit (an open encounter, which the ETL ends on the export's date)."""
+    visit = source.table("visit_occurrence")
+    latest = select(func.max(visit.c.visit_end_date)).scalar_subquery()
+    frame = source.frame(
+        select(visit.c.visit_occurrence_id).where(
+            visit.c.person_id.in_(select(source.index.c.person_id)),
+            visit.c.visit_end_datetime.is_(None),
+            visit.c.visit_end_date >= latest,
+        )
+    )
+    own = examples["visit_occurrence_id"].to_numpy(dtype=np.int64)
+    return np.isin(own, frame["visit_occurrence_id"].to_numpy(dtype=np.int64))
+
+
 def _time_to_event(
     source: OmopSource, examples: pd.DataFrame, outcome: OutcomeSpec, visit_level: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -167,6 +187,11 @@ def _time_to_event(
     unobserved = examples["end_s"].to_numpy() if visit_level else prediction
     observed_until = np.where(np.isnan(observed_until), unobserved, observed_until)
     censor = np.minimum(window_end, observed_until)
+    if outcome.event_kind == OutcomeKind.DISCHARGE:
+        end = examples["visit_end_s"].to_numpy(dtype=np.float64)
+        event = ~running_at_data_end(source, examples) & (end <= window_end)
+        at = np.where(event, end, np.minimum(end, window_end))
+        return event, np.maximum(at - prediction, 0.0) / DAY_S
     if outcome.event_kind == OutcomeKind.DEATH:
         event = (death > prediction) & (death <= window_end)
         dies_after_window = np.isfinite(window_end) & (death > window_end)

@@ -94,7 +94,7 @@ def _empty_visits() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
 
-def _persons(source: OmopSource, person_ids: Select) -> pd.DataFrame:
+def persons_of(source: OmopSource, person_ids: Select) -> pd.DataFrame:
     person = source.table("person")
     frame = source.frame(
         select(
@@ -185,7 +185,7 @@ def _visit_cohort(
     cohort_persons = select(visit.c.person_id).where(
         visit.c.visit_concept_id.in_(sorted(set(cohort.visit_concept_ids)))
     )
-    persons = _persons(source, cohort_persons)
+    persons = persons_of(source, cohort_persons)
     if visits.empty or persons.empty:
         return _empty_cohort(labels, visits)
     persons["birth_s"] = birth_seconds(persons)
@@ -227,7 +227,7 @@ def _person_cohort(
 ) -> Cohort:
     no_visits = _empty_visits()  # a person-level cohort has no index visits (and no readmission)
     events, index_persons = index_events(source, cohort.index)
-    persons = _persons(source, index_persons) if not events.empty else pd.DataFrame()
+    persons = persons_of(source, index_persons) if not events.empty else pd.DataFrame()
     if events.empty or persons.empty:
         return _empty_cohort(labels, no_visits)
     persons["birth_s"] = birth_seconds(persons)

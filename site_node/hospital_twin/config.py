@@ -8,6 +8,8 @@ ETL kept) or by place-of-service source value, whichever the hospital's export c
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 HOURS_PER_DAY = 24
@@ -60,6 +62,18 @@ class WardConfig(BaseModel):
         return self
 
 
+class LengthOfStayConfig(BaseModel):
+    """The consortium's length-of-stay study whose model the twin asks about the patients in the beds
+    (site_node/hospital_twin/case_mix.py): the study file (approved at this site) and, optionally, its weights
+    (a model card's final-model.pt; default: the study's global model this site keeps). Relative paths are
+    read from the site file's folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    study: Path
+    model: Path | None = None
+
+
 class HospitalConfig(BaseModel):
     """`hospital:` in site.yaml: the wards the twin simulates and the care sites that are the emergency
     department (where patients wait for a bed: boarding)."""
@@ -69,6 +83,9 @@ class HospitalConfig(BaseModel):
     wards: list[WardConfig] = Field(min_length=1)
     emergency_department: list[str] = Field(
         default_factory=list, description="care sites that are the emergency department (not simulated as a ward)"
+    )
+    length_of_stay: LengthOfStayConfig | None = Field(
+        None, description="a length-of-stay study whose model adjusts the occupants' remaining stays by case mix"
     )
 
     @field_validator("wards")

@@ -6,14 +6,17 @@ Nothing of it leaves the site: the history, the fitted parts and the report stay
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
+from federation.contract.hashing import study_hash
 from site_node.cohort.omop_source import OmopSource
 from site_node.config import SiteConfig
 from site_node.governance import Governance
 from site_node.hospital_twin.backtest import actual_census, compare
+from site_node.hospital_twin.case_mix import CaseMixError, load_length_of_stay_study, occupant_factors
 from site_node.hospital_twin.history import DAY_S, read_ward_stays
 from site_node.hospital_twin.report import HospitalTwinReport, build_report
 from site_node.hospital_twin.scenario import load_hospital_scenarios
@@ -61,7 +64,8 @@ def run_hospital_twin(
     scenarios = load_hospital_scenarios(scenario_file, config.hospital) if scenario_file is not None else []
     with OmopSource.open(config.omop.url, config.omop.schema_name) as source:
         history = read_ward_stays(source, config.hospital)
-    at = start_of(start, history.data_end_s)
+        at = start_of(start, history.data_end_s)
+        case_mix = _case_mix(source, config, governance, history, at)
     if backtest:
         if start is None:
             raise HospitalTwinError("a backtest needs the past day to start from")
@@ -70,7 +74,9 @@ def run_hospital_twin(
             raise HospitalTwinError(
                 f"a {days}-day backtest from {start} runs past the data's end; start on {last:%Y-%m-%d} at the latest"
             )
-    plan = learn(history, config.hospital, at, history_days)
+    plan = learn(history, config.hospital, at, history_days, case_mix.factors if case_mix else None)
+    if case_mix is not None:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, case_mix.note))
     if on_start:
         on_start(runs)
     result = run(plan, days, runs, scenarios, seed=seed, workers=workers, on_progress=on_progress)
@@ -89,7 +95,55 @@ def run_hospital_twin(
             "seed": seed,
             "scenarios": [s.name for s in scenarios],
             "backtest": backtest,
+            "length_of_stay_study": los.study.name if (los := config.hospital.length_of_stay) else None,
             "note": "simulated at the site from its own history; nothing left it",
         },
     )
     return report
+
+
+def _case_mix(source: OmopSource, config: SiteConfig, governance: Governance, history, at: int):
+    """The occupants' stay factors from the site file's length-of-stay study, or None without one."""
+    los = config.hospital.length_of_stay if config.hospital else None
+    if los is None:
+        return None
+    base = config.base_dir
+    study_file = los.study if los.study.is_absolute() else base / los.study
+    try:
+        spec = load_length_of_stay_study(study_file)
+    except CaseMixError as exc:
+        raise HospitalTwinError(str(exc)) from None
+    digest = study_hash(spec)
+    if not governance.approvals.is_approved(digest):
+        raise HospitalTwinError(
+            f"the length-of-stay study '{spec.study.id}' (hash {digest[:12]}) is not approved at {config.site_id}: "
+            "a model of a study the data steward has not approved is not applied to this site's patients"
+        )
+    weights = _weights(los.model if los.model is None or los.model.is_absolute() else base / los.model,
+                       base / "models", digest, spec.study.id)  # fmt: skip
+    running = history.as_of(at).occupants(at)
+    try:
+        return occupant_factors(source, config.omop.url, config.omop.schema_name, spec, weights,
+                                [int(v) for v in running.visit], at)  # fmt: skip
+    except CaseMixError as exc:
+        raise HospitalTwinError(str(exc)) from None
+
+
+def _weights(model_file: Path | None, models: Path, digest: str, study_id: str) -> dict:
+    import torch
+
+    from site_node.releases import load_global_model
+
+    if model_file is not None:
+        try:
+            return torch.load(model_file, weights_only=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise HospitalTwinError(f"{model_file}: cannot read the length-of-stay model's weights: {exc}") from None
+    kept = load_global_model(models, digest)
+    if kept is None:
+        raise HospitalTwinError(
+            f"this site holds no model of the length-of-stay study '{study_id}' yet (it keeps the global model the "
+            "coordinator sends it for evaluation); give `hospital: length_of_stay: model:` the study's final-model.pt "
+            "from its model card"
+        )
+    return kept[1]

@@ -53,6 +53,9 @@ class HospitalPlan:
     transfers: dict[str, dict[str, float]]
     occupants: tuple[tuple[str, str, float], ...]  # ward, kind, hours in the ward so far
     notes: tuple[str, ...] = ()
+    # each occupant's factor on its remaining stay in its ward (length of stay by case mix, case_mix.py); empty:
+    # every factor 1
+    occupant_factors: tuple[float, ...] = ()
 
     @property
     def at(self) -> dt.datetime:
@@ -62,8 +65,15 @@ class HospitalPlan:
         return self.stays.get((ward, kind)) or self.stays[(ward, ALL_KINDS)]
 
 
-def learn(history: WardStays, config: HospitalConfig, at_s: int, history_days: int | None = None) -> HospitalPlan:
-    """Fit the twin's parts from the history as it stood at `at_s` (see the module's docstring)."""
+def learn(
+    history: WardStays,
+    config: HospitalConfig,
+    at_s: int,
+    history_days: int | None = None,
+    stay_factors: dict[int, float] | None = None,
+) -> HospitalPlan:
+    """Fit the twin's parts from the history as it stood at `at_s` (see the module's docstring).
+    `stay_factors` (by visit id) multiply those occupants' remaining stays (case_mix.py)."""
     if at_s % DAY_S:
         raise HospitalTwinError("the twin starts at a midnight")
     seen = history.as_of(at_s)
@@ -114,6 +124,7 @@ def learn(history: WardStays, config: HospitalConfig, at_s: int, history_days: i
             transfers[ward.name] = {str(k): float(v) / len(ended) for k, v in counts.items()}
     running = seen.occupants(at_s)
     occupants = tuple((str(r.ward), str(r.kind), float((at_s - r.start_s) / HOUR_S)) for r in running.itertuples())
+    factors = tuple(float((stay_factors or {}).get(int(v), 1.0)) for v in running.visit) if stay_factors else ()
     for ward in config.wards:
         count = sum(o[0] == ward.name for o in occupants)
         if count > ward.beds:
@@ -121,7 +132,7 @@ def learn(history: WardStays, config: HospitalConfig, at_s: int, history_days: i
                 f"ward {ward.name} had {count} patients at {_day(at_s)} but the site file gives it {ward.beds} beds; "
                 "correct `hospital: wards: beds` (count every bed patients can lie in)"
             )
-    return HospitalPlan(config, int(at_s), int(days), arrivals, models, transfers, occupants, tuple(notes))
+    return HospitalPlan(config, int(at_s), int(days), arrivals, models, transfers, occupants, tuple(notes), factors)
 
 
 def _day(seconds: int) -> str:
@@ -156,8 +167,9 @@ def replication_model(plan: HospitalPlan, days: int, seed: int, scenario: Hospit
     )  # fmt: skip
     random = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     occupants = []
-    for ward, kind, elapsed in plan.occupants:
-        scale = scenario.stay_factor(ward, kind) if scenario is not None else 1.0
+    factors = plan.occupant_factors or (1.0,) * len(plan.occupants)
+    for (ward, kind, elapsed), factor in zip(plan.occupants, factors, strict=True):
+        scale = (scenario.stay_factor(ward, kind) if scenario is not None else 1.0) * factor
         remaining = plan.stay_model(ward, kind).sample_remaining(random, np.array([elapsed]))[0] * scale
         occupants.append(Occupant(ward, float(remaining)))
     weekday = dt.datetime.fromtimestamp(plan.at_s, tz=dt.UTC).weekday()

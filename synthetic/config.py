@@ -87,6 +87,92 @@ class DefectRates(_Strict):
         return DefectRates(**{name: min(0.05, value * factor) for name, value in self.model_dump().items()})
 
 
+class WardCapacity(_Strict):
+    """One ward's beds and how many of them are staffed at night (the rest of the day all are).
+
+    Staffed capacity is max(1, floor(beds x share)), the hospital twin's own rule: a shift change never moves
+    a patient out of a bed, it only stops new patients taking one until the count is under the new capacity.
+    """
+
+    beds: int = Field(ge=1, le=5000)
+    night_staffed_share: float = Field(1.0, gt=0.0, le=1.0)
+
+
+def _diurnal() -> tuple[float, ...]:
+    # Emergency admissions by hour of day (relative): a trough at 4-6 h, a rise through the morning, a broad
+    # plateau from late morning to the evening, as emergency departments report.
+    return (0.55, 0.45, 0.4, 0.35, 0.3, 0.3, 0.4, 0.6, 0.9, 1.2, 1.4, 1.5,
+            1.5, 1.5, 1.5, 1.45, 1.4, 1.4, 1.35, 1.3, 1.2, 1.0, 0.85, 0.7)  # fmt: skip
+
+
+def _discharge_hours() -> tuple[float, ...]:
+    # When patients ready for discharge outside the discharge window actually leave the next time it opens:
+    # relative weights of the hours of the window (late morning to afternoon, after the ward round).
+    return (0.0,) * 10 + (1.0, 2.0, 2.5, 2.0, 1.5, 1.0, 0.6, 0.4) + (0.0,) * 6
+
+
+class OperationsProfile(_Strict):
+    """The hospital as an operation (opt-in): beds, staffed shifts, the arrival pattern and discharge timing.
+
+    With it, admissions follow an hour-of-day, day-of-week and seasonal pattern with occasional surges,
+    a share of first admissions is elective (weekday mornings, straight to a ward), and a calendar-time
+    simulation of the beds (synthetic/operations.py) decides when each patient really gets a bed: patients
+    board in the emergency department while the ward is full, a transfer that finds the next ward full waits
+    in its bed, and discharges happen in the discharge window. See docs/synthetic-data.md, "Operations".
+    The clinical course (severity, the ward/ICU decision, measurements) is the same simulation as without it.
+    """
+
+    ward: WardCapacity = WardCapacity(beds=8, night_staffed_share=0.875)
+    icu: WardCapacity = WardCapacity(beds=3)
+    night_start_hour: int = Field(22, ge=0, le=23, description="first hour of the night shift")
+    night_end_hour: int = Field(7, ge=0, le=24, description="first hour after it (across midnight when smaller)")
+    emergency_hour_weights: tuple[float, ...] = Field(
+        default_factory=_diurnal, description="24 relative weights of emergency admissions by hour of day"
+    )
+    weekday_factors: tuple[float, ...] = Field(
+        (1.15, 1.05, 1.0, 1.0, 1.0, 0.9, 0.9), description="7 factors on emergency admissions, Monday first"
+    )
+    seasonal_amplitude: float = Field(0.15, ge=0.0, le=0.9, description="emergency rate x (1 + A cos(season))")
+    seasonal_peak_day: int = Field(20, ge=1, le=366, description="day of the year with the highest rate")
+    surges_per_year: float = Field(2.0, ge=0.0, le=24.0, description="surges start as a Poisson process")
+    surge_days: int = Field(10, ge=1, le=60)
+    surge_factor: float = Field(1.6, ge=1.0, le=5.0, description="emergency rate multiplier during a surge")
+    elective_share: float = Field(0.15, ge=0.0, le=0.9, description="share of first admissions that are planned")
+    elective_start_hour: int = Field(7, ge=0, le=23, description="electives arrive Monday-Friday in [start, end)")
+    elective_end_hour: int = Field(11, ge=1, le=24)
+    discharge_start_hour: int = Field(10, ge=0, le=23, description="patients are discharged in [start, end)")
+    discharge_end_hour: int = Field(18, ge=1, le=24)
+    discharge_hour_weights: tuple[float, ...] = Field(
+        default_factory=_discharge_hours, description="24 weights: when a patient kept overnight leaves"
+    )
+    truth_window_days: int = Field(30, ge=1, le=120, description="days the scenario ground truth covers")
+    truth_window_end_days_before_export: int = Field(
+        15, ge=0, le=3650, description="the window ends this many days before the export date"
+    )
+    truth_replicates: int = Field(40, ge=2, le=2000, description="Monte-Carlo replicates of the expected effects")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> OperationsProfile:
+        for name, size in (("emergency_hour_weights", 24), ("weekday_factors", 7), ("discharge_hour_weights", 24)):
+            values = getattr(self, name)
+            if len(values) != size or any(v < 0 for v in values) or sum(values) <= 0:
+                raise ValueError(f"{name} needs {size} non-negative values, not all zero (got {len(values)})")
+        if self.elective_end_hour <= self.elective_start_hour:
+            raise ValueError("elective_end_hour must come after elective_start_hour (same day)")
+        if self.discharge_end_hour <= self.discharge_start_hour:
+            raise ValueError("discharge_end_hour must come after discharge_start_hour (same day)")
+        window = self.discharge_hour_weights[self.discharge_start_hour : self.discharge_end_hour]
+        if sum(window) <= 0:
+            raise ValueError("discharge_hour_weights must give weight to some hour of the discharge window")
+        return self
+
+    def night_hours(self) -> list[int]:
+        """The hours of the day in the night shift."""
+        if self.night_end_hour > self.night_start_hour:
+            return list(range(self.night_start_hour, self.night_end_hour))
+        return list(range(self.night_start_hour, 24)) + list(range(0, self.night_end_hour))
+
+
 class SiteProfile(_Strict):
     """One hospital of the synthetic consortium."""
 
@@ -122,6 +208,9 @@ class SiteProfile(_Strict):
 
     consent: ConsentSettings = ConsentSettings()
     defects: DefectRates = DefectRates()
+    operations: OperationsProfile | None = Field(
+        None, description="beds, shifts, arrival pattern and discharge timing; absent: no capacity (as before)"
+    )
 
     @field_validator("case_mix")
     @classmethod

@@ -40,6 +40,9 @@ LOCATION_KINDS = {
     "icu": ("ICU", "Intensive care unit", "Intensive Care Unit", "wa", "Ward"),
     "clinic": ("GIM", "General internal medicine clinic", "Internal Medicine Outpatient Clinic", "bu", "Building"),
 }
+# hospitalization.admitSource: emergency admissions come from the emergency department; planned (elective)
+# ones, with operations on, on a physician's referral.
+ADMIT_SOURCES = {"emd": "From accident/emergency department", "mp": "Medical Practitioner/physician referral"}
 _EPOCH = dt.datetime(1970, 1, 1)
 _MASK64 = (1 << 64) - 1
 _TYPE_SALT: dict[str, int] = {}
@@ -308,6 +311,7 @@ class ResourceFactory:
         reason: AdmissionReason | None = None,
         disposition: str | None = None,
         location_segments: list[tuple[str, float, float | None]] | None = None,
+        admit_source: str = "emd",
     ) -> dict[str, Any]:
         class_display, type_text = ENCOUNTER_CLASS[kind]
         period: dict[str, str] = {"start": self.instant(start)}
@@ -331,8 +335,8 @@ class ResourceFactory:
                     "coding": [
                         {
                             "system": "http://terminology.hl7.org/CodeSystem/admit-source",
-                            "code": "emd",
-                            "display": "From accident/emergency department",
+                            "code": admit_source,
+                            "display": ADMIT_SOURCES[admit_source],
                         }
                     ]
                 }

@@ -15,6 +15,10 @@ event too, which no information at 24 hours could rank): censored at the export 
 Counterfactuals (counterfactuals.py): a seeded sample of stays alive at 24 hours, re-simulated from then
 under standard treatment scenarios with common random numbers; and how strongly the factual drug
 assignment is confounded by the patient's state. Older files without these fields still load.
+
+Operations (operations.py, sites whose profile has an `operations` block): the true arrival intensities, lengths of
+stay by ward and admission kind, every stay's waits for a bed, and the effect of standard capacity scenarios
+re-simulated with common random numbers. Absent (not even null) for the other sites.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import datetime as dt
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from synthetic.defects import DefectRecord
 
@@ -280,3 +284,105 @@ class SiteGroundTruth(BaseModel):
     counterfactual_design: CounterfactualDesign | None = None
     counterfactuals: list[CounterfactualStay] = []
     confounding: ConfoundingTruth | None = None
+    operations: OperationsTruth | None = None  # sites with an operations profile block only
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_operations(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """A site without operations writes (and round-trips to) the file it wrote before the field existed."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("operations") is None:
+            data.pop("operations", None)
+        return data
+
+
+class OperationsWardTruth(BaseModel):
+    beds: int
+    staffed_by_hour: list[int] = Field(description="staffed beds in each hour of the day, 0 h first")
+
+
+class ArrivalStreamTruth(BaseModel):
+    """The true arrival intensity of one stream (emergency or elective first admissions, or readmissions)."""
+
+    arrivals: int = Field(description="admissions of the stream in the history")
+    mean_per_hour: float
+    expected_arrivals: float | None = None
+    per_hour_first: str | None = Field(None, description="local time of per_hour[0]")
+    per_hour: list[float] | None = Field(None, description="expected arrivals in each hour of the history")
+    hour_of_week: list[float] | None = Field(None, description="168 relative factors, Monday 00 h first")
+    hour_of_day_share: list[float] | None = Field(None, description="share of the stream's arrivals by hour of day")
+    day_factor_first_date: str | None = None
+    day_factor: list[float] | None = Field(None, description="relative factor of each day (season x surges)")
+    definition: str
+
+
+class SurgeTruth(BaseModel):
+    start: str
+    days: int
+    factor: float
+
+
+class LengthOfStayTruth(BaseModel):
+    """Time in one ward's bed by ward and admission kind (hours): realized and as the clinical course wanted."""
+
+    ward: str
+    kind: str
+    stays: int
+    realized_hours: dict[str, float] = Field(description="mean and quantiles q10..q90, blocking and discharge waits in")
+    desired_hours: dict[str, float] = Field(description="the clinical course's own time there")
+
+
+class EffectTruth(BaseModel):
+    baseline: float
+    scenario: float
+    effect: float = Field(description="scenario minus baseline")
+    standard_error: float | None = None
+    ci95: list[float] | None = None
+
+
+class ExpectedEffectTruth(BaseModel):
+    replicates: int
+    metrics: dict[str, EffectTruth]
+
+
+class ScenarioEffectTruth(BaseModel):
+    """A standard scenario's effect over the window: on the factual patients, and in expectation over replicates."""
+
+    definition: str
+    factual: dict[str, EffectTruth] = Field(description="the same patients as the export, scenario vs history")
+    expected: ExpectedEffectTruth
+
+
+class StayOperationsTruth(BaseModel):
+    """One exported stay's passage through the beds (waits the export shows only as longer segments, or not)."""
+
+    encounter_id: str
+    kind: str = Field(description="emergency | elective")
+    arrival: str = Field(description="ED arrival (emergency) or planned admission (elective)")
+    first_bed_request: str | None
+    first_bed: str | None
+    boarding_hours: float = Field(description="waited for the first bed (electives: postponed)")
+    blocked_hours: float = Field(description="waited in a bed for a transfer")
+    discharge_wait_hours: float = Field(description="ready to leave until discharge (the discharge window)")
+
+
+class OperationsTruth(BaseModel):
+    """The operational ground truth of a site with an `operations` profile block (synthetic/operations.py)."""
+
+    design: dict[str, str]
+    wards: dict[str, OperationsWardTruth]
+    arrivals: dict[str, ArrivalStreamTruth]
+    surges: list[SurgeTruth]
+    length_of_stay: list[LengthOfStayTruth]
+    transfers: dict[str, dict[str, float]] = Field(description="P(next | location) over the clinical paths")
+    summary: dict[str, float]
+    dropped_stays: list[dict[str, str | int]] = Field(
+        description="stays the timeline drew that begin after the export once earlier stays are delayed"
+    )
+    window_start: str
+    window_end: str
+    baseline_window: dict[str, float]
+    scenarios: dict[str, ScenarioEffectTruth]
+    stays: list[StayOperationsTruth]
+
+
+SiteGroundTruth.model_rebuild()

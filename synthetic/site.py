@@ -46,9 +46,18 @@ from synthetic.inpatient import (
     PROCEDURE_EVENTS,
     StayOutcomes,
 )
+from synthetic.operations import SiteOperations
 from synthetic.physiology import PREDICTION_HOUR
 from synthetic.population import Population, generate_population
-from synthetic.timeline import READMISSION_WINDOW, StayRef, Timeline, Visit, build_timeline, to_seconds
+from synthetic.timeline import (
+    READMISSION_WINDOW,
+    StayRef,
+    Timeline,
+    Visit,
+    admission_rates,
+    build_timeline,
+    to_seconds,
+)
 from synthetic.writer import BulkExportWriter
 
 MONTE_CARLO_REPLICATES = 64
@@ -345,22 +354,36 @@ class SiteExporter:
         ctx = self._context(patient)
         encounter_id = self._id("Encounter")
 
-        order, bounds = groups["locations"]
-        rows = order[bounds[row] : bounds[row + 1]]
         segments: list[tuple[str, float, float | None]] = []
-        loc = batch.locations
-        for k, r in enumerate(rows):
-            seg_start = start + float(loc["hour"][r]) * 3600
-            seg_end: float | None = start + float(loc["hour"][rows[k + 1]]) * 3600 if k + 1 < len(rows) else end
-            if seg_start >= self.export_time:
-                break
-            if seg_end is not None and seg_end >= self.export_time:
-                seg_end = None
-            segments.append((LOCATIONS[int(loc["location"][r])], seg_start, seg_end))
+        if ref.segments is not None:  # a site with operations: the beds decided the segments (operations.py)
+            for where, seg_start, seg_end in ref.segments:
+                if seg_start >= self.export_time:
+                    break
+                segments.append((where, seg_start, None if seg_end is None or seg_end >= self.export_time else seg_end))
+        else:
+            order, bounds = groups["locations"]
+            rows = order[bounds[row] : bounds[row + 1]]
+            loc = batch.locations
+            for k, r in enumerate(rows):
+                seg_start = start + float(loc["hour"][r]) * 3600
+                seg_end: float | None = start + float(loc["hour"][rows[k + 1]]) * 3600 if k + 1 < len(rows) else end
+                if seg_start >= self.export_time:
+                    break
+                if seg_end is not None and seg_end >= self.export_time:
+                    seg_end = None
+                segments.append((LOCATIONS[int(loc["location"][r])], seg_start, seg_end))
         disposition = None if censored else batch.disposition[row]
         self.w.write(
             self.f.encounter(
-                encounter_id, pid, "IMP", start, end, reason=reason, disposition=disposition, location_segments=segments
+                encounter_id,
+                pid,
+                "IMP",
+                start,
+                end,
+                reason=reason,
+                disposition=disposition,
+                location_segments=segments,
+                admit_source="mp" if ref.elective else "emd",
             ),
             ctx,
         )
@@ -535,10 +558,18 @@ class SiteExporter:
                 p_los_over_7_days=prob(batch.p_los_over_7_days),
                 p_readmission_30d=None if censored else prob(batch.p_readmission_30d),
                 died_in_hospital=None if censored else bool(batch.died[row]),
-                length_of_stay_hours=None if censored else int(batch.end_hour[row]),
+                length_of_stay_hours=None if censored else self._length_of_stay(ref, batch),
                 readmitted_within_30d=ref.readmitted_within_30d,
             )
         )
+
+    @staticmethod
+    def _length_of_stay(ref: StayRef, batch: StayOutcomes) -> int:
+        """Hours in hospital: the clinical course's, or with operations the encounter's (waits for beds and the
+        discharge window included), rounded."""
+        if ref.segments is None or ref.end is None:
+            return int(batch.end_hour[ref.row])
+        return round((ref.end - ref.start) / 3600)
 
 
 SURVIVAL_HORIZON_DAYS = 90.0  # configs/study-survival-example.yaml's window
@@ -631,6 +662,7 @@ def generate_site(
             progress(profile.site_id, stage, fraction)
 
     report("simulating patients", 0.0)
+    operations = SiteOperations.of(profile, config, site_index)
     streams = np.random.SeedSequence([config.seed, site_index, 0x7417F3D]).spawn(5)
     rng_pop, rng_course, rng_mc, rng_export, rng_defects = (np.random.default_rng(s) for s in streams)
     history_start, export_date = config.history_start, config.export_date
@@ -652,7 +684,11 @@ def generate_site(
         rng_mc,
         replicates=MONTE_CARLO_REPLICATES,
         counterfactuals=counterfactuals,
+        clock=operations.clock if operations is not None else None,
     )
+    if operations is not None:
+        report("simulating the beds", 0.25)
+        operations.apply(timeline, admission_rates(profile, population))
     consents = plan_consents(
         profile.consent, timeline.first_contact, to_seconds(history_start), timeline.export_time, rng_export
     )
@@ -704,6 +740,12 @@ def generate_site(
         for i in range(population.n)
     ]
     denying = sum(1 for s in status if s in ("opt_out", "withdrawn"))
+    operations_truth = None
+    if operations is not None:
+        report("re-simulating bed scenarios", 0.955)
+        operations_truth = operations.ground_truth(exporter.encounter_of)
+        # a stay the beds pushed past the export date is not exported: nor is its counterfactual
+        counterfactuals.sampled = [s for s in counterfactuals.sampled if (s.batch, s.row) in exporter.encounter_of]
     report("re-simulating counterfactuals", 0.96)
 
     def identify(batch: int, row: int) -> tuple[str, str]:
@@ -717,7 +759,7 @@ def generate_site(
         export_date=export_date,
         history_start=history_start,
         prediction_hour=PREDICTION_HOUR,
-        profile=profile.model_dump(mode="json"),
+        profile=profile.model_dump(mode="json", exclude={"operations"} if profile.operations is None else None),
         export_files={f"{t}.ndjson": n for t, n in writer.lines.items()},
         outcomes=outcomes,
         survival=survival,
@@ -742,6 +784,7 @@ def generate_site(
         counterfactual_design=counterfactuals.design(),
         counterfactuals=counterfactuals.counterfactual_stays(identify),
         confounding=counterfactuals.confounding(),
+        operations=operations_truth,
     )
     report("writing ground truth", 0.97)
     truth_file = out_dir / "ground-truth" / f"{profile.site_id}.json"

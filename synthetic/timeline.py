@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -60,6 +61,18 @@ class StayRef:
     end: float | None  # None while still in hospital at export (censored)
     readmitted_within_30d: bool | None = None
     is_readmission: bool = False
+    # Set by the operations layer (operations.py) only; None: the export derives both from the clinical course.
+    segments: list[tuple[str, float, float | None]] | None = None  # (location, start, end or None) in calendar time
+    elective: bool = False
+
+
+class AdmissionClock(Protocol):
+    """When admissions happen, for a site with operations (operations.AdmissionClock): the timeline's own uniform
+    draws mapped onto the arrival pattern, so the timeline keeps every rule (30-day windows, deaths) on them."""
+
+    def admission_times(self, patient: int, uniforms: np.ndarray) -> np.ndarray: ...
+
+    def readmission_time(self, discharge: float, when: float) -> float: ...
 
 
 @dataclass
@@ -100,6 +113,15 @@ def _reason_weights(profile: SiteProfile, pop: Population, patient: int) -> tupl
     return reasons, weights_arr / weights_arr.sum()
 
 
+def admission_rates(profile: SiteProfile, pop: Population) -> np.ndarray:
+    """Each patient's rate of first admissions per year while at risk (alive, not in hospital, not within 30
+    days of a discharge): it grows with frailty, chronic burden and age; children's is lower."""
+    rate = profile.admission_rate_per_year * np.exp(
+        0.45 * pop.frailty + 0.25 * pop.chronic_burden() + 0.15 * (pop.age_at_start - 65) / 10
+    )
+    return np.where(pop.age_at_start < 18, rate * 0.3, rate)
+
+
 def build_timeline(
     profile: SiteProfile,
     pop: Population,
@@ -109,17 +131,19 @@ def build_timeline(
     mc_rng: np.random.Generator,
     replicates: int = 64,
     counterfactuals: CounterfactualHook | None = None,
+    clock: AdmissionClock | None = None,
 ) -> Timeline:
     """Simulate every patient's encounters over the window [history_start, export_date).
 
     `counterfactuals` follows each wave of stays for the counterfactual ground truth (it draws nothing from
-    `rng` or `mc_rng`, so the timeline is the same with or without it).
+    `rng` or `mc_rng`, so the timeline is the same with or without it). `clock` (sites with operations only)
+    maps the same uniform draws onto the site's arrival pattern instead of spreading them evenly; it draws
+    from its own stream, never from `rng`.
     """
     n = pop.n
     t0, t_end = to_seconds(history_start), to_seconds(export_date)
     years = (t_end - t0) / (365.25 * DAY)
     burden = pop.chronic_burden()
-    child = pop.age_at_start < 18
 
     # Background (out-of-hospital) death.
     bg_rate = 0.004 * np.exp(0.085 * (pop.age_at_start - 65) + 0.4 * pop.frailty + 0.3 * burden)
@@ -128,12 +152,12 @@ def build_timeline(
     death_in_hospital = np.zeros(n, dtype=bool)
 
     # Candidate admission times (Poisson process).
-    rate = profile.admission_rate_per_year * np.exp(
-        0.45 * pop.frailty + 0.25 * burden + 0.15 * (pop.age_at_start - 65) / 10
-    )
-    rate = np.where(child, rate * 0.3, rate)
+    rate = admission_rates(profile, pop)
     counts = rng.poisson(rate * years)
-    candidates: list[list[float]] = [sorted((t0 + rng.random(k) * (t_end - t0)).tolist()) for k in counts]
+    if clock is None:
+        candidates: list[list[float]] = [sorted((t0 + rng.random(k) * (t_end - t0)).tolist()) for k in counts]
+    else:
+        candidates = [sorted(clock.admission_times(p, rng.random(k)).tolist()) for p, k in enumerate(counts)]
     # Readmissions scheduled by earlier stays: patient -> (time, reason)
     scheduled: dict[int, tuple[float, AdmissionReason]] = {}
     blocked_until = np.full(n, t0)  # no new admission before this time (stay + 30-day window)
@@ -207,7 +231,8 @@ def build_timeline(
                 else:
                     options, weights = _reason_weights(profile, pop, int(p))
                     reason = options[int(rng.choice(len(options), p=weights))]
-                scheduled[int(p)] = (finish + gap, reason)
+                when = finish + gap if clock is None else clock.readmission_time(finish, finish + gap)
+                scheduled[int(p)] = (when, reason)
             # A background death inside the readmission window moves past it.
             if finish <= death_time[p] < finish + READMISSION_WINDOW and not death_in_hospital[p]:
                 death_time[p] = finish + READMISSION_WINDOW + rng.random() * 10 * DAY

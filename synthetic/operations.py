@@ -60,6 +60,15 @@ class OperationsError(ValueError):
     """The operations layer cannot build a consistent history; the message says which stay and why."""
 
 
+class WardOverloaded(OperationsError):
+    """A ward whose beds cannot hold the site's demand; `load` is the demand in occupied beds on average and
+    `staffed_share` the ward's mean staffed share of its beds, so a caller can size the ward."""
+
+    def __init__(self, message: str, ward: str, load: float, staffed_share: float) -> None:
+        super().__init__(message)
+        self.ward, self.load, self.staffed_share = ward, load, staffed_share
+
+
 def weekday(seconds: float) -> int:
     """Day of the week (Monday = 0) of a local wall-clock time in seconds since the epoch."""
     return int((seconds // DAY + _EPOCH_WEEKDAY) % 7)
@@ -681,10 +690,13 @@ class OperationsLayer:
                 name = ("ward", "icu")[w]
                 share = staffed / self.capacity.beds[w]
                 beds = math.ceil(load / (0.75 * share))
-                raise OperationsError(
+                raise WardOverloaded(
                     f"operations.{name}: {self.capacity.beds[w]} beds ({staffed:.1f} staffed on average) cannot hold "
                     f"this site's demand of {load:.1f} occupied beds on average; the queue would never clear. "
-                    f"Give it about {beds} beds (75% occupancy) or fewer patients"
+                    f"Give it about {beds} beds (75% occupancy) or fewer patients",
+                    name,
+                    load,
+                    share,
                 )
 
     def _first_admission_intensity(self, rates_per_year: np.ndarray) -> dict[str, np.ndarray]:

@@ -266,3 +266,15 @@ def test_profile_block_errors_name_the_field():
         OperationsProfile(emergency_hour_weights=(1.0,) * 23)
     with pytest.raises(ValueError, match="elective_end_hour must come after"):
         OperationsProfile(elective_start_hour=10, elective_end_hour=9)
+
+
+def test_a_ward_too_small_for_the_sites_demand_is_refused_naming_it_and_its_load(tmp_path):
+    from synthetic import generate_consortium
+    from synthetic.operations import WardOverloaded
+
+    tiny = OPS.model_copy(update={"ward": WardCapacity(beds=1)})
+    profile = BUILTIN_PROFILES[0].model_copy(update={"operations": tiny})
+    config = SynthConfig(sites=1, patients_per_site=600, seed=11, history_years=1.0, profiles=[profile])
+    with pytest.raises(WardOverloaded, match=r"operations\.ward: 1 beds .* Give it about \d+ beds") as refused:
+        generate_consortium(config, tmp_path / "out", workers=1)
+    assert refused.value.ward == "ward" and refused.value.load > 0.9 and refused.value.staffed_share == 1.0

@@ -53,6 +53,25 @@ def test_the_simulation_starts_from_who_is_in_which_bed():
     assert result.boarded.sum() == 0 and result.arrived.sum() == 0
 
 
+def test_patients_leave_at_the_wards_discharge_hour_nearest_to_their_stays_end():
+    at_two_pm = tuple(1.0 if hour == 14 else 0.0 for hour in range(24))
+    remaining = (3.0, 20.0, 40.0, 49.0, 75.0, 100.0)
+    # the discharge at 14:00 of the day that puts it nearest to the drawn end, never in the past
+    leaves = [min((t for t in (24 * (r // 24 + k) + 14 for k in (-1, 0, 1)) if t >= 0), key=lambda t: abs(t - r))
+              for r in remaining]  # fmt: skip
+    assert leaves == [14, 14, 38, 38, 86, 110]
+    model = HospitalModel(
+        wards=(Ward("general", 6, discharge_hours=at_two_pm),),
+        arrivals=(),
+        occupants=tuple(Occupant("general", r) for r in remaining),
+    )
+    result = simulate(model, days=6, seed=0)
+    assert result.midnight_census[:, 0].tolist() == [sum(t > 24 * day for t in leaves) for day in range(6)]
+    assert result.peak_occupancy[1:, 0].tolist() == [sum(t > 24 * day for t in leaves) for day in range(1, 6)]
+    with pytest.raises(ValueError, match="discharge_hours needs 24 shares adding up to 1"):
+        Ward("general", 6, discharge_hours=(0.5,) * 24)
+
+
 def test_a_full_ward_makes_arrivals_board_until_a_bed_frees():
     model = HospitalModel(
         wards=(Ward("general", 2),),

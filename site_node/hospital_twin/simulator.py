@@ -54,12 +54,23 @@ class Ward:
     beds: int
     staffed_share: tuple[float, ...] = (1.0,) * HOURS_PER_DAY
     bed_changes: tuple[tuple[int, int], ...] = ()  # (hour of the run, beds from then on), ascending
+    # When patients leave the hospital from this ward, by hour of the day (24 shares adding to 1), or None
+    # for any hour: a stay that ends in a discharge then ends at the hour of this pattern nearest to when its
+    # drawn length would end it (wards discharge after the morning round, not at 3 am), which keeps the
+    # lengths of stay and moves the hour. Transfers to another ward keep their drawn time.
+    discharge_hours: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.beds < 1 or any(beds < 1 for _, beds in self.bed_changes):
             raise ValueError(f"ward {self.name!r}: beds must be at least 1")
         if len(self.staffed_share) != HOURS_PER_DAY or not all(0.0 <= s <= 1.0 for s in self.staffed_share):
             raise ValueError(f"ward {self.name!r}: staffed_share needs 24 shares between 0 and 1")
+        if self.discharge_hours is not None and (
+            len(self.discharge_hours) != HOURS_PER_DAY
+            or min(self.discharge_hours) < 0
+            or abs(sum(self.discharge_hours) - 1.0) > 1e-6
+        ):
+            raise ValueError(f"ward {self.name!r}: discharge_hours needs 24 shares adding up to 1")
         hours = [hour for hour, _ in self.bed_changes]
         if hours != sorted(hours) or any(h < 0 for h in hours):
             raise ValueError(f"ward {self.name!r}: bed_changes must be in ascending order of hour")
@@ -274,18 +285,34 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
     for transfer in model.transfers:
         transfers_from.setdefault(transfer.source, []).append(transfer)
 
-    def stays(hops: list[tuple[_Beds, float]]):
-        """The stays after the first bed is taken: each next bed is waited for in the current one."""
-        current, hours = hops[0]
-        yield env.timeout(hours)
-        for following, hours in hops[1:]:
-            yield following.request()
-            current.release()
-            current = following
-            yield env.timeout(hours)
-        current.release()
+    cumulative = {w.name: np.cumsum(w.discharge_hours) for w in model.wards if w.discharge_hours is not None}
 
-    def patient(hops: list[tuple[_Beds, float]], arrived_at: float):
+    def leaving(ward: str, ready: float, hour_draw: float) -> float:
+        """When a patient whose stay in `ward` would end at `ready` leaves: the pattern's hour (drawn from the
+        patient's own uniform) on the day that puts it nearest to `ready`, never before now."""
+        hour = float(min(int(np.searchsorted(cumulative[ward], hour_draw, side="right")), HOURS_PER_DAY - 1))
+        day = np.floor(ready / HOURS_PER_DAY)
+        options = [t for t in ((day + k) * HOURS_PER_DAY + hour for k in (-1, 0, 1)) if t >= env.now]
+        return min(options or [(day + 2) * HOURS_PER_DAY + hour], key=lambda t: abs(t - ready))
+
+    def stays(hops: list[tuple[_Beds, float]], hour_draw: float | None = None):
+        """The stays after the first bed is taken: each next bed is waited for in the current one; the last
+        ends at the ward's discharge hours when it has them (`hour_draw`: the patient's uniform for it)."""
+        current: _Beds | None = None
+        for number, (beds, hours) in enumerate(hops):
+            if current is not None:
+                yield beds.request()
+                current.release()
+            current = beds
+            last = number == len(hops) - 1
+            if last and hour_draw is not None and beds.ward.name in cumulative:
+                yield env.timeout(leaving(beds.ward.name, env.now + hours, hour_draw) - env.now)
+            else:
+                yield env.timeout(hours)
+        if current is not None:
+            current.release()
+
+    def patient(hops: list[tuple[_Beds, float]], arrived_at: float, hour_draw: float | None):
         ward = hops[0][0]
         day = int(arrived_at // HOURS_PER_DAY)
         arrived[day, ward.index] += 1
@@ -298,7 +325,7 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
             boarding_hours[day, ward.index] += env.now - arrived_at
         if keep_waits:
             waits.append(env.now - arrived_at)
-        yield from stays(hops)
+        yield from stays(hops, hour_draw)
 
     def arrivals(stream: ArrivalStream, random: np.random.Generator):
         """A Poisson process with the stream's hourly rates, drawn for the whole run at once (the counts per
@@ -313,10 +340,16 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
         times = np.repeat(np.arange(hours, dtype=np.float64), counts) + random.random(int(counts.sum()))
         times.sort()
         first = stream.stay(random, times.size)
-        for at, hops in zip(times.tolist(), paths(random, stream.ward, first), strict=True):
+        drawn = paths(random, stream.ward, first)
+        for at, hops, hour_draw in zip(times.tolist(), drawn, hour_draws(random, len(drawn)), strict=True):
             if at > env.now:
                 yield env.timeout(at - env.now)
-            env.process(patient(hops, at))
+            env.process(patient(hops, at, hour_draw))
+
+    def hour_draws(random: np.random.Generator, n: int) -> list[float | None]:
+        """Each patient's uniform for the hour they leave, drawn with their path; none (and nothing drawn, so
+        a model without discharge hours draws what it always drew) when no ward has discharge hours."""
+        return random.random(n).tolist() if cumulative else [None] * n
 
     def paths(random: np.random.Generator, ward: str, first: np.ndarray) -> list[list[tuple[_Beds, float]]]:
         """The paths (wards and stays) of patients starting in `ward` with stays `first` there, drawn for all
@@ -352,6 +385,8 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
                 day = hour // HOURS_PER_DAY
                 for beds in wards.values():
                     census[day, beds.index] = beds.occupied
+                    # a day's peak is at least who lies there at its start (a day without admissions has no take)
+                    beds.peak[day] = max(beds.peak[day], beds.occupied)
             for beds in wards.values():
                 capacity = beds.ward.capacity(hour_of_day, hour)
                 if capacity != beds.capacity:
@@ -361,8 +396,9 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
     for ward in model.wards:  # in their beds already; the fullness bookkeeping starts below
         remaining = np.array([o.remaining_hours for o in model.occupants if o.ward == ward.name], dtype=np.float64)
         wards[ward.name].occupied += remaining.size
-        for hops in paths(occupants_random, ward.name, remaining):
-            env.process(stays(hops))
+        drawn = paths(occupants_random, ward.name, remaining)
+        for hops, hour_draw in zip(drawn, hour_draws(occupants_random, len(drawn)), strict=True):
+            env.process(stays(hops, hour_draw))
     for beds in wards.values():
         beds.peak[0] = beds.occupied
         beds._note_fullness()

@@ -35,6 +35,7 @@ from site_node.hospital_twin.stays import MIN_STAYS, StayHistoryError, StayModel
 
 ALL_KINDS = "all"
 QUANTILES = (0.025, 0.1, 0.5, 0.9, 0.975)
+MIN_DISCHARGES = 50
 
 
 class HospitalTwinError(ValueError):
@@ -56,6 +57,9 @@ class HospitalPlan:
     # each occupant's factor on its remaining stay in its ward (length of stay by case mix, case_mix.py); empty:
     # every factor 1
     occupant_factors: tuple[float, ...] = ()
+    # per ward, when patients left the hospital from it, by hour of the day (24 shares); a ward with fewer than
+    # MIN_DISCHARGES such departures in the history is not in it (its patients leave at any hour)
+    discharge_hours: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def at(self) -> dt.datetime:
@@ -122,6 +126,15 @@ def learn(
         if len(ended):
             counts = ended.next_ward[ended.next_ward != ""].value_counts()
             transfers[ward.name] = {str(k): float(v) / len(ended) for k, v in counts.items()}
+    discharge_hours = {}
+    for ward in config.wards:
+        left = stays[(stays.ward == ward.name) & stays.ended & (stays.next_ward == "")]
+        if len(left) >= MIN_DISCHARGES:
+            counts = np.bincount(((left.end_s.to_numpy() % DAY_S) // HOUR_S).astype(int), minlength=24) + 0.5
+            discharge_hours[ward.name] = tuple(float(c) for c in counts / counts.sum())
+        else:
+            notes.append(f"{ward.name}: {len(left)} departures from the hospital in the history; its patients "
+                         "leave at any hour")  # fmt: skip
     running = seen.occupants(at_s)
     occupants = tuple((str(r.ward), str(r.kind), float((at_s - r.start_s) / HOUR_S)) for r in running.itertuples())
     factors = tuple(float((stay_factors or {}).get(int(v), 1.0)) for v in running.visit) if stay_factors else ()
@@ -132,7 +145,8 @@ def learn(
                 f"ward {ward.name} had {count} patients at {_day(at_s)} but the site file gives it {ward.beds} beds; "
                 "correct `hospital: wards: beds` (count every bed patients can lie in)"
             )
-    return HospitalPlan(config, int(at_s), int(days), arrivals, models, transfers, occupants, tuple(notes), factors)
+    return HospitalPlan(config, int(at_s), int(days), arrivals, models, transfers, occupants, tuple(notes), factors,
+                        discharge_hours)  # fmt: skip
 
 
 def _day(seconds: int) -> str:
@@ -146,12 +160,13 @@ def replication_model(plan: HospitalPlan, days: int, seed: int, scenario: Hospit
     wards = []
     for ward in plan.config.wards:
         usual_share = ward.staffed_share()
+        leave = plan.discharge_hours.get(ward.name)
         if scenario is None:
-            wards.append(Ward(ward.name, ward.beds, usual_share))
+            wards.append(Ward(ward.name, ward.beds, usual_share, discharge_hours=leave))
             continue
         start, later = scenario.beds(ward.name, ward.beds)
         changes = (((0, start),) if start != ward.beds else ()) + later
-        wards.append(Ward(ward.name, ward.beds, scenario.staffed_share(ward.name, usual_share), changes))
+        wards.append(Ward(ward.name, ward.beds, scenario.staffed_share(ward.name, usual_share), changes, leave))
     streams = []
     for (ward, kind), model in sorted(plan.arrivals.items()):
         rates = model.rates(at_day, days)

@@ -4,9 +4,9 @@ Each hospital of a synthetic consortium is generated, loaded by the ETL, and rea
 database; then, from the first of each of six past months, the twin learns from the history as it stood
 that day and simulates the next 30 days (300 replications), and the real midnight census of each day is
 compared with the bands. Targets: the 80% and 95% bands of daily census cover within 5 points of nominal;
-census MAE under 5% of beds. The generator has no bed limit yet (issue 13's operational hospitals are not
-built), so the wards are given more beds than the history ever filled: this measures the arrivals and
-length-of-stay models, not boarding.
+census MAE under 5% of beds. The hospitals are generated without capacity (the generator's default; the
+operational ones, with beds and boarding, are bench_hospital_operations'), so the wards are given more beds
+than the history ever filled: this measures the arrivals and length-of-stay models, not boarding.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"{SITES} synthetic hospitals x {args.patients:,} patients (seed 11), ETL-loaded; from the first of each of "
         f"{len(STARTS)} months of 2025 the twin learns from the history as it stood then and simulates {DAYS} days "
-        f"({RUNS} replications); the real midnight census of days 2-{DAYS} against the bands. The generator has no "
-        "bed limit yet, so each ward has a quarter more beds than the history ever filled: this checks the arrivals "
+        f"({RUNS} replications); the real midnight census of days 2-{DAYS} against the bands. The hospitals are "
+        "generated without capacity, so each ward has a quarter more beds than the history ever filled: this checks the arrivals "
         "and length-of-stay models, not boarding. Targets: 80% and 95% bands within 5 points of nominal, census "
         "MAE under 5% of beds.",
         "",

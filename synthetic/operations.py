@@ -68,6 +68,9 @@ class WardOverloaded(OperationsError):
         super().__init__(message)
         self.ward, self.load, self.staffed_share = ward, load, staffed_share
 
+    def __reduce__(self):  # raised in a worker process, it crosses back to the caller whole
+        return (type(self), (str(self), self.ward, self.load, self.staffed_share))
+
 
 def weekday(seconds: float) -> int:
     """Day of the week (Monday = 0) of a local wall-clock time in seconds since the epoch."""

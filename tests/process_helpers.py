@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 from federation.common.flower import flower_env
 from federation.common.processes import free_loopback_port
 
@@ -91,3 +93,15 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+
+
+def simulate_on_site(study: Path, site_folder: Path, out: Path, sites: int, rounds: int) -> subprocess.CompletedProcess:
+    """`twinfed study simulate` of `study` with `sites` simulated sites over one prepared site's OMOP database,
+    secret and policy (tests/conftest.py's prepared_site), `rounds` rounds, into `out`."""
+    site = yaml.safe_load((site_folder / "site.yaml").read_text())
+    return subprocess.run(
+        [TWINFED, "study", "simulate", str(study), "--sites", str(sites), "--rounds", str(rounds),
+         "--omop", site["omop"]["url"], "--secret", site["secret_file"],
+         "--policy", str(site_folder / "policy.yaml"), "--out", str(out)],
+        env=FLOWER_ENV, capture_output=True, text=True, timeout=280, check=False,
+    )  # fmt: skip

@@ -9,19 +9,17 @@ visit_occurrence, and the study runs federated through the real apps (`twinfed s
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from sqlalchemy import create_engine, text
 
 from federation.contract import load_study
 from federation.contract.receipts import Participation, read_receipts
 from site_node.cohort import build_dataset
 from site_node.config import load_site_config
-from tests.process_helpers import FLOWER_ENV, TWINFED
+from tests.process_helpers import simulate_on_site
 from tests.site_helpers import ROOT
 
 STUDY = ROOT / "configs" / "study-length-of-stay.yaml"
@@ -63,14 +61,8 @@ def test_each_examples_time_is_its_stay_from_the_prediction_time(prepared_site: 
 @pytest.mark.timeout(300)
 def test_the_length_of_stay_study_runs_federated_end_to_end(prepared_site: Path, tmp_path: Path):
     """3 simulated sites, SecAgg+, 2 rounds: a C-index from the pooled DP releases in the model card."""
-    site = yaml.safe_load((prepared_site / "site.yaml").read_text())
     out = tmp_path / "simulation"
-    done = subprocess.run(
-        [TWINFED, "study", "simulate", str(STUDY), "--sites", "3", "--rounds", "2",
-         "--omop", site["omop"]["url"], "--secret", site["secret_file"],
-         "--policy", str(prepared_site / "policy.yaml"), "--out", str(out)],
-        env=FLOWER_ENV, capture_output=True, text=True, timeout=280, check=False,
-    )  # fmt: skip
+    done = simulate_on_site(STUDY, prepared_site, out, 3, 2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = out / "studies" / "inpatient-length-of-stay" / "simulation"
     receipts = read_receipts(run / "receipts.jsonl")

@@ -30,7 +30,7 @@ from federation.contract.receipts import Participation, read_receipts
 from federation.local.simulation import REPORT_FILE
 from site_node.config import load_site_config
 from site_node.participation import SiteNode
-from tests.process_helpers import FLOWER_ENV, TWINFED, processes_mentioning
+from tests.process_helpers import FLOWER_ENV, TWINFED, processes_mentioning, simulate_on_site
 from tests.site_helpers import EXAMPLE_STUDY, load_site_omop
 
 SITES = 4
@@ -39,14 +39,8 @@ ROUNDS = 2
 
 @pytest.mark.timeout(300)
 def test_simulated_study_runs_the_real_apps_end_to_end(prepared_site: Path, tmp_path: Path):
-    site = yaml.safe_load((prepared_site / "site.yaml").read_text())
     out = tmp_path / "simulation"
-    done = subprocess.run(
-        [TWINFED, "study", "simulate", str(EXAMPLE_STUDY), "--sites", str(SITES), "--rounds", str(ROUNDS),
-         "--omop", site["omop"]["url"], "--secret", site["secret_file"],
-         "--policy", str(prepared_site / "policy.yaml"), "--out", str(out)],
-        env=FLOWER_ENV, capture_output=True, text=True, timeout=280, check=False,
-    )  # fmt: skip
+    done = simulate_on_site(EXAMPLE_STUDY, prepared_site, out, SITES, ROUNDS)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not processes_mentioning(str(out)), "the local simulation SuperLink was left running"
 
@@ -196,14 +190,8 @@ def test_a_patient_twin_study_runs_federated_end_to_end(prepared_site: Path, tmp
     spec["model"].update(hidden=8, windows_per_patient=2)
     study_file = tmp_path / "patient-twin.yaml"
     study_file.write_text(yaml.safe_dump(spec), encoding="utf-8")
-    site = yaml.safe_load((prepared_site / "site.yaml").read_text())
     out = tmp_path / "simulation"
-    done = subprocess.run(
-        [TWINFED, "study", "simulate", str(study_file), "--sites", "3", "--rounds", "2",
-         "--omop", site["omop"]["url"], "--secret", site["secret_file"],
-         "--policy", str(prepared_site / "policy.yaml"), "--out", str(out)],
-        env=FLOWER_ENV, capture_output=True, text=True, timeout=280, check=False,
-    )  # fmt: skip
+    done = simulate_on_site(study_file, prepared_site, out, 3, 2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = out / "studies" / "inpatient-patient-twin" / "simulation"
     receipts = read_receipts(run / "receipts.jsonl")

@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{SITES} synthetic hospitals x {args.patients:,} patients (seed 11), ETL-loaded; from the first of each of "
         f"{len(STARTS)} months of 2025 the twin learns from the history as it stood then and simulates {DAYS} days "
         f"({RUNS} replications); the real midnight census of days 2-{DAYS} against the bands. The hospitals are "
-        "generated without capacity, so each ward has a quarter more beds than the history ever filled: this checks the arrivals "
-        "and length-of-stay models, not boarding. Targets: 80% and 95% bands within 5 points of nominal, census "
-        "MAE under 5% of beds.",
+        "generated without capacity, so each ward has a quarter more beds than the history ever filled: this "
+        "checks the arrivals and length-of-stay models, not boarding. Targets: 80% and 95% bands within 5 points "
+        "of nominal, census MAE under 5% of beds.",
         "",
         "| hospital | start | ward | inside 80% band | inside 95% band | MAE, share of beds | mean census |",
         "|---|---|---|---|---|---|---|",

@@ -29,7 +29,7 @@ from federation.contract import StudySpec, study_hash
 from federation.contract.protocol import RoundInstruction, SiteStatus
 from federation.twins import build_model, kind_of
 from site_node.participation import Refusal, SiteNode
-from site_node.releases import load_global_model, weights_digest
+from site_node.releases import WeightsUnreadable, study_weights, weights_digest
 from site_node.training.evaluation import evaluate, model_outputs
 
 
@@ -117,21 +117,16 @@ def score(
             f"study '{spec.study.id}' (hash {digest[:12]}) is not approved at {node.config.site_id}: a model of a "
             "study the data steward has not approved is not applied to this site's patients."
         )
-    if model_file is not None:
-        try:
-            state = torch.load(model_file, weights_only=True)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise LocalActionError(f"{model_file}: cannot read the model weights: {exc}") from None
-        source = str(model_file)
-    else:
-        kept = load_global_model(node.config.base_dir / "models", digest)
-        if kept is None:
-            raise LocalActionError(
-                f"this site holds no model of study '{spec.study.id}' yet (it keeps the global model the coordinator "
-                "sends it for evaluation); pass --model with the study's final-model.pt from its model card."
-            )
-        source = f"global model of round {kept[0]} (kept at this site)"
-        state = kept[1]
+    try:
+        found = study_weights(model_file, node.config.base_dir / "models", digest)
+    except WeightsUnreadable as exc:
+        raise LocalActionError(str(exc)) from None
+    if found is None:
+        raise LocalActionError(
+            f"this site holds no model of study '{spec.study.id}' yet (it keeps the global model the coordinator "
+            "sends it for evaluation); pass --model with the study's final-model.pt from its model card."
+        )
+    source, state = found
     try:
         plan = node._data(spec, digest)
         model = node._model(spec, plan.dataset, state)

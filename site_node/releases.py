@@ -102,6 +102,29 @@ def load_global_model(folder: Path, study_hash: str) -> tuple[str, dict[str, tor
     return data["round"], data["state_dict"]
 
 
+class WeightsUnreadable(ValueError):
+    """A weights file given by hand cannot be read; the message names it and why."""
+
+
+def study_weights(
+    model_file: Path | None, folder: Path, study_hash: str
+) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """(where they came from, weights) of a study's model: the file given by hand (a model card's
+    final-model.pt), else the latest global model this site keeps for the study; None when it keeps none.
+    Raises WeightsUnreadable for a given file that cannot be read."""
+    if model_file is not None:
+        import torch
+
+        try:
+            return str(model_file), torch.load(model_file, weights_only=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise WeightsUnreadable(f"{model_file}: cannot read the model weights: {exc}") from None
+    kept = load_global_model(folder, study_hash)
+    if kept is None:
+        return None
+    return f"global model of round {kept[0]} (kept at this site)", kept[1]
+
+
 def weights_digest(state: dict[str, torch.Tensor] | dict[str, np.ndarray]) -> str:
     """SHA-256 of a model's weights (names and float32 values, in name order): the same weights give the
     same digest whatever file they came from, as tensors or as numpy arrays. Reports name the model by it;

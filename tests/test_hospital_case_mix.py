@@ -61,7 +61,8 @@ def test_a_visits_features_are_the_studys_row_for_that_visit(prepared_site):
     spec = load_study(STUDY)
     ds = build_dataset(config.omop.url, spec, split_key=config.split_key())
     visits = _first_stays(config.omop.url, ds.person_ids[:60])
-    ids, features = visit_features(config.omop.url, spec, visits)
+    rows = visit_features(config.omop.url, spec, visits)
+    ids, features = rows.visit_ids, rows.features
     assert sorted(ids.tolist()) == sorted(visits) and features.shape == (60, len(feature_names(spec)))
     order = {v: i for i, v in enumerate(ids.tolist())}
     np.testing.assert_allclose(features[[order[v] for v in visits]], ds.features[:60], atol=1e-6)
@@ -98,7 +99,8 @@ def test_an_occupant_the_model_expects_to_stay_longer_gets_a_larger_factor(histo
         result = occupant_factors(source, config.omop.url, None, spec, _older_stay_longer(spec),
                                   [int(v) for v in running.visit], at)  # fmt: skip
     assert result.factors and "read against" in result.note
-    ids, features = visit_features(config.omop.url, spec, list(result.factors))
+    rows = visit_features(config.omop.url, spec, list(result.factors))
+    ids, features = rows.visit_ids, rows.features
     age = features[:, feature_names(spec).index("age")]
     factors = np.array([result.factors[int(v)] for v in ids])
     assert all(0.25 <= f <= 4.0 for f in factors)

@@ -183,15 +183,15 @@ def _time_to_event(
     prediction = examples["prediction_s"].to_numpy()
     death = examples["death_s"].to_numpy()
     window_end = _window_end(examples, outcome)
-    observed_until = observation_end_s(source, examples)
-    unobserved = examples["end_s"].to_numpy() if visit_level else prediction
-    observed_until = np.where(np.isnan(observed_until), unobserved, observed_until)
-    censor = np.minimum(window_end, observed_until)
-    if outcome.event_kind == OutcomeKind.DISCHARGE:
+    if outcome.event_kind == OutcomeKind.DISCHARGE:  # the visit's own end: no observation period is read
         end = examples["visit_end_s"].to_numpy(dtype=np.float64)
         event = ~running_at_data_end(source, examples) & (end <= window_end)
         at = np.where(event, end, np.minimum(end, window_end))
         return event, np.maximum(at - prediction, 0.0) / DAY_S
+    observed_until = observation_end_s(source, examples)
+    unobserved = examples["end_s"].to_numpy() if visit_level else prediction
+    observed_until = np.where(np.isnan(observed_until), unobserved, observed_until)
+    censor = np.minimum(window_end, observed_until)
     if outcome.event_kind == OutcomeKind.DEATH:
         event = (death > prediction) & (death <= window_end)
         dies_after_window = np.isfinite(window_end) & (death > window_end)

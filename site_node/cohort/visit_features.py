@@ -14,6 +14,7 @@ Anchors are time zero of each example: the index (the visit's start), the predic
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import select
@@ -24,11 +25,18 @@ from site_node.cohort.omop_source import OmopSource
 from site_node.cohort.selection import DAY_S, YEAR_DAYS, birth_seconds, persons_of
 
 
-def visit_features(
-    db_url: str, spec: StudySpec, visit_ids: Collection[int], schema: str | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(visit ids int64 (m,), features float32 (m, d)) of those of `visit_ids` the database holds with a start
-    and a person, in the order of `feature_names(spec)`. One visit per person (a patient lies in one bed):
+@dataclass(frozen=True)
+class VisitRows:
+    """The visits found, in person order: their ids (int64), starts (seconds) and features (float32, (m, d))."""
+
+    visit_ids: np.ndarray
+    start_s: np.ndarray
+    features: np.ndarray
+
+
+def visit_features(db_url: str, spec: StudySpec, visit_ids: Collection[int], schema: str | None = None) -> VisitRows:
+    """The rows of those of `visit_ids` the database holds with a start and a person, their features in the
+    order of `feature_names(spec)`. One visit per person (a patient lies in one bed):
     ValueError when two of the visits are one person's. The study must be visit-level, indexed at the
     visit's start (a length-of-stay study)."""
     if not spec.cohort.visit_level or spec.cohort.index.event != IndexEvent.VISIT_START:
@@ -48,7 +56,7 @@ def visit_features(
             ).where(visit.c.visit_occurrence_id.in_(wanted))
         )
         if visits.empty:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+            return VisitRows(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, 0), dtype=np.float32))
         visits = visits.dropna(subset=["start_s"]).astype({"visit_occurrence_id": "int64", "person_id": "int64"})
         if visits.person_id.duplicated().any():
             twice = int(visits.person_id[visits.person_id.duplicated()].iloc[0])
@@ -65,7 +73,7 @@ def visit_features(
         examples["age_years"] = (start - examples["birth_s"].to_numpy()) / (YEAR_DAYS * DAY_S)
         source.write_index(examples)
         features = static_features(source, examples, spec.covariates)
-    return examples["visit_occurrence_id"].to_numpy(dtype=np.int64), features
+    return VisitRows(examples["visit_occurrence_id"].to_numpy(dtype=np.int64), start, features)
 
 
-__all__ = ["visit_features"]
+__all__ = ["VisitRows", "visit_features"]

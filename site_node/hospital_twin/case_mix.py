@@ -114,14 +114,13 @@ def occupant_factors(
 ) -> CaseMixFactors:
     """The factors of the occupants (their visit ids) at `at_s`; see the module's docstring."""
     prediction_s = round(spec.outcome.prediction_hours * 3600)
-    visits, features = visit_features(db_url, spec, occupant_visits, schema)
-    starts = _starts(source, visits)
-    known = starts + prediction_s <= at_s
-    visits, features, starts = visits[known], features[known], starts[known]
+    rows = visit_features(db_url, spec, occupant_visits, schema)
+    known = rows.start_s + prediction_s <= at_s
+    visits, features, starts = rows.visit_ids[known], rows.features[known], rows.start_s[known]
     reference_ids = _reference_visits(source, spec, at_s, prediction_s)
     if not len(visits) or not len(reference_ids):
         return CaseMixFactors({}, "no patient in a bed at the start has the study's first hours recorded")
-    _, reference_features = visit_features(db_url, spec, reference_ids, schema)
+    reference_features = visit_features(db_url, spec, reference_ids, schema).features
     edges = np.asarray(spec.model.interval_days, dtype=np.float64)
     elapsed = (at_s - starts - prediction_s) / DAY_S
     own = expected_remaining(_survival_curves(spec, weights, features), edges, elapsed)
@@ -135,18 +134,6 @@ def occupant_factors(
         f"admissions of the {REFERENCE_DAYS} days before"
     )
     return CaseMixFactors({int(v): float(f) for v, f in zip(visits, factors, strict=True)}, note)
-
-
-def _starts(source: OmopSource, visit_ids: np.ndarray) -> np.ndarray:
-    visit = source.table("visit_occurrence")
-    frame = source.frame(
-        select(
-            visit.c.visit_occurrence_id,
-            source.epoch(visit.c.visit_start_datetime, visit.c.visit_start_date).label("start_s"),
-        ).where(visit.c.visit_occurrence_id.in_([int(v) for v in visit_ids]))
-    )
-    start = dict(zip(frame.visit_occurrence_id.astype(int), frame.start_s.astype(float), strict=True))
-    return np.array([start[int(v)] for v in visit_ids], dtype=np.float64)
 
 
 def _reference_visits(source: OmopSource, spec: StudySpec, at_s: int, prediction_s: int) -> list[int]:

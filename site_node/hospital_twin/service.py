@@ -130,20 +130,16 @@ def _case_mix(source: OmopSource, config: SiteConfig, governance: Governance, hi
 
 
 def _weights(model_file: Path | None, models: Path, digest: str, study_id: str) -> dict:
-    import torch
+    from site_node.releases import WeightsUnreadable, study_weights
 
-    from site_node.releases import load_global_model
-
-    if model_file is not None:
-        try:
-            return torch.load(model_file, weights_only=True)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise HospitalTwinError(f"{model_file}: cannot read the length-of-stay model's weights: {exc}") from None
-    kept = load_global_model(models, digest)
-    if kept is None:
+    try:
+        found = study_weights(model_file, models, digest)
+    except WeightsUnreadable as exc:
+        raise HospitalTwinError(f"the length-of-stay model: {exc}") from None
+    if found is None:
         raise HospitalTwinError(
             f"this site holds no model of the length-of-stay study '{study_id}' yet (it keeps the global model the "
             "coordinator sends it for evaluation); give `hospital: length_of_stay: model:` the study's final-model.pt "
             "from its model card"
         )
-    return kept[1]
+    return found[1]

@@ -292,8 +292,9 @@ def simulate(model: HospitalModel, days: int, seed: int, keep_waits: bool = Fals
         patient's own uniform) on the day that puts it nearest to `ready`, never before now."""
         hour = float(min(int(np.searchsorted(cumulative[ward], hour_draw, side="right")), HOURS_PER_DAY - 1))
         day = np.floor(ready / HOURS_PER_DAY)
+        # the next day's is always late enough: ready >= now and (day + 1) x 24 > ready
         options = [t for t in ((day + k) * HOURS_PER_DAY + hour for k in (-1, 0, 1)) if t >= env.now]
-        return min(options or [(day + 2) * HOURS_PER_DAY + hour], key=lambda t: abs(t - ready))
+        return min(options, key=lambda t: abs(t - ready))
 
     def stays(hops: list[tuple[_Beds, float]], hour_draw: float | None = None):
         """The stays after the first bed is taken: each next bed is waited for in the current one; the last
